@@ -1,0 +1,1 @@
+"""gradtrace analysis stage: reads run stores with xarray + dask. Never imports torch."""

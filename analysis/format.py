@@ -1,0 +1,596 @@
+"""The gradtrace run-store format: the one place that defines the on-disk layout.
+
+Everything that writes a store (``capture``) or reads one (``analysis``) asks this module
+for names, dims, chunks, codecs, tiers and the format version. It imports numpy and zarr,
+never torch.
+
+A run store is a Zarr v3 group. Format version 1:
+
+Root attribute ``gradtrace`` (a JSON dict, see :class:`Header`) holds the format version, the
+number of committed rows ``n_steps`` (the commit marker: rows at index >= n_steps are
+ignored by readers), whether the store was closed cleanly, the parameter table, the tier of
+each array, the schedule and the run's settings.
+
+Arrays (Zarr ``dimension_names`` make them readable by plain ``xarray.open_zarr``):
+
+=========================  =================  =========  ===========================================
+name                       dims               dtype      meaning
+=========================  =================  =========  ===========================================
+``step``                   (step,)            int64      global training step of the row (coord)
+``epoch``                  (step,)            int64      epoch of the row, -1 if unknown
+``loss``                   (step,)            float64    loss at the step (NaN if not given)
+``lr``                     (step,)            float64    learning rate used by the update of step t
+``flags``                  (step,)            int32      bit set, see ``FLAG_*``
+``grad_sqnorm``            (step,)            float64    ||G_t||^2, float64, from exact gradient
+``weight_sqnorm``          (step,)            float64    ||w_t||^2
+``grad_dot_weight``        (step,)            float64    <G_t, w_t>
+``grad_sqnorm_tensor``     (step, tensor)     float64    the same three per parameter tensor
+``weight_sqnorm_tensor``   (step, tensor)     float64
+``grad_dot_weight_tensor`` (step, tensor)     float64
+``tensor``                 (tensor,)          str        parameter names, named_parameters order
+``tensor_offset``          (tensor,)          int64      offset of the tensor in the flat vector
+``tensor_size``            (tensor,)          int64      number of entries
+``grad``, ``weight``       (step, param)      float32    lossless / rounded tiers, NaN = absent
+``{a}_sketch``             (step, sketch)     float32    sketch tier: CountSketch, see below
+``{a}_signbits``           (step, param_byte) uint8      sketch tier: np.packbits(x < 0)
+``{a}_nonzero``            (step, param_byte) uint8      sketch tier: np.packbits(x != 0)
+=========================  =================  =========  ===========================================
+
+The final iterate (weights after the last update) is the row whose step is one past the last
+step the recorder saw; its ``grad`` is NaN and its flags contain ``FLAG_FINAL``.
+
+Tiers (per array, ``grad`` and ``weight`` independently):
+
+* ``lossless``: float32 exactly as training saw it.
+* ``rounded``: IEEE round-to-nearest-even of the float32 mantissa to ``keepbits`` bits,
+  stored as float32 (plain readers need no special codec). Relative error per entry
+  <= 2**-(keepbits+1); signs and zeros are exact.
+* ``sketch``: per tensor, if the tensor has at most ``k_t`` entries it is copied exactly;
+  otherwise a CountSketch to ``k_t`` buckets, bucket ``h(i)`` and sign ``s(i)`` drawn from
+  ``numpy.random.default_rng([seed, tensor_index])`` (regenerated, never stored). Inner
+  products of sketches are unbiased estimates of the true inner products; the standard error
+  of a cosine estimate is about ``sqrt((1 + cos^2) / k)``. Sign bits and nonzero bits are
+  exact, so sign shifts are exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+FORMAT_VERSION = 1
+ATTR_KEY = "gradtrace"
+
+#: Flag bits of the ``flags`` array.
+FLAG_NONFINITE_GRAD = 1  #: the gradient holds NaN or Inf entries (recorded as they were)
+FLAG_MISSING_GRAD = 2  #: at least one trainable parameter had ``.grad is None`` (zeros stored)
+FLAG_FINAL = 4  #: the row is the final iterate: weights only, no gradient
+FLAG_NONFINITE_WEIGHT = 8  #: the weights hold NaN or Inf entries
+FLAG_NAMES = {
+    FLAG_NONFINITE_GRAD: "nonfinite_grad",
+    FLAG_MISSING_GRAD: "missing_grad",
+    FLAG_FINAL: "final_iterate",
+    FLAG_NONFINITE_WEIGHT: "nonfinite_weight",
+}
+
+STEP_DIM = "step"
+PARAM_DIM = "param"
+TENSOR_DIM = "tensor"
+SKETCH_DIM = "sketch"
+BYTE_DIM = "param_byte"
+
+DATA_ARRAYS = ("grad", "weight")
+PER_STEP_ARRAYS: dict[str, tuple[str, Any]] = {
+    # name: (dtype, fill value)
+    "step": ("int64", -1),
+    "epoch": ("int64", -1),
+    "loss": ("float64", float("nan")),
+    "lr": ("float64", float("nan")),
+    "flags": ("int32", 0),
+    "grad_sqnorm": ("float64", float("nan")),
+    "weight_sqnorm": ("float64", float("nan")),
+    "grad_dot_weight": ("float64", float("nan")),
+}
+PER_STEP_TENSOR_ARRAYS = ("grad_sqnorm_tensor", "weight_sqnorm_tensor", "grad_dot_weight_tensor")
+
+DEFAULT_PARAM_CHUNK = 2**16  # entries per chunk along "param": 256 KiB of float32
+SCALAR_CHUNK = 4096  # rows per chunk of the per-step arrays
+DEFAULT_KEEPBITS = 7
+DEFAULT_SKETCH_DIM = 2**14
+MIN_SKETCH_PER_TENSOR = 64
+
+TierName = Literal["lossless", "rounded", "sketch"]
+TIERS: tuple[str, ...] = ("lossless", "rounded", "sketch")
+
+
+class StoreError(Exception):
+    """Base class of every store problem gradtrace reports."""
+
+
+class NotAStoreError(StoreError):
+    """The path does not hold a gradtrace run store."""
+
+
+class FormatVersionError(StoreError):
+    """The store was written by a newer (or unknown) format version."""
+
+
+class StoreMismatchError(StoreError):
+    """An existing store does not match what the caller wants to append."""
+
+
+# --------------------------------------------------------------------------------------
+# Parameter table and tiers
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One trainable parameter tensor in the flat vector.
+
+    Attributes:
+        name: name from ``model.named_parameters()``.
+        shape: the tensor's shape.
+        offset: index of its first entry in the flattened vector of length d.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return int(math.prod(self.shape))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "offset": self.offset, "size": self.size}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorInfo":
+        return cls(name=str(d["name"]), shape=tuple(int(s) for s in d["shape"]), offset=int(d["offset"]))
+
+
+def tensor_table(named_shapes: Sequence[tuple[str, Sequence[int]]]) -> list[TensorInfo]:
+    """Build the parameter table from ``(name, shape)`` pairs in flattening order."""
+    out, off = [], 0
+    for name, shape in named_shapes:
+        t = TensorInfo(str(name), tuple(int(s) for s in shape), off)
+        out.append(t)
+        off += t.size
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Tier:
+    """How one array (``grad`` or ``weight``) is stored.
+
+    Attributes:
+        name: ``"lossless"``, ``"rounded"`` or ``"sketch"``.
+        keepbits: mantissa bits kept by the ``rounded`` tier (1..23).
+        sketch_dim: total sketch budget k of the ``sketch`` tier.
+        seed: seed of the sketch's hash functions.
+    """
+
+    name: str = "lossless"
+    keepbits: int = DEFAULT_KEEPBITS
+    sketch_dim: int = DEFAULT_SKETCH_DIM
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.name not in TIERS:
+            raise ValueError(f"unknown fidelity tier {self.name!r}: choose one of {', '.join(TIERS)}")
+        if self.name == "rounded" and not 1 <= int(self.keepbits) <= 23:
+            raise ValueError(f"keepbits={self.keepbits} is out of range: the rounded tier keeps 1..23 mantissa bits")
+        if self.name == "sketch" and int(self.sketch_dim) < 1:
+            raise ValueError(f"sketch_dim={self.sketch_dim} must be a positive number of buckets")
+
+    @classmethod
+    def parse(cls, spec: "str | Tier | dict") -> "Tier":
+        """``"lossless"``, ``"rounded"``, ``"rounded:10"``, ``"sketch"``, ``"sketch:4096"``, a dict or a Tier."""
+        if isinstance(spec, Tier):
+            return spec
+        if isinstance(spec, dict):
+            return cls(**spec)
+        name, _, arg = str(spec).partition(":")
+        name = name.strip().lower()
+        if name in ("bf16", "bfloat16"):
+            return cls("rounded", keepbits=7)
+        if name not in TIERS:
+            raise ValueError(
+                f"unknown fidelity tier {spec!r}: use 'lossless', 'rounded[:KEEPBITS]' or 'sketch[:K]'"
+            )
+        if not arg:
+            return cls(name)
+        try:
+            val = int(arg)
+        except ValueError as err:
+            raise ValueError(f"tier {spec!r}: the part after ':' must be an integer") from err
+        if name == "rounded":
+            return cls(name, keepbits=val)
+        if name == "sketch":
+            return cls(name, sketch_dim=val)
+        raise ValueError(f"tier {spec!r}: the lossless tier takes no argument")
+
+    def to_json(self) -> dict:
+        d = {"tier": self.name}
+        if self.name == "rounded":
+            d["keepbits"] = int(self.keepbits)
+            d["max_rel_error"] = 2.0 ** -(int(self.keepbits) + 1)
+        if self.name == "sketch":
+            d["sketch_dim"] = int(self.sketch_dim)
+            d["seed"] = int(self.seed)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Tier":
+        return cls(
+            d["tier"],
+            keepbits=int(d.get("keepbits", DEFAULT_KEEPBITS)),
+            sketch_dim=int(d.get("sketch_dim", DEFAULT_SKETCH_DIM)),
+            seed=int(d.get("seed", 0)),
+        )
+
+    @property
+    def max_rel_error(self) -> float:
+        """Per-entry relative error bound (0 for lossless, NaN for sketch: see sketch_cosine_stderr)."""
+        if self.name == "lossless":
+            return 0.0
+        if self.name == "rounded":
+            return 2.0 ** -(int(self.keepbits) + 1)
+        return float("nan")
+
+
+# --------------------------------------------------------------------------------------
+# Tier encodings (numpy, used by the writer and by tests)
+# --------------------------------------------------------------------------------------
+
+
+def bitround(x: np.ndarray, keepbits: int) -> np.ndarray:
+    """Round float32 mantissas to ``keepbits`` bits, to nearest, ties to even.
+
+    Signs and zeros are kept exactly; NaN stays NaN and +-Inf stays +-Inf. The relative error
+    of every finite normal entry is at most ``2**-(keepbits+1)``.
+
+    >>> bitround(np.array([1.0 + 2**-10], dtype=np.float32), 7)[0]
+    np.float32(1.0)
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if keepbits >= 23:
+        return x.copy()
+    drop = 23 - int(keepbits)
+    bits = x.view(np.uint32)
+    half_minus_one = np.uint32((1 << (drop - 1)) - 1)
+    mask = np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)
+    lsb = (bits >> np.uint32(drop)) & np.uint32(1)
+    out = ((bits + half_minus_one + lsb) & mask).view(np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        out[bad] = x[bad]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SketchPlan:
+    """Where each tensor lives in sketch space.
+
+    Attributes:
+        offsets: start of each tensor's buckets in the sketch vector.
+        sizes: number of buckets k_t of each tensor.
+        exact: True where the tensor is copied exactly (its size <= its budget).
+    """
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    exact: tuple[bool, ...]
+    seed: int
+
+    @property
+    def dim(self) -> int:
+        return int(sum(self.sizes))
+
+    def to_json(self) -> dict:
+        return {"offsets": list(self.offsets), "sizes": list(self.sizes), "exact": list(self.exact), "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SketchPlan":
+        return cls(tuple(d["offsets"]), tuple(d["sizes"]), tuple(bool(e) for e in d["exact"]), int(d["seed"]))
+
+
+def sketch_plan(tensors: Sequence[TensorInfo], sketch_dim: int, seed: int) -> SketchPlan:
+    """Split the budget ``sketch_dim`` over tensors proportionally to their size.
+
+    Each tensor gets ``max(MIN_SKETCH_PER_TENSOR, round(sketch_dim * size / d))`` buckets; a
+    tensor with no more entries than that is stored exactly.
+    """
+    d = sum(t.size for t in tensors)
+    offsets, sizes, exact, off = [], [], [], 0
+    for t in tensors:
+        k = max(MIN_SKETCH_PER_TENSOR, int(round(sketch_dim * t.size / max(d, 1))))
+        if t.size <= k:
+            k, ex = t.size, True
+        else:
+            ex = False
+        offsets.append(off)
+        sizes.append(k)
+        exact.append(ex)
+        off += k
+    return SketchPlan(tuple(offsets), tuple(sizes), tuple(exact), int(seed))
+
+
+def sketch_hashes(plan: SketchPlan, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bucket and sign of every entry of tensor ``index`` (regenerated from the seed).
+
+    Returns:
+        ``(bucket, sign)``: int64 array in ``[0, k_t)`` and float64 array of +-1, both of
+        length ``size``.
+    """
+    rng = np.random.default_rng([int(plan.seed), int(index)])
+    bucket = rng.integers(0, plan.sizes[index], size=size, dtype=np.int64)
+    sign = rng.integers(0, 2, size=size, dtype=np.int8).astype(np.float64) * 2.0 - 1.0
+    return bucket, sign
+
+
+class Sketcher:
+    """Applies a :class:`SketchPlan` to flat vectors (caches the hash functions)."""
+
+    def __init__(self, tensors: Sequence[TensorInfo], plan: SketchPlan):
+        self.tensors = list(tensors)
+        self.plan = plan
+        self._hashes = [
+            None if plan.exact[i] else sketch_hashes(plan, i, t.size) for i, t in enumerate(self.tensors)
+        ]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Sketch of the flat vector ``x`` (length d) as float64, length ``plan.dim``."""
+        out = np.empty(self.plan.dim, dtype=np.float64)
+        for i, t in enumerate(self.tensors):
+            seg = np.asarray(x[t.offset : t.offset + t.size], dtype=np.float64)
+            o, k = self.plan.offsets[i], self.plan.sizes[i]
+            if self.plan.exact[i]:
+                out[o : o + k] = seg
+            else:
+                bucket, sign = self._hashes[i]
+                out[o : o + k] = np.bincount(bucket, weights=seg * sign, minlength=k)
+        return out
+
+
+def sketch_cosine_stderr(k: int, cos: float | np.ndarray = 0.0):
+    """Standard error of a CountSketch cosine estimate with k buckets: sqrt((1 + cos^2) / k)."""
+    return np.sqrt((1.0 + np.square(cos)) / max(int(k), 1))
+
+
+def pack_signs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact sign information of a flat vector as two packed bit planes.
+
+    Returns:
+        ``(signbits, nonzero)``: ``np.packbits(x < 0)`` and ``np.packbits(x != 0)``, uint8
+        arrays of length ``ceil(d / 8)`` (big-endian bit order, numpy's default).
+    """
+    x = np.asarray(x)
+    return np.packbits(np.signbit(x) & (x != 0)), np.packbits(x != 0)
+
+
+# --------------------------------------------------------------------------------------
+# Layout: array names, shapes, chunks, codecs
+# --------------------------------------------------------------------------------------
+
+
+def _lossless_codecs():
+    from zarr.codecs import BloscCodec
+
+    return [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=4)]
+
+
+def _rounded_codecs():
+    from zarr.codecs import BloscCodec
+
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=4)]
+
+
+def _bits_codecs():
+    from zarr.codecs import BloscCodec
+
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1)]
+
+
+def _scalar_codecs():
+    from zarr.codecs import ZstdCodec
+
+    return [ZstdCodec(level=3)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    """Shape-independent description of one array of the store."""
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str
+    fill_value: Any
+    width: int | None  # size of the second dim (None for 1-D)
+    chunk_width: int | None
+    codecs: str  # "lossless" | "rounded" | "bits" | "scalar"
+    attrs: dict
+
+
+def array_specs(
+    tensors: Sequence[TensorInfo],
+    tiers: dict[str, Tier],
+    param_chunk: int = DEFAULT_PARAM_CHUNK,
+) -> list[ArraySpec]:
+    """Every step-indexed array of a store with this parameter table and these tiers."""
+    d = sum(t.size for t in tensors)
+    n_t = len(tensors)
+    specs = []
+    for name, (dtype, fill) in PER_STEP_ARRAYS.items():
+        specs.append(ArraySpec(name, (STEP_DIM,), dtype, fill, None, None, "scalar", {}))
+    for name in PER_STEP_TENSOR_ARRAYS:
+        specs.append(ArraySpec(name, (STEP_DIM, TENSOR_DIM), "float64", float("nan"), n_t, n_t, "scalar", {}))
+    pc = int(min(max(d, 1), param_chunk))
+    for a in DATA_ARRAYS:
+        tier = tiers[a]
+        tattrs = {"gradtrace_tier": tier.to_json()}
+        if tier.name in ("lossless", "rounded"):
+            specs.append(ArraySpec(a, (STEP_DIM, PARAM_DIM), "float32", float("nan"), d, pc, tier.name, tattrs))
+        else:
+            plan = sketch_plan(tensors, tier.sketch_dim, tier.seed)
+            sk = plan.dim
+            tattrs = {**tattrs, "sketch_plan": plan.to_json()}
+            specs.append(
+                ArraySpec(f"{a}_sketch", (STEP_DIM, SKETCH_DIM), "float32", float("nan"), sk, min(sk, pc), "lossless", tattrs)
+            )
+            nb = (d + 7) // 8
+            bc = int(min(nb, max(param_chunk // 8, 1)))
+            specs.append(ArraySpec(f"{a}_signbits", (STEP_DIM, BYTE_DIM), "uint8", 0, nb, bc, "bits", tattrs))
+            specs.append(ArraySpec(f"{a}_nonzero", (STEP_DIM, BYTE_DIM), "uint8", 0, nb, bc, "bits", tattrs))
+    return specs
+
+
+def codecs_for(kind: str):
+    return {
+        "lossless": _lossless_codecs,
+        "rounded": _rounded_codecs,
+        "bits": _bits_codecs,
+        "scalar": _scalar_codecs,
+    }[kind]()
+
+
+# --------------------------------------------------------------------------------------
+# Header (root attributes)
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Header:
+    """The root ``gradtrace`` attribute of a store.
+
+    Attributes:
+        tensors: the parameter table.
+        tiers: tier of ``grad`` and of ``weight``.
+        n_steps: committed rows (the commit marker; written after each row's data).
+        capacity: allocated rows (>= n_steps; rows past n_steps are not data).
+        closed: True after a clean close (arrays trimmed to n_steps, metadata consolidated).
+        has_final: True when the last committed row is the final iterate.
+        param_chunk: chunk width along ``param``.
+        schedule: description of the recording schedule.
+        settings: the run's settings (optimizer, hyperparameters, seed, versions, model...).
+        parent: for a branched ("zoom") run, the store and step it was branched from.
+    """
+
+    tensors: list[TensorInfo]
+    tiers: dict[str, Tier]
+    n_steps: int = 0
+    capacity: int = 0
+    closed: bool = False
+    has_final: bool = False
+    param_chunk: int = DEFAULT_PARAM_CHUNK
+    schedule: Any = None
+    settings: dict = dataclasses.field(default_factory=dict)
+    parent: dict | None = None
+    format_version: int = FORMAT_VERSION
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def n_params(self) -> int:
+        return int(sum(t.size for t in self.tensors))
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "n_steps": int(self.n_steps),
+            "capacity": int(self.capacity),
+            "closed": bool(self.closed),
+            "has_final": bool(self.has_final),
+            "n_params": self.n_params,
+            "param_chunk": int(self.param_chunk),
+            "tensors": [t.to_json() for t in self.tensors],
+            "tiers": {k: v.to_json() for k, v in self.tiers.items()},
+            "schedule": self.schedule,
+            "settings": _jsonable(self.settings),
+            "parent": self.parent,
+            "flags": {str(k): v for k, v in FLAG_NAMES.items()},
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Header":
+        known = {
+            "format_version", "n_steps", "capacity", "closed", "has_final", "n_params", "param_chunk",
+            "tensors", "tiers", "schedule", "settings", "parent", "flags",
+        }
+        return cls(
+            tensors=[TensorInfo.from_json(t) for t in d["tensors"]],
+            tiers={k: Tier.from_json(v) for k, v in d["tiers"].items()},
+            n_steps=int(d["n_steps"]),
+            capacity=int(d.get("capacity", d["n_steps"])),
+            closed=bool(d.get("closed", False)),
+            has_final=bool(d.get("has_final", False)),
+            param_chunk=int(d.get("param_chunk", DEFAULT_PARAM_CHUNK)),
+            schedule=d.get("schedule"),
+            settings=d.get("settings") or {},
+            parent=d.get("parent"),
+            format_version=int(d["format_version"]),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+
+def _jsonable(obj):
+    """Best-effort conversion of settings to JSON (unknown objects become their repr)."""
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        pass
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    return repr(obj)
+
+
+def read_header(path: "str | Path", storage_options: dict | None = None) -> Header:
+    """Read and validate the header of the store at ``path`` (a local path or fsspec URL).
+
+    Raises:
+        NotAStoreError: no Zarr group or no ``gradtrace`` attribute there.
+        FormatVersionError: the store's format is newer than this gradtrace understands.
+    """
+    import zarr
+
+    try:
+        group = zarr.open_group(str(path), mode="r", storage_options=storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError) as err:
+        raise NotAStoreError(
+            f"{path} is not a gradtrace run store (no Zarr group there). "
+            "Record one with capture.Recorder or `gradtrace record`, or check the path."
+        ) from err
+    return header_of_group(group, path)
+
+
+def header_of_group(group, path="the store") -> Header:
+    attrs = group.attrs.asdict()
+    if ATTR_KEY not in attrs:
+        raise NotAStoreError(
+            f"{path} is a Zarr group but not a gradtrace run store (no '{ATTR_KEY}' attribute). "
+            "Record one with capture.Recorder or `gradtrace record`."
+        )
+    raw = attrs[ATTR_KEY]
+    version = raw.get("format_version")
+    if not isinstance(version, int):
+        raise NotAStoreError(f"{path}: the '{ATTR_KEY}' attribute has no integer format_version ({version!r})")
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{path} uses run-store format version {version}, newer than the {FORMAT_VERSION} this "
+            "gradtrace reads. Upgrade gradtrace (pip install -U gradtrace)."
+        )
+    return Header.from_json(raw)

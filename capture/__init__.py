@@ -1,0 +1,1 @@
+"""gradtrace capture stage: records PyTorch training runs into run stores."""
