@@ -1,0 +1,339 @@
+"""Figures of the source papers, drawn from analysis results (labelled xarray objects).
+
+Every function is ``plot_x(result, ax=None, ...) -> Axes``: it draws on ``ax`` (a new figure
+when None) and returns the axes. Nothing here computes a metric or reads a store; pass the
+results of :mod:`analysis` functions (or results loaded back from netCDF/Zarr).
+
+Correlations use a diverging colour map fixed to [-1, 1]; sign shifts use a sequential map
+fixed to [0, 100] percent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import xarray as xr
+
+CORR_CMAP = "RdBu_r"
+SIGN_CMAP = "magma_r"
+PHASE_COLORS = {"smooth": "#4daf4a", "zigzag": "#e41a1c", "random": "#999999", "undetermined": "#ffffff"}
+
+
+def _axes(ax, figsize=(6, 4)):
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return ax
+
+
+def _step_values(da: xr.DataArray, dim: str) -> np.ndarray:
+    return np.asarray(da[dim].values) if dim in da.coords else np.arange(da.sizes[dim])
+
+
+def _matrix(
+    mat: xr.DataArray,
+    ax,
+    *,
+    vmin: float,
+    vmax: float,
+    cmap: str,
+    label: str,
+    title: str | None,
+    annotate: bool | None,
+    fmt: str,
+):
+    if mat.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix (step_i, step_j), got dims {mat.dims}")
+    ax = _axes(ax, (5, 4.2))
+    di, dj = mat.dims
+    si, sj = _step_values(mat, di), _step_values(mat, dj)
+    vals = np.asarray(mat.values, dtype=float)
+    n = vals.shape[0]
+    im = ax.imshow(vals, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", origin="upper")
+    cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cb.set_label(label)
+    ticks_i = _tick_positions(len(si))
+    ticks_j = _tick_positions(len(sj))
+    ax.set_yticks(ticks_i, [str(si[k]) for k in ticks_i])
+    ax.set_xticks(ticks_j, [str(sj[k]) for k in ticks_j], rotation=90 if len(sj) > 12 else 0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("step")
+    if annotate is None:
+        annotate = n <= 12
+    if annotate:
+        for i in range(vals.shape[0]):
+            for j in range(vals.shape[1]):
+                v = vals[i, j]
+                txt = "nan" if not np.isfinite(v) else format(v, fmt)
+                if cmap == CORR_CMAP:  # diverging: dark at both ends
+                    dark = np.isfinite(v) and abs(v - (vmin + vmax) / 2) > 0.6 * (vmax - vmin) / 2
+                else:  # sequential: dark at the top
+                    dark = np.isfinite(v) and v > vmin + 0.55 * (vmax - vmin)
+                ax.text(j, i, txt, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def _tick_positions(n: int, most: int = 10) -> list[int]:
+    if n <= most:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, most).round().astype(int).tolist()))
+
+
+def plot_corr_matrix(corr: xr.DataArray, ax=None, *, title: str | None = None, annotate: bool | None = None):
+    """Heatmap of a pairwise gradient correlation matrix (zigzag paper, Figure 1 bottom).
+
+    Args:
+        corr: 2-D DataArray of mu(j, k) with step coordinates on both dims.
+        ax: matplotlib axes to draw on (new figure when None).
+        title: defaults to "gradient correlation, steps a..b".
+        annotate: write the values in the cells (default: when at most 12 x 12).
+    """
+    di = corr.dims[0]
+    s = _step_values(corr, di)
+    if title is None:
+        title = f"gradient correlation, steps {s[0]}..{s[-1]}" if len(s) else "gradient correlation"
+    return _matrix(corr, ax, vmin=-1, vmax=1, cmap=CORR_CMAP, label="correlation", title=title,
+                   annotate=annotate, fmt=".2f")
+
+
+def plot_sign_shift_matrix(shift: xr.DataArray, ax=None, *, title: str | None = None, annotate: bool | None = None):
+    """Heatmap of sign-shift percentages between steps (zigzag paper, Figure 8).
+
+    Args:
+        shift: 2-D DataArray of percentages in [0, 100] with step coordinates on both dims.
+    """
+    di = shift.dims[0]
+    s = _step_values(shift, di)
+    if title is None:
+        title = f"% entries that flip sign, steps {s[0]}..{s[-1]}" if len(s) else "sign shift"
+    return _matrix(shift, ax, vmin=0, vmax=100, cmap=SIGN_CMAP, label="% of entries with opposite sign",
+                   title=title, annotate=annotate, fmt=".0f")
+
+
+def plot_series(
+    series: xr.DataArray,
+    ax=None,
+    *,
+    label: str | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+    markers: Sequence[int] = (),
+    logy: bool = False,
+    **line_kw,
+):
+    """A per-step series (loss, mean correlation, lag series...) against the training step.
+
+    Args:
+        series: 1-D DataArray along a step dimension with step coordinates.
+        markers: steps to mark with red dots (e.g. where window matrices are drawn).
+    """
+    ax = _axes(ax)
+    dim = series.dims[0]
+    x = _step_values(series, dim)
+    y = np.asarray(series.values, dtype=float)
+    ax.plot(x, y, label=label or series.name, **line_kw)
+    if len(markers):
+        idx = np.searchsorted(x, np.asarray(markers))
+        ok = (idx < len(x)) & (x[np.minimum(idx, len(x) - 1)] == np.asarray(markers))
+        ax.plot(x[idx[ok]], y[idx[ok]], "o", color="red", ms=6, zorder=5, label="window shown")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel or str(series.name or ""))
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def plot_loss(loss: xr.DataArray, ax=None, *, markers: Sequence[int] = (), logy: bool = True):
+    """Training loss over steps, with optional markers (zigzag paper, Figure 1 top left)."""
+    loss = loss.where(np.isfinite(loss), drop=True) if loss.size else loss
+    ax = plot_series(loss, ax, ylabel="training loss", title="training loss", markers=markers, logy=logy, color="C0")
+    return ax
+
+
+def plot_mean_corr(mean_corr: xr.DataArray, ax=None, *, markers: Sequence[int] = ()):
+    """Mean gradient correlation (eq. 3) over steps (zigzag paper, Figure 1 top right)."""
+    h = mean_corr.attrs.get("h")
+    ax = plot_series(mean_corr, ax, ylabel="mean gradient correlation",
+                     title=f"mean gradient correlation (h={h})" if h else "mean gradient correlation",
+                     markers=markers, color="C1")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    return ax
+
+
+def plot_lags(lags: dict[int, xr.DataArray] | xr.DataArray, ax=None):
+    """Lag-l correlation series mu(t, t+l) for several lags on one axes."""
+    ax = _axes(ax)
+    if isinstance(lags, xr.DataArray):
+        lags = {int(lags.attrs.get("lag", 1)): lags}
+    for lag, s in sorted(lags.items()):
+        plot_series(s, ax, label=f"lag {lag}")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_ylabel("correlation mu(t, t+lag)")
+    ax.set_title("gradient correlation at fixed lags")
+    ax.legend(loc="best", fontsize=8)
+    return ax
+
+
+def _group_key(ds: xr.Dataset | xr.DataArray, dim: str, by: str | None, n_bins: int):
+    """Per-epoch groups when an epoch coordinate is known, else equal-width step bins."""
+    if by is None:
+        ep = ds.coords.get("epoch")
+        if ep is not None and np.all(np.asarray(ep.values) >= 0) and len(np.unique(ep.values)) > 1:
+            by = "epoch"
+    if by == "epoch":
+        return np.asarray(ds["epoch"].values), "epoch"
+    steps = _step_values(ds, dim)
+    if len(steps) == 0:
+        return steps, "step"
+    edges = np.linspace(steps.min(), steps.max() + 1, min(n_bins, len(steps)) + 1)
+    return np.digitize(steps, edges[1:-1]), "step bin"
+
+
+def aggregate(series: xr.DataArray, by: str | None = None, n_bins: int = 50) -> xr.Dataset:
+    """Mean, min and max of a per-step series per epoch (or per bin of steps).
+
+    Returns:
+        Dataset with ``mean``, ``min``, ``max`` and ``step`` (the mean step of each group)
+        along dim ``group``.
+    """
+    dim = series.dims[0]
+    key, kind = _group_key(series, dim, by, n_bins)
+    vals = np.asarray(series.values, dtype=float)
+    steps = _step_values(series, dim).astype(float)
+    groups = np.unique(key)
+    out = {k: [] for k in ("mean", "min", "max", "step")}
+    for g in groups:
+        m = (key == g) & np.isfinite(vals)
+        v = vals[m]
+        out["mean"].append(v.mean() if v.size else np.nan)
+        out["min"].append(v.min() if v.size else np.nan)
+        out["max"].append(v.max() if v.size else np.nan)
+        out["step"].append(steps[key == g].mean())
+    ds = xr.Dataset({k: ("group", np.asarray(v, float)) for k, v in out.items()}, coords={"group": groups})
+    ds.attrs["grouped_by"] = kind
+    return ds
+
+
+def plot_band(
+    series: xr.DataArray,
+    ax=None,
+    *,
+    by: str | None = None,
+    n_bins: int = 50,
+    baseline: xr.DataArray | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+    logy: bool = False,
+    color: str = "C0",
+):
+    """Per-epoch mean with min-max shading (No Wrong Turns, Figures 1-3).
+
+    Args:
+        series: per-step DataArray (e.g. gamma, RSI, EB) with step (and epoch) coordinates.
+        by: ``"epoch"`` or ``"step"`` bins; default epoch when an epoch coordinate is known.
+        baseline: optional per-step series drawn dashed (e.g. the random-walk baseline).
+    """
+    ax = _axes(ax)
+    agg = aggregate(series, by, n_bins)
+    x = agg["step"].values
+    ax.fill_between(x, agg["min"].values, agg["max"].values, color=color, alpha=0.25, lw=0,
+                    label=f"min-max per {agg.attrs['grouped_by']}")
+    ax.plot(x, agg["mean"].values, color=color, label=f"mean per {agg.attrs['grouped_by']}")
+    if baseline is not None:
+        bx = _step_values(baseline, baseline.dims[0])
+        ax.plot(bx, np.asarray(baseline.values, float), "k--", lw=1, label=baseline.attrs.get("long_name", "baseline"))
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel or str(series.name or ""))
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return ax
+
+
+def plot_gamma(rsi: xr.Dataset, ax=None, *, by: str | None = None, baseline: bool = True):
+    """gamma_t = cos(G_t, w_t - w*) with the random-walk baseline (T - t)^(-1/2) dashed."""
+    base = None
+    if baseline and "random_walk" in rsi:
+        base = rsi["random_walk"]
+        base.attrs.setdefault("long_name", "random walk (T - t)^(-1/2)")
+    ref = rsi.attrs.get("reference", "w*")
+    ax = plot_band(rsi["gamma"], ax, by=by, baseline=base, ylabel="gamma = cos(G_t, w_t - w*)",
+                   title=f"gamma against {ref}", color="C2")
+    ax.axhline(0, color="k", lw=0.8)
+    return ax
+
+
+def plot_rsi(rsi: xr.Dataset, ax=None, *, by: str | None = None):
+    """RSI_t = <G_t, w_t - w*> / ||w_t - w*||^2 (No Wrong Turns, Figure 2 top)."""
+    return plot_band(rsi["rsi"], ax, by=by, ylabel="RSI", title=f"RSI against {rsi.attrs.get('reference', 'w*')}", color="C0")
+
+
+def plot_eb(rsi: xr.Dataset, ax=None, *, by: str | None = None):
+    """EB_t = ||G_t|| / ||w_t - w*|| (No Wrong Turns, Figure 2 middle)."""
+    return plot_band(rsi["eb"], ax, by=by, ylabel="EB", title=f"EB against {rsi.attrs.get('reference', 'w*')}",
+                     color="C1", logy=True)
+
+
+def plot_eta_star(rsi: xr.Dataset, ax=None, *, by: str | None = None, show_lr: bool = True):
+    """Locally optimal learning rate RSI / EB^2 (No Wrong Turns, Figure 3), with the lr used."""
+    ax = plot_band(rsi["eta_star"], ax, by=by, ylabel="learning rate",
+                   title="locally optimal learning rate", color="C4")
+    if show_lr and "lr" in rsi.coords:
+        lr = rsi["lr"]
+        ax.plot(_step_values(lr, lr.dims[0]), np.asarray(lr.values, float), color="k", lw=1, ls=":", label="lr used")
+        ax.legend(loc="best", fontsize=8)
+    return ax
+
+
+def plot_distance(rsi: xr.Dataset, ax=None):
+    """Distance ||w_t - w*|| to the reference over steps."""
+    d = rsi["distance"]
+    ax = plot_series(d, ax, ylabel="||w_t - w*||", title=f"distance to {rsi.attrs.get('reference', 'w*')}",
+                     color="C5")
+    return ax
+
+
+def plot_phases(labels: xr.DataArray, loss: xr.DataArray | None = None, ax=None, *, logy: bool = True):
+    """Phase bands (smooth / zigzag / random) behind the training loss.
+
+    Args:
+        labels: per-step DataArray of strings "smooth" / "zigzag" / "random" (or
+            "undetermined"), with step coordinates.
+        loss: per-step training loss to draw on top (optional).
+    """
+    import matplotlib.patches as mpatches
+
+    ax = _axes(ax, (7, 3.5))
+    dim = labels.dims[0]
+    steps = _step_values(labels, dim)
+    labs = np.asarray(labels.values).astype(str)
+    if len(steps):
+        gaps = np.diff(steps)
+        half = np.median(gaps) / 2 if len(gaps) else 0.5
+        start = 0
+        for k in range(1, len(steps) + 1):
+            if k == len(steps) or labs[k] != labs[start]:
+                color = PHASE_COLORS.get(labs[start], "#dddddd")
+                ax.axvspan(steps[start] - half, steps[k - 1] + half, color=color, alpha=0.25, lw=0)
+                start = k
+    handles = [mpatches.Patch(color=c, alpha=0.4, label=n) for n, c in PHASE_COLORS.items() if n in set(labs)]
+    if loss is not None:
+        plot_series(loss.where(np.isfinite(loss), drop=True), ax, ylabel="training loss", logy=logy, color="k", lw=1)
+        handles.append(ax.lines[-1])
+        handles[-1].set_label("training loss")
+    ax.set_xlabel("step")
+    ax.set_title("optimization geometry phases")
+    ax.legend(handles=handles, loc="best", fontsize=8)
+    return ax
