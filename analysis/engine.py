@@ -1,0 +1,588 @@
+"""One pass over parameter slabs that accumulates every requested product at once.
+
+A :class:`Pass` collects requests (Gram matrix of a step selection, dot products of step
+pairs, sign counts, distances and dot products against reference points), then reads the
+store once, slab by slab along the parameter axis, and sums the per-slab partial results with
+a tree reduction. Each slab is one dask task: it reads the rows it needs for its columns
+(aligned to the storage chunks), computes every partial result, and returns a few small
+arrays. Memory is bounded by a few slabs (``SLAB_BYTES`` each), never by T x d.
+
+Exactness: products are accumulated in float64 (float32 data cast to float64 in cache-sized
+column blocks; no float32 rounding anywhere), except for ``precision="float32"`` Gram
+matrices (float32 BLAS per block, float64 across blocks: faster, about 1e-7 relative error).
+Sign counts use float32 BLAS on {-1, 0, 1} matrices, which is exact: every partial count is an
+integer below 2**24.
+
+The graph runs on the threaded scheduler by default and unchanged on a ``dask.distributed``
+client (tasks carry :class:`analysis.store.ArrayRef` handles, which each worker opens itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from analysis.store import ArrayRef, ParamGroup, Run
+
+#: Target bytes of raw data read per slab task (several slabs are in flight at once).
+SLAB_BYTES = 256 * 2**20
+#: Columns cast to float64 at a time inside a slab (keeps the float64 copy in cache/small).
+BLOCK_BYTES = 16 * 2**20
+#: A pass that reads more than this shows a progress bar when ``progress=None`` and stderr is a TTY.
+AUTO_PROGRESS_BYTES = 4 * 2**30
+MAX_SLAB_COLS = 2**22
+
+SPACES = ("param", "sketch", "bits")
+
+_tls = threading.local()
+
+
+def _buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A reusable per-thread scratch array (avoids page-faulting fresh memory every slab)."""
+    pool = getattr(_tls, "pool", None)
+    if pool is None:
+        pool = _tls.pool = {}
+    need = int(np.prod(shape))
+    buf = pool.get((name, np.dtype(dtype).str))
+    if buf is None or buf.size < need:
+        buf = pool[(name, np.dtype(dtype).str)] = np.empty(need, dtype=dtype)
+    return buf[:need].reshape(shape)
+
+
+def _index(pos: np.ndarray, n: int):
+    """``slice`` when ``pos`` is a contiguous run (no copy when indexing), else the array."""
+    pos = np.asarray(pos, dtype=np.int64)
+    if len(pos) == 0:
+        return slice(0, 0)
+    if pos[-1] - pos[0] == len(pos) - 1 and (len(pos) == 1 or (np.diff(pos) == 1).all()):
+        return slice(int(pos[0]), int(pos[-1]) + 1)
+    return pos
+
+
+def _col_blocks(lo: int, hi: int, nrows: int, itemsize: int = 8):
+    step = max(256, BLOCK_BYTES // max(1, nrows * itemsize))
+    for a in range(lo, hi, step):
+        yield a, min(hi, a + step)
+
+
+def _as64(x: np.ndarray, name: str) -> np.ndarray:
+    buf = _buffer(name, x.shape, np.float64)
+    np.copyto(buf, x)
+    return buf
+
+
+def _signs(data: "SlabData", rows, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(S, N)``: float32 sign matrix in {-1, 0, 1} and nonzero matrix in {0, 1}."""
+    if data.space == "bits":
+        neg, nz = data.neg[rows, a:b], data.nz[rows, a:b]
+        n = _buffer("sign_n", neg.shape, np.float32)
+        np.copyto(n, nz)
+        s = _buffer("sign_s", neg.shape, np.float32)
+        np.multiply(neg, np.float32(-2.0), out=s, casting="unsafe")
+        s += n
+        return s, n
+    x = data.grad[rows, a:b]
+    s = _buffer("sign_s", x.shape, np.float32)
+    np.sign(x, out=s)
+    n = _buffer("sign_n", x.shape, np.float32)
+    np.abs(s, out=n)
+    return s, n
+
+
+# ----------------------------------------------------------------------------------- ops
+# Each op computes its partial result on columns [a, b) of a slab. Positions index the
+# slab's grad rows (``g``) or weight rows (``w``).
+
+
+@dataclass(frozen=True)
+class _Gram:
+    key: str
+    g: np.ndarray
+    precision: str
+
+    def shape(self):
+        return (len(self.g), len(self.g))
+
+    def partial(self, data, a, b):
+        rows = _index(self.g, data.n_grad)
+        out = np.zeros(self.shape())
+        for c0, c1 in _col_blocks(a, b, len(self.g), 8 if self.precision == "float64" else 4):
+            x = data.grad[rows, c0:c1]
+            if self.precision == "float64":
+                x = _as64(x, "gram")
+                out += x @ x.T  # numpy calls the symmetric rank-k update (syrk) for x @ x.T
+            else:
+                x = np.ascontiguousarray(x)
+                out += x @ x.T
+        return out
+
+
+@dataclass(frozen=True)
+class _PairDots:
+    key: str
+    ga: np.ndarray
+    gb: np.ndarray
+
+    def shape(self):
+        return (len(self.ga),)
+
+    def partial(self, data, a, b):
+        out = np.zeros(self.shape())
+        ra, rb = _index(self.ga, data.n_grad), _index(self.gb, data.n_grad)
+        for c0, c1 in _col_blocks(a, b, 2 * len(self.ga)):
+            xa = _as64(data.grad[ra, c0:c1], "pair_a")
+            xb = _as64(data.grad[rb, c0:c1], "pair_b")
+            out += np.einsum("ij,ij->i", xa, xb)
+        return out
+
+
+@dataclass(frozen=True)
+class _SignGram:
+    """``[disagree, both_nonzero]`` counts for every pair of the rows, shape (2, n, n)."""
+
+    key: str
+    g: np.ndarray
+
+    def shape(self):
+        return (2, len(self.g), len(self.g))
+
+    def partial(self, data, a, b):
+        out = np.zeros(self.shape())
+        rows = _index(self.g, data.n_grad)
+        for c0, c1 in _col_blocks(a, b, 2 * len(self.g), 4):
+            s, n = _signs(data, rows, c0, c1)
+            ss = (s @ s.T).astype(np.float64)  # agree - disagree, exact integers < 2**24
+            nn = (n @ n.T).astype(np.float64)  # both nonzero
+            out[0] += (nn - ss) / 2.0
+            out[1] += nn
+        return out
+
+
+@dataclass(frozen=True)
+class _SignPairs:
+    key: str
+    ga: np.ndarray
+    gb: np.ndarray
+
+    def shape(self):
+        return (2, len(self.ga))
+
+    def partial(self, data, a, b):
+        out = np.zeros(self.shape())
+        ra, rb = _index(self.ga, data.n_grad), _index(self.gb, data.n_grad)
+        for c0, c1 in _col_blocks(a, b, 2 * len(self.ga), 4):
+            sa, na = (v.copy() for v in _signs(data, ra, c0, c1))
+            sb, nb = _signs(data, rb, c0, c1)
+            ss = np.einsum("ij,ij->i", sa, sb).astype(np.float64)
+            nn = np.einsum("ij,ij->i", na, nb).astype(np.float64)
+            out[0] += (nn - ss) / 2.0
+            out[1] += nn
+        return out
+
+
+@dataclass(frozen=True)
+class _RefDist:
+    """``[||w_t - r||^2, <G_t, w_t - r>]`` for each requested step, shape (2, n).
+
+    Computed directly from the data (no ``||w||^2 - 2<w,r> + ||r||^2`` cancellation): the
+    difference of float32 weights and a float64 reference is formed in float64.
+    """
+
+    key: str
+    g: np.ndarray
+    w: np.ndarray
+    ref: int  # index into the slab's explicit references, or -1: rows `ref_w` with `coef`
+    ref_w: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    coef: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def shape(self):
+        return (2, len(self.w))
+
+    def partial(self, data, a, b):
+        out = np.zeros(self.shape())
+        rg, rw = _index(self.g, data.n_grad), _index(self.w, data.n_weight)
+        for c0, c1 in _col_blocks(a, b, 2 * len(self.w)):
+            if self.ref >= 0:
+                r = data.refs[self.ref][c0:c1]
+            else:
+                r = self.coef @ _as64(data.weight[self.ref_w, c0:c1], "ref_rows")
+            diff = _buffer("ref_diff", (len(self.w), c1 - c0), np.float64)
+            np.subtract(data.weight[rw, c0:c1], r, out=diff)
+            out[0] += np.einsum("ij,ij->i", diff, diff)
+            out[1] += np.einsum("ij,ij->i", _as64(data.grad[rg, c0:c1], "ref_g"), diff)
+        return out
+
+
+# ----------------------------------------------------------------------------------- slabs
+
+
+@dataclass(frozen=True)
+class _SpaceSpec:
+    """What every slab task of one column space needs (one graph key, shared by tasks)."""
+
+    space: str
+    grad: ArrayRef | None  # "param": grad; "sketch": grad_sketch; "bits": grad_signbits
+    grad_nz: ArrayRef | None  # "bits": grad_nonzero
+    weight: ArrayRef | None
+    grad_rows: np.ndarray
+    weight_rows: np.ndarray
+    ops: tuple
+    n_seg: int  # 0: one result over the whole group; else one per segment (tensor)
+
+
+class SlabData:
+    """The rows of one slab, read once: ``grad`` / ``weight`` float32 (rows x columns) or,
+    in the ``bits`` space, ``neg`` / ``nz`` uint8 bit matrices, plus slab slices of explicit
+    reference vectors."""
+
+    def __init__(self, spec: _SpaceSpec, pieces, refs):
+        self.space = spec.space
+        self.refs = refs
+        self.n_grad = len(spec.grad_rows)
+        self.n_weight = len(spec.weight_rows)
+        self.grad = self.weight = self.neg = self.nz = None
+        if spec.space == "bits":
+            if self.n_grad:
+                self.neg = _read_bits(spec.grad.open(), spec.grad_rows, pieces)
+                self.nz = _read_bits(spec.grad_nz.open(), spec.grad_rows, pieces)
+        else:
+            if self.n_grad:
+                self.grad = _read(spec.grad.open(), spec.grad_rows, pieces)
+            if self.n_weight:
+                self.weight = _read(spec.weight.open(), spec.weight_rows, pieces)
+
+
+def _covers(pieces, chunk: int) -> list[tuple[int, int]]:
+    """Chunk-aligned intervals covering the pieces, merged (each chunk decoded once)."""
+    out: list[list[int]] = []
+    for _, lo, hi in pieces:
+        a, b = (lo // chunk) * chunk, -(-hi // chunk) * chunk
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _read_rows(arr, rows: np.ndarray, a: int, b: int) -> np.ndarray:
+    b = min(b, arr.shape[1])
+    sel = _index(rows, arr.shape[0])
+    if isinstance(sel, slice):
+        return arr[sel, a:b]
+    return arr.oindex[sel, a:b]
+
+
+def _read(arr, rows: np.ndarray, pieces) -> np.ndarray:
+    """Rows x (concatenated piece columns) of a 2-D zarr array."""
+    covers = _covers(pieces, int(arr.chunks[1]))
+    blocks = [(a, _read_rows(arr, rows, a, b)) for a, b in covers]
+    if len(pieces) == 1 and len(blocks) == 1:
+        (_, lo, hi), (a, blk) = pieces[0], blocks[0]
+        return blk[:, lo - a: hi - a]
+    parts = []
+    for _, lo, hi in pieces:
+        for a, blk in blocks:
+            if a <= lo and hi <= a + blk.shape[1]:
+                parts.append(blk[:, lo - a: hi - a])
+                break
+    return np.concatenate(parts, axis=1)
+
+
+def _read_bits(arr, rows: np.ndarray, pieces) -> np.ndarray:
+    """Rows x (concatenated piece columns) of packed bits, unpacked to uint8 0/1."""
+    byte_pieces = [(s, lo // 8, -(-hi // 8)) for s, lo, hi in pieces]
+    covers = _covers(byte_pieces, int(arr.chunks[1]))
+    blocks = [(a, _read_rows(arr, rows, a, b)) for a, b in covers]
+    parts = []
+    for _, lo, hi in pieces:
+        for a, blk in blocks:
+            if a * 8 <= lo and hi <= (a + blk.shape[1]) * 8:
+                b0 = lo // 8 - a
+                bits = np.unpackbits(blk[:, b0: -(-hi // 8) - a], axis=1)
+                parts.append(bits[:, lo - (a + b0) * 8: hi - (a + b0) * 8])
+                break
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def _slab_task(spec: _SpaceSpec, pieces, refs) -> dict:
+    """Read one slab and return every op's partial result (dict key -> float64 array)."""
+    data = SlabData(spec, pieces, refs)
+    out = {}
+    for op in spec.ops:
+        if spec.n_seg:
+            res = np.zeros((spec.n_seg,) + op.shape())
+            col = 0
+            for seg, lo, hi in pieces:
+                res[seg] += op.partial(data, col, col + hi - lo)
+                col += hi - lo
+        else:
+            width = sum(hi - lo for _, lo, hi in pieces)
+            res = op.partial(data, 0, width)
+        out[op.key] = res
+    return out
+
+
+def _combine(*parts: dict) -> dict:
+    out: dict = {}
+    for p in parts:  # keys of different column spaces come from different slabs
+        for k, v in p.items():
+            if k in out:
+                out[k] += v
+            else:
+                out[k] = v.copy()
+    return out
+
+
+# ----------------------------------------------------------------------------------- pass
+
+
+@dataclass
+class _Request:
+    kind: str
+    key: str
+    space: str
+    grad_rows: tuple = ()
+    weight_rows: tuple = ()
+    extra: dict = field(default_factory=dict)
+
+
+class Pass:
+    """Collects requests, then runs them all in one pass over the store.
+
+    Args:
+        run: the opened store.
+        group: the parameter group (whole tensors) the products are restricted to.
+        per_tensor: return one result per tensor of the group (leading axis) instead of one
+            over the whole group.
+
+    Example:
+        >>> p = Pass(run, run.params())                      # doctest: +SKIP
+        >>> k = p.gram(run.rows_of([0, 1, 2]))              # doctest: +SKIP
+        >>> p.compute()[k]                                   # 3 x 3 float64 Gram  # doctest: +SKIP
+    """
+
+    def __init__(self, run: Run, group: ParamGroup, *, per_tensor: bool = False):
+        self.run = run
+        self.group = group
+        self.per_tensor = per_tensor
+        self.requests: list[_Request] = []
+        self.refs: list[tuple[str, np.ndarray]] = []  # (space, vector over that space)
+
+    # -- request builders (rows are store row indices) -----------------------------------
+    def _space(self, array: str = "grad") -> str:
+        return "param" if self.run.dense(array) else "sketch"
+
+    def _add(self, kind, space, grad_rows=(), weight_rows=(), **extra) -> str:
+        key = f"{kind}{len(self.requests)}"
+        self.requests.append(_Request(kind, key, space, tuple(map(int, grad_rows)), tuple(map(int, weight_rows)), extra))
+        return key
+
+    def gram(self, rows, precision: str = "float64") -> str:
+        """Gram matrix ``G_S G_S^T`` (float64, n x n) of the gradients at store rows ``rows``."""
+        if precision not in ("float64", "float32"):
+            raise ValueError(f"precision={precision!r}: use 'float64' (exact) or 'float32' (fast)")
+        return self._add("gram", self._space(), rows, precision=precision)
+
+    def pair_dots(self, rows_a, rows_b) -> str:
+        """``<G_a, G_b>`` for each pair of store rows (float64, length P)."""
+        return self._add("pairs", self._space(), list(rows_a) + list(rows_b), a=np.asarray(rows_a), b=np.asarray(rows_b))
+
+    def sign_gram(self, rows) -> str:
+        """``[disagree, both_nonzero]`` coordinate counts for every pair of rows, (2, n, n)."""
+        return self._add("signgram", "param" if self.run.dense("grad") else "bits", rows)
+
+    def sign_pairs(self, rows_a, rows_b) -> str:
+        """``[disagree, both_nonzero]`` counts for each pair of store rows, (2, P)."""
+        space = "param" if self.run.dense("grad") else "bits"
+        return self._add("signpairs", space, list(rows_a) + list(rows_b), a=np.asarray(rows_a), b=np.asarray(rows_b))
+
+    def ref_dist(self, rows, space: str, ref_vector=None, ref_rows=None, coef=None) -> str:
+        """``[||w_t - r||^2, <G_t, w_t - r>]`` for store rows ``rows`` (2, n).
+
+        The reference is ``ref_vector`` (float64 over the ``space``'s columns: length d for
+        "param", the sketch dimension for "sketch") or ``coef @ weight[ref_rows]``.
+        """
+        extra = {}
+        wrows = list(rows)
+        if ref_vector is not None:
+            self.refs.append((space, ref_vector))
+            extra["ref"] = len(self.refs) - 1
+        else:
+            extra.update(ref=-1, ref_rows=np.asarray(ref_rows), coef=np.asarray(coef, dtype=np.float64))
+            wrows += list(ref_rows)
+        return self._add("refdist", space, rows, wrows, w=np.asarray(rows), **extra)
+
+    # -- building and running -------------------------------------------------------------
+    def _columns(self, space: str) -> list[tuple[int, int, int]]:
+        """``(segment, lo, hi)`` column pieces of the group in the space, in order."""
+        run, group = self.run, self.group
+        out = []
+        if space == "sketch":
+            plan = run.sketch_plan("grad" if not run.dense("grad") else "weight")
+            for seg, i in enumerate(group.indices):
+                out.append((seg, plan.offsets[i], plan.offsets[i] + plan.sizes[i]))
+        else:
+            for seg, i in enumerate(group.indices):
+                t = run.header.tensors[i]
+                out.append((seg, t.offset, t.offset + t.size))
+        if not self.per_tensor:  # merge adjacent pieces: fewer, larger reads
+            merged = []
+            for s, lo, hi in out:
+                if merged and merged[-1][2] == lo:
+                    merged[-1] = (0, merged[-1][1], hi)
+                else:
+                    merged.append((0, lo, hi))
+            out = merged
+        return [p for p in out if p[2] > p[1]]
+
+    def _slabs(self, space: str, n_rows: int, chunk: int, col_bytes: float):
+        """Split the space's pieces into slabs: windows aligned to ``chunk`` columns."""
+        width = int(SLAB_BYTES // max(1.0, n_rows * col_bytes))
+        width = max(chunk, min(MAX_SLAB_COLS, (width // chunk) * chunk))
+        slabs: dict[int, list] = {}
+        for seg, lo, hi in self._columns(space):
+            a = lo
+            while a < hi:
+                win = a // width
+                b = min(hi, (win + 1) * width)
+                slabs.setdefault(win, []).append((seg, a, b))
+                a = b
+        return [tuple(v) for _, v in sorted(slabs.items())]
+
+    def _space_spec(self, space: str, reqs: list[_Request]) -> tuple[_SpaceSpec, int]:
+        run = self.run
+        grows = np.unique(np.array([r for q in reqs for r in q.grad_rows], dtype=np.int64))
+        wrows = np.unique(np.array([r for q in reqs for r in q.weight_rows], dtype=np.int64))
+
+        def pos(rows, pool):
+            return np.searchsorted(pool, np.asarray(rows, dtype=np.int64)).astype(np.int64)
+
+        ops = []
+        for q in reqs:
+            if q.kind == "gram":
+                ops.append(_Gram(q.key, pos(q.grad_rows, grows), q.extra["precision"]))
+            elif q.kind == "pairs":
+                ops.append(_PairDots(q.key, pos(q.extra["a"], grows), pos(q.extra["b"], grows)))
+            elif q.kind == "signgram":
+                ops.append(_SignGram(q.key, pos(q.grad_rows, grows)))
+            elif q.kind == "signpairs":
+                ops.append(_SignPairs(q.key, pos(q.extra["a"], grows), pos(q.extra["b"], grows)))
+            elif q.kind == "refdist":
+                ref_w = pos(q.extra.get("ref_rows", np.zeros(0, np.int64)), wrows)
+                ops.append(_RefDist(q.key, pos(q.grad_rows, grows), pos(q.extra["w"], wrows),
+                                    int(q.extra["ref"]), ref_w, q.extra.get("coef", np.zeros(0))))
+        if space == "param":
+            g, gz, w = run.array_ref("grad") if len(grows) else None, None, run.array_ref("weight") if len(wrows) else None
+            chunk = run.chunk_width("grad" if len(grows) else "weight")
+        elif space == "sketch":
+            g = run.array_ref("grad_sketch") if len(grows) else None
+            w = run.array_ref("weight_sketch") if len(wrows) else None
+            gz = None
+            chunk = run.chunk_width("grad_sketch" if len(grows) else "weight_sketch")
+        else:
+            g, gz, w = run.array_ref("grad_signbits"), run.array_ref("grad_nonzero"), None
+            chunk = 8 * run.chunk_width("grad_signbits")
+        spec = _SpaceSpec(space, g, gz, w, grows, wrows, tuple(ops), len(self.group.indices) if self.per_tensor else 0)
+        return spec, chunk
+
+    def graph(self):
+        """The dask Delayed object whose value is ``{key: float64 array}``, and bytes read."""
+        import dask
+
+        parts, nbytes = [], 0
+        for space in SPACES:
+            reqs = [q for q in self.requests if q.space == space]
+            if not reqs:
+                continue
+            spec, chunk = self._space_spec(space, reqs)
+            n_rows = len(spec.grad_rows) + len(spec.weight_rows)
+            col_bytes = 2.0 if space == "bits" else 4.0
+            spec_d = dask.delayed(spec, traverse=False)
+            refs = [v for s, v in self.refs if s == space]
+            for pieces in self._slabs(space, n_rows, chunk, col_bytes):
+                slab_refs = tuple(
+                    np.concatenate([np.asarray(r[lo:hi], dtype=np.float64) for _, lo, hi in pieces]) for r in refs
+                )
+                parts.append(dask.delayed(_slab_task, pure=True)(spec_d, pieces, slab_refs))
+                width = sum(hi - lo for _, lo, hi in pieces)
+                nbytes += width * (len(spec.grad_rows) * (0.25 if space == "bits" else 4) + 4 * len(spec.weight_rows))
+        if not parts:
+            raise ValueError("nothing to compute: the pass has no requests")
+        while len(parts) > 1:  # tree reduction, 8 partial results per node
+            parts = [dask.delayed(_combine, pure=True)(*parts[i: i + 8]) for i in range(0, len(parts), 8)]
+        return parts[0], int(nbytes)
+
+    def compute(self, *, progress: bool | None = None, scheduler=None) -> dict[str, np.ndarray]:
+        """Run the pass and return ``{key: float64 array}``.
+
+        Args:
+            progress: show a progress bar (dask's ``ProgressBar`` on local schedulers,
+                ``distributed.progress`` on a client). ``None``: only for passes reading more
+                than 4 GiB, when stderr is a terminal.
+            scheduler: any dask ``scheduler=`` value; ``None`` uses the active
+                ``dask.distributed`` client if there is one, else the threaded scheduler.
+        """
+        obj, nbytes = self.graph()
+        if progress is None:
+            progress = nbytes > AUTO_PROGRESS_BYTES and sys.stderr.isatty()
+        return compute(obj, progress=progress, scheduler=scheduler)
+
+
+def _client():
+    try:
+        from distributed import default_client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+def compute(obj, *, progress: bool = False, scheduler=None):
+    """Compute a dask object on the chosen scheduler (see :meth:`Pass.compute`)."""
+    import dask
+
+    client = _client() if scheduler is None else None
+    if client is not None:
+        fut = client.compute(obj)
+        if progress:
+            from distributed import progress as dprogress
+
+            dprogress(fut)
+        return fut.result()
+    local_threads = scheduler in (None, "threads", "threading")
+    with _blas_single_thread(local_threads), _progress_bar(progress):
+        return dask.compute(obj, scheduler=scheduler)[0]
+
+
+@contextlib.contextmanager
+def _progress_bar(on: bool):
+    if not on:
+        yield
+        return
+    from dask.diagnostics import ProgressBar
+
+    with ProgressBar(minimum=1.0):
+        yield
+
+
+@contextlib.contextmanager
+def _blas_single_thread(on: bool):
+    """One BLAS thread per dask thread under the threaded scheduler (no oversubscription)."""
+    if not on or (os.cpu_count() or 1) < 2:
+        yield
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+

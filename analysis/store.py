@@ -1,0 +1,457 @@
+"""Open a run store lazily: :func:`open_run` returns a :class:`Run`.
+
+A :class:`Run` holds the validated header, an xarray Dataset whose big arrays are dask arrays
+aligned to the storage chunks, and the helpers every metric uses: step selection (by step
+number, range or list, with errors that list the nearby recorded steps) and parameter-group
+selection (by name, glob or list, returning the index ranges in the flat vector).
+
+Store semantics (``analysis/format.py``): rows at index >= ``header.n_steps`` are not data
+(crash leftovers), and after a crash the arrays may even differ in length, so the Dataset is
+built from the zarr arrays sliced to ``n_steps`` rather than from ``xarray.open_zarr``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from analysis import format as fmt
+from analysis.errors import ParamSelectionError, StepNotFoundError, TierError
+
+#: Bytes per dask chunk of ``Run.ds`` big arrays (the engine picks its own slab width).
+DS_CHUNK_BYTES = 128 * 2**20
+
+_ZARRS = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}
+_open_lock = threading.Lock()
+_open_cache: dict = {}
+
+
+def zarrs_available() -> bool:
+    """True when the Rust codec pipeline ``zarrs`` is installed and not disabled.
+
+    Set ``GRADTRACE_ZARRS=0`` to read through zarr-python's own pipeline.
+    """
+    if os.environ.get("GRADTRACE_ZARRS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return importlib.util.find_spec("zarrs") is not None
+
+
+def _location(path) -> tuple[str, bool]:
+    """``(location for zarr, is_local)``; ``file://`` URLs become local paths (keeps zarrs)."""
+    s = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    if s.startswith("file://"):
+        return s[len("file://"):], True
+    if "://" in s:
+        return s, False
+    return s, True
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """A picklable handle on one array of a store, opened once per process.
+
+    Dask tasks carry this instead of an open array, so that each worker process opens the
+    array itself, with the zarrs pipeline when it is available there (``zarr.config.set``
+    does not reach worker processes, ../shared/STORAGE.md).
+    """
+
+    location: str
+    name: str
+    storage_options: str = "null"  # JSON, so the dataclass stays hashable
+    zarrs: bool = True
+
+    def open(self):
+        import zarr
+
+        key = (self, os.getpid())
+        arr = _open_cache.get(key)
+        if arr is None:
+            with _open_lock:
+                arr = _open_cache.get(key)
+                if arr is None:
+                    opts = json.loads(self.storage_options)
+                    kw = {"storage_options": opts} if opts else {}
+                    path = f"{self.location.rstrip('/')}/{self.name}"
+                    if self.zarrs and zarrs_available():
+                        with zarr.config.set(_ZARRS):
+                            arr = zarr.open_array(path, mode="r", **kw)
+                    else:
+                        arr = zarr.open_array(path, mode="r", **kw)
+                    _open_cache[key] = arr
+        return arr
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """A set of whole parameter tensors.
+
+    Attributes:
+        label: how the group was asked for (``"all"``, a name, a glob, a list).
+        names: tensor names in table order.
+        indices: their positions in the parameter table.
+        ranges: merged ``[lo, hi)`` index ranges in the flat vector of length d.
+        size: number of entries.
+    """
+
+    label: str
+    names: tuple[str, ...]
+    indices: tuple[int, ...]
+    ranges: tuple[tuple[int, int], ...]
+    size: int
+
+
+@dataclass
+class Run:
+    """An opened run store. Build it with :func:`open_run`.
+
+    Attributes:
+        path: the store location as given.
+        header: the validated :class:`analysis.format.Header` (``n_steps`` rows are data).
+        ds: Dataset with dims ``step`` (every committed row, the final iterate included),
+            ``param`` / ``sketch`` / ``param_byte`` (data arrays, dask, chunked along ``param``
+            to a multiple of the storage chunks) and ``tensor``; coords ``step``, ``epoch``,
+            ``lr``, ``loss``, ``flags`` and the parameter table.
+    """
+
+    path: str
+    header: fmt.Header
+    ds: xr.Dataset
+    location: str = ""
+    storage_options: dict | None = None
+    use_zarrs: bool = True
+    _arrays: dict = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tier(self) -> dict[str, fmt.Tier]:
+        """``{"grad": Tier, "weight": Tier}``."""
+        return dict(self.header.tiers)
+
+    @property
+    def tensors(self) -> list[fmt.TensorInfo]:
+        return list(self.header.tensors)
+
+    @property
+    def n_params(self) -> int:
+        return self.header.n_params
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Step number of every committed row (int64, increasing), final iterate included."""
+        return np.asarray(self.ds["step"].values)
+
+    @property
+    def flags(self) -> np.ndarray:
+        return np.asarray(self.ds["flags"].values)
+
+    @property
+    def grad_steps(self) -> np.ndarray:
+        """Steps that have a gradient (every row but the final iterate)."""
+        return self.steps[(self.flags & fmt.FLAG_FINAL) == 0]
+
+    @property
+    def final_step(self) -> int | None:
+        """Step of the final iterate row (weights after the last update), None if absent."""
+        fin = self.steps[(self.flags & fmt.FLAG_FINAL) != 0]
+        return int(fin[-1]) if len(fin) else None
+
+    def dense(self, array: str) -> bool:
+        """True when ``array`` ("grad" or "weight") is stored dense (lossless or rounded)."""
+        return self.header.tiers[array].name != "sketch"
+
+    def array_ref(self, name: str) -> ArrayRef:
+        if name not in self._arrays:
+            raise TierError(
+                f"{self.path} has no array '{name}' (tiers: grad={self.header.tiers['grad'].name}, "
+                f"weight={self.header.tiers['weight'].name})."
+            )
+        return ArrayRef(self.location, name, json.dumps(self.storage_options), self.use_zarrs)
+
+    def chunk_width(self, name: str) -> int:
+        return int(self._arrays[name].chunks[1])
+
+    def tensor_scalars(self, name: str, rows: np.ndarray, group: ParamGroup) -> np.ndarray:
+        """Stored per-step, per-tensor scalar ``name`` (``"grad_sqnorm"``, ``"weight_sqnorm"``,
+        ``"grad_dot_weight"``) at store rows ``rows`` for the group's tensors: (rows, tensors)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return np.zeros((0, len(group.indices)))
+        sel = (rows, np.asarray(group.indices, dtype=np.int64))
+        return np.asarray(self._arrays[f"{name}_tensor"].get_orthogonal_selection(sel), dtype=np.float64)
+
+    def per_tensor_scalar(self, name: str, rows: np.ndarray, group: ParamGroup) -> np.ndarray:
+        """Stored per-step scalar ``name`` over a group: the whole-vector value when the group
+        is every tensor, else the sum of the per-tensor values."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(group.indices) == len(self.header.tensors):
+            return np.asarray(self.ds[name].values)[rows]
+        return self.tensor_scalars(name, rows, group).sum(axis=1)
+
+    def sketch_plan(self, array: str = "grad") -> fmt.SketchPlan:
+        tier = self.header.tiers[array]
+        if tier.name != "sketch":
+            raise TierError(f"'{array}' is stored with tier {tier.name!r}, not as a sketch")
+        return fmt.SketchPlan.from_json(self._arrays[f"{array}_sketch"].attrs["sketch_plan"])
+
+    # ------------------------------------------------------------------ steps
+    def rows_of(self, steps) -> np.ndarray:
+        """Row indices of recorded steps (each must be recorded)."""
+        steps = np.atleast_1d(np.asarray(steps, dtype=np.int64))
+        idx = np.searchsorted(self.steps, steps)
+        ok = (idx < len(self.steps)) & (self.steps[np.minimum(idx, len(self.steps) - 1)] == steps)
+        if not ok.all():
+            raise self._missing(int(steps[~ok][0]))
+        return idx.astype(np.int64)
+
+    def select_steps(self, steps=None, *, grads: bool = True) -> np.ndarray:
+        """Recorded step numbers of a selection, increasing.
+
+        Args:
+            steps: ``None`` (every recorded step), an int (that step), ``slice(a, b)`` (every
+                recorded step s with a <= s <= b, inclusive like ``xarray.sel``; either end may
+                be None), a ``range`` or a sequence of ints (each must be recorded).
+            grads: only steps with a gradient (excludes the final iterate row).
+
+        Raises:
+            StepNotFoundError: an explicitly named step is not recorded (the message lists
+                the nearest recorded steps).
+        """
+        pool = self.grad_steps if grads else self.steps
+        if steps is None:
+            return pool.copy()
+        if isinstance(steps, slice):
+            if steps.step not in (None, 1):
+                raise StepNotFoundError(
+                    f"steps={steps!r}: a slice selects every recorded step in [start, stop]; "
+                    "use range(start, stop, step) for explicit steps"
+                )
+            lo = -math.inf if steps.start is None else int(steps.start)
+            hi = math.inf if steps.stop is None else int(steps.stop)
+            return pool[(pool >= lo) & (pool <= hi)]
+        arr = np.atleast_1d(np.asarray(list(steps) if isinstance(steps, range) else steps))
+        if arr.dtype.kind not in "iu":
+            raise StepNotFoundError(
+                f"steps={steps!r}: give step numbers (ints), a range, a slice(a, b) or None for all"
+            )
+        arr = np.unique(arr.astype(np.int64))
+        self.rows_of(arr)  # raises on a step not recorded at all
+        if grads:
+            fin = self.final_step
+            if fin is not None and fin in arr:
+                raise StepNotFoundError(
+                    f"step {fin} is the final iterate of {self.path}: it holds weights only, no "
+                    f"gradient. Gradient steps end at {int(self.grad_steps[-1]) if len(self.grad_steps) else 'none'}."
+                )
+        return arr
+
+    def _missing(self, step: int) -> StepNotFoundError:
+        s = self.steps
+        if len(s) == 0:
+            return StepNotFoundError(f"step {step} is not in {self.path}: the store has no committed rows yet")
+        i = int(np.searchsorted(s, step))
+        near = sorted(set(s[max(0, i - 3): i + 3].tolist()))
+        gaps = np.unique(np.diff(s[:1000])) if len(s) > 1 else np.array([])
+        every = (", every step" if gaps[0] == 1 else f", every {int(gaps[0])} steps") if len(gaps) == 1 else ""
+        return StepNotFoundError(
+            f"step {step} is not recorded in {self.path}. Nearest recorded steps: "
+            f"{', '.join(map(str, near))} (recorded: {int(s[0])}..{int(s[-1])}{every}, {len(s)} rows). "
+            "Pick a recorded step, or use slice(a, b) to take every recorded step in an interval."
+        )
+
+    # ------------------------------------------------------------------ parameters
+    def params(self, params=None) -> ParamGroup:
+        """Select whole tensors by name, glob or list (``None`` = every parameter).
+
+        Args:
+            params: ``None``, a name (``"fc.weight"``), a glob (``"conv*"``), a list of
+                names/globs, or a :class:`ParamGroup` (returned as is).
+
+        Returns:
+            The :class:`ParamGroup` with the flat index ranges.
+
+        Raises:
+            ParamSelectionError: a name or glob matched no tensor.
+        """
+        if isinstance(params, ParamGroup):
+            return params
+        tensors = self.header.tensors
+        names = [t.name for t in tensors]
+        if params is None:
+            chosen, label = list(range(len(tensors))), "all"
+        else:
+            pats = [params] if isinstance(params, str) else list(params)
+            if not pats or not all(isinstance(p, str) for p in pats):
+                raise ParamSelectionError(
+                    f"params={params!r}: give a tensor name, a glob like 'conv*', or a list of them"
+                )
+            chosen = []
+            for p in pats:
+                hit = [i for i, n in enumerate(names) if n == p or fnmatch.fnmatchcase(n, p)]
+                if not hit:
+                    shown = ", ".join(names[:12]) + (f", ... ({len(names)} tensors)" if len(names) > 12 else "")
+                    raise ParamSelectionError(
+                        f"params: {p!r} matches no parameter tensor of {self.path}. Tensors: {shown}"
+                    )
+                chosen.extend(hit)
+            chosen = sorted(set(chosen))
+            label = params if isinstance(params, str) else ",".join(pats)
+        ranges: list[list[int]] = []
+        for i in chosen:
+            t = tensors[i]
+            if ranges and ranges[-1][1] == t.offset:
+                ranges[-1][1] = t.offset + t.size
+            else:
+                ranges.append([t.offset, t.offset + t.size])
+        return ParamGroup(
+            label=str(label),
+            names=tuple(names[i] for i in chosen),
+            indices=tuple(chosen),
+            ranges=tuple((int(a), int(b)) for a, b in ranges if b > a),
+            size=int(sum(tensors[i].size for i in chosen)),
+        )
+
+    def step_coords(self, steps: np.ndarray) -> dict:
+        """Coordinates ``epoch``, ``lr``, ``loss`` of the given (recorded) steps."""
+        rows = self.rows_of(steps) if len(steps) else np.zeros(0, dtype=np.int64)
+        return {k: ("step", np.asarray(self.ds[k].values)[rows]) for k in ("epoch", "lr", "loss")}
+
+    def __repr__(self):
+        tiers = ", ".join(f"{k}={v.name}" for k, v in self.header.tiers.items())
+        return (
+            f"Run({self.path!r}: {self.header.n_steps} rows, steps "
+            f"{int(self.steps[0]) if len(self.steps) else '-'}..{int(self.steps[-1]) if len(self.steps) else '-'}, "
+            f"d={self.n_params}, {len(self.header.tensors)} tensors, {tiers})"
+        )
+
+
+def open_run(path, *, chunks: int | None = None, storage_options: dict | None = None) -> Run:
+    """Open a gradtrace run store lazily (nothing big is read until computed).
+
+    Args:
+        path: local path, ``file://`` URL or any fsspec URL of the store (a :class:`Run` is
+            returned unchanged).
+        chunks: entries per dask chunk along ``param`` in ``Run.ds`` (rounded up to whole
+            storage chunks). Default: about 128 MiB per chunk over all rows.
+        storage_options: passed to fsspec for remote URLs.
+
+    Returns:
+        A :class:`Run`; ``run.ds`` holds only the ``header.n_steps`` committed rows.
+
+    Raises:
+        analysis.format.NotAStoreError: no gradtrace store at ``path``.
+        analysis.format.FormatVersionError: the store was written by a newer format version.
+
+    Example:
+        >>> run = open_run("runs/cnn.zarr")            # doctest: +SKIP
+        >>> run.ds.grad                                 # doctest: +SKIP
+        <xarray.DataArray 'grad' (step: 1500, param: 620362)> dask.array<...>
+    """
+    if isinstance(path, Run):
+        return path
+    import zarr
+
+    loc, local = _location(path)
+    if local and not Path(loc).exists():
+        raise fmt.NotAStoreError(
+            f"{path} does not exist, so it is not a gradtrace run store. Check the path, or record "
+            "one with capture.Recorder or `gradtrace record`."
+        )
+    header = fmt.read_header(loc, storage_options=None if local else storage_options)
+    use_zarrs = local and zarrs_available()
+    kw = {} if local or not storage_options else {"storage_options": storage_options}
+    try:
+        # use_consolidated=False: after a resume or a crash the consolidated metadata is stale.
+        if use_zarrs:
+            with zarr.config.set(_ZARRS):
+                group = zarr.open_group(loc, mode="r", use_consolidated=False, **kw)
+        else:
+            group = zarr.open_group(loc, mode="r", use_consolidated=False, **kw)
+    except Exception as err:  # noqa: BLE001 - any zarr failure here means "not readable"
+        raise fmt.NotAStoreError(f"{path}: cannot open the Zarr group ({err})") from err
+    specs = fmt.array_specs(header.tensors, header.tiers, header.param_chunk)
+    n = header.n_steps
+    arrays = {}
+    for spec in specs:
+        try:
+            arr = group[spec.name]
+        except KeyError as err:
+            raise fmt.StoreError(
+                f"{path} lacks the array '{spec.name}' that format version {header.format_version} "
+                "requires: the store is damaged or was written by another tool."
+            ) from err
+        if arr.shape[0] < n:
+            raise fmt.StoreError(
+                f"{path}: array '{spec.name}' has {arr.shape[0]} rows but the header commits {n}: "
+                "the store is damaged (rows were removed after they were committed)."
+            )
+        arrays[spec.name] = arr
+    run = Run(
+        path=str(path), header=header, ds=xr.Dataset(), location=loc,
+        storage_options=None if local else storage_options, use_zarrs=use_zarrs, _arrays=arrays,
+    )
+    run.ds = _build_dataset(run, group, specs, n, chunks)
+    return run
+
+
+def _build_dataset(run: Run, group, specs, n: int, chunks: int | None) -> xr.Dataset:
+    import dask.array as da
+    from dask.base import tokenize
+
+    header = run.header
+    per_step = {name: np.asarray(run._arrays[name][:n]) for name in fmt.PER_STEP_ARRAYS}
+    steps = per_step["step"].astype(np.int64)
+    if n > 1 and not (np.diff(steps) > 0).all():
+        raise fmt.StoreError(f"{run.path}: the step column is not strictly increasing; the store is damaged")
+    tensors = header.tensors
+    coords = {
+        "step": ("step", steps),
+        "epoch": ("step", per_step["epoch"].astype(np.int64)),
+        "lr": ("step", per_step["lr"].astype(np.float64)),
+        "loss": ("step", per_step["loss"].astype(np.float64)),
+        "flags": ("step", per_step["flags"].astype(np.int32)),
+        "tensor": ("tensor", np.array([t.name for t in tensors], dtype=object)),
+        "tensor_offset": ("tensor", np.array([t.offset for t in tensors], dtype=np.int64)),
+        "tensor_size": ("tensor", np.array([t.size for t in tensors], dtype=np.int64)),
+        "tensor_shape": ("tensor", np.array([json.dumps(list(t.shape)) for t in tensors], dtype=object)),
+    }
+    data = {}
+    for name in ("grad_sqnorm", "weight_sqnorm", "grad_dot_weight"):
+        data[name] = ("step", per_step[name].astype(np.float64))
+    token = tokenize(run.location, n, header.to_json().get("created", ""), header.n_params)
+    for spec in specs:
+        if spec.width is None or spec.name in fmt.PER_STEP_ARRAYS:
+            continue
+        arr = run._arrays[spec.name]
+        if spec.codecs == "scalar":  # (step, tensor) float64: lazy, it can be large
+            darr = da.from_array(arr, chunks=(fmt.SCALAR_CHUNK, arr.shape[1]), name=f"gradtrace-{spec.name}-{token}")
+            data[spec.name] = (spec.dims, darr[:n])
+            continue
+        cw = int(arr.chunks[1])
+        itemsize = np.dtype(spec.dtype).itemsize
+        want = chunks if chunks else DS_CHUNK_BYTES // max(1, n * itemsize)
+        width = max(cw, -(-int(want) // cw) * cw)
+        darr = da.from_array(arr, chunks=(max(n, 1), width), name=f"gradtrace-{spec.name}-{token}")[:n]
+        data[spec.name] = (spec.dims, darr, dict(arr.attrs))
+    attrs = {
+        "gradtrace_path": run.path,
+        "format_version": header.format_version,
+        "n_params": header.n_params,
+        "grad_tier": header.tiers["grad"].name,
+        "weight_tier": header.tiers["weight"].name,
+        "closed": int(header.closed),
+    }
+    return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+def as_run(run) -> Run:
+    """A :class:`Run` from a Run or a path (metrics accept both)."""
+    return run if isinstance(run, Run) else open_run(run)

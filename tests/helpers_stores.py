@@ -1,0 +1,172 @@
+"""Small random run stores with known numpy arrays (numpy only, no torch).
+
+Used by the analysis tests and by anyone who needs a store whose content is known exactly::
+
+    from tests.helpers_stores import make_store
+    data = make_store(tmp_path / "run.zarr", steps=12, tiers="lossless")
+    data.grads      # (T, d) float32, exactly what the store holds for the gradient steps
+    data.weights    # (T, d) float32
+    data.final_weight, data.final_step
+
+The trajectory is gradient descent on a random quadratic with an oscillating component, so
+correlations are neither all positive nor all negative, plus some exact zeros in the
+gradients (sign-shift zero shares are not trivially 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from analysis import format as fmt
+from capture.writer import StoreWriter
+
+DEFAULT_SHAPES = (
+    ("conv.weight", (4, 2, 3, 3)),
+    ("conv.bias", (4,)),
+    ("fc1.weight", (6, 9)),
+    ("fc1.bias", (6,)),
+    ("fc2.weight", (3, 6)),
+)
+
+
+@dataclass
+class StoreData:
+    """What :func:`make_store` wrote.
+
+    Attributes:
+        path: the store directory.
+        tensors: the parameter table.
+        steps: (T,) int64 gradient steps.
+        grads: (T, d) float32 gradients as stored (after the tier's rounding).
+        weights: (T, d) float32 weights as stored.
+        raw_grads, raw_weights: (T, d) float32 before the tier's encoding.
+        final_weight: (d,) float32 final iterate as stored (None without one).
+        final_step: its step (None without one).
+        epochs, losses, lrs: (T,) per-step values.
+        tiers: the :class:`analysis.format.Tier` of grad and weight.
+    """
+
+    path: Path
+    tensors: list
+    steps: np.ndarray
+    grads: np.ndarray
+    weights: np.ndarray
+    raw_grads: np.ndarray
+    raw_weights: np.ndarray
+    final_weight: np.ndarray | None
+    final_step: int | None
+    epochs: np.ndarray
+    losses: np.ndarray
+    lrs: np.ndarray
+    tiers: dict
+
+    @property
+    def d(self) -> int:
+        return int(self.grads.shape[1])
+
+    def tensor_slice(self, name: str) -> slice:
+        t = next(t for t in self.tensors if t.name == name)
+        return slice(t.offset, t.offset + t.size)
+
+
+def _stored(x: np.ndarray, tier: fmt.Tier) -> np.ndarray:
+    if tier.name == "rounded":
+        return fmt.bitround(x, tier.keepbits)
+    return x.copy()
+
+
+def make_store(
+    path,
+    *,
+    steps: int | Sequence[int] = 12,
+    shapes: Sequence[tuple[str, Sequence[int]]] = DEFAULT_SHAPES,
+    tiers: str | dict = "lossless",
+    seed: int = 0,
+    grads: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    final: bool = True,
+    final_weight: np.ndarray | None = None,
+    epochs: Sequence[int] | None = None,
+    steps_per_epoch: int = 4,
+    zero_fraction: float = 0.2,
+    param_chunk: int = 16,
+) -> StoreData:
+    """Write a small store with StoreWriter and return exactly what it holds.
+
+    Args:
+        path: store directory (overwritten).
+        steps: number of gradient steps (0..T-1), or the explicit step numbers (sparse
+            schedules: e.g. ``range(0, 100, 10)``).
+        shapes: the parameter table as ``(name, shape)`` pairs.
+        tiers: ``"lossless"``, ``"rounded:7"``, ``"sketch:64"``... for both arrays, or a dict
+            ``{"grad": ..., "weight": ...}``.
+        grads, weights: explicit (T, d) arrays to store instead of the random trajectory.
+        final: record the final iterate (``final_weight``, default the last weights minus
+            lr times the last gradient).
+        epochs: per-step epoch numbers (default ``step // steps_per_epoch``).
+        zero_fraction: share of gradient entries set to exactly 0.
+        param_chunk: chunk width along ``param`` (small, so tests cross chunk boundaries).
+    """
+    path = Path(path)
+    step_list = np.arange(steps, dtype=np.int64) if isinstance(steps, int) else np.asarray(list(steps), dtype=np.int64)
+    T = len(step_list)
+    tensors = fmt.tensor_table(shapes)
+    d = sum(t.size for t in tensors)
+    rng = np.random.default_rng(seed)
+    tier_spec = tiers if isinstance(tiers, dict) else {"grad": tiers, "weight": tiers}
+    tier = {a: fmt.Tier.parse(tier_spec.get(a, "lossless")) for a in fmt.DATA_ARRAYS}
+    lrs = np.full(T, 0.1)
+    if weights is None or grads is None:
+        A = rng.standard_normal((d, d)) / np.sqrt(d)
+        H = A @ A.T + 0.1 * np.eye(d)
+        osc = rng.standard_normal(d)
+        w = rng.standard_normal(d)
+        gs, ws = [], []
+        for k in range(T):
+            g = H @ w + 3.0 * (-1) ** k * osc * np.exp(-k / (T + 1)) + 0.3 * rng.standard_normal(d)
+            g[rng.random(d) < zero_fraction] = 0.0
+            gs.append(g)
+            ws.append(w.copy())
+            w = w - lrs[k] * g
+        raw_grads = np.asarray(gs, dtype=np.float32) if grads is None else np.asarray(grads, dtype=np.float32)
+        raw_weights = np.asarray(ws, dtype=np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
+        last_w = w.astype(np.float32)
+    else:
+        raw_grads = np.asarray(grads, dtype=np.float32)
+        raw_weights = np.asarray(weights, dtype=np.float32)
+        last_w = (raw_weights[-1] - np.float32(0.1) * raw_grads[-1]).astype(np.float32)
+    if raw_grads.shape != (T, d) or raw_weights.shape != (T, d):
+        raise ValueError(f"grads/weights must be ({T}, {d}); got {raw_grads.shape} and {raw_weights.shape}")
+    ep = np.asarray(epochs if epochs is not None else step_list // steps_per_epoch, dtype=np.int64)
+    losses = 1.0 / (1.0 + np.arange(T)) + 0.05 * np.cos(np.arange(T))
+    writer = StoreWriter(path, tensors, tier, mode="overwrite", param_chunk=param_chunk)
+    for k in range(T):
+        writer.append(int(step_list[k]), raw_grads[k], raw_weights[k], loss=float(losses[k]), lr=float(lrs[k]),
+                      epoch=int(ep[k]))
+    fw = None
+    fstep = None
+    if final:
+        fw = np.asarray(final_weight if final_weight is not None else last_w, dtype=np.float32)
+        fstep = int(step_list[-1]) + 1
+        writer.close(final_weight=fw, epoch=int(ep[-1]))
+    else:
+        writer.close()
+    return StoreData(
+        path=path,
+        tensors=tensors,
+        steps=step_list,
+        grads=_stored(raw_grads, tier["grad"]),
+        weights=_stored(raw_weights, tier["weight"]),
+        raw_grads=raw_grads,
+        raw_weights=raw_weights,
+        final_weight=None if fw is None else _stored(fw[None], tier["weight"])[0],
+        final_step=fstep,
+        epochs=ep,
+        losses=losses,
+        lrs=lrs,
+        tiers=tier,
+    )
