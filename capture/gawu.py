@@ -140,7 +140,7 @@ class OnlineMeanCorrelation:
         """
         if self.steps and step <= self.steps[-1]:
             raise ValueError(
-                f"step={step} was already observed (last observed step {self.steps[-1]}); "
+                f"step={step} is not after the last observed step {self.steps[-1]}; "
                 "observe each training step once, in order"
             )
         cur = [g.detach().clone() for g in gradients_of(grads)]
@@ -158,8 +158,9 @@ class OnlineMeanCorrelation:
             dot = _sum64(self._prev, cur)
             # one device sync for the three reductions
             dot_v, n_prev, n_cur = torch.stack([dot, self._prev_norm2, norm2]).tolist()
-            if n_prev > 0 and n_cur > 0 and math.isfinite(dot_v * n_prev * n_cur):
-                cos = dot_v / math.sqrt(n_prev * n_cur)
+            finite = all(math.isfinite(v) for v in (dot_v, n_prev, n_cur))
+            if finite and n_prev > 0 and n_cur > 0:
+                cos = dot_v / (math.sqrt(n_prev) * math.sqrt(n_cur))
                 cos = max(-1.0, min(1.0, cos))
         self._recent.append(cos)
         full = len(self._recent) == self.window - 1
@@ -197,7 +198,8 @@ def _sum64(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     """``sum_i <a_i, b_i>`` in float64, converting one tensor at a time (bounded memory)."""
     total = torch.zeros((), dtype=torch.float64, device=a[0].device)
     for x, y in zip(a, b):
-        total = total + torch.dot(x.reshape(-1).double(), y.reshape(-1).double())
+        dot = torch.dot(x.reshape(-1).double(), y.reshape(-1).double())
+        total = total + dot.to(total.device)  # parameters may live on several devices
     return total
 
 

@@ -87,7 +87,14 @@ def test_gaps_and_zero_gradients_are_nan_not_adjacent():
     assert math.isnan(tr.update(torch.ones(3), 2))  # step 1 missing: lag 2 is not lag 1
     assert tr.update(torch.ones(3), 3) == pytest.approx(1.0)
     assert math.isnan(tr.update(torch.zeros(3), 4))  # zero gradient has no direction
-    with pytest.raises(ValueError, match="step=4 was already observed"):
+    assert math.isnan(tr.cosines[-1])
+    tr.update(torch.ones(3), 5)
+    tr.update(torch.tensor([1.0, math.inf, 1.0]), 6)  # e.g. an AMP overflow step
+    assert math.isnan(tr.cosines[-1])
+    tr.update(torch.ones(3), 7)  # adjacent to the non-finite step 6: NaN
+    tr.update(torch.ones(3), 8)
+    assert math.isnan(tr.cosines[-2]) and tr.cosines[-1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="step=4 is not after the last observed step 8"):
         tr.update(torch.ones(3), 4)
 
 
