@@ -1,1 +1,56 @@
-"""gradtrace analysis stage: reads run stores with xarray + dask. Never imports torch."""
+"""gradtrace analysis stage: reads run stores with xarray + dask. Never imports torch.
+
+(torch is imported lazily only to read a PyTorch checkpoint given as an RSI reference.)
+
+Example:
+    >>> import analysis as ga
+    >>> run = ga.open_run("runs/cnn.zarr")                     # doctest: +SKIP
+    >>> ga.corr_matrix(run, slice(0, 99))                       # (step_i, step_j)  # doctest: +SKIP
+    >>> ga.mean_corr(run, h=5)                                  # zigzag eq. 3      # doctest: +SKIP
+    >>> ga.sign_shift_lag(run, 1)                               # doctest: +SKIP
+    >>> ga.rsi(run, reference="final", exclude_tail="epoch")    # doctest: +SKIP
+    >>> ga.layer_table(run)                                     # doctest: +SKIP
+"""
+
+from analysis.correlation import corr_matrix, corr_window, corr_windows, lag_series, mean_corr
+from analysis.errors import (
+    AnalysisError,
+    BadReferenceError,
+    LagNotAvailableError,
+    ParamSelectionError,
+    StepNotFoundError,
+    TierError,
+)
+from analysis.format import FormatVersionError, NotAStoreError, StoreError
+from analysis.signs import sign_shift_lag, sign_shift_matrix, sign_shift_window
+from analysis.store import ParamGroup, Run, open_run
+
+__all__ = [
+    # opening a store
+    "open_run",
+    "Run",
+    "ParamGroup",
+    # correlation (zigzag paper)
+    "corr_matrix",
+    "corr_window",
+    "corr_windows",
+    "lag_series",
+    "mean_corr",
+    # sign shift
+    "sign_shift_matrix",
+    "sign_shift_window",
+    "sign_shift_lag",
+    # RSI / EB / gamma
+    # phases
+    # layers
+    # errors
+    "StoreError",
+    "NotAStoreError",
+    "FormatVersionError",
+    "AnalysisError",
+    "StepNotFoundError",
+    "LagNotAvailableError",
+    "ParamSelectionError",
+    "BadReferenceError",
+    "TierError",
+]

@@ -259,7 +259,8 @@ class Run:
             return StepNotFoundError(f"step {step} is not in {self.path}: the store has no committed rows yet")
         i = int(np.searchsorted(s, step))
         near = sorted(set(s[max(0, i - 3): i + 3].tolist()))
-        gaps = np.unique(np.diff(s[:1000])) if len(s) > 1 else np.array([])
+        g = self.grad_steps[:1000]
+        gaps = np.unique(np.diff(g)) if len(g) > 1 else np.array([])
         every = (", every step" if gaps[0] == 1 else f", every {int(gaps[0])} steps") if len(gaps) == 1 else ""
         return StepNotFoundError(
             f"step {step} is not recorded in {self.path}. Nearest recorded steps: "

@@ -15,6 +15,7 @@ gradients (sign-shift zero shares are not trivially 0).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,8 @@ class StoreData:
         final_step: its step (None without one).
         epochs, losses, lrs: (T,) per-step values.
         tiers: the :class:`analysis.format.Tier` of grad and weight.
+        grad_sketch, weight_sketch: (T, k) float32 stored sketches (sketch tier), else None;
+            ``weight_sketch`` includes the final iterate as its last row.
     """
 
     path: Path
@@ -63,6 +66,8 @@ class StoreData:
     losses: np.ndarray
     lrs: np.ndarray
     tiers: dict
+    grad_sketch: np.ndarray | None = None
+    weight_sketch: np.ndarray | None = None
 
     @property
     def d(self) -> int:
@@ -155,6 +160,11 @@ def make_store(
         writer.close(final_weight=fw, epoch=int(ep[-1]))
     else:
         writer.close()
+    sketches = {}
+    for a, raw in (("grad", raw_grads), ("weight", raw_weights if fw is None else np.vstack([raw_weights, fw]))):
+        if tier[a].name == "sketch":
+            sk = fmt.Sketcher(tensors, fmt.sketch_plan(tensors, tier[a].sketch_dim, tier[a].seed))
+            sketches[a] = np.stack([sk(x).astype(np.float32) for x in raw])
     return StoreData(
         path=path,
         tensors=tensors,
@@ -169,4 +179,68 @@ def make_store(
         losses=losses,
         lrs=lrs,
         tiers=tier,
+        grad_sketch=sketches.get("grad"),
+        weight_sketch=sketches.get("weight"),
     )
+
+
+# ------------------------------------------------------------------------------------------
+# Slow, obviously correct reference metrics (float64; math.fsum of products of float32
+# values, which are exact in float64, gives correctly rounded dot products).
+# ------------------------------------------------------------------------------------------
+
+
+def dot(a: np.ndarray, b: np.ndarray) -> float:
+    """Correctly rounded <a, b> of two vectors (float32 or float64 entries)."""
+    return math.fsum((np.asarray(a, np.float64) * np.asarray(b, np.float64)).tolist())
+
+
+def slow_corr(x: np.ndarray, y: np.ndarray) -> float:
+    """mu = <x, y> / (||x|| ||y||), NaN for a zero vector."""
+    nx, ny = math.sqrt(dot(x, x)), math.sqrt(dot(y, y))
+    if nx == 0 or ny == 0:
+        return float("nan")
+    return dot(x, y) / (nx * ny)
+
+
+def slow_corr_matrix(X: np.ndarray) -> np.ndarray:
+    n = len(X)
+    out = np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            out[i, j] = slow_corr(X[i], X[j])
+    return out
+
+
+def slow_sign_shift(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(percent of coordinates with opposite signs among both non-zero, percent either zero)."""
+    both = 0
+    flip = 0
+    either_zero = 0
+    for a, b in zip(np.asarray(x).tolist(), np.asarray(y).tolist()):
+        if a == 0 or b == 0:
+            either_zero += 1
+        else:
+            both += 1
+            flip += (a < 0) != (b < 0)
+    shift = 100.0 * flip / both if both else float("nan")
+    return shift, 100.0 * either_zero / len(x)
+
+
+def slow_rsi(g: np.ndarray, w: np.ndarray, ref: np.ndarray) -> dict:
+    """RSI, EB, gamma, eta*, distance of one step (METHODS.md definitions), float64."""
+    diff = np.asarray(w, np.float64) - np.asarray(ref, np.float64)
+    d2 = dot(diff, diff)
+    gd = dot(g, diff)
+    gg = dot(g, g)
+    dist = math.sqrt(d2)
+    if d2 == 0:
+        nan = float("nan")
+        return {"rsi": nan, "eb": nan, "gamma": nan, "eta_star": nan, "distance": 0.0}
+    return {
+        "rsi": gd / d2,
+        "eb": math.sqrt(gg) / dist,
+        "gamma": gd / (math.sqrt(gg) * dist) if gg > 0 else float("nan"),
+        "eta_star": gd / gg if gg > 0 else float("nan"),
+        "distance": dist,
+    }

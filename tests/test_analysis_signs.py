@@ -1,0 +1,83 @@
+"""Sign shift against slow coordinate loops; exact on every tier."""
+
+import numpy as np
+import pytest
+
+import analysis as ga
+from analysis import engine
+from tests.helpers_stores import make_store, slow_sign_shift
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    base = tmp_path_factory.mktemp("signs")
+    shapes = (("big", (300,)), ("b", (7,)), ("c", (5, 5)))  # 300 > 64 buckets: really sketched
+    out = {tier: make_store(base / f"{tier.split(':')[0]}.zarr", steps=9, tiers=tier, shapes=shapes, seed=3)
+           for tier in ("lossless", "rounded:4", "sketch:64")}
+    g = out["lossless"].grads.copy()
+    g[2] = 0.0
+    g[4, 1] = np.inf
+    out["special"] = make_store(base / "special.zarr", steps=9, shapes=shapes, grads=g, weights=out["lossless"].weights)
+    return out
+
+
+def slow_matrix(G):
+    n = len(G)
+    shift, zero = np.empty((n, n)), np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            shift[i, j], zero[i, j] = slow_sign_shift(G[i], G[j])
+    return shift, zero
+
+
+@pytest.mark.parametrize("tier", ["lossless", "rounded:4", "sketch:64"])
+def test_matrix_matches_slow_on_every_tier(stores, tier):
+    d = stores[tier]
+    s = ga.sign_shift_matrix(d.path)
+    shift, zero = slow_matrix(d.raw_grads)  # signs and zeros are exact on every tier
+    np.testing.assert_allclose(s.sign_shift.values, shift, atol=1e-12)
+    np.testing.assert_allclose(s.zero_share.values, zero, atol=1e-12)
+    assert s.sign_shift.dims == ("step_i", "step_j")
+    v = s.sign_shift.values
+    assert ((v >= 0) & (v <= 100)).all() and (np.diag(v) == 0).all()
+    np.testing.assert_array_equal(v, v.T)
+    assert s.attrs["tier"] == tier.split(":")[0] and s.attrs["max_error"] == 0.0
+    if tier.startswith("sketch"):
+        assert "sign bits" in s.attrs["source"]
+
+
+def test_zero_share_is_counted(stores):
+    d = stores["lossless"]
+    s = ga.sign_shift_matrix(d.path)
+    assert 0 < s.zero_share.values.min()  # make_store puts exact zeros in every gradient
+
+
+@pytest.mark.parametrize("tier", ["lossless", "sketch:64"])
+def test_lag_window_and_group(stores, tier, monkeypatch):
+    d = stores[tier]
+    monkeypatch.setattr(engine, "SLAB_BYTES", 1)  # many slabs, bit pieces crossing bytes
+    lag = ga.sign_shift_lag(d.path, 2)
+    assert list(lag["step"].values) == list(range(7)) and lag.attrs["lag"] == 2
+    want = [slow_sign_shift(d.raw_grads[t], d.raw_grads[t + 2]) for t in range(7)]
+    np.testing.assert_allclose(lag.sign_shift.values, [w[0] for w in want], atol=1e-12)
+    np.testing.assert_allclose(lag.zero_share.values, [w[1] for w in want], atol=1e-12)
+    win = ga.sign_shift_window(d.path, 3, h=4)
+    np.testing.assert_allclose(win.sign_shift.values, slow_matrix(d.raw_grads[3:7])[0], atol=1e-12)
+    grp = ga.sign_shift_lag(d.path, 1, params=["b", "c"])
+    cols = np.r_[d.tensor_slice("b"), d.tensor_slice("c")]
+    want = [slow_sign_shift(d.raw_grads[t, cols], d.raw_grads[t + 1, cols]) for t in range(8)]
+    np.testing.assert_allclose(grp.sign_shift.values, [w[0] for w in want], atol=1e-12)
+    odd = ga.sign_shift_lag(d.path, 1, params="b")  # 7 entries starting mid-byte
+    want = [slow_sign_shift(d.raw_grads[t, d.tensor_slice("b")], d.raw_grads[t + 1, d.tensor_slice("b")])
+            for t in range(8)]
+    np.testing.assert_allclose(odd.zero_share.values, [w[1] for w in want], atol=1e-12)
+
+
+def test_all_zero_and_nonfinite_gradients(stores):
+    d = stores["special"]
+    s = ga.sign_shift_matrix(d.path)
+    assert np.isnan(s.sign_shift.values[2]).all()  # no coordinate where both are non-zero
+    np.testing.assert_allclose(np.delete(s.zero_share.values[2], 4), 100.0)
+    assert np.isnan(s.sign_shift.values[4]).all() and np.isnan(s.zero_share.values[:, 4]).all()
+    with pytest.raises(ga.LagNotAvailableError):
+        ga.sign_shift_lag(d.path, 40)
