@@ -22,6 +22,8 @@ from analysis.errors import (
     TierError,
 )
 from analysis.format import FormatVersionError, NotAStoreError, StoreError
+from analysis.reference import Reference, resolve_reference
+from analysis.rsi import per_epoch, rsi
 from analysis.signs import sign_shift_lag, sign_shift_matrix, sign_shift_window
 from analysis.store import ParamGroup, Run, open_run
 
@@ -41,6 +43,10 @@ __all__ = [
     "sign_shift_window",
     "sign_shift_lag",
     # RSI / EB / gamma
+    "rsi",
+    "per_epoch",
+    "resolve_reference",
+    "Reference",
     # phases
     # layers
     # errors

@@ -1,0 +1,235 @@
+"""RSI, EB, gamma, locally optimal learning rate and distance to a reference point.
+
+Seeds 001/004 ("No Wrong Turns"), as ../shared/METHODS.md defines them, for a reference w*
+and each recorded gradient step t with w_t != w*::
+
+    RSI_t   = <G_t, w_t - w*> / ||w_t - w*||^2
+    EB_t    = ||G_t|| / ||w_t - w*||
+    gamma_t = RSI_t / EB_t = cos(G_t, w_t - w*)
+    eta*_t  = RSI_t / EB_t^2 = <G_t, w_t - w*> / ||G_t||^2
+    distance_t = ||w_t - w*||
+
+A new reference costs one pass over the store: the pass accumulates ``||w_t - w*||^2`` and
+``<G_t, w_t - w*>`` per step in float64, and ``||G_t||^2`` comes from the per-step scalars the
+capture stored (``grad_sqnorm``, per tensor for parameter groups).
+
+Why not ``||w_t||^2 - 2<w_t, w*> + ||w*||^2`` with the stored ``weight_sqnorm`` and
+``grad_dot_weight``: near the end of training ``||w_t - w*||`` is tiny next to ``||w_t||``,
+and that formula loses ``log10((||w_t||^2 + ||w*||^2) / ||w_t - w*||^2)`` of float64's 16
+digits (8 or more on the last steps of a converged run: errors far above 1e-10). Forming
+``w_t - w*`` in float64 per entry has no cancellation and costs the same single pass.
+
+Special cases: ``w_t == w*`` (distance 0) gives NaN for RSI, EB, gamma and eta* at that step
+and sets ``zero_distance``; an all-zero gradient gives NaN gamma and eta* (RSI and EB are
+then 0, as defined) and sets ``zero_grad``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import xarray as xr
+
+from analysis import format as fmt
+from analysis._common import group_attrs, per_step, selected, sketch_k
+from analysis.engine import Pass
+from analysis.errors import AnalysisError, TierError
+from analysis.reference import Reference, resolve_reference
+from analysis.store import ParamGroup, Run, as_run
+
+METRICS = ("rsi", "eb", "gamma", "eta_star", "distance")
+
+
+def rsi_space(run: Run) -> str:
+    """The column space RSI is computed in: "param" (dense tiers) or "sketch"."""
+    g, w = run.header.tiers["grad"], run.header.tiers["weight"]
+    if g.name != "sketch" and w.name != "sketch":
+        return "param"
+    if g.name == "sketch" and w.name == "sketch" and (g.sketch_dim, g.seed) == (w.sketch_dim, w.seed):
+        return "sketch"
+    raise TierError(
+        f"{run.path} stores grad as {g.name!r} and weight as {w.name!r}: RSI needs <G_t, w_t - w*> with "
+        "both in the same space (both dense, or both sketched with the same sketch_dim and seed). "
+        "Record with matching tiers."
+    )
+
+
+def drop_tail(run: Run, steps: np.ndarray, tail) -> tuple[np.ndarray, int]:
+    """Drop the last ``tail`` gradient steps of the run (an int) or its last epoch ("epoch")."""
+    if tail is None or (not isinstance(tail, str) and int(tail) == 0):
+        return steps, 0
+    pool = run.grad_steps
+    if isinstance(tail, str):
+        if tail != "epoch":
+            raise AnalysisError(f"exclude_tail={tail!r}: give a number of steps or 'epoch'")
+        ep = np.asarray(run.ds["epoch"].values)[run.rows_of(pool)]
+        if (ep < 0).all():
+            raise AnalysisError(
+                f"exclude_tail='epoch': {run.path} has no epoch numbers (epoch = -1). "
+                "Exclude a number of steps instead, e.g. exclude_tail=100."
+            )
+        drop = pool[ep == ep.max()]
+    else:
+        n = int(tail)
+        if n < 0:
+            raise AnalysisError(f"exclude_tail={tail}: give a number of steps >= 0")
+        drop = pool[len(pool) - min(n, len(pool)):]
+    keep = steps[~np.isin(steps, drop)]
+    if len(keep) == 0:
+        raise AnalysisError(f"exclude_tail={tail!r} removes every selected step; exclude fewer")
+    return keep, len(steps) - len(keep)
+
+
+def reference_in_space(run: Run, ref: Reference, space: str):
+    """The reference vector in the pass's column space (sketched for the sketch tier)."""
+    if ref.vector is None or space == "param":
+        return ref.vector
+    return fmt.Sketcher(run.tensors, run.sketch_plan("weight"))(ref.vector)
+
+
+def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, strict: bool = True,
+        progress=None, scheduler=None) -> xr.Dataset:
+    """RSI, EB, gamma, eta* and distance against a reference point, in one pass.
+
+    Args:
+        run: a :class:`analysis.Run` or a store path.
+        reference: w* (see :func:`analysis.reference.resolve_reference`): ``"final"``
+            (default), a step, ``slice(a, b)`` (mean of iterates), an array, a state dict,
+            a ``.npy`` / ``.safetensors`` / PyTorch checkpoint path.
+        steps: gradient steps to evaluate (default all).
+        params: restrict to a parameter group (all quantities use only its coordinates).
+        exclude_tail: drop the last N gradient steps (int) or the last epoch (``"epoch"``),
+            as the paper does (gamma_T = 1 is trivial on the last GD step).
+        strict: refuse extra tensors in a state dict (see ``resolve_reference``).
+
+    Returns:
+        Dataset along ``step`` with ``rsi``, ``eb``, ``gamma``, ``eta_star``, ``distance``,
+        ``random_walk`` (the baseline ``(T - t)^(-1/2)``, T the reference's step, else the
+        final step), flags ``zero_distance`` and ``zero_grad``; coords ``epoch``, ``lr``,
+        ``loss``. Lossy tiers add ``gamma_error_bound`` (rounded) or ``gamma_stderr``
+        (sketch). attrs: ``reference``, ``tier``, ``params``, ``excluded_steps``.
+
+    Example:
+        >>> r = rsi(run, exclude_tail="epoch")                 # doctest: +SKIP
+        >>> per_epoch(r)["gamma_mean"].plot()                   # doctest: +SKIP
+        >>> rsi(run, reference="ckpt/epoch10.pt")               # any w*, one more pass
+    """
+    run = as_run(run)
+    group = run.params(params)
+    space = rsi_space(run)
+    sel, n_excluded = drop_tail(run, selected(run, steps), exclude_tail)
+    ref = resolve_reference(run, reference, strict=strict)
+    rows = run.rows_of(sel)
+    p = Pass(run, group)
+    vec = reference_in_space(run, ref, space)
+    key = p.ref_dist(rows, space, ref_vector=vec, ref_rows=ref.rows, coef=ref.coef)
+    dist2, gdiff = p.compute(progress=progress, scheduler=scheduler)[key]
+    gg = run.per_tensor_scalar("grad_sqnorm", rows, group)
+    out = rsi_from_products(dist2, gdiff, gg)
+    t_ref = ref.step if ref.step is not None else (run.final_step if run.final_step is not None
+                                                    else int(run.grad_steps[-1]) + 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["random_walk"] = np.where(sel < t_ref, 1.0 / np.sqrt(np.maximum(t_ref - sel, 1)), np.nan)
+    attrs = {"reference": ref.label, "random_walk_T": int(t_ref), "excluded_steps": int(n_excluded),
+             "exclude_tail": str(exclude_tail), "definitions": "RSI = <G, w - w*>/||w - w*||^2; EB = ||G||/||w - w*||; "
+             "gamma = RSI/EB; eta_star = RSI/EB^2; distance = ||w - w*||",
+             **group_attrs(group), **_tier_attrs(run, group)}
+    extra = _error_vars(run, group, rows, ref, out, space)
+    ds = per_step({**out, **extra}, run, sel, attrs)
+    ds["random_walk"].attrs["long_name"] = "random walk (T - t)^(-1/2)"
+    return ds
+
+
+def rsi_from_products(dist2: np.ndarray, gdiff: np.ndarray, gg: np.ndarray) -> dict:
+    """The five metrics from ``||w - w*||^2``, ``<G, w - w*>`` and ``||G||^2`` (float64 arrays)."""
+    dist2, gdiff, gg = (np.asarray(x, dtype=np.float64) for x in (dist2, gdiff, gg))
+    zero_d = dist2 == 0
+    zero_g = gg == 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dist = np.sqrt(dist2)
+        gn = np.sqrt(gg)
+        r = gdiff / dist2
+        eb = gn / dist
+        gamma = gdiff / (gn * dist)
+        eta = gdiff / gg
+    for arr in (r, eb, gamma, eta):
+        arr[zero_d] = np.nan
+    gamma[zero_g] = np.nan
+    eta[zero_g] = np.nan
+    return {"rsi": r, "eb": eb, "gamma": gamma, "eta_star": eta, "distance": dist,
+            "zero_distance": zero_d, "zero_grad": zero_g}
+
+
+def _tier_attrs(run: Run, group: ParamGroup) -> dict:
+    g, w = run.header.tiers["grad"], run.header.tiers["weight"]
+    out = {"tier": g.name if g.name == w.name else f"grad={g.name}, weight={w.name}",
+           "grad_tier": g.name, "weight_tier": w.name,
+           "grad_max_rel_error": g.max_rel_error if g.name != "sketch" else float("nan"),
+           "weight_max_rel_error": w.max_rel_error if w.name != "sketch" else float("nan")}
+    if g.name == "sketch":
+        out["sketch_k"] = sketch_k(run, group, "grad")
+        out["error_note"] = "CountSketch estimates; gamma_stderr = sqrt((1 + gamma^2) / sketch_k)"
+    elif "rounded" in (g.name, w.name):
+        out["error_note"] = ("gamma_error_bound = asin(u_g) + u_g + asin(min(1, u_w (||w_t|| + ||w*||) / "
+                             "||w_t - w*||)), u = 2^-(keepbits+1) per rounded array; ||G_t|| is the exact "
+                             "norm the capture stored, the dot products use the rounded values")
+    return out
+
+
+def _error_vars(run: Run, group: ParamGroup, rows, ref: Reference, out: dict, space: str) -> dict:
+    """Per-step error estimates of gamma on lossy tiers."""
+    g, w = run.header.tiers["grad"], run.header.tiers["weight"]
+    if space == "sketch":
+        k = sketch_k(run, group, "grad")
+        gamma = np.nan_to_num(out["gamma"])
+        return {"gamma_stderr": np.asarray(fmt.sketch_cosine_stderr(k, gamma)) if k else np.zeros(len(gamma))}
+    if g.name == "lossless" and w.name == "lossless":
+        return {}
+    ug, uw = g.max_rel_error, w.max_rel_error
+    wn = np.sqrt(run.per_tensor_scalar("weight_sqnorm", rows, group))
+    if ref.rows is not None:  # the reference was read from the (rounded) store too
+        rn = np.abs(ref.coef) @ np.sqrt(run.per_tensor_scalar("weight_sqnorm", ref.rows, group))
+    else:
+        rn = 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        turn = np.minimum(1.0, uw * (wn + rn) / out["distance"])
+    # G turns by <= asin(u_g), w_t - w* by <= asin(turn); ||G|| is the stored exact norm, so
+    # the rounded numerator adds a relative u_g (|gamma| <= 1).
+    bound = math.asin(min(1.0, ug)) + ug + np.arcsin(np.nan_to_num(turn, nan=1.0))
+    return {"gamma_error_bound": bound}
+
+
+def per_epoch(result: xr.Dataset | xr.DataArray, stats=("mean", "min", "max")) -> xr.Dataset:
+    """Per-epoch aggregation of per-step results (NaN skipped), as the paper plots them.
+
+    Args:
+        result: a Dataset or DataArray along ``step`` with an ``epoch`` coordinate (e.g. the
+            result of :func:`rsi`).
+        stats: any of ``"mean"``, ``"min"``, ``"max"``, ``"median"``, ``"std"``.
+
+    Returns:
+        Dataset along ``epoch`` with ``{var}_{stat}`` for every float variable, and
+        ``n_steps`` (steps per epoch).
+
+    Example:
+        >>> agg = per_epoch(rsi(run))                           # doctest: +SKIP
+        >>> agg.gamma_mean, agg.gamma_min, agg.gamma_max        # doctest: +SKIP
+    """
+    ds = result.to_dataset(name=result.name or "value") if isinstance(result, xr.DataArray) else result
+    if "epoch" not in ds.coords:
+        raise AnalysisError("per_epoch needs an 'epoch' coordinate along 'step'")
+    if (np.asarray(ds["epoch"].values) < 0).all():
+        raise AnalysisError("the store has no epoch numbers (epoch = -1): aggregate by steps instead, "
+                            "e.g. result.coarsen(step=100, boundary='trim').mean()")
+    floats = [v for v in ds.data_vars if ds[v].dtype.kind == "f" and ds[v].dims == ("step",)]
+    plain = ds[floats].reset_coords(drop=True).assign_coords(epoch=("step", ds["epoch"].values))
+    grouped = plain.groupby("epoch")
+    out = xr.Dataset()
+    for stat in stats:
+        agg = getattr(grouped, stat)(skipna=True)
+        for v in floats:
+            out[f"{v}_{stat}"] = agg[v]
+    out["n_steps"] = plain["epoch"].groupby("epoch").count()
+    out.attrs = dict(ds.attrs)
+    return out

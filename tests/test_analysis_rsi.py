@@ -1,0 +1,187 @@
+"""RSI / EB / gamma / eta* / distance against slow float64 loops, every kind of reference."""
+
+import numpy as np
+import pytest
+
+import analysis as ga
+from tests.helpers_stores import dot, make_store, slow_rsi
+
+TOL = 1e-10
+METRICS = ("rsi", "eb", "gamma", "eta_star", "distance")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("rsi") / "run.zarr", steps=12, seed=4)
+
+
+def check(ds, G, W, ref, steps):
+    assert list(ds["step"].values) == list(steps)
+    for k, t in enumerate(steps):
+        want = slow_rsi(G[t], W[t], ref)
+        for m in METRICS:
+            got = ds[m].values[k]
+            if np.isnan(want[m]):
+                assert np.isnan(got), (m, t)
+            else:
+                assert abs(got - want[m]) <= TOL * max(1.0, abs(want[m])), (m, t, got, want[m])
+
+
+def test_final_iterate_reference(data):
+    r = ga.rsi(data.path)
+    check(r, data.grads, data.weights, data.final_weight, range(12))
+    assert r.attrs["reference"] == "final iterate (step 12)" and r.attrs["tier"] == "lossless"
+    np.testing.assert_allclose(r.random_walk.values, (12 - np.arange(12.0)) ** -0.5)
+    # gamma = RSI / EB and eta* = RSI / EB^2 exactly as METHODS.md states
+    np.testing.assert_allclose(r.gamma.values, r.rsi.values / r.eb.values, rtol=1e-12)
+    np.testing.assert_allclose(r.eta_star.values, r.rsi.values / r.eb.values**2, rtol=1e-12)
+    for c in ("epoch", "lr", "loss"):
+        assert c in r.coords
+
+
+def test_direct_gamma_with_final_reference(data):
+    """gamma_t = cos(G_t, w_t - w_T), computed directly with numpy in float64."""
+    r = ga.rsi(data.path)
+    D = data.weights.astype(np.float64) - data.final_weight.astype(np.float64)
+    G = data.grads.astype(np.float64)
+    gamma = (G * D).sum(1) / (np.linalg.norm(G, axis=1) * np.linalg.norm(D, axis=1))
+    np.testing.assert_allclose(r.gamma.values, gamma, atol=1e-12)
+
+
+def test_step_range_array_and_file_references(data, tmp_path):
+    check(ga.rsi(data.path, reference=5), data.grads, data.weights, data.weights[5], range(12))
+    mean = data.weights[2:6].astype(np.float64).mean(0)
+    r = ga.rsi(data.path, reference=slice(2, 5))
+    check(r, data.grads, data.weights, mean, range(12))
+    assert "mean of the weights at 4 steps 2..5" in r.attrs["reference"]
+    assert ga.rsi(data.path, reference="mean:2:5").gamma.equals(r.gamma)
+    assert ga.rsi(data.path, reference="step:5").gamma.equals(ga.rsi(data.path, reference=5).gamma)
+    vec = np.random.default_rng(9).standard_normal(data.d)
+    check(ga.rsi(data.path, reference=vec), data.grads, data.weights, vec, range(12))
+    np.save(tmp_path / "ref.npy", vec.astype(np.float32))
+    check(ga.rsi(data.path, reference=tmp_path / "ref.npy"), data.grads, data.weights, vec.astype(np.float32),
+          range(12))
+    sd = {t.name: vec[t.offset: t.offset + t.size].reshape(t.shape) for t in data.tensors}
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp_path / "ref.safetensors"))
+    check(ga.rsi(data.path, reference=str(tmp_path / "ref.safetensors")), data.grads, data.weights, vec, range(12))
+    check(ga.rsi(data.path, reference={"state_dict": {"module." + k: v for k, v in sd.items()}}),
+          data.grads, data.weights, vec, range(12))
+
+
+def test_torch_checkpoint_reference(data, tmp_path):
+    torch = pytest.importorskip("torch")
+    vec = np.random.default_rng(10).standard_normal(data.d)
+    sd = {t.name: torch.tensor(vec[t.offset: t.offset + t.size].reshape(t.shape)) for t in data.tensors}
+    sd["bn.running_mean"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "ckpt.pt")
+    with pytest.raises(ga.BadReferenceError, match="bn.running_mean.*strict=False"):
+        ga.rsi(data.path, reference=tmp_path / "ckpt.pt")
+    r = ga.rsi(data.path, reference=tmp_path / "ckpt.pt", strict=False)
+    check(r, data.grads, data.weights, vec, range(12))
+    assert r.attrs["reference"] == "checkpoint ckpt.pt"
+
+
+def test_bad_references(data, tmp_path):
+    d = data.d
+    with pytest.raises(ga.BadReferenceError, match=f"shape \\({d - 1},\\).*d = {d}"):
+        ga.rsi(data.path, reference=np.zeros(d - 1))
+    bad = np.zeros(d)
+    bad[80] = np.nan
+    with pytest.raises(ga.BadReferenceError, match="NaN/Inf \\(first at index 80, tensor 'fc1.weight'"):
+        ga.rsi(data.path, reference=bad)
+    sd = {t.name: np.zeros(t.shape) for t in data.tensors}
+    with pytest.raises(ga.BadReferenceError, match="lacks 1 parameter tensor.*fc2.weight"):
+        ga.rsi(data.path, reference={k: v for k, v in sd.items() if k != "fc2.weight"})
+    with pytest.raises(ga.BadReferenceError, match="'conv.bias' has shape \\(2, 2\\), the store records \\(4,\\)"):
+        ga.rsi(data.path, reference={**sd, "conv.bias": np.zeros((2, 2))})
+    with pytest.raises(ga.BadReferenceError, match="does not exist"):
+        ga.rsi(data.path, reference=tmp_path / "missing.npy")
+    (tmp_path / "ref.txt").write_text("1 2 3")
+    with pytest.raises(ga.BadReferenceError, match="unknown type '.txt'"):
+        ga.rsi(data.path, reference=tmp_path / "ref.txt")
+    with pytest.raises(ga.StepNotFoundError, match="step 99 is not recorded"):
+        ga.rsi(data.path, reference=99)
+    nofinal = make_store(tmp_path / "nofinal.zarr", steps=4, final=False)
+    with pytest.raises(ga.BadReferenceError, match="no final iterate"):
+        ga.rsi(nofinal.path)
+
+
+def test_reference_equal_to_an_iterate_and_zero_gradient(tmp_path):
+    base = make_store(tmp_path / "a.zarr", steps=6, seed=5)
+    g = base.grads.copy()
+    g[1] = 0.0
+    d = make_store(tmp_path / "b.zarr", steps=6, grads=g, weights=base.weights)
+    r = ga.rsi(d.path, reference=3)  # w_3 == w*: distance 0 at step 3
+    assert r.zero_distance.values.tolist() == [False, False, False, True, False, False]
+    assert r.distance.values[3] == 0.0
+    for m in ("rsi", "eb", "gamma", "eta_star"):
+        assert np.isnan(r[m].values[3])
+    assert r.zero_grad.values[1] and np.isnan(r.gamma.values[1]) and np.isnan(r.eta_star.values[1])
+    assert r.rsi.values[1] == 0.0 and r.eb.values[1] == 0.0  # defined: <0, w - w*> / ||w - w*||^2
+    check(r.drop_sel(step=[1, 3]), d.grads, d.weights, d.weights[3], [0, 2, 4, 5])
+
+
+def test_reference_close_to_the_iterates_keeps_full_precision(tmp_path):
+    """||w_t - w*|| ~ 1e-6 ||w||: the ||w||^2 - 2<w,w*> + ||w*||^2 route would lose ~12 digits."""
+    rng = np.random.default_rng(6)
+    T, d = 5, 400
+    w0 = (100.0 + rng.standard_normal(d)).astype(np.float32)
+    W = np.stack([w0 + np.float32(1e-3) * (T - t) * rng.standard_normal(d).astype(np.float32) for t in range(T)])
+    G = rng.standard_normal((T, d)).astype(np.float32)
+    data = make_store(tmp_path / "near.zarr", steps=T, shapes=(("w", (d,)),), grads=G, weights=W, final_weight=w0)
+    r = ga.rsi(data.path)
+    check(r, data.grads, data.weights, data.final_weight, range(T))
+    W64 = data.weights.astype(np.float64)
+    cancel = (np.einsum("ij,ij->i", W64, W64) + dot(w0, w0)) / r.distance.values**2
+    assert cancel.max() > 1e7  # the case the direct route is for
+
+
+def test_exclude_tail_and_per_epoch(data):
+    r = ga.rsi(data.path, exclude_tail=3)
+    assert list(r["step"].values) == list(range(9)) and r.attrs["excluded_steps"] == 3
+    e = ga.rsi(data.path, exclude_tail="epoch")  # epochs: step // 4 -> last epoch is steps 8..11
+    assert list(e["step"].values) == list(range(8))
+    agg = ga.per_epoch(ga.rsi(data.path))
+    assert list(agg["epoch"].values) == [0, 1, 2] and list(agg["n_steps"].values) == [4, 4, 4]
+    full = ga.rsi(data.path)
+    np.testing.assert_allclose(agg.gamma_mean.values, full.gamma.values.reshape(3, 4).mean(1))
+    np.testing.assert_allclose(agg.eb_min.values, full.eb.values.reshape(3, 4).min(1))
+    np.testing.assert_allclose(agg.rsi_max.values, full.rsi.values.reshape(3, 4).max(1))
+    with pytest.raises(ga.AnalysisError, match="removes every selected step"):
+        ga.rsi(data.path, steps=slice(10, 11), exclude_tail=2)
+    with pytest.raises(ga.AnalysisError, match="'epoch'"):
+        ga.rsi(data.path, exclude_tail="last")
+
+
+def test_param_group_and_steps(data):
+    r = ga.rsi(data.path, steps=[1, 4], params="fc*")
+    cols = np.r_[data.tensor_slice("fc1.weight"), data.tensor_slice("fc1.bias"), data.tensor_slice("fc2.weight")]
+    check(r, data.grads[:, cols], data.weights[:, cols], data.final_weight[cols], [1, 4])
+    assert r.attrs["params"] == "fc*"
+
+
+def test_lossy_tiers_carry_their_error(tmp_path):
+    rounded = make_store(tmp_path / "r.zarr", steps=8, tiers="rounded:7", seed=7)
+    r = ga.rsi(rounded.path)
+    for t in range(8):  # dot products from the stored (rounded) values, ||G|| the exact stored norm
+        want = slow_rsi(rounded.grads[t], rounded.weights[t], rounded.final_weight)
+        assert abs(r.rsi.values[t] - want["rsi"]) <= TOL * abs(want["rsi"])
+        assert abs(r.distance.values[t] - want["distance"]) <= TOL * want["distance"]
+        exact_norm = np.sqrt(dot(rounded.raw_grads[t], rounded.raw_grads[t]))
+        assert abs(r.eb.values[t] - exact_norm / want["distance"]) <= TOL * r.eb.values[t]
+    true = np.array([slow_rsi(rounded.raw_grads[t], rounded.raw_weights[t], rounded.final_weight)["gamma"]
+                     for t in range(8)])
+    assert (np.abs(r.gamma.values - true) <= r.gamma_error_bound.values).all()
+    assert r.attrs["grad_max_rel_error"] == 2.0**-8
+    shapes = (("big", (400,)), ("small", (6,)))
+    sk = make_store(tmp_path / "s.zarr", steps=8, tiers="sketch:128", shapes=shapes, seed=8)
+    s = ga.rsi(sk.path)
+    true = np.array([slow_rsi(sk.raw_grads[t], sk.raw_weights[t], sk.final_weight)["gamma"] for t in range(8)])
+    assert s.attrs["tier"] == "sketch" and "gamma_stderr" in s
+    assert (np.abs(s.gamma.values - true) <= 5 * s.gamma_stderr.values + 0.05).all()
+    mixed = make_store(tmp_path / "m.zarr", steps=3, tiers={"grad": "sketch:64", "weight": "lossless"})
+    with pytest.raises(ga.TierError, match="same space"):
+        ga.rsi(mixed.path)
+
