@@ -22,6 +22,8 @@ from analysis.errors import (
     TierError,
 )
 from analysis.format import FormatVersionError, NotAStoreError, StoreError
+from analysis.layers import balancedness, layer_table, linear_pairs
+from analysis.phases import gawu_switch, phase_labels, phases, zigzag_share
 from analysis.reference import Reference, resolve_reference
 from analysis.rsi import per_epoch, rsi
 from analysis.signs import sign_shift_lag, sign_shift_matrix, sign_shift_window
@@ -48,7 +50,14 @@ __all__ = [
     "resolve_reference",
     "Reference",
     # phases
+    "phases",
+    "phase_labels",
+    "zigzag_share",
+    "gawu_switch",
     # layers
+    "layer_table",
+    "balancedness",
+    "linear_pairs",
     # errors
     "StoreError",
     "NotAStoreError",
