@@ -187,8 +187,11 @@ def _group_key(ds: xr.Dataset | xr.DataArray, dim: str, by: str | None, n_bins: 
     """Per-epoch groups when an epoch coordinate is known, else equal-width step bins."""
     if by is None:
         ep = ds.coords.get("epoch")
-        if ep is not None and np.all(np.asarray(ep.values) >= 0) and len(np.unique(ep.values)) > 1:
-            by = "epoch"
+        if ep is not None and np.all(np.asarray(ep.values) >= 0):
+            n_ep = len(np.unique(ep.values))
+            # per epoch only when epochs hold several steps (full-batch GD has one step per epoch)
+            if 1 < n_ep and ds.sizes[dim] >= 2 * n_ep:
+                by = "epoch"
     if by == "epoch":
         return np.asarray(ds["epoch"].values), "epoch"
     steps = _step_values(ds, dim)
@@ -292,8 +295,12 @@ def plot_eta_star(rsi: xr.Dataset, ax=None, *, by: str | None = None, show_lr: b
                    title="locally optimal learning rate", color="C4")
     if show_lr and "lr" in rsi.coords:
         lr = rsi["lr"]
-        ax.plot(_step_values(lr, lr.dims[0]), np.asarray(lr.values, float), color="k", lw=1, ls=":", label="lr used")
+        lrv = np.asarray(lr.values, float)
+        ax.plot(_step_values(lr, lr.dims[0]), lrv, color="k", lw=1, ls=":", label="lr used")
         ax.legend(loc="best", fontsize=8)
+        pos = lrv[np.isfinite(lrv) & (lrv > 0)]
+        if pos.size:  # eta* spans decades: symmetric log keeps the lr used and negatives visible
+            ax.set_yscale("symlog", linthresh=float(pos.min()) / 10)
     return ax
 
 

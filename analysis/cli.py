@@ -1,0 +1,552 @@
+"""The ``gradtrace`` command.
+
+Analysis subcommands (``info``, ``corr``, ``signs``, ``rsi``, ``phases``, ``layers``,
+``report``) never import torch, so they start fast and run on cluster nodes without it.
+``record`` and ``demo`` import the capture stage (torch) only when they run.
+
+User errors (a missing store, a lag that was not recorded, a malformed ``--ref``...) print
+one line ``gradtrace: error: ...`` on stderr and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+STEPS_HELP = (
+    "steps to use: 'all' (default), 'A:B' (every recorded step with A <= step <= B), "
+    "or a comma list '10,11,12'"
+)
+PARAMS_HELP = "parameter group: a tensor name, a glob such as 'conv*' or a comma list (default: all)"
+OUT_HELP = "write the result to FILE; the extension picks the format: .csv, .json, .nc, .zarr"
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported in one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+def parse_steps(text: str | None):
+    """``None``/'all' -> None; 'A:B' -> slice(A, B) (inclusive); '1,2,3' -> [1, 2, 3]; 'N' -> [N]."""
+    if text is None or text.strip().lower() in ("", "all"):
+        return None
+    t = text.strip()
+    try:
+        if ":" in t:
+            a, _, b = t.partition(":")
+            return slice(int(a) if a.strip() else None, int(b) if b.strip() else None)
+        return [int(x) for x in t.split(",") if x.strip()]
+    except ValueError as err:
+        raise UserError(f"--steps {text!r}: {STEPS_HELP}") from err
+
+
+def parse_params(text: str | None):
+    if text is None or text.strip() in ("", "all"):
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def parse_ref(text: str):
+    """'final', 'step:N', 'mean:A:B', or a path to .npy / .safetensors / PyTorch checkpoint."""
+    t = text.strip()
+    low = t.lower()
+    if low == "final":
+        return "final"
+    if low.startswith("step:"):
+        try:
+            return int(t.split(":", 1)[1])
+        except ValueError as err:
+            raise UserError(f"--ref {text!r}: 'step:N' needs an integer step, e.g. step:100") from err
+    if low.startswith("mean:"):
+        parts = t.split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            return slice(int(parts[1]), int(parts[2]))
+        except ValueError as err:
+            raise UserError(f"--ref {text!r}: 'mean:A:B' needs two integer steps, e.g. mean:900:999") from err
+    p = Path(t)
+    if not p.exists():
+        raise UserError(
+            f"--ref {text!r} is neither 'final', 'step:N', 'mean:A:B' nor an existing file "
+            "(.npy, .safetensors or a PyTorch checkpoint)"
+        )
+    return str(p)
+
+
+def parse_tail(text: str | None):
+    if text is None:
+        return None
+    if text.strip().lower() == "epoch":
+        return "epoch"
+    try:
+        n = int(text)
+    except ValueError as err:
+        raise UserError(f"--exclude-tail {text!r}: give a number of steps or 'epoch'") from err
+    if n < 0:
+        raise UserError(f"--exclude-tail {text!r}: must be >= 0")
+    return n
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _open(store: str):
+    from analysis.store import open_run
+
+    if "://" not in store and not Path(store).exists():
+        raise UserError(f"no store at {store}: check the path (record one with `gradtrace record` or `gradtrace demo`)")
+    return open_run(store)
+
+
+@contextlib.contextmanager
+def _scheduler(address: str | None):
+    if not address:
+        yield None
+        return
+    try:
+        from distributed import Client
+    except ImportError as err:  # pragma: no cover - distributed is a dependency
+        raise UserError("--scheduler needs the 'distributed' package: pip install distributed") from err
+    try:
+        client = Client(address, timeout="20s")
+    except (OSError, TimeoutError) as err:
+        raise UserError(f"--scheduler {address}: cannot connect to a Dask scheduler there ({err})") from err
+    with client:
+        yield client
+
+
+def _save(result, out: str | None) -> None:
+    if not out:
+        return
+    from analysis.io import save_result
+
+    path = save_result(result, out)
+    print(f"wrote {path}")
+
+
+def _fmt(x) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if x != x:
+        return "nan"
+    return f"{x:+.4f}" if abs(x) < 1e4 else f"{x:.4g}"
+
+
+def _summary_series(name: str, da) -> str:
+    import numpy as np
+
+    v = np.asarray(da.values, dtype=float)
+    fin = v[np.isfinite(v)]
+    if not fin.size:
+        return f"{name}: {v.size} values, all NaN"
+    return (
+        f"{name}: {v.size} values over steps {int(da['step'].values[0])}..{int(da['step'].values[-1])}; "
+        f"mean {_fmt(fin.mean())}, min {_fmt(fin.min())}, max {_fmt(fin.max())}, NaN {int((~np.isfinite(v)).sum())}"
+    )
+
+
+def _print_matrix(da, digits: int = 2, most: int = 12) -> None:
+    import numpy as np
+
+    vals = np.asarray(da.values, dtype=float)
+    si = da[da.dims[0]].values
+    sj = da[da.dims[1]].values
+    if len(si) > most:
+        print(f"({len(si)} x {len(sj)} matrix; first {most} rows/columns shown)")
+    head = "step".rjust(8) + "".join(str(s).rjust(digits + 6) for s in sj[:most])
+    print(head)
+    for i, s in enumerate(si[:most]):
+        row = "".join(("nan" if not np.isfinite(v) else f"{v:.{digits}f}").rjust(digits + 6) for v in vals[i, :most])
+        print(str(s).rjust(8) + row)
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def cmd_info(args) -> int:
+    from analysis.summary import store_info
+
+    info = store_info(args.store)
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    from analysis.summary import format_info
+
+    print(format_info(info))
+    return 0
+
+
+def cmd_corr(args) -> int:
+    import analysis.correlation as C
+
+    run = _open(args.store)
+    params = parse_params(args.params)
+    with _scheduler(args.scheduler):
+        if args.window is not None:
+            res = C.corr_window(run, args.window, h=args.h, params=params, progress=args.progress)
+            _print_matrix(res)
+        elif args.lag is not None:
+            res = C.lag_series(run, args.lag, parse_steps(args.steps), params=params, progress=args.progress)
+            print(_summary_series(f"lag-{args.lag} correlation mu(t, t+{args.lag})", res))
+        elif args.mean is not None:
+            res = C.mean_corr(run, args.mean, parse_steps(args.steps), params=params, progress=args.progress)
+            print(_summary_series(f"mean gradient correlation (h={args.mean})", res))
+        else:
+            res = C.corr_matrix(run, parse_steps(args.steps), params=params, precision=args.precision,
+                                progress=args.progress)
+            _print_matrix(res)
+    _print_tier(res)
+    _save(res, args.output)
+    return 0
+
+
+def cmd_signs(args) -> int:
+    import analysis.signs as S
+
+    run = _open(args.store)
+    params = parse_params(args.params)
+    with _scheduler(args.scheduler):
+        if args.window is not None:
+            res = S.sign_shift_window(run, args.window, h=args.h, params=params, progress=args.progress)
+        elif args.lag is not None:
+            res = S.sign_shift_lag(run, args.lag, parse_steps(args.steps), params=params, progress=args.progress)
+        else:
+            res = S.sign_shift_matrix(run, parse_steps(args.steps), params=params, progress=args.progress)
+    main = res["sign_shift"] if "sign_shift" in res else res[list(res.data_vars)[0]]
+    if main.ndim == 2:
+        print("% of coordinates that flip sign (among those non-zero at both steps):")
+        _print_matrix(main, digits=1)
+    else:
+        print(_summary_series(f"sign shift % at lag {args.lag}", main))
+    zero = res.get("zero_share")
+    if zero is not None:
+        import numpy as np
+
+        z = np.asarray(zero.values, dtype=float)
+        print(f"share of coordinates zero at either step: mean {np.nanmean(z):.3f}% (max {np.nanmax(z):.3f}%)")
+    _save(res, args.output)
+    return 0
+
+
+def cmd_rsi(args) -> int:
+    from analysis.rsi import per_epoch, rsi
+
+    run = _open(args.store)
+    ref = parse_ref(args.ref)
+    with _scheduler(args.scheduler):
+        res = rsi(run, ref, steps=parse_steps(args.steps), params=parse_params(args.params),
+                    exclude_tail=parse_tail(args.exclude_tail), progress=args.progress)
+    print(f"reference: {res.attrs.get('reference')}")
+    for v in ("gamma", "rsi", "eb", "eta_star", "distance"):
+        if v in res:
+            print(_summary_series(v, res[v]))
+    import numpy as np
+
+    g = np.asarray(res["gamma"].values, float)
+    fin = g[np.isfinite(g)]
+    if fin.size:
+        print(f"gamma > 0 on {100.0 * (fin > 0).mean():.1f}% of {fin.size} steps")
+    if args.per_epoch:
+        res = per_epoch(res)
+    _save(res, args.output)
+    return 0
+
+
+def cmd_phases(args) -> int:
+    from analysis.phases import phases
+
+    run = _open(args.store)
+    with _scheduler(args.scheduler):
+        res = phases(run, h=args.h, steps=parse_steps(args.steps), params=parse_params(args.params),
+                       statistic=args.statistic, smooth=args.smooth, zigzag=args.zigzag, progress=args.progress)
+    import numpy as np
+
+    labels = np.asarray(res["phase"].values).astype(str)
+    counts = {k: int((labels == k).sum()) for k in sorted(set(labels))}
+    print("steps per phase: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    share = res.attrs.get("zigzag_share")
+    print(f"share of the loss decrease under zigzag: {_fmt(share)}")
+    gs = res.attrs.get("gawu_step", -1)
+    print(f"GAWU change point (first + to - crossing): {'none' if gs is None or gs < 0 else gs}")
+    _save(res, args.output)
+    return 0
+
+
+def cmd_layers(args) -> int:
+    import analysis.layers as L
+
+    run = _open(args.store)
+    with _scheduler(args.scheduler):
+        res = L.layer_table(run, parse_steps(args.steps), lag=args.lag, params=parse_params(args.params),
+                            exclude_tail=parse_tail(args.exclude_tail), progress=args.progress)
+    import pandas as pd
+
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_rows", 200):
+        print(res.to_dataframe() if hasattr(res, "to_dataframe") else res)
+    _save(res, args.output)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from analysis.report import write_report
+
+    out = args.output or (str(Path(args.store.rstrip("/")).with_suffix("")) + "-report")
+    with _scheduler(args.scheduler):
+        index = write_report(args.store, out, h=args.h, reference=parse_ref(args.ref),
+                             exclude_tail=parse_tail(args.exclude_tail), progress=True)
+    print(f"report: {index}")
+    return 0
+
+
+def cmd_record(args) -> int:
+    from capture.recipes import load_config, run_recipe
+
+    overrides = {}
+    for item in args.set or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: use KEY=VALUE, e.g. --set lr=0.05")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = _literal(v.strip())
+    for key in ("model", "dataset", "optimizer", "lr", "steps", "epochs", "batch_size", "seed", "schedule",
+                "grad_tier", "weight_tier", "device"):
+        val = getattr(args, key, None)
+        if val is not None:
+            overrides[key] = val
+    source = args.config or args.preset
+    if not source:
+        raise UserError("give --preset NAME or --config FILE (see `gradtrace record --list-presets`)")
+    config = load_config(source, **overrides)
+    path = run_recipe(config, args.out, overwrite=args.overwrite, resume=args.resume, progress=True)
+    print(f"store: {path}")
+    return 0
+
+
+def _literal(text: str):
+    low = text.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text.startswith(("[", "{", "(")):
+        try:
+            return json.loads(text.replace("(", "[").replace(")", "]"))
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def cmd_demo(args) -> int:
+    from capture.recipes import PRESETS, run_recipe
+    import dataclasses
+
+    out = Path(args.out)
+    store = out / "run.zarr"
+    config = PRESETS["demo"]
+    if args.steps is not None:
+        config = dataclasses.replace(config, steps=args.steps)
+    print(f"gradtrace demo: training {config.model} on {config.dataset} with full-batch gradient descent "
+          f"(lr {config.lr}), recording every step into {store}")
+    t0 = time.perf_counter()
+    run_recipe(config, store, overwrite=True, progress=True)
+    t1 = time.perf_counter()
+    print(f"training + recording took {t1 - t0:.1f} s; writing the report...")
+    from analysis.report import write_report
+
+    index = write_report(store, out / "report", h=5, progress=True)
+    print(f"analysis + figures took {time.perf_counter() - t1:.1f} s")
+    print(f"store:  {store}")
+    print(f"report: {index}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def _common(p, *, steps=True, params=True, output=True):
+    p.add_argument("store", help="path (or fsspec URL) of a gradtrace run store")
+    if steps:
+        p.add_argument("--steps", help=STEPS_HELP)
+    if params:
+        p.add_argument("--params", help=PARAMS_HELP)
+    if output:
+        p.add_argument("-o", "--output", metavar="FILE", help=OUT_HELP)
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask cluster: scheduler address, e.g. tcp://10.0.0.5:8786")
+    p.add_argument("--progress", action="store_true", default=None, help="show a progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradtrace",
+        description="Record a training run's gradients and iterates once; analyse them afterwards.",
+    )
+    parser.add_argument("--version", action="version", version=f"gradtrace {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("demo", help="train a small CNN on built-in data, record every step, write a report",
+                       description="Train a small CNN on scikit-learn's digits with full-batch gradient descent at "
+                       "a large learning rate, record every step, and write the report (a few minutes on 2 cores).")
+    p.add_argument("--out", default="gradtrace-demo", help="output directory (default: ./gradtrace-demo)")
+    p.add_argument("--steps", type=int, help="training steps (default: the demo preset's)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("record", help="train a recipe from the papers and record it",
+                       description="Train and record one of the papers' set-ups (presets) or a config file (JSON or "
+                       "TOML), with flags overriding single settings.")
+    p.add_argument("--preset", help="a named recipe (see --list-presets)")
+    p.add_argument("--config", help="a JSON or TOML file with RunConfig fields")
+    p.add_argument("--out", help="the store to write")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any RunConfig field (repeatable)")
+    for flag, typ, hlp in (
+        ("--model", str, "model name (cnn3, vgg16, resnet18, resnet34, mlp, cnn1d, resnet_small, linear_deep)"),
+        ("--dataset", str, "data set (cifar10, mnist, svhn, digits, mnist1d)"),
+        ("--optimizer", str, "gd (full batch), sgd, adam, adamw"),
+        ("--lr", float, "learning rate"),
+        ("--steps", int, "training steps"),
+        ("--epochs", int, "training epochs"),
+        ("--batch-size", int, "minibatch size (omit for full batch)"),
+        ("--seed", int, "random seed"),
+        ("--schedule", str, "recording schedule: every, every:K, at:1,2,3, epoch:K, windows:H:N"),
+        ("--grad-tier", str, "fidelity tier of gradients: lossless, rounded[:BITS], sketch[:K]"),
+        ("--weight-tier", str, "fidelity tier of weights"),
+        ("--device", str, "auto, cpu or cuda"),
+    ):
+        p.add_argument(flag, type=typ, help=hlp)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--resume", action="store_true", help="append to an existing store")
+    p.add_argument("--list-presets", action="store_true", help="list the named recipes and exit")
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("info", help="what a store holds: steps, schedule, tiers, size, layers, flags, settings")
+    p.add_argument("store", help="path (or fsspec URL) of a gradtrace run store")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("corr", help="gradient correlations: full matrix, window, lag series, mean correlation",
+                       description="Pairwise gradient correlation mu(j,k) = <G_j,G_k>/(||G_j|| ||G_k||). Default: the "
+                       "full matrix over --steps. Lags and windows count training steps.")
+    _common(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--window", type=int, metavar="STEP", help="the h x h window starting at STEP")
+    g.add_argument("--lag", type=int, help="the lag-L series mu(t, t+L)")
+    g.add_argument("--mean", type=int, metavar="H", help="mean gradient correlation with window H (zigzag paper, eq. 3)")
+    p.add_argument("--h", type=int, default=5, help="window size for --window (default 5)")
+    p.add_argument("--precision", choices=("float64", "float32"), default="float64",
+                   help="float64 (exact, default) or float32 products per block (faster, ~1e-7)")
+    p.set_defaults(func=cmd_corr)
+
+    p = sub.add_parser("signs", help="percentage of gradient entries that flip sign between steps",
+                       description="Sign shift: % of coordinates with G_j[i] G_k[i] < 0 among those non-zero at both "
+                       "steps; the share zero at either step is reported beside it.")
+    _common(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--window", type=int, metavar="STEP", help="the h x h window starting at STEP")
+    g.add_argument("--lag", type=int, help="the lag-L series")
+    p.add_argument("--h", type=int, default=5, help="window size for --window (default 5)")
+    p.set_defaults(func=cmd_signs)
+
+    p = sub.add_parser("rsi", help="RSI, EB, gamma, locally optimal lr and distance against a reference point")
+    _common(p)
+    p.add_argument("--ref", default="final",
+                   help="reference w*: final (default), step:N, mean:A:B, or a .npy / .safetensors / PyTorch checkpoint file")
+    p.add_argument("--exclude-tail", metavar="N|epoch", help="drop the last N gradient steps, or the last epoch")
+    p.add_argument("--per-epoch", action="store_true", help="write per-epoch mean/min/max instead of per-step values")
+    p.set_defaults(func=cmd_rsi)
+
+    p = sub.add_parser("phases", help="smooth / zigzag / random phases, zigzag share of the loss decrease, GAWU point")
+    _common(p)
+    p.add_argument("--h", type=int, default=5, help="window of the mean gradient correlation (default 5)")
+    p.add_argument("--statistic", choices=("mean_corr", "lag1"), default="mean_corr")
+    p.add_argument("--smooth", type=float, default=0.5, help="label smooth above this (default 0.5)")
+    p.add_argument("--zigzag", type=float, default=-0.5, help="label zigzag below this (default -0.5)")
+    p.set_defaults(func=cmd_phases)
+
+    p = sub.add_parser("layers", help="per-layer breakdown: correlation, sign shift, gamma per parameter tensor")
+    _common(p)
+    p.add_argument("--lag", type=int, default=1, help="lag of the correlation and sign shift (default 1)")
+    p.add_argument("--exclude-tail", metavar="N|epoch", help="drop the last N gradient steps from gamma")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("report", help="every figure into a directory with an index.html")
+    p.add_argument("store", help="path (or fsspec URL) of a gradtrace run store")
+    p.add_argument("-o", "--output", metavar="DIR", help="output directory (default: STORE-report)")
+    p.add_argument("--h", type=int, default=5, help="window size (default 5)")
+    p.add_argument("--ref", default="final", help="reference for RSI/EB/gamma (see `gradtrace rsi --help`)")
+    p.add_argument("--exclude-tail", metavar="N|epoch", default="1",
+                   help="drop the last N gradient steps from RSI/EB/gamma (default 1: gamma_T = 1 is trivial)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask cluster")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("gradtrace")
+    except Exception:  # noqa: BLE001 - not installed (running from a checkout)
+        return "unknown"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from analysis.format import StoreError
+
+    errs: list[type[BaseException]] = [UserError, StoreError, ValueError, FileNotFoundError, FileExistsError,
+                                       NotADirectoryError, PermissionError, KeyError]
+    return tuple(errs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "list_presets", False):
+        from capture.recipes import PRESETS
+
+        for name, cfg in PRESETS.items():
+            print(f"{name:28s} {getattr(cfg, 'description', '') or ''}")
+        return 0
+    if args.command == "record" and not args.out:
+        parser.error("record needs --out PATH (the store to write)")
+    debug = os.environ.get("GRADTRACE_DEBUG")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("gradtrace: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as err:
+        if debug:
+            raise
+        msg = str(err).strip() or type(err).__name__
+        if isinstance(err, KeyError):
+            msg = f"unknown name {msg}"
+        print(f"gradtrace: error: {msg.splitlines()[0] if len(msg) > 2000 else msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _print_tier(res) -> None:
+    tier = res.attrs.get("tier")
+    if tier and tier != "lossless":
+        bound = {k: v for k, v in res.attrs.items() if "bound" in k or "stderr" in k or "error" in k}
+        print(f"tier: {tier} {bound}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

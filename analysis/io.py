@@ -1,0 +1,105 @@
+"""Saving analysis results (labelled xarray objects) as ``.csv``, ``.json``, ``.nc`` or ``.zarr``.
+
+The format follows the file extension. JSON holds ``{"name", "dims", "coords", "data",
+"attrs"}`` for each variable, with NaN written as ``null`` so that any JSON reader takes it.
+netCDF cannot store nested attributes, so dict/list attributes are written as JSON strings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+SUFFIXES = (".csv", ".json", ".nc", ".zarr")
+
+
+def _plain(v):
+    """numpy scalars/arrays to JSON-able Python values, NaN/Inf to None."""
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()] if v.ndim else _plain(v.item())
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (np.floating, float)):
+        f = float(v)
+        return f if math.isfinite(f) else None
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
+    if isinstance(v, (np.str_, bytes)):
+        return str(v)
+    return v
+
+
+def to_jsonable(result: xr.Dataset | xr.DataArray) -> dict:
+    """A JSON-ready dict of a result: every variable with its dims, coords, data and attrs."""
+    ds = result.to_dataset(name=result.name or "value") if isinstance(result, xr.DataArray) else result
+    out = {"attrs": _plain(dict(ds.attrs)), "coords": {}, "data_vars": {}}
+    for name, c in ds.coords.items():
+        out["coords"][str(name)] = {"dims": list(c.dims), "data": _plain(np.asarray(c.values))}
+    for name, v in ds.data_vars.items():
+        out["data_vars"][str(name)] = {
+            "dims": list(v.dims),
+            "data": _plain(np.asarray(v.values)),
+            "attrs": _plain(dict(v.attrs)),
+        }
+    return out
+
+
+def _netcdf_attrs(attrs: dict) -> dict:
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, (dict, list, tuple)) or v is None or isinstance(v, bool):
+            out[k] = json.dumps(_plain(v))
+        elif isinstance(v, (np.bool_,)):
+            out[k] = int(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
+    ds = ds.copy()
+    ds.attrs = _netcdf_attrs(dict(ds.attrs))
+    for name in list(ds.variables):
+        var = ds[name]
+        var.attrs = _netcdf_attrs(dict(var.attrs))
+        if var.dtype.kind in ("U", "T", "O"):
+            ds[name] = var.astype(str)
+    return ds
+
+
+def save_result(result: xr.Dataset | xr.DataArray, path: "str | Path") -> Path:
+    """Write a result to ``path``; the extension (.csv, .json, .nc, .zarr) picks the format.
+
+    CSV is long format (one row per coordinate combination, one column per variable).
+
+    Raises:
+        ValueError: an unknown extension (the message lists the supported ones).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(
+            f"cannot write {path}: unknown extension {suffix or '(none)'!r}. Use one of {', '.join(SUFFIXES)}."
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = result.to_dataset(name=result.name or "value") if isinstance(result, xr.DataArray) else result
+    if suffix == ".json":
+        path.write_text(json.dumps(to_jsonable(ds), indent=1))
+    elif suffix == ".csv":
+        if not ds.data_vars:
+            raise ValueError("the result has no data variables to write as CSV")
+        df = ds.reset_coords().to_dataframe() if ds.dims else ds.to_pandas()
+        df.to_csv(path)
+    elif suffix == ".nc":
+        _netcdf_ready(ds).to_netcdf(path, engine="h5netcdf")
+    else:
+        _netcdf_ready(ds).to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    return path

@@ -1,0 +1,297 @@
+"""``gradtrace report``: every figure of a recorded run into a directory with an index.html.
+
+The report computes the results once, saves them under ``results/`` (netCDF, reloadable with
+``xarray.open_dataset``), draws each figure from those results with :mod:`analysis.plots`,
+and writes an ``index.html`` that shows the figures beside the run's settings.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from analysis import plots
+from analysis.errors import AnalysisError
+from analysis.io import save_result
+
+MAX_FULL_MATRIX = 600  # steps drawn in the full T x T heatmap (evenly subsampled beyond this)
+
+
+def _log(msg: str, progress: bool):
+    if progress:
+        print(f"[report] {msg}", flush=True)
+
+
+def _pick_windows(mc: xr.DataArray, labels: np.ndarray, steps: np.ndarray, h: int) -> list[int]:
+    """Three window starts like the zigzag paper's Figure 1: early, inside the longest zigzag
+    stretch (else the middle of training), and the last complete window."""
+    starts = np.asarray(mc["step"].values)
+    ok = np.isfinite(np.asarray(mc.values, float))
+    valid = starts[ok]
+    if len(valid) == 0:
+        return []
+    picks = [int(valid[0])]
+    zig = (labels == "zigzag") & ok
+    best, cur, best_lo, lo = 0, 0, None, None
+    for i, z in enumerate(zig):
+        if z:
+            if cur == 0:
+                lo = i
+            cur += 1
+            if cur > best:
+                best, best_lo = cur, lo
+        else:
+            cur = 0
+    if best_lo is not None:
+        picks.append(int(starts[best_lo + best // 2]))
+    else:
+        picks.append(int(valid[len(valid) // 2]))
+    picks.append(int(valid[-1]))
+    out = []
+    for p in picks:
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _save_fig(fig, path: Path):
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
+
+
+def write_report(store, out_dir, *, h: int = 5, reference="final", exclude_tail=1, progress: bool = True) -> Path:
+    """Compute the run's statistics, draw every figure and write ``out_dir/index.html``.
+
+    Args:
+        store: path of a run store (or an opened :class:`analysis.Run`).
+        out_dir: directory for ``index.html``, the PNG figures and ``results/``.
+        h: window size of the correlation windows and the mean gradient correlation.
+        reference: reference point of RSI/EB/gamma (see :func:`analysis.rsi`).
+        exclude_tail: gradient steps dropped from the end for RSI/EB/gamma (default 1).
+
+    Returns:
+        Path of ``index.html``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    import analysis.correlation as C
+    import analysis.layers as L
+    import analysis.signs as S
+    from analysis.phases import phases as _phases
+    from analysis.rsi import rsi as _rsi
+    from analysis.store import as_run
+    from analysis.summary import format_info, store_info
+
+    t0 = time.perf_counter()
+    run = as_run(store)
+    out = Path(out_dir)
+    res_dir = out / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    figures: list[tuple[str, str]] = []  # (file, caption)
+    notes: list[str] = []
+    facts: dict[str, str] = {}
+
+    gsteps = run.grad_steps
+    if len(gsteps) < 2:
+        raise AnalysisError(f"{run.path} holds {len(gsteps)} gradient step(s): a report needs at least 2")
+    loss = run.ds["loss"].sel(step=gsteps)
+
+    # -- correlation statistics ---------------------------------------------------------
+    mc = labels = None
+    lag_results = {}
+    try:
+        _log(f"mean gradient correlation (h={h}) and phases", progress)
+        ph = _phases(run, h=h)
+        save_result(ph, res_dir / "phases.nc")
+        mc = ph["mean_corr"]
+        labels = np.asarray(ph["phase"].values).astype(str)
+        facts["share of the loss decrease under zigzag"] = f"{100 * float(ph.attrs['zigzag_share']):.1f}%" \
+            if np.isfinite(ph.attrs.get("zigzag_share", np.nan)) else "n/a"
+        gs = ph.attrs.get("gawu_step", -1)
+        facts["GAWU change point (first + to - crossing of the mean correlation)"] = "none" if gs < 0 else f"step {gs}"
+        counts = {k: int((labels == k).sum()) for k in ("smooth", "zigzag", "random")}
+        facts["steps per phase (thresholds +-0.5)"] = ", ".join(f"{k} {v}" for k, v in counts.items())
+    except AnalysisError as err:
+        notes.append(f"No mean gradient correlation: {err}")
+    for lag in (1, 2, 3):
+        try:
+            lag_results[lag] = C.lag_series(run, lag)
+        except AnalysisError as err:
+            notes.append(f"lag {lag}: {err}")
+    if lag_results:
+        save_result(xr.Dataset({f"lag{k}": v.reset_coords(drop=True) for k, v in lag_results.items()}), res_dir / "lags.nc")
+
+    windows = _pick_windows(mc, labels, gsteps, h) if mc is not None else []
+
+    # -- Figure 1: loss, mean correlation, windows ----------------------------------------
+    _log("figure 1: loss, mean correlation and h x h windows", progress)
+    nwin = max(len(windows), 1)
+    fig = plt.figure(figsize=(4.6 * max(nwin, 2), 8.2), layout="constrained")
+    gs_ = fig.add_gridspec(2, 2 * nwin)
+    ax_loss = fig.add_subplot(gs_[0, :nwin])
+    ax_mc = fig.add_subplot(gs_[0, nwin:])
+    plots.plot_loss(loss, ax_loss, markers=windows)
+    if mc is not None:
+        plots.plot_mean_corr(mc, ax_mc, markers=windows)
+    else:
+        ax_mc.text(0.5, 0.5, "mean correlation not available\n(see notes)", ha="center", va="center")
+    win_results = {}
+    for i, w in enumerate(windows):
+        cw = C.corr_window(run, w, h=h)
+        win_results[w] = cw
+        save_result(cw, res_dir / f"corr_window_{w}.nc")
+        plots.plot_corr_matrix(cw, fig.add_subplot(gs_[1, 2 * i : 2 * i + 2]), title=f"window at step {w}")
+    fig.suptitle(f"{Path(str(run.path)).name}: training loss, mean gradient correlation and {h} x {h} windows")
+    figures.append((_save_fig(fig, out / "fig1_overview.png"),
+                    "Training loss and mean gradient correlation (zigzag paper, eq. 3) with markers at the steps "
+                    f"whose {h} x {h} pairwise correlation matrices are drawn below (zigzag paper, Figure 1)."))
+
+    # -- full T x T matrix --------------------------------------------------------------
+    sel = gsteps if len(gsteps) <= MAX_FULL_MATRIX else gsteps[np.linspace(0, len(gsteps) - 1, MAX_FULL_MATRIX).round().astype(int)]
+    _log(f"full correlation matrix over {len(sel)} steps", progress)
+    full = C.corr_matrix(run, list(map(int, sel)), progress=progress)
+    save_result(full, res_dir / "corr_full.nc")
+    fig, ax = plt.subplots(figsize=(7.5, 6.3), layout="constrained")
+    plots.plot_corr_matrix(full, ax, title=f"gradient correlation, all {len(sel)} steps"
+                           + ("" if len(sel) == len(gsteps) else f" (evenly subsampled from {len(gsteps)})"))
+    figures.append((_save_fig(fig, out / "corr_full.png"),
+                    "The full pairwise gradient correlation matrix (one Gram pass over the store)."))
+
+    # -- sign shift next to correlation (Figure 8) ---------------------------------------
+    if windows:
+        _log("sign shift windows", progress)
+        fig, axes = plt.subplots(2, len(windows), figsize=(4.6 * len(windows), 8), layout="constrained", squeeze=False)
+        for i, w in enumerate(windows):
+            sw = S.sign_shift_window(run, w, h=h)
+            save_result(sw, res_dir / f"sign_window_{w}.nc")
+            plots.plot_corr_matrix(win_results[w], axes[0, i], title=f"correlation, window at step {w}")
+            plots.plot_sign_shift_matrix(sw["sign_shift"], axes[1, i], title=f"% entries flipping sign, step {w}")
+        figures.append((_save_fig(fig, out / "sign_shift.png"),
+                        "Pairwise correlation (top) and the percentage of gradient entries with opposite signs "
+                        "(bottom), among entries non-zero at both steps (zigzag paper, Figure 8)."))
+    try:
+        sl = S.sign_shift_lag(run, 1)
+        save_result(sl, res_dir / "sign_shift_lag1.nc")
+        v = np.asarray(sl["sign_shift"].values, float)
+        if labels is not None and mc is not None:
+            zz = np.isin(np.asarray(sl["step"].values), np.asarray(mc["step"].values)[labels == "zigzag"])
+            if zz.any():
+                facts["entries flipping sign between adjacent steps, zigzag phase"] = f"{np.nanmean(v[zz]):.1f}%"
+        facts["entries flipping sign between adjacent steps, whole run"] = f"{np.nanmean(v):.1f}%"
+    except AnalysisError as err:
+        notes.append(f"sign shift at lag 1: {err}")
+
+    # -- lags ---------------------------------------------------------------------------
+    if lag_results:
+        fig, ax = plt.subplots(figsize=(8, 3.8), layout="constrained")
+        plots.plot_lags(lag_results, ax)
+        figures.append((_save_fig(fig, out / "lags.png"),
+                        "Correlation between gradients 1, 2 and 3 training steps apart. Zigzag: lag 1 negative, "
+                        "lag 2 positive, lag 3 negative."))
+        if 1 in lag_results:
+            v = np.asarray(lag_results[1].values, float)
+            facts["adjacent gradient correlation mu(t, t+1): min / median"] = f"{np.nanmin(v):+.3f} / {np.nanmedian(v):+.3f}"
+
+    # -- phases ---------------------------------------------------------------------------
+    if labels is not None:
+        fig, ax = plt.subplots(figsize=(8, 3.8), layout="constrained")
+        plots.plot_phases(ph["phase"], loss, ax)
+        figures.append((_save_fig(fig, out / "phases.png"),
+                        "Geometry phases from the mean gradient correlation (smooth > 0.5, zigzag < -0.5, "
+                        "random otherwise) behind the training loss."))
+
+    # -- RSI / EB / gamma ---------------------------------------------------------------
+    try:
+        _log(f"RSI / EB / gamma against {reference}", progress)
+        r = _rsi(run, reference, exclude_tail=exclude_tail)
+        save_result(r, res_dir / "rsi.nc")
+        g = np.asarray(r["gamma"].values, float)
+        fin = g[np.isfinite(g)]
+        if fin.size:
+            facts[f"gamma > 0 (against {r.attrs.get('reference')})"] = f"{100 * (fin > 0).mean():.1f}% of {fin.size} steps"
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
+        plots.plot_gamma(r, axes[0])
+        plots.plot_rsi(r, axes[1])
+        plots.plot_eb(r, axes[2])
+        figures.append((_save_fig(fig, out / "rsi_eb_gamma.png"),
+                        "gamma = cos(G_t, w_t - w*), RSI and EB against the reference, mean per epoch (or per bin of "
+                        "steps) with min-max shading; dashed: the random-walk baseline (T - t)^(-1/2) "
+                        "(No Wrong Turns, Figures 1-2)."))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+        plots.plot_eta_star(r, axes[0])
+        plots.plot_distance(r, axes[1])
+        figures.append((_save_fig(fig, out / "eta_star_distance.png"),
+                        "Locally optimal learning rate RSI / EB^2 beside the learning rate used (No Wrong Turns, "
+                        "Figure 3), and the distance to the reference."))
+    except AnalysisError as err:
+        notes.append(f"RSI / EB / gamma: {err}")
+
+    # -- per layer ------------------------------------------------------------------------
+    layer_html = ""
+    try:
+        lt = L.layer_table(run, exclude_tail=exclude_tail)
+        save_result(lt, res_dir / "layers.nc")
+        df = lt.to_dataframe() if hasattr(lt, "to_dataframe") else lt
+        layer_html = df.to_html(float_format=lambda x: f"{x:.4g}", border=0, classes="tbl")
+    except AnalysisError as err:
+        notes.append(f"per-layer table: {err}")
+
+    info = store_info(str(run.path))
+    (res_dir / "info.json").write_text(json.dumps(info, indent=1, default=str))
+    index = out / "index.html"
+    index.write_text(_html(run, info, format_info(info), figures, facts, notes, layer_html, time.perf_counter() - t0))
+    _log(f"done in {time.perf_counter() - t0:.1f} s: {index}", progress)
+    return index
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
+figure{margin:1.5em 0} figure img{max-width:100%;border:1px solid #eee}
+figcaption{color:#555;font-size:.92em;max-width:70em}
+pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:.85em}
+table.facts td{padding:.2em 1em .2em 0} .tbl{border-collapse:collapse;font-size:.85em}
+.tbl td,.tbl th{padding:.2em .6em;border-bottom:1px solid #eee;text-align:right}
+.note{color:#8a5a00}
+"""
+
+
+def _html(run, info, info_text, figures, facts, notes, layer_html, seconds) -> str:
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(k)}</td><td><b>{e(v)}</b></td></tr>" for k, v in facts.items())
+    figs = "".join(
+        f'<figure><img src="{e(f)}" alt="{e(f)}"><figcaption>{e(c)}</figcaption></figure>' for f, c in figures
+    )
+    note_html = "".join(f'<p class="note">{e(n)}</p>' for n in notes)
+    settings = json.dumps(info.get("settings") or {}, indent=1, default=str)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>gradtrace report: {e(str(run.path))}</title><style>{CSS}</style></head>
+<body>
+<h1>gradtrace report</h1>
+<p>Store <code>{e(str(run.path))}</code>: {info['n_gradient_steps']} gradient steps, {info['n_params']:,} parameters.
+Made in {seconds:.1f} s. Every figure is drawn from the results saved in <code>results/</code>
+(open them with <code>xarray.open_dataset</code>).</p>
+<h2>Key numbers</h2>
+<table class="facts">{rows}</table>
+{note_html}
+<h2>Figures</h2>
+{figs}
+<h2>Per layer</h2>
+{layer_html or '<p>not available</p>'}
+<h2>The run</h2>
+<pre>{e(info_text)}</pre>
+<h2>Settings</h2>
+<pre>{e(settings)}</pre>
+</body></html>
+"""

@@ -1,0 +1,139 @@
+"""What a store holds: the facts behind ``gradtrace info``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from analysis import format as fmt
+
+
+def _sizes(path: str) -> dict[str, int]:
+    """Bytes on disk per top-level key (array name) of the store."""
+    out: dict[str, int] = {}
+    if "://" in path and not path.startswith("file://"):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(path)
+        for f, info in fs.find(root, detail=True).items():
+            rel = f[len(root):].lstrip("/")
+            key = rel.split("/", 1)[0]
+            out[key] = out.get(key, 0) + int(info.get("size") or 0)
+        return out
+    root = Path(path.removeprefix("file://"))
+    for dirpath, _, files in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        key = rel.parts[0] if rel.parts else "."
+        for f in files:
+            try:
+                out[key] = out.get(key, 0) + (Path(dirpath) / f).stat().st_size
+            except OSError:
+                pass
+    return out
+
+
+def store_info(path: str) -> dict:
+    """A JSON-able summary of the store at ``path``.
+
+    Returns:
+        dict with the steps (count, first, last, final iterate), the schedule, tiers, bytes
+        on disk against the raw float32 size, the layers, flagged steps and the settings.
+    """
+    from analysis.store import open_run
+
+    run = open_run(path)
+    h = run.header
+    steps = run.steps
+    gsteps = run.grad_steps
+    flags = run.flags
+    d = h.n_params
+    sizes = _sizes(str(path))
+    data_keys = [k for k in sizes if k in ("grad", "weight") or k.startswith(("grad_", "weight_"))
+                 and k.endswith(("_sketch", "_signbits", "_nonzero"))]
+    data_bytes = sum(sizes[k] for k in data_keys)
+    raw = 4 * d * (len(gsteps) + len(steps))  # float32 gradient rows + weight rows
+    flagged = {}
+    for bit, name in fmt.FLAG_NAMES.items():
+        if bit == fmt.FLAG_FINAL:
+            continue
+        hit = steps[(flags & bit) != 0]
+        if len(hit):
+            flagged[name] = [int(s) for s in hit[:50]]
+    gaps = np.diff(gsteps)
+    return {
+        "path": str(path),
+        "format_version": h.format_version,
+        "closed_cleanly": bool(h.closed),
+        "n_rows": int(len(steps)),
+        "n_gradient_steps": int(len(gsteps)),
+        "first_step": int(gsteps[0]) if len(gsteps) else None,
+        "last_gradient_step": int(gsteps[-1]) if len(gsteps) else None,
+        "final_iterate_step": run.final_step,
+        "step_gaps": sorted({int(g) for g in np.unique(gaps)})[:10] if len(gaps) else [],
+        "epochs": sorted({int(e) for e in np.unique(run.ds["epoch"].values) if e >= 0})[-1:] if len(steps) else [],
+        "schedule": h.schedule,
+        "tiers": {k: v.to_json() for k, v in h.tiers.items()},
+        "n_params": d,
+        "bytes_on_disk": int(sum(sizes.values())),
+        "data_bytes_on_disk": int(data_bytes),
+        "raw_float32_bytes": int(raw),
+        "compression_ratio": (raw / data_bytes) if data_bytes else None,
+        "layers": [{"name": t.name, "shape": list(t.shape), "size": t.size, "offset": t.offset} for t in h.tensors],
+        "flagged_steps": flagged,
+        "n_nonfinite_steps": int(((flags & fmt.FLAG_NONFINITE_GRAD) != 0).sum()),
+        "settings": h.settings,
+        "parent": h.parent,
+    }
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def format_info(info: dict) -> str:
+    """Human-readable text of :func:`store_info`."""
+    lines = [f"store:     {info['path']} (format v{info['format_version']}, "
+             f"{'closed cleanly' if info['closed_cleanly'] else 'NOT closed cleanly: recovered up to the last committed step'})"]
+    if info["n_gradient_steps"]:
+        gaps = info["step_gaps"]
+        lines.append(f"steps:     {info['n_gradient_steps']} gradient steps, {info['first_step']}..{info['last_gradient_step']}"
+                     + (f" (gaps between recorded steps: {', '.join(map(str, gaps))})" if gaps and gaps != [1] else " (every step)"))
+    else:
+        lines.append("steps:     none recorded")
+    fin = info["final_iterate_step"]
+    lines.append(f"final:     {'weights after the last update at step ' + str(fin) if fin is not None else 'no final iterate recorded'}")
+    sched = info["schedule"]
+    lines.append(f"schedule:  {sched.get('describe', sched) if isinstance(sched, dict) else sched}")
+    lines.append("tiers:     " + ", ".join(f"{k} {v['tier']}" + (f" (keepbits {v['keepbits']})" if 'keepbits' in v else "")
+                                          + (f" (k={v['sketch_dim']}, seed {v['seed']})" if 'sketch_dim' in v else "")
+                                          for k, v in info["tiers"].items()))
+    ratio = info["compression_ratio"]
+    lines.append(f"size:      {_human(info['bytes_on_disk'])} on disk; gradient/weight data {_human(info['data_bytes_on_disk'])} "
+                 f"for {_human(info['raw_float32_bytes'])} raw float32"
+                 + (f" (compression {ratio:.2f}x)" if ratio else ""))
+    lines.append(f"params:    {info['n_params']:,} in {len(info['layers'])} tensors")
+    for t in info["layers"][:40]:
+        lines.append(f"  {t['name']:40s} {str(tuple(t['shape'])):>22s} {t['size']:>12,}")
+    if len(info["layers"]) > 40:
+        lines.append(f"  ... {len(info['layers']) - 40} more")
+    if info["flagged_steps"]:
+        for name, steps in info["flagged_steps"].items():
+            lines.append(f"flags:     {name} at {len(steps)}{'+' if len(steps) >= 50 else ''} steps: {steps[:10]}")
+    else:
+        lines.append("flags:     none (no NaN/Inf, no missing gradients)")
+    s = info["settings"] or {}
+    keys = [k for k in ("optimizer", "optimizer_hparams", "lr", "weight_decay", "clip", "seed", "torch", "device", "model",
+                        "n_params", "recipe") if k in s]
+    for k in keys or list(s)[:12]:
+        v = s[k]
+        txt = v if isinstance(v, str) else repr(v)
+        lines.append(f"setting:   {k} = {txt[:150]}")
+    if info.get("parent"):
+        lines.append(f"parent:    {info['parent']}")
+    return "\n".join(lines)
