@@ -35,6 +35,8 @@ SLAB_BYTES = 256 * 2**20
 BLOCK_BYTES = 16 * 2**20
 #: A pass that reads more than this shows a progress bar when ``progress=None`` and stderr is a TTY.
 AUTO_PROGRESS_BYTES = 4 * 2**30
+#: Columns per row chunk in row-wise kernels (float64 row buffers stay in the L2 cache).
+ROW_CHUNK = 2**16
 MAX_SLAB_COLS = 2**22
 
 SPACES = ("param", "sketch", "bits")
@@ -54,7 +56,7 @@ def _buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     return buf[:need].reshape(shape)
 
 
-def _index(pos: np.ndarray, n: int):
+def _index(pos: np.ndarray):
     """``slice`` when ``pos`` is a contiguous run (no copy when indexing), else the array."""
     pos = np.asarray(pos, dtype=np.int64)
     if len(pos) == 0:
@@ -109,17 +111,28 @@ class _Gram:
         return (len(self.g), len(self.g))
 
     def partial(self, data, a, b):
-        rows = _index(self.g, data.n_grad)
+        rows = _index(self.g)
         out = np.zeros(self.shape())
         for c0, c1 in _col_blocks(a, b, len(self.g), 8 if self.precision == "float64" else 4):
             x = data.grad[rows, c0:c1]
             if self.precision == "float64":
                 x = _as64(x, "gram")
                 out += x @ x.T  # numpy calls the symmetric rank-k update (syrk) for x @ x.T
-            else:
-                x = np.ascontiguousarray(x)
+            else:  # float32 products of a block, summed in float64 across blocks
                 out += x @ x.T
         return out
+
+
+def _runs(ia: np.ndarray, ib: np.ndarray):
+    """Split pairs (ia[k], ib[k]) into runs where both advance by 1: ``(k0, k1, sa, sb)`` with
+    slices ``sa``, ``sb`` (views, no copies) covering pairs k0..k1-1."""
+    k, n = 0, len(ia)
+    while k < n:
+        e = k + 1
+        while e < n and ia[e] == ia[e - 1] + 1 and ib[e] == ib[e - 1] + 1:
+            e += 1
+        yield k, e, slice(int(ia[k]), int(ia[e - 1]) + 1), slice(int(ib[k]), int(ib[e - 1]) + 1)
+        k = e
 
 
 @dataclass(frozen=True)
@@ -133,11 +146,11 @@ class _PairDots:
 
     def partial(self, data, a, b):
         out = np.zeros(self.shape())
-        ra, rb = _index(self.ga, data.n_grad), _index(self.gb, data.n_grad)
-        for c0, c1 in _col_blocks(a, b, 2 * len(self.ga)):
-            xa = _as64(data.grad[ra, c0:c1], "pair_a")
-            xb = _as64(data.grad[rb, c0:c1], "pair_b")
-            out += np.einsum("ij,ij->i", xa, xb)
+        runs = list(_runs(self.ga, self.gb))
+        for c0, c1 in _col_blocks(a, b, data.n_grad):
+            x = _as64(data.grad[:, c0:c1], "pairs")  # every row cast once per block
+            for k0, k1, sa, sb in runs:
+                out[k0:k1] += np.einsum("ij,ij->i", x[sa], x[sb])
         return out
 
 
@@ -153,7 +166,7 @@ class _SignGram:
 
     def partial(self, data, a, b):
         out = np.zeros(self.shape())
-        rows = _index(self.g, data.n_grad)
+        rows = _index(self.g)
         for c0, c1 in _col_blocks(a, b, 2 * len(self.g), 4):
             s, n = _signs(data, rows, c0, c1)
             ss = (s @ s.T).astype(np.float64)  # agree - disagree, exact integers < 2**24
@@ -174,14 +187,14 @@ class _SignPairs:
 
     def partial(self, data, a, b):
         out = np.zeros(self.shape())
-        ra, rb = _index(self.ga, data.n_grad), _index(self.gb, data.n_grad)
-        for c0, c1 in _col_blocks(a, b, 2 * len(self.ga), 4):
-            sa, na = (v.copy() for v in _signs(data, ra, c0, c1))
-            sb, nb = _signs(data, rb, c0, c1)
-            ss = np.einsum("ij,ij->i", sa, sb).astype(np.float64)
-            nn = np.einsum("ij,ij->i", na, nb).astype(np.float64)
-            out[0] += (nn - ss) / 2.0
-            out[1] += nn
+        runs = list(_runs(self.ga, self.gb))
+        for c0, c1 in _col_blocks(a, b, 2 * data.n_grad, 4):
+            s, n = _signs(data, slice(None), c0, c1)
+            for k0, k1, sa, sb in runs:  # float32 sums of +-1/0: exact integers < 2**24
+                ss = np.einsum("ij,ij->i", s[sa], s[sb]).astype(np.float64)
+                nn = np.einsum("ij,ij->i", n[sa], n[sb]).astype(np.float64)
+                out[0, k0:k1] += (nn - ss) / 2.0
+                out[1, k0:k1] += nn
         return out
 
 
@@ -205,16 +218,22 @@ class _RefDist:
 
     def partial(self, data, a, b):
         out = np.zeros(self.shape())
-        rg, rw = _index(self.g, data.n_grad), _index(self.w, data.n_weight)
-        for c0, c1 in _col_blocks(a, b, 2 * len(self.w)):
+        # Row by row over column chunks that stay in cache: a float64 difference, two BLAS
+        # dots (memory-light; einsum over whole blocks is ~3x slower here).
+        step = max(1024, ROW_CHUNK)
+        for c0 in range(a, b, step):
+            c1 = min(b, c0 + step)
             if self.ref >= 0:
                 r = data.refs[self.ref][c0:c1]
             else:
                 r = self.coef @ _as64(data.weight[self.ref_w, c0:c1], "ref_rows")
-            diff = _buffer("ref_diff", (len(self.w), c1 - c0), np.float64)
-            np.subtract(data.weight[rw, c0:c1], r, out=diff)
-            out[0] += np.einsum("ij,ij->i", diff, diff)
-            out[1] += np.einsum("ij,ij->i", _as64(data.grad[rg, c0:c1], "ref_g"), diff)
+            diff = _buffer("ref_diff", (c1 - c0,), np.float64)
+            g64 = _buffer("ref_g", (c1 - c0,), np.float64)
+            for k in range(len(self.w)):
+                np.subtract(data.weight[self.w[k], c0:c1], r, out=diff)
+                np.copyto(g64, data.grad[self.g[k], c0:c1])
+                out[0, k] += np.dot(diff, diff)
+                out[1, k] += np.dot(g64, diff)
         return out
 
 
@@ -271,7 +290,7 @@ def _covers(pieces, chunk: int) -> list[tuple[int, int]]:
 
 def _read_rows(arr, rows: np.ndarray, a: int, b: int) -> np.ndarray:
     b = min(b, arr.shape[1])
-    sel = _index(rows, arr.shape[0])
+    sel = _index(rows)
     if isinstance(sel, slice):
         return arr[sel, a:b]
     return arr.oindex[sel, a:b]
@@ -568,7 +587,7 @@ def _progress_bar(on: bool):
         return
     from dask.diagnostics import ProgressBar
 
-    with ProgressBar(minimum=1.0):
+    with ProgressBar():
         yield
 
 

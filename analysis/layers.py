@@ -74,7 +74,7 @@ def layer_table(run, steps=None, *, lag: int = 1, reference="final", exclude_tai
     zero[:, bad] = np.nan
     data = {
         "size": ("tensor", sizes.astype(np.int64)),
-        "shape": ("tensor", np.array([str(tuple(run.header.tensors[i].shape)) for i in group.indices])),
+        "shape": ("tensor", np.array([str(tuple(run.header.tensors[i].shape)) for i in group.indices], dtype=object)),
         "corr_mean": ("tensor", _nanmean(corr)),
         "sign_shift_mean": ("tensor", _nanmean(shift)),
         "zero_share_mean": ("tensor", _nanmean(zero)),
@@ -179,7 +179,7 @@ def balancedness(run, steps=None, *, layers=None, progress=None, scheduler=None)
     whole = dask.delayed(np.concatenate, pure=True)(parts, axis=0)
     vals = engine.compute(whole, progress=bool(progress), scheduler=scheduler)
     names = [f"{run.header.tensors[j].name}->{run.header.tensors[k].name}" for j, k in pairs]
-    coords = {"step": sel, "pair": names, **run.step_coords(sel)}
+    coords = {"step": sel, "pair": np.array(names, dtype=object), **run.step_coords(sel)}
     return xr.DataArray(vals, dims=("step", "pair"), coords=coords, name="balancedness",
                         attrs={"definition": "||W_{j+1}^T W_{j+1} - W_j W_j^T||_F / ||W_j||_F^2",
                                "tier": run.header.tiers["weight"].name,

@@ -48,7 +48,7 @@ def phase_labels(stat: xr.DataArray, *, smooth: float = 0.5, zigzag: float = -0.
         lab[mid] = "random"
         lab[v >= smooth] = "smooth"
         lab[v <= zigzag] = "zigzag"
-    out = stat.copy(data=lab.astype(str))
+    out = stat.copy(data=lab)  # object strings: variable-length in netCDF and Zarr v3
     out.name = "phase"
     out.attrs = {"smooth_threshold": smooth, "zigzag_threshold": zigzag,
                  "random_threshold": "between" if random is None else random,

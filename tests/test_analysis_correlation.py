@@ -160,3 +160,8 @@ def test_mean_corr_eq3(stores):
     assert np.isfinite(sparse.sel(step=[0, 1]).values).all() and np.isnan(sparse.sel(step=[2, 3, 10, 20]).values).all()
     with pytest.raises(ga.AnalysisError, match="h >= 2"):
         ga.mean_corr(d.path, h=1)
+
+
+def test_progress_bar_on_request(stores, capsys):
+    ga.corr_matrix(stores["lossless"].path, progress=True)
+    assert "100% Completed" in capsys.readouterr().out
