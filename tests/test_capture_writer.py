@@ -1,0 +1,260 @@
+"""StoreWriter: the bytes it writes itself decode exactly as zarr's own, and the commit protocol holds."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from analysis import format as fmt
+from capture import writer as cw
+from capture.writer import StoreWriter, tensor_scalars
+
+
+def _table(sizes=((3, 5), (7,), (2, 2, 2))):
+    return fmt.tensor_table([(f"t{i}", s) for i, s in enumerate(sizes)])
+
+
+def _rows(rng, T, d):
+    g = rng.standard_normal((T, d)).astype(np.float32)
+    g[:, ::5] = 0.0  # exact zeros, as ReLU nets have
+    w = rng.standard_normal((T, d)).astype(np.float32)
+    return g, w
+
+
+@pytest.mark.parametrize("tier", ["lossless", "rounded:9", "sketch:16"])
+def test_chunks_are_byte_identical_to_zarr_setitem(tmp_path, tier):
+    """Each chunk file equals what zarr writes for the same array metadata and values."""
+    rng = np.random.default_rng(0)
+    tensors = _table()
+    d = sum(t.size for t in tensors)
+    g, w = _rows(rng, 3, d)
+    sw = StoreWriter(tmp_path / "a.zarr", tensors, {"grad": tier, "weight": tier}, param_chunk=8)
+    for t in range(3):
+        sw.append(t, g[t], w[t], loss=0.5 * t, lr=0.1, epoch=t)
+    assert all(aw.mode in ("rows", "patch") for aw in sw._w.values())
+    group = zarr.open_group(str(tmp_path / "a.zarr"), mode="r", use_consolidated=False)
+    ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="w")
+    compared = 0
+    for name, aw in sw._w.items():
+        arr = group[name]
+        twin = ref.create_array(
+            name, shape=arr.shape, chunks=arr.chunks, dtype=arr.dtype, fill_value=arr.fill_value,
+            compressors=arr.compressors, serializer=arr.serializer, dimension_names=arr.metadata.dimension_names,
+            config={"write_empty_chunks": True},
+        )
+        twin[:3] = arr[:3]
+        keys = [k for k in (tmp_path / "ref.zarr" / name / "c").rglob("*") if k.is_file()]
+        assert keys, name
+        for key in keys:
+            mine = tmp_path / "a.zarr" / name / key.relative_to(tmp_path / "ref.zarr" / name)
+            assert mine.read_bytes() == key.read_bytes(), (name, key)
+        compared += len(keys)
+    assert compared >= 3 * 2 + 11
+
+
+def test_lossless_round_trip_and_per_step_values(tmp_path):
+    rng = np.random.default_rng(1)
+    tensors = _table(((40,), (13, 3), (5,)))  # d = 84: edge chunks of 84 % 16
+    d = sum(t.size for t in tensors)
+    g, w = _rows(rng, 5, d)
+    g[3, 7] = np.inf
+    sw = StoreWriter(tmp_path / "r.zarr", tensors, param_chunk=16, expected_steps=2)  # forces growth
+    for t in range(5):
+        sw.append(10 + 2 * t, g[t], w[t], loss=t + 0.25, lr=0.1 / (t + 1), epoch=t // 2)
+    final = rng.standard_normal(d).astype(np.float32)
+    sw.close(final)
+    ds = xr.open_zarr(tmp_path / "r.zarr")
+    assert ds.sizes["step"] == 6
+    np.testing.assert_array_equal(ds.step.values, [10, 12, 14, 16, 18, 19])
+    np.testing.assert_array_equal(ds.grad.values[:5], g)
+    assert np.isnan(ds.grad.values[5]).all()
+    np.testing.assert_array_equal(ds.weight.values, np.vstack([w, final]))
+    np.testing.assert_array_equal(ds.loss.values[:5], np.arange(5) + 0.25)
+    np.testing.assert_array_equal(ds.lr.values[:5], 0.1 / (np.arange(5) + 1))
+    np.testing.assert_array_equal(ds.epoch.values, [0, 0, 1, 1, 2, -1])
+    flags = ds.flags.values
+    assert flags[3] & fmt.FLAG_NONFINITE_GRAD and not flags[2] & fmt.FLAG_NONFINITE_GRAD
+    assert flags[5] & fmt.FLAG_FINAL
+    g64, w64 = g.astype(np.float64), w.astype(np.float64)
+    np.testing.assert_allclose(ds.weight_sqnorm.values[:5], (w64**2).sum(1), rtol=1e-13)
+    np.testing.assert_allclose(ds.grad_dot_weight.values[[0, 1, 2, 4]], (g64 * w64).sum(1)[[0, 1, 2, 4]], rtol=1e-12)
+    per_tensor = ds.grad_sqnorm_tensor.values
+    for i, t in enumerate(tensors):
+        np.testing.assert_allclose(per_tensor[[0, 1, 2, 4], i], (g64[[0, 1, 2, 4], t.offset : t.offset + t.size] ** 2).sum(1), rtol=1e-12)
+    header = fmt.read_header(tmp_path / "r.zarr")
+    assert header.closed and header.has_final and header.n_steps == 6
+    assert header.extra["n_nonfinite_steps"] == 1
+
+
+def test_header_is_strict_json(tmp_path):
+    sw = StoreWriter(tmp_path / "j.zarr", _table(), settings={"clip": float("inf"), "x": np.float32(2.5)})
+    sw.append(0, np.zeros(sw.d, np.float32), np.ones(sw.d, np.float32))
+
+    def refuse(const):
+        raise ValueError(f"non-standard JSON constant {const}")
+
+    doc = json.loads((tmp_path / "j.zarr" / "zarr.json").read_text(), parse_constant=refuse)
+    assert doc["attributes"]["gradtrace"]["settings"]["clip"] == "inf"
+
+
+def test_torn_row_is_never_visible_and_is_rewritten(tmp_path):
+    """A kill after a row's chunks but before the marker: readers see n rows; resume rewrites it."""
+    rng = np.random.default_rng(2)
+    tensors = _table()
+    d = sum(t.size for t in tensors)
+    g, w = _rows(rng, 4, d)
+    path = tmp_path / "t.zarr"
+    sw = StoreWriter(path, tensors, param_chunk=8)
+    sw.append(0, g[0], w[0], loss=1.0)
+    sw.append(1, g[1], w[1], loss=2.0)
+    # simulate the torn step 2: garbage chunks for row 2 and a half-written per-step row
+    for name in ("grad", "weight"):
+        for j in range(sw._w[name].n_col_chunks):
+            key = path / name / "c" / "2" / str(j)
+            key.parent.mkdir(parents=True, exist_ok=True)
+            key.write_bytes(b"torn")
+    sw._w["loss"].set(2, 99.0)
+    del sw  # killed: no close
+    header = fmt.read_header(path)
+    assert header.n_steps == 2 and not header.closed
+    group = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    np.testing.assert_array_equal(group["grad"][:2], g[:2])
+    np.testing.assert_array_equal(group["loss"][:2], [1.0, 2.0])
+    # resume and close at once: row 2 becomes the final iterate, its grad must read as NaN
+    sw = StoreWriter(path, tensors, mode="resume")
+    sw.close(w[2])
+    ds = xr.open_zarr(path)
+    np.testing.assert_array_equal(ds.step.values, [0, 1, 2])
+    assert np.isnan(ds.grad.values[2]).all()
+    np.testing.assert_array_equal(ds.weight.values[2], w[2])
+    assert np.isnan(ds.loss.values[2])
+
+
+def test_resume_inside_a_block_keeps_committed_rows(tmp_path):
+    rng = np.random.default_rng(3)
+    tensors = _table()
+    d = sum(t.size for t in tensors)
+    g, w = _rows(rng, 6, d)
+    path = tmp_path / "b.zarr"
+    sw = StoreWriter(path, tensors)
+    for t in range(3):
+        sw.append(t, g[t], w[t], loss=float(t))
+    sw.close(w[3])
+    sw = StoreWriter(path, tensors, mode="resume")  # drops the final iterate, appends after step 2
+    assert sw.n_steps == 3 and sw.last_step == 2
+    for t in range(3, 6):
+        sw.append(t, g[t], w[t], loss=float(t))
+    sw.close()
+    ds = xr.open_zarr(path)
+    np.testing.assert_array_equal(ds.loss.values, np.arange(6.0))
+    np.testing.assert_array_equal(ds.grad.values, g)
+    assert not list(path.rglob("*.partial"))
+
+
+def test_resume_step_drops_later_rows(tmp_path):
+    rng = np.random.default_rng(4)
+    tensors = _table()
+    g, w = _rows(rng, 8, sum(t.size for t in tensors))
+    path = tmp_path / "s.zarr"
+    sw = StoreWriter(path, tensors)
+    for t in range(6):
+        sw.append(t, g[t], w[t])
+    sw.close(w[6])
+    sw = StoreWriter(path, tensors, mode="resume", resume_step=4)  # checkpoint taken at step 4
+    assert sw.n_steps == 4
+    sw.append(4, g[7], w[7])
+    sw.close()
+    ds = xr.open_zarr(path)
+    np.testing.assert_array_equal(ds.step.values, [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(ds.grad.values[4], g[7])
+    with pytest.raises(ValueError, match="steps must increase"):
+        StoreWriter(path, tensors, mode="resume").append(2, g[0], w[0])
+
+
+def test_compressed_per_step_arrays_of_older_stores_still_resume(tmp_path, monkeypatch):
+    """Stores written before the per-step arrays went uncompressed use the block path."""
+    from zarr.codecs import ZstdCodec
+
+    monkeypatch.setattr(fmt, "_scalar_codecs", lambda: [ZstdCodec(level=3)])
+    rng = np.random.default_rng(5)
+    tensors = _table()
+    g, w = _rows(rng, 4, sum(t.size for t in tensors))
+    path = tmp_path / "old.zarr"
+    sw = StoreWriter(path, tensors)
+    assert sw._w["loss"].mode == "block"
+    sw.append(0, g[0], w[0], loss=1.5)
+    sw.append(1, g[1], w[1], loss=2.5)
+    del sw
+    monkeypatch.undo()
+    sw = StoreWriter(path, tensors, mode="resume")
+    assert sw._w["loss"].mode == "block"
+    sw.append(2, g[2], w[2], loss=3.5)
+    sw.close()
+    np.testing.assert_array_equal(xr.open_zarr(path).loss.values, [1.5, 2.5, 3.5])
+
+
+def test_unknown_codecs_fall_back_to_zarr(tmp_path, monkeypatch):
+    from zarr.codecs import GzipCodec
+
+    monkeypatch.setattr(fmt, "_lossless_codecs", lambda: [GzipCodec(level=1)])
+    rng = np.random.default_rng(6)
+    tensors = _table()
+    g, w = _rows(rng, 2, sum(t.size for t in tensors))
+    sw = StoreWriter(tmp_path / "gz.zarr", tensors, param_chunk=8)
+    assert sw._w["grad"].mode == "zarr"
+    sw.append(0, g[0], w[0])
+    sw.append(1, g[1], w[1])
+    sw.close()
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "gz.zarr").grad.values, g)
+
+
+def test_refusals(tmp_path):
+    tensors = _table()
+    path = tmp_path / "x.zarr"
+    StoreWriter(path, tensors).close()
+    with pytest.raises(FileExistsError, match="resume=True"):
+        StoreWriter(path, tensors)
+    with pytest.raises(fmt.StoreMismatchError, match="parameter table"):
+        StoreWriter(path, _table(((3, 5), (8,))), mode="resume")
+    with pytest.raises(fmt.StoreMismatchError, match="tier"):
+        StoreWriter(path, tensors, {"grad": "rounded:7"}, mode="resume")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        StoreWriter(tmp_path / "nope.zarr", tensors, mode="resume")
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        StoreWriter(tmp_path / "e.zarr", [])
+    (tmp_path / "notzarr").mkdir()
+    (tmp_path / "notzarr" / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a Zarr store"):
+        StoreWriter(tmp_path / "notzarr", tensors, mode="overwrite")
+    assert (tmp_path / "notzarr" / "precious.txt").exists()
+
+
+def test_tensor_scalars_are_float64_accurate():
+    rng = np.random.default_rng(7)
+    tensors = fmt.tensor_table([("a", (100_000,)), ("b", (3,))])
+    g = (rng.standard_normal(100_003) * 1e3).astype(np.float32)
+    w = rng.standard_normal(100_003).astype(np.float32)
+    gg, ww, gw = tensor_scalars(tensors, g, w)
+    g64, w64 = g.astype(np.float64), w.astype(np.float64)
+    for i, sl in enumerate((slice(0, 100_000), slice(100_000, None))):
+        assert math.isclose(gg[i], float(np.dot(g64[sl], g64[sl])), rel_tol=1e-13)
+        assert math.isclose(gw[i], float(np.dot(g64[sl], w64[sl])), rel_tol=1e-10, abs_tol=1e-9)
+    gg, ww, gw = tensor_scalars(tensors, None, w)
+    assert np.isnan(gg).all() and np.isnan(gw).all() and np.isfinite(ww).all()
+
+
+def test_atomic_put_leaves_old_content_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "k"
+    cw.atomic_put(target, b"old")
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cw.os, "replace", boom)
+    with pytest.raises(OSError):
+        cw.atomic_put(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert list(tmp_path.iterdir()) == [target]
