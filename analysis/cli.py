@@ -312,19 +312,20 @@ def cmd_report(args) -> int:
 
 
 def cmd_record(args) -> int:
-    from capture.recipes import load_config, run_recipe
+    from capture.recipes import load_config, parse_overrides, run_recipe
 
-    overrides = {}
-    for item in args.set or []:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: use KEY=VALUE, e.g. --set lr=0.05")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = _literal(v.strip())
-    for key in ("model", "dataset", "optimizer", "lr", "steps", "epochs", "batch_size", "seed", "schedule",
-                "grad_tier", "weight_tier", "device"):
+    overrides = parse_overrides(args.set or [])
+    for key, field in (("model", "model"), ("dataset", "dataset"), ("optimizer", "optimizer"), ("lr", "lr"),
+                       ("steps", "steps"), ("epochs", "epochs"), ("batch_size", "batch_size"), ("seed", "seed"),
+                       ("schedule", "record"), ("grad_tier", "grad_tier"), ("weight_tier", "weight_tier"),
+                       ("device", "device")):
         val = getattr(args, key, None)
         if val is not None:
-            overrides[key] = val
+            overrides[field] = val
+    if args.steps is not None and "epochs" not in overrides:
+        overrides["epochs"] = None  # --steps replaces a preset's epochs
+    if args.epochs is not None and "steps" not in overrides:
+        overrides["steps"] = None
     source = args.config or args.preset
     if not source:
         raise UserError("give --preset NAME or --config FILE (see `gradtrace record --list-presets`)")
@@ -334,34 +335,13 @@ def cmd_record(args) -> int:
     return 0
 
 
-def _literal(text: str):
-    low = text.lower()
-    if low in ("none", "null"):
-        return None
-    if low in ("true", "false"):
-        return low == "true"
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    if text.startswith(("[", "{", "(")):
-        try:
-            return json.loads(text.replace("(", "[").replace(")", "]"))
-        except json.JSONDecodeError:
-            pass
-    return text
-
-
 def cmd_demo(args) -> int:
-    from capture.recipes import PRESETS, run_recipe
-    import dataclasses
+    from capture.recipes import load_config, run_recipe
 
     out = Path(args.out)
     store = out / "run.zarr"
-    config = PRESETS["demo"]
-    if args.steps is not None:
-        config = dataclasses.replace(config, steps=args.steps)
+    overrides = {} if args.steps is None else {"steps": args.steps}
+    config = load_config("demo-quick" if args.quick else "demo", **overrides)
     print(f"gradtrace demo: training {config.model} on {config.dataset} with full-batch gradient descent "
           f"(lr {config.lr}), recording every step into {store}")
     t0 = time.perf_counter()
@@ -406,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "a large learning rate, record every step, and write the report (a few minutes on 2 cores).")
     p.add_argument("--out", default="gradtrace-demo", help="output directory (default: ./gradtrace-demo)")
     p.add_argument("--steps", type=int, help="training steps (default: the demo preset's)")
+    p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (seconds; used by the tests)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("record", help="train a recipe from the papers and record it",
@@ -515,16 +496,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # zarr warns that consolidated metadata (written at close, for plain xarray readers) is not
+    # in the v3 spec yet; that is known and harmless here, so keep the terminal clean.
+    warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "list_presets", False):
-        from capture.recipes import PRESETS
+        from capture.recipes import describe_presets
 
-        for name, cfg in PRESETS.items():
-            print(f"{name:28s} {getattr(cfg, 'description', '') or ''}")
+        for name, doc in describe_presets().items():
+            print(f"{name:30s} {doc}")
         return 0
     if args.command == "record" and not args.out:
-        parser.error("record needs --out PATH (the store to write)")
+        print("gradtrace: error: record needs --out PATH (the store to write)", file=sys.stderr)
+        return EXIT_USAGE
     debug = os.environ.get("GRADTRACE_DEBUG")
     try:
         return int(args.func(args) or 0)

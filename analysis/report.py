@@ -160,7 +160,7 @@ def write_report(store, out_dir, *, h: int = 5, reference="final", exclude_tail=
     # -- full T x T matrix --------------------------------------------------------------
     sel = gsteps if len(gsteps) <= MAX_FULL_MATRIX else gsteps[np.linspace(0, len(gsteps) - 1, MAX_FULL_MATRIX).round().astype(int)]
     _log(f"full correlation matrix over {len(sel)} steps", progress)
-    full = C.corr_matrix(run, list(map(int, sel)), progress=progress)
+    full = C.corr_matrix(run, list(map(int, sel)))
     save_result(full, res_dir / "corr_full.nc")
     fig, ax = plt.subplots(figsize=(7.5, 6.3), layout="constrained")
     plots.plot_corr_matrix(full, ax, title=f"gradient correlation, all {len(sel)} steps"
