@@ -20,6 +20,7 @@ client (tasks carry :class:`analysis.store.ArrayRef` handles, which each worker 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -30,7 +31,7 @@ import numpy as np
 from analysis.store import ArrayRef, ParamGroup, Run
 
 #: Target bytes of raw data read per slab task (several slabs are in flight at once).
-SLAB_BYTES = 256 * 2**20
+SLAB_BYTES = 128 * 2**20
 #: Columns cast to float64 at a time inside a slab (keeps the float64 copy in cache/small).
 BLOCK_BYTES = 16 * 2**20
 #: A pass that reads more than this shows a progress bar when ``progress=None`` and stderr is a TTY.
@@ -38,6 +39,7 @@ AUTO_PROGRESS_BYTES = 4 * 2**30
 #: Columns per row chunk in row-wise kernels (float64 row buffers stay in the L2 cache).
 ROW_CHUNK = 2**16
 MAX_SLAB_COLS = 2**22
+MIN_SLAB_COLS = 1024
 
 SPACES = ("param", "sketch", "bits")
 
@@ -460,9 +462,17 @@ class Pass:
         return [p for p in out if p[2] > p[1]]
 
     def _slabs(self, space: str, n_rows: int, chunk: int, col_bytes: float):
-        """Split the space's pieces into slabs: windows aligned to ``chunk`` columns."""
+        """Split the space's pieces into slabs: windows aligned to ``chunk`` columns.
+
+        With very many rows even one storage chunk per slab would exceed the memory budget;
+        the slab is then a fraction of a chunk (each chunk is decoded more than once: slower,
+        but memory stays bounded).
+        """
         width = int(SLAB_BYTES // max(1.0, n_rows * col_bytes))
-        width = max(chunk, min(MAX_SLAB_COLS, (width // chunk) * chunk))
+        if width >= chunk:
+            width = min(MAX_SLAB_COLS, (width // chunk) * chunk)
+        else:
+            width = chunk // 2 ** math.ceil(math.log2(chunk / max(width, MIN_SLAB_COLS)))
         slabs: dict[int, list] = {}
         for seg, lo, hi in self._columns(space):
             a = lo
@@ -509,6 +519,14 @@ class Pass:
         spec = _SpaceSpec(space, g, gz, w, grows, wrows, tuple(ops), len(self.group.indices) if self.per_tensor else 0)
         return spec, chunk
 
+    def _partial_bytes(self) -> int:
+        """Bytes of one slab's partial results (the Gram matrices dominate for large T)."""
+        n = 0
+        for q in self.requests:
+            rows = len(set(q.grad_rows))
+            n += {"gram": rows * rows, "signgram": 2 * rows * rows}.get(q.kind, 2 * len(q.grad_rows))
+        return 8 * n * (len(self.group.indices) if self.per_tensor else 1)
+
     def graph(self):
         """The dask Delayed object whose value is ``{key: float64 array}``, and bytes read."""
         import dask
@@ -532,8 +550,10 @@ class Pass:
                 nbytes += width * (len(spec.grad_rows) * (0.25 if space == "bits" else 4) + 4 * len(spec.weight_rows))
         if not parts:
             raise ValueError("nothing to compute: the pass has no requests")
-        while len(parts) > 1:  # tree reduction, 8 partial results per node
-            parts = [dask.delayed(_combine, pure=True)(*parts[i: i + 8]) for i in range(0, len(parts), 8)]
+        # tree reduction: up to 8 partial results per node, fewer when partials are big (T x T)
+        fan = int(max(2, min(8, SLAB_BYTES // max(1, self._partial_bytes()))))
+        while len(parts) > 1:
+            parts = [dask.delayed(_combine, pure=True)(*parts[i: i + fan]) for i in range(0, len(parts), fan)]
         return parts[0], int(nbytes)
 
     def compute(self, *, progress: bool | None = None, scheduler=None) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ built from the zarr arrays sliced to ``n_steps`` rather than from ``xarray.open_
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import importlib.util
 import json
 import math
@@ -32,7 +33,8 @@ DS_CHUNK_BYTES = 128 * 2**20
 
 _ZARRS = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}
 _open_lock = threading.Lock()
-_open_cache: dict = {}
+_open_cache: dict = {}  # (ArrayRef, pid) -> open zarr array, oldest first
+_OPEN_CACHE_SIZE = 64
 
 
 def zarrs_available() -> bool:
@@ -68,6 +70,7 @@ class ArrayRef:
     name: str
     storage_options: str = "null"  # JSON, so the dataclass stays hashable
     zarrs: bool = True
+    token: str = ""  # identifies the header the Run was opened with (a rewritten store is reopened)
 
     def open(self):
         import zarr
@@ -78,6 +81,8 @@ class ArrayRef:
             with _open_lock:
                 arr = _open_cache.get(key)
                 if arr is None:
+                    while len(_open_cache) >= _OPEN_CACHE_SIZE:
+                        _open_cache.pop(next(iter(_open_cache)))
                     opts = json.loads(self.storage_options)
                     kw = {"storage_options": opts} if opts else {}
                     path = f"{self.location.rstrip('/')}/{self.name}"
@@ -129,6 +134,7 @@ class Run:
     storage_options: dict | None = None
     use_zarrs: bool = True
     _arrays: dict = field(default_factory=dict, repr=False)
+    _token: str = ""
 
     # ------------------------------------------------------------------ properties
     @property
@@ -174,7 +180,7 @@ class Run:
                 f"{self.path} has no array '{name}' (tiers: grad={self.header.tiers['grad'].name}, "
                 f"weight={self.header.tiers['weight'].name})."
             )
-        return ArrayRef(self.location, name, json.dumps(self.storage_options), self.use_zarrs)
+        return ArrayRef(self.location, name, json.dumps(self.storage_options), self.use_zarrs, self._token)
 
     def chunk_width(self, name: str) -> int:
         return int(self._arrays[name].chunks[1])
@@ -399,6 +405,7 @@ def open_run(path, *, chunks: int | None = None, storage_options: dict | None = 
         path=str(path), header=header, ds=xr.Dataset(), location=loc,
         storage_options=None if local else storage_options, use_zarrs=use_zarrs, _arrays=arrays,
     )
+    run._token = hashlib.sha1(json.dumps(header.to_json(), sort_keys=True, default=str).encode()).hexdigest()[:16]
     run.ds = _build_dataset(run, group, specs, n, chunks)
     return run
 
@@ -427,7 +434,7 @@ def _build_dataset(run: Run, group, specs, n: int, chunks: int | None) -> xr.Dat
     data = {}
     for name in ("grad_sqnorm", "weight_sqnorm", "grad_dot_weight"):
         data[name] = ("step", per_step[name].astype(np.float64))
-    token = tokenize(run.location, n, header.to_json().get("created", ""), header.n_params)
+    token = tokenize(run.location, run._token)
     for spec in specs:
         if spec.width is None or spec.name in fmt.PER_STEP_ARRAYS:
             continue

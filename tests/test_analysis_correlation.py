@@ -165,3 +165,16 @@ def test_mean_corr_eq3(stores):
 def test_progress_bar_on_request(stores, capsys):
     ga.corr_matrix(stores["lossless"].path, progress=True)
     assert "100% Completed" in capsys.readouterr().out
+
+
+def test_slabs_narrower_than_a_chunk_when_rows_are_many(stores, monkeypatch):
+    """Memory stays bounded for very many steps: a slab may be a fraction of a storage chunk."""
+    d = stores["lossless"]
+    monkeypatch.setattr(engine, "SLAB_BYTES", 12 * 4 * 4)  # 12 rows x 4 columns of float32
+    monkeypatch.setattr(engine, "MIN_SLAB_COLS", 4)
+    run = ga.open_run(d.path)
+    p = engine.Pass(run, run.params())
+    p.gram(run.rows_of(d.steps))
+    widths = {hi - lo for slab in p._slabs("param", 12, run.chunk_width("grad"), 4.0) for _, lo, hi in slab}
+    assert max(widths) == 4  # chunk of 16 split in 4
+    np.testing.assert_allclose(ga.corr_matrix(run).values, slow_corr_matrix(d.grads), atol=TOL)

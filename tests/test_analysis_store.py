@@ -9,7 +9,7 @@ import zarr
 import analysis as ga
 from analysis import format as fmt
 from capture.writer import StoreWriter
-from tests.helpers_stores import make_store
+from tests.helpers_stores import make_store, slow_corr_matrix
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,15 @@ def test_sketch_store_dataset(tmp_path):
     plan = run.sketch_plan("grad")
     assert plan.dim == run.ds.sizes["sketch"]
     assert json.loads(str(run.ds["tensor_shape"].values[0])) == [4, 2, 3, 3]
+
+
+def test_a_rewritten_store_is_read_afresh(tmp_path):
+    """Open arrays are cached per process; rewriting the store at the same path must not reuse them."""
+    first = make_store(tmp_path / "same.zarr", steps=5, seed=1)
+    assert ga.corr_matrix(first.path).shape == (5, 5)
+    second = make_store(tmp_path / "same.zarr", steps=7, seed=2, shapes=(("w", (40,)),))
+    c = ga.corr_matrix(second.path)
+    assert c.shape == (7, 7)
+    np.testing.assert_allclose(c.values, slow_corr_matrix(second.grads), atol=1e-10)
+    r = ga.rsi(second.path)
+    assert r.sizes["step"] == 7
