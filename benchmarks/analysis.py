@@ -1,0 +1,178 @@
+"""Analysis-stage benchmark: the full correlation matrix and a new-reference RSI, from the store.
+
+In ONE run on the same data (a lossless store of T gradient steps and d parameters, written
+once with StoreWriter into a cache directory and reused):
+
+* ``X @ X.T`` in float32 with numpy on the gradients already in memory (the baseline);
+* ``corr_matrix`` from the store, float64 (exact, default) and ``precision="float32"``;
+* the float64 Gram of the in-memory data through the engine's own per-block code (the BLAS
+  cost alone, without reading);
+* one plain read of the store: every chunk of ``grad`` and ``weight`` decoded once (zarrs
+  pipeline, one task per slab on the threaded scheduler, as the metrics read);
+* ``rsi`` against a new reference vector (one pass over grad and weight).
+
+Targets (issue 3, T=512, d=2^20): correlation within 1.3x of the in-memory product, new-
+reference RSI within 1.2x of a read. Prints a markdown table with the ratios and which
+resource binds. Run::
+
+    .venv/bin/python benchmarks/analysis.py            # T=512, d=2^20 (2 GiB per array)
+    .venv/bin/python benchmarks/analysis.py --quick    # T=128, d=2^18, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import analysis as ga  # noqa: E402
+from analysis import engine  # noqa: E402
+from analysis import format as fmt  # noqa: E402
+
+
+def build_store(path: Path, T: int, d: int, seed: int = 0) -> None:
+    """Gradient-like float32 data: a decaying oscillating direction plus noise, layered scales."""
+    from capture.writer import StoreWriter
+
+    n_t = 8  # a few tensors of different scales
+    sizes = [d // n_t] * (n_t - 1) + [d - (d // n_t) * (n_t - 1)]
+    tensors = fmt.tensor_table([(f"layer{i}.weight", (s,)) for i, s in enumerate(sizes)])
+    scales = np.repeat(np.float32(10.0) ** -np.arange(n_t, dtype=np.float32) / 2, sizes)
+    rng = np.random.default_rng(seed)
+    direction = rng.standard_normal(d, dtype=np.float32)
+    w = rng.standard_normal(d, dtype=np.float32)
+    writer = StoreWriter(path, tensors, {"grad": "lossless", "weight": "lossless"}, mode="overwrite",
+                         expected_steps=T + 1)
+    t0 = time.perf_counter()
+    for t in range(T):
+        g = scales * (np.float32((-1) ** t * np.exp(-t / T)) * direction + rng.standard_normal(d, dtype=np.float32))
+        writer.append(t, g, w, loss=float(np.exp(-t / T)), lr=0.01, epoch=t // 32)
+        w = w - np.float32(0.01) * g
+        if t % 64 == 63:
+            print(f"  wrote {t + 1}/{T} steps ({time.perf_counter() - t0:.0f} s)", flush=True)
+    writer.close(final_weight=w)
+
+
+def store_for(cache: Path, T: int, d: int) -> Path:
+    path = cache / f"analysis-T{T}-d{d}.zarr"
+    try:
+        h = fmt.read_header(path)
+        if h.closed and h.n_steps == T + 1 and h.n_params == d:
+            return path
+    except fmt.StoreError:
+        pass
+    print(f"writing the benchmark store {path} (once) ...", flush=True)
+    build_store(path, T, d)
+    return path
+
+
+def best(fn, repeat: int) -> tuple[float, object]:
+    out, times = None, []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def plain_read(run, names) -> None:
+    """Read and decode every chunk of the arrays once, one slab per task (as the metrics do)."""
+    import dask
+
+    n = run.header.n_steps
+    rows = np.arange(n)
+    tasks = []
+    for name in names:
+        ref, cw = run.array_ref(name), run.chunk_width(name)
+        width = max(cw, (engine.SLAB_BYTES // (4 * n)) // cw * cw)
+        for lo in range(0, run.n_params, width):
+            pieces = ((0, lo, min(run.n_params, lo + width)),)
+            tasks.append(dask.delayed(_read_task)(ref, rows, pieces))
+    engine.compute(dask.delayed(sum)(tasks))
+
+
+def _read_task(ref, rows, pieces):
+    return int(engine._read(ref.open(), rows, pieces).shape[1])
+
+
+def engine_gram_in_memory(X: np.ndarray) -> np.ndarray:
+    """The float64 Gram through the engine's own block loop, on data already in memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Mem:  # what SlabData offers the ops
+        def __init__(self, x):
+            self.grad, self.n_grad, self.space = x, x.shape[0], "param"
+
+    op = engine._Gram("g", np.arange(X.shape[0]), "float64")
+    width = max(1, engine.SLAB_BYTES // (4 * X.shape[0]))
+    slabs = [X[:, lo: lo + width] for lo in range(0, X.shape[1], width)]
+    with engine._blas_single_thread(True), ThreadPoolExecutor(os.cpu_count() or 1) as ex:
+        parts = list(ex.map(lambda s: op.partial(Mem(s), 0, s.shape[1]), slabs))
+    return sum(parts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--T", type=int, default=512, help="gradient steps (default 512)")
+    ap.add_argument("--d", type=int, default=2**20, help="parameters (default 2^20)")
+    ap.add_argument("--quick", action="store_true", help="T=128, d=2^18: a quick check")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per timing, best kept (default 2)")
+    ap.add_argument("--cache", default=os.environ.get("GRADTRACE_BENCH_CACHE", "/tmp/gradtrace-bench"),
+                    help="directory of the cached store (default /tmp/gradtrace-bench)")
+    args = ap.parse_args(argv)
+    T, d = (128, 2**18) if args.quick else (args.T, args.d)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    path = store_for(cache, T, d)
+    run = ga.open_run(path)
+    codec = run._arrays["grad"].metadata.codecs[-1].to_dict()
+    gib = 4 * T * d / 2**30
+    print(f"\nstore {path}: T={T}, d={d} ({gib:.2f} GiB per array), codec {codec['name']} "
+          f"{codec.get('configuration', {}).get('cname', '')}, zarrs={run.use_zarrs}, cores={os.cpu_count()}")
+
+    X = np.asarray(run._arrays["grad"][:T])  # the gradients, in memory (not timed)
+    t_np, G32 = best(lambda: X @ X.T, args.repeat)
+    t_blas64, G64 = best(lambda: engine_gram_in_memory(X), args.repeat)
+    del X
+    t_read_g, _ = best(lambda: plain_read(run, ["grad"]), args.repeat)
+    t_read, _ = best(lambda: plain_read(run, ["grad", "weight"]), args.repeat)
+    t_corr, corr = best(lambda: ga.corr_matrix(run), args.repeat)
+    t_corr32, corr32 = best(lambda: ga.corr_matrix(run, precision="float32"), args.repeat)
+    ref = np.random.default_rng(1).standard_normal(d).astype(np.float32)  # a new reference
+    t_rsi, r = best(lambda: ga.rsi(run, reference=ref), args.repeat)
+
+    n64 = np.sqrt(np.diag(G64))
+    exact = G64 / np.outer(n64, n64)
+    err64 = float(np.nanmax(np.abs(corr.values - exact)))
+    err32 = float(np.nanmax(np.abs(corr32.values - exact)))
+    n32 = np.sqrt(np.diag(G32).astype(np.float64))
+    err_np = float(np.nanmax(np.abs(G32 / np.outer(n32, n32) - exact)))
+
+    def row(name, t, base=None, target=None):
+        ratio = f"{t / base:.2f}x" if base else ""
+        return f"| {name} | {t:.2f} | {ratio} | {target or ''} |"
+
+    print("\n| quantity | seconds | ratio | target |\n|---|---|---|---|")
+    print(row("numpy `X @ X.T` in memory, float32 (baseline)", t_np))
+    print(row("float64 Gram of the in-memory data (engine blocks, BLAS only)", t_blas64, t_np))
+    print(row("plain read of `grad` (decode every chunk once)", t_read_g, t_np))
+    print(row(f"**corr_matrix from the store, float64 (default)**, max err {err64:.1e}", t_corr, t_np, "1.3x"))
+    print(row(f"corr_matrix from the store, precision='float32', max err {err32:.1e}", t_corr32, t_np, "1.3x"))
+    print(row("plain read of `grad` + `weight` (baseline)", t_read))
+    print(row("**rsi, new reference vector**", t_rsi, t_read, "1.2x"))
+    print(f"\nmax |error| of the correlation matrix against the float64 Gram of the same data: "
+          f"float64 pass {err64:.1e}, float32 pass {err32:.1e}, numpy float32 X @ X.T {err_np:.1e}")
+    print(f"binds: correlation float64: BLAS ({t_blas64:.2f} s of float64 products vs {t_read_g:.2f} s to read); "
+          f"correlation float32 and RSI: read/decode (RSI {t_rsi:.2f} s vs read {t_read:.2f} s)")
+    print(f"(gamma of step 0 against the new reference: {float(r.gamma.values[0]):+.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
