@@ -1,0 +1,706 @@
+"""``Recorder``: record a PyTorch training run's gradients and iterates into a run store.
+
+What is recorded follows ``../shared/METHODS.md``: at a recorded step t, ``G_t`` is the
+``.grad`` of every trainable parameter (``named_parameters`` order, flattened, after backward
+and after DDP's all-reduce, unscaled under AMP), ``w_t`` the weights it was computed at, plus
+``loss``, ``lr`` (from the optimizer) and ``epoch``. At close the final iterate (the weights
+after the last update) is recorded at one step past the last step seen.
+
+The training thread only does cheap work:
+
+1. the schedule is asked first; a step it skips costs one Python call;
+2. a free buffer is taken from a small pool (``queue_size + 1`` buffers, allocated on first
+   use): if the writer is behind, this blocks (backpressure, bounded memory);
+3. gradients and weights are flattened into it with one ``torch.cat`` each (on CUDA: into a
+   device staging buffer, then one non-blocking copy to pinned host memory and a CUDA event;
+   no ``.item()`` sync; the loss travels the same way);
+4. the buffer is queued to a writer thread that runs :class:`capture.writer.StoreWriter`
+   (float64 scalars, encoding, atomic chunk writes, commit marker).
+
+An error in the writer thread (disk full, unwritable path) is raised to the training loop at
+the next ``record()`` or ``close()`` as :class:`RecorderWriteError`; the store then holds every
+step committed before it and can be resumed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from analysis import format as fmt
+from analysis.format import FLAG_LR_GROUPS_DIFFER, FLAG_MISSING_GRAD, StoreMismatchError, Tier
+from capture.schedules import Schedule, every_step, parse_schedule, schedule_to_json
+from capture.writer import StoreWriter
+
+__all__ = ["Recorder", "RecorderWriteError", "restore_weights", "model_table", "parse_tiers"]
+
+MODEL_REPR_CHARS = 2000
+WRITER_NICE = int(os.environ.get("GRADTRACE_WRITER_NICE", "0"))
+
+
+class RecorderWriteError(RuntimeError):
+    """Writing the store failed in the writer thread; the store holds the steps before it."""
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel / DataParallel (their names lack 'module.')."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
+
+
+def model_table(model: torch.nn.Module) -> list[fmt.TensorInfo]:
+    """The parameter table of ``model``'s trainable parameters (``named_parameters`` order)."""
+    return fmt.tensor_table([(n, tuple(p.shape)) for n, p in _trainable(model)])
+
+
+def parse_tiers(tiers: "str | Tier | Mapping[str, Any]") -> dict[str, Tier]:
+    """``"lossless"`` (both arrays) or ``{"grad": "rounded:7", "weight": "lossless"}`` -> Tiers."""
+    if isinstance(tiers, Mapping):
+        unknown = set(tiers) - set(fmt.DATA_ARRAYS)
+        if unknown:
+            raise ValueError(
+                f"tiers: unknown array(s) {sorted(unknown)}; give tiers for 'grad' and/or 'weight'"
+            )
+        return {a: Tier.parse(tiers.get(a, "lossless")) for a in fmt.DATA_ARRAYS}
+    t = Tier.parse(tiers)
+    return {a: t for a in fmt.DATA_ARRAYS}
+
+
+def _dist_rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("gradtrace")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (gradtrace not installed; running from a source tree)"
+
+
+def _hyper(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def _run_settings(model, params, optimizer, scaler, schedule, user: dict | None, world: int) -> dict:
+    """Settings stored in the header: optimizer, hyperparameters, seed, versions, model."""
+    module = _unwrap(model)
+    text = repr(module)
+    s: dict[str, Any] = {
+        "model": {
+            "class": type(module).__name__,
+            "repr": text if len(text) <= MODEL_REPR_CHARS else text[:MODEL_REPR_CHARS] + " ...",
+            "n_params": int(sum(p.numel() for p in module.parameters())),
+            "n_trainable": int(sum(p.numel() for _, p in params)),
+            "n_tensors": len(params),
+        },
+        "seed": int(torch.initial_seed()),
+        "torch_version": torch.__version__,
+        "gradtrace_version": _version(),
+        "device": str(params[0][1].device),
+        "world_size": int(world),
+        "schedule": schedule.describe() if isinstance(schedule, Schedule) else repr(schedule),
+        "grad_clip": None,
+    }
+    if optimizer is not None:
+        groups = [_hyper(g) for g in optimizer.param_groups]
+        s["optimizer"] = {
+            "class": type(optimizer).__name__,
+            "defaults": dict(optimizer.defaults),
+            "param_groups": groups,
+        }
+        s["param_groups"] = groups
+        s["weight_decay"] = [g.get("weight_decay") for g in groups] if len(groups) > 1 else groups[0].get("weight_decay")
+        lrs = [g.get("lr") for g in groups]
+        s["lr_groups_differ"] = len({repr(x) for x in lrs}) > 1
+    if scaler is not None:
+        s["amp"] = {
+            "grad_scaler": type(scaler).__name__,
+            "enabled": bool(scaler.is_enabled()),
+            "init_scale": getattr(scaler, "_init_scale", None),
+            "recorded": "unscaled gradients (p.grad / loss scale)",
+        }
+    if user:
+        s.update(user)
+    return s
+
+
+class _Slot:
+    """One host buffer of the pool: flat grad and weight (float32, pinned on CUDA)."""
+
+    def __init__(self, d: int, cuda: bool):
+        kw = {"dtype": torch.float32, "pin_memory": cuda}
+        self.grad = torch.empty(d, **kw)
+        self.weight = torch.empty(d, **kw)
+        self.scalars = torch.full((2,), math.nan, dtype=torch.float64, pin_memory=cuda)
+        self.grad_np = self.grad.numpy()
+        self.weight_np = self.weight.numpy()
+        self.scalars_np = self.scalars.numpy()
+        self.event = torch.cuda.Event() if cuda else None
+
+
+# --------------------------------------------------------------------------------------
+# Recorder
+# --------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Records gradients and iterates of a training run into a run store.
+
+    Use it as a context manager (or call :meth:`close`), and call :meth:`record` after
+    ``backward()`` and before ``optimizer.step()``::
+
+        with Recorder(model, "runs/cnn.zarr", optimizer=opt) as rec:
+            for step, (x, y) in enumerate(batches):
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                rec.record(step, loss=loss)
+                opt.step(); opt.zero_grad()
+
+    Args:
+        model: the model (a DDP / DataParallel wrapper is unwrapped). Its trainable parameters,
+            in ``named_parameters()`` order, define the flat vectors of length d.
+        path: directory of the run store (Zarr v3).
+        optimizer: read for ``lr`` (``param_groups[0]["lr"]``) and the run's settings; needed
+            with ``scaler``.
+        schedule: which steps to record: a ``step -> bool`` callable
+            (:mod:`capture.schedules`) or a preset string such as ``"every:10"``.
+        tiers: fidelity tier of both arrays (``"lossless"``, ``"rounded:7"``, ``"sketch:4096"``)
+            or a dict ``{"grad": ..., "weight": ...}``.
+        resume: append to an existing store (the parameter table, dtype and tiers must match).
+        resume_step: with ``resume``, drop stored rows whose step is >= this (restart from a
+            checkpoint taken at that step).
+        overwrite: replace an existing store at ``path``.
+        scaler: a ``torch.amp.GradScaler``: gradients are recorded unscaled (divided by the
+            loss scale unless ``scaler.unscale_(optimizer)`` was already called this step).
+        settings: extra settings to store in the header (e.g. ``{"grad_clip": 1.0}``).
+        expected_steps: number of rows to preallocate (optional).
+        queue_size: steps that may wait for the writer; the pool holds ``queue_size + 1``
+            buffers of 2 d float32 each, allocated on first use.
+        param_chunk: chunk width of the stored rows along ``param``.
+        parent: for a branched ("zoom") run, ``{"store": ..., "step": ...}`` of its origin (what
+            :func:`restore_weights` returns).
+
+    Under ``torch.distributed`` only rank 0 writes; on other ranks ``record`` is a no-op.
+
+    Raises:
+        ValueError: no trainable parameters, bad arguments.
+        FileExistsError: ``path`` exists and neither ``resume`` nor ``overwrite`` was given.
+        analysis.format.StoreMismatchError: resuming a store that does not match.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        path: "str | os.PathLike",
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        schedule: "Callable[[int], bool] | str" = every_step,
+        tiers: "str | Tier | Mapping[str, Any]" = "lossless",
+        resume: bool = False,
+        resume_step: int | None = None,
+        overwrite: bool = False,
+        scaler=None,
+        settings: dict | None = None,
+        expected_steps: int | None = None,
+        queue_size: int = 2,
+        param_chunk: int = fmt.DEFAULT_PARAM_CHUNK,
+        parent: dict | None = None,
+    ):
+        if resume and overwrite:
+            raise ValueError("Recorder: resume=True and overwrite=True contradict each other; pick one")
+        if resume_step is not None and not resume:
+            raise ValueError("Recorder: resume_step is only meaningful with resume=True")
+        if int(queue_size) < 1:
+            raise ValueError(f"Recorder: queue_size={queue_size} must be >= 1")
+        if settings is not None and not isinstance(settings, Mapping):
+            raise TypeError(f"Recorder: settings must be a dict, got {type(settings).__name__}")
+        self.path = Path(path)
+        self.model = _unwrap(model)
+        self.optimizer = optimizer
+        self.scaler = scaler if (scaler is not None and scaler.is_enabled()) else None
+        if self.scaler is not None and optimizer is None:
+            raise ValueError(
+                "Recorder: with a GradScaler, pass optimizer= too: the recorder asks the scaler whether "
+                "unscale_(optimizer) was already called this step."
+            )
+        self.schedule = parse_schedule(schedule)
+        self.tiers = parse_tiers(tiers)
+        self._params = _trainable(model)
+        if not self._params:
+            raise ValueError(
+                "Recorder: the model has no trainable parameters (none with requires_grad=True). "
+                "Pass the model you train, after unfreezing what you want recorded."
+            )
+        self.tensors = fmt.tensor_table([(n, tuple(p.shape)) for n, p in self._params])
+        self.d = sum(t.size for t in self.tensors)
+        self.rank, self.world_size = _dist_rank()
+        self.active = self.rank == 0
+        devices = {p.device for _, p in self._params}
+        self.device = next(iter(devices)) if len(devices) == 1 else None
+        self._cuda = any(dev.type == "cuda" for dev in devices)
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for _, p in self._params})
+        self.source_dtype = ",".join(dtypes)
+        self._fast_cat = self.device is not None and dtypes == ["float32"]
+        self._steps_per_epoch = getattr(self.schedule, "steps_per_epoch", None)
+
+        # counters (training thread unless noted)
+        self._last_seen: int | None = None
+        self._last_queued: int | None = None
+        self._n_queued = 0
+        self._n_missing = 0
+        self._record_s = 0.0
+        self._wait_s = 0.0
+        self._warned_nonfinite = False
+        self._closed = False
+        self._error: tuple[BaseException, int | None] | None = None
+        # writer-thread counters
+        self._writer_s = 0.0
+        self._nonfinite_steps: list[int] = []
+
+        self.writer: StoreWriter | None = None
+        if not self.active:
+            return
+        mode = "resume" if resume else ("overwrite" if overwrite else "create")
+        self.writer = StoreWriter(
+            self.path,
+            self.tensors,
+            self.tiers,
+            mode=mode,
+            resume_step=resume_step,
+            param_chunk=param_chunk,
+            expected_steps=expected_steps,
+            schedule={**schedule_to_json(self.schedule), "description": self.schedule.describe()},
+            settings=_run_settings(model, self._params, optimizer, self.scaler, self.schedule, settings, self.world_size),
+            parent=parent,
+            source_dtype=self.source_dtype,
+        )
+        self._last_queued = self.writer.last_step
+        self._pool_size = int(queue_size) + 1
+        self._n_slots = 0
+        self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._stage: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._thread = threading.Thread(target=self._writer_loop, name=f"gradtrace-writer:{self.path.name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # training failed: keep what was committed, do not record a final iterate, and do not
+        # hide the training error behind a writer error
+        try:
+            self.close(record_final=False)
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"gradtrace: closing {self.path} after a training error also failed: {err}", stacklevel=2)
+
+    # ------------------------------------------------------------------ training thread
+
+    def record(self, step: int, loss=None, epoch: int | None = None, lr=None) -> bool:
+        """Record step ``step`` if the schedule says so. Call after backward, before ``opt.step()``.
+
+        Args:
+            step: global training step (int, increasing across calls).
+            loss: the step's loss (a scalar tensor, copied without a sync, or a float).
+            epoch: the epoch; derived from the schedule's ``steps_per_epoch`` when None.
+            lr: the learning rate of this step's update; read from
+                ``optimizer.param_groups[0]["lr"]`` when None.
+
+        Returns:
+            True when the step was queued for writing.
+
+        Raises:
+            RecorderWriteError: a previous step failed to write (the store keeps what was
+                committed before it).
+            RuntimeError: every trainable parameter's ``.grad`` is None (record before backward).
+            ValueError: ``step`` is not after the previously recorded step.
+        """
+        if self._error is not None:
+            self._raise_writer_error()
+        if not self.active:
+            return False
+        if not self.schedule(step):
+            self._last_seen = step
+            return False
+        return self._record(step, loss, epoch, lr)
+
+    def _record(self, step, loss, epoch, lr) -> bool:
+        t0 = time.perf_counter()
+        if self._closed:
+            raise RuntimeError(f"Recorder for {self.path} is closed; create a new one (resume=True to append)")
+        step = int(step)
+        if self._last_queued is not None and step <= self._last_queued:
+            raise ValueError(
+                f"record(step={step}): steps must increase, and step {self._last_queued} was already "
+                "recorded. Pass the global step counter; after a restart from a checkpoint use "
+                "Recorder(..., resume=True, resume_step=<checkpoint step>)."
+            )
+        grads = [p.grad for _, p in self._params]
+        n_missing = sum(g is None for g in grads)
+        if n_missing == len(grads):
+            raise RuntimeError(
+                f"record(step={step}): every trainable parameter's .grad is None, so there is no "
+                "gradient to record. Call rec.record(...) after loss.backward() and before "
+                "optimizer.zero_grad() (zero_grad sets .grad to None by default)."
+            )
+        flags = FLAG_MISSING_GRAD if n_missing else 0
+        self._n_missing += bool(n_missing)
+
+        lr_value = lr
+        if lr_value is None and self.optimizer is not None:
+            groups = self.optimizer.param_groups
+            lr_value = groups[0]["lr"]
+            if len(groups) > 1 and any(g["lr"] != lr_value for g in groups[1:]):
+                flags |= FLAG_LR_GROUPS_DIFFER
+        if epoch is None:
+            epoch = step // self._steps_per_epoch if self._steps_per_epoch else -1
+
+        slot = self._take_slot()
+        try:
+            self._fill(slot, grads, n_missing, loss, lr_value)
+        except BaseException:
+            self._free.put(slot)
+            raise
+        self._jobs.put((step, slot, int(epoch), flags))
+        self._last_queued = self._last_seen = step
+        self._n_queued += 1
+        if self._nonfinite_steps and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"gradtrace: the gradient at step {self._nonfinite_steps[0]} holds NaN or Inf. It is "
+                "recorded as it is and flagged (FLAG_NONFINITE_GRAD); rec.summary() counts such steps. "
+                "Training goes on; this warning is shown once.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._record_s += time.perf_counter() - t0
+        return True
+
+    def _take_slot(self) -> _Slot:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        if self._n_slots < self._pool_size:
+            self._n_slots += 1
+            return _Slot(self.d, self._cuda)
+        t0 = time.perf_counter()
+        while True:  # backpressure: wait for the writer, but notice if it died
+            try:
+                slot = self._free.get(timeout=0.05)
+                self._wait_s += time.perf_counter() - t0
+                return slot
+            except queue.Empty:
+                if self._error is not None:
+                    self._raise_writer_error()
+
+    def _flat(self, tensors: list[torch.Tensor], out: torch.Tensor, non_blocking: bool = True) -> None:
+        """Flatten ``tensors`` (named_parameters order) into ``out`` (float32, length d)."""
+        if self._fast_cat and out.device == tensors[0].device:
+            torch.cat([t.reshape(-1) for t in tensors], out=out)
+            return
+        for t, info in zip(tensors, self.tensors):
+            out[info.offset : info.offset + info.size].copy_(t.reshape(-1), non_blocking=non_blocking)
+
+    def _fill(self, slot: _Slot, grads, n_missing: int, loss, lr) -> None:
+        weights = [p.detach() for _, p in self._params]
+        if n_missing or any(g.is_sparse for g in grads):
+            grads = [
+                torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g)
+                for g, (_, p) in zip(grads, self._params)
+            ]
+        inv_scale = self._inv_scale()
+        if self._cuda and self.device is not None:
+            if self._stage is None:
+                self._stage = (
+                    torch.empty(self.d, dtype=torch.float32, device=self.device),
+                    torch.empty(self.d, dtype=torch.float32, device=self.device),
+                )
+            sg, sw = self._stage
+            torch.cat([g.reshape(-1) for g in grads], out=sg)
+            if inv_scale is not None:
+                sg.mul_(inv_scale)
+            torch.cat([w.reshape(-1) for w in weights], out=sw)
+            slot.grad.copy_(sg, non_blocking=True)
+            slot.weight.copy_(sw, non_blocking=True)
+        else:
+            # CPU (or parameters spread over several devices): flatten straight into the slot;
+            # a copy that is multiplied afterwards must have landed first (blocking copy)
+            self._flat(grads, slot.grad, non_blocking=inv_scale is None)
+            if inv_scale is not None:
+                slot.grad.mul_(inv_scale.to(slot.grad.device))
+            self._flat(weights, slot.weight, non_blocking=True)
+        for i, v in enumerate((loss, lr)):
+            if v is None:
+                slot.scalars_np[i] = math.nan
+            elif isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    what = "loss" if i == 0 else "lr"
+                    raise ValueError(
+                        f"record: {what} must be a scalar, got a tensor of shape {tuple(v.shape)}; "
+                        f"pass {what}.mean() or the value the optimizer used"
+                    )
+                slot.scalars[i : i + 1].copy_(v.detach().reshape(1), non_blocking=True)
+            else:
+                slot.scalars_np[i] = float(v)
+        if slot.event is not None:
+            slot.event.record()
+
+    def _inv_scale(self) -> torch.Tensor | None:
+        """1 / loss scale (float32 tensor, as ``GradScaler.unscale_`` uses), or None."""
+        sc = self.scaler
+        if sc is None or getattr(sc, "_scale", None) is None:
+            return None
+        states = getattr(sc, "_per_optimizer_states", {})
+        state = states.get(id(self.optimizer)) if id(self.optimizer) in states else None
+        if state is not None and getattr(state.get("stage"), "name", None) == "UNSCALED":
+            return None  # the user already called scaler.unscale_(optimizer) this step
+        return sc._scale.double().reciprocal().float()
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _writer_loop(self) -> None:
+        writer = self.writer
+        if WRITER_NICE:
+            try:  # Linux: a thread's nice value is its own; lower the writer's priority
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+            except (AttributeError, OSError):
+                pass
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            step, slot, epoch, flags = job
+            try:
+                if self._error is not None:
+                    continue  # drain after a failure; the slots go back below
+                t0 = time.perf_counter()
+                if slot.event is not None:
+                    slot.event.synchronize()
+                loss, lr = float(slot.scalars_np[0]), float(slot.scalars_np[1])
+                stored = writer.append(step, slot.grad_np, slot.weight_np, loss=loss, lr=lr, epoch=epoch, flags=flags)
+                if stored & fmt.FLAG_NONFINITE_GRAD:
+                    self._nonfinite_steps.append(step)
+                self._writer_s += time.perf_counter() - t0
+            except BaseException as err:  # noqa: BLE001 - re-raised in the training thread
+                self._error = (err, step)
+            finally:
+                self._free.put(slot)
+
+    def _raise_writer_error(self):
+        err, step = self._error
+        n = self.writer.n_steps if self.writer is not None else 0
+        last = self.writer.last_step if self.writer is not None else None
+        hint = ""
+        if isinstance(err, OSError):
+            hint = " Free disk space or fix the path's permissions, then restart from a checkpoint with resume=True."
+        raise RecorderWriteError(
+            f"gradtrace could not write step {step} to {self.path}: {type(err).__name__}: {err}. "
+            f"The store is consistent and holds the {n} steps committed before it"
+            + (f" (last step {last})" if last is not None else "")
+            + f"; recording has stopped.{hint}"
+        ) from err
+
+    # ------------------------------------------------------------------ closing
+
+    def flush(self) -> None:
+        """Wait until every queued step is committed (raises a pending writer error)."""
+        if not self.active or self._closed:
+            return
+        while self._n_slots and self._free.qsize() < self._n_slots:
+            if self._error is not None:
+                break
+            time.sleep(0.002)
+        if self._error is not None:
+            self._raise_writer_error()
+
+    def close(self, record_final: bool = True) -> None:
+        """Drain the queue, record the final iterate, trim and consolidate the store.
+
+        Args:
+            record_final: store the current weights as the final iterate, at one step past the
+                last step seen by :meth:`record` (or past the store's last step).
+
+        Raises:
+            RecorderWriteError: a step failed to write; the store keeps the committed steps
+                (not trimmed, resumable).
+        """
+        if self._closed or not self.active:
+            self._closed = True
+            return
+        self._closed = True
+        self._jobs.put(None)
+        self._thread.join()
+        if self._nonfinite_steps and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"gradtrace: {len(self._nonfinite_steps)} recorded gradient(s) hold NaN or Inf (first at "
+                f"step {self._nonfinite_steps[0]}); they are stored as they were and flagged.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if self._error is not None:
+            self.writer.abort()
+            self._raise_writer_error()
+        final = None
+        final_step = None
+        if record_final:
+            last = self._last_seen if self._last_seen is not None else self.writer.last_step
+            if last is not None:
+                final_step = int(last) + 1
+                with torch.no_grad():
+                    final = torch.cat(
+                        [p.detach().reshape(-1).to("cpu", torch.float32) for _, p in self._params]
+                    ).numpy()
+        epoch = -1
+        if final_step is not None and self._steps_per_epoch:
+            epoch = final_step // self._steps_per_epoch
+        try:
+            self.writer.update_settings(recorder_summary=self._summary_core())
+            self.writer.close(final, final_step, epoch=epoch)
+        except BaseException as err:
+            self._error = (err, final_step)
+            self._raise_writer_error()
+
+    # ------------------------------------------------------------------ reporting
+
+    def _summary_core(self) -> dict:
+        return {
+            "n_recorded": int(self._n_queued),
+            "n_nonfinite_steps": len(self._nonfinite_steps),
+            "nonfinite_steps": self._nonfinite_steps[:100],
+            "n_missing_grad_steps": int(self._n_missing),
+            "record_seconds": round(self._record_s, 6),
+            "wait_seconds": round(self._wait_s, 6),
+            "writer_seconds": round(self._writer_s, 6),
+        }
+
+    def summary(self) -> dict:
+        """Run summary: steps recorded and committed, flagged steps, time spent.
+
+        Returns:
+            dict with ``path``, ``rank``, ``active`` (False off rank 0), ``n_recorded`` (queued
+            by this recorder), ``n_committed`` (rows in the store, final iterate included),
+            ``last_step``, ``n_nonfinite_steps`` and ``nonfinite_steps`` (first 100),
+            ``n_missing_grad_steps``, ``record_seconds`` (training-thread time in ``record``),
+            ``wait_seconds`` (of it, blocked on a busy writer), ``writer_seconds``, ``closed``
+            and ``error`` (None or the message).
+        """
+        out = {"path": str(self.path), "rank": self.rank, "active": self.active}
+        out.update(self._summary_core())
+        out["n_committed"] = self.writer.n_steps if self.writer is not None else 0
+        out["last_step"] = self.writer.last_step if self.writer is not None else None
+        out["closed"] = self._closed
+        out["error"] = None if self._error is None else f"{type(self._error[0]).__name__}: {self._error[0]}"
+        return out
+
+    def __repr__(self) -> str:
+        return f"Recorder({str(self.path)!r}, d={self.d}, schedule={self.schedule.describe()!r})"
+
+    @staticmethod
+    def restore(path: "str | os.PathLike", step: int, model: torch.nn.Module) -> dict:
+        """Load the recorded ``w_t`` of ``step`` into ``model``; see :func:`restore_weights`."""
+        return restore_weights(model, path, step)
+
+
+# --------------------------------------------------------------------------------------
+# restore
+# --------------------------------------------------------------------------------------
+
+
+def restore_weights(model: torch.nn.Module, path: "str | os.PathLike", step: int) -> dict:
+    """Copy the weights recorded at ``step`` into ``model``'s trainable parameters.
+
+    Only parameters are restored: buffers (BatchNorm running statistics) are not part of the
+    store and keep their values. For the final iterate pass its step (one past the last
+    gradient step).
+
+    Args:
+        model: a model with the same parameter table (names and shapes) as the store.
+        path: the run store.
+        step: a recorded global step.
+
+    Returns:
+        ``{"store": str(path), "step": step}``, fit for ``Recorder(..., parent=...)`` of a
+        branched run.
+
+    Raises:
+        analysis.format.StoreMismatchError: the parameter tables differ, or the weight tier is
+            ``sketch`` (the weights cannot be rebuilt).
+        KeyError: ``step`` is not recorded (the message lists the nearest recorded steps).
+    """
+    import zarr
+
+    header = fmt.read_header(path)
+    table = model_table(model)
+    if [t.to_json() for t in table] != [t.to_json() for t in header.tensors]:
+        old = {(t.name, t.shape) for t in header.tensors}
+        new = {(t.name, t.shape) for t in table}
+        raise StoreMismatchError(
+            f"cannot restore from {path}: the model's parameter table differs from the store's "
+            f"(only in the store: {sorted(old - new)[:4]}; only in the model: {sorted(new - old)[:4]}). "
+            "Build the same model (and unfreeze the same parameters) first."
+        )
+    tier = header.tiers["weight"]
+    if tier.name == "sketch":
+        raise StoreMismatchError(
+            f"cannot restore from {path}: its weights are stored as a sketch (random projection + "
+            "signs), from which the weights cannot be rebuilt. Record weights with the lossless or "
+            "rounded tier to branch off a run."
+        )
+    group = zarr.open_group(str(path), mode="r")
+    n = header.n_steps
+    steps = np.asarray(group["step"][:n])
+    idx = np.flatnonzero(steps == int(step))
+    if idx.size == 0:
+        pos = int(np.searchsorted(steps, int(step)))
+        near = sorted(set(steps[max(0, pos - 2) : pos + 2].tolist()))
+        raise KeyError(
+            f"step {step} is not recorded in {path} ({n} rows, steps {steps[0] if n else '-'}.."
+            f"{steps[-1] if n else '-'}); nearest recorded steps: {near}"
+        )
+    row = np.asarray(group["weight"][int(idx[0]), :], dtype=np.float32)
+    if not np.isfinite(row).all():
+        warnings.warn(f"gradtrace: the weights recorded at step {step} hold NaN or Inf", RuntimeWarning, stacklevel=2)
+    if tier.name == "rounded":
+        warnings.warn(
+            f"gradtrace: {path} stores weights rounded to {tier.keepbits} mantissa bits (relative "
+            f"error <= {tier.max_rel_error:.1e} per entry); the restored model is that close to w_{step}, "
+            "not equal to it.",
+            UserWarning,
+            stacklevel=2,
+        )
+    flat = torch.from_numpy(row)
+    with torch.no_grad():
+        for (_, p), info in zip(_trainable(model), table):
+            p.copy_(flat[info.offset : info.offset + info.size].view(info.shape))
+    return {"store": str(path), "step": int(step)}

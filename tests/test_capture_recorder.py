@@ -1,0 +1,319 @@
+"""Recorder: exact round trip, settings, AMP, bad input, resume, write failures, restore."""
+
+import errno
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import xarray as xr
+import zarr
+
+from analysis import format as fmt
+from capture import Recorder, RecorderWriteError, restore_weights
+from capture import writer as cw
+
+
+class Net(nn.Module):
+    def __init__(self, hidden=8, frozen_head=False):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.fc = nn.Linear(3 * 4 * 4, hidden)
+        self.head = nn.Linear(hidden, 3)
+        self.bn = nn.BatchNorm1d(hidden)  # buffers are not part of w
+        if frozen_head:
+            self.head.weight.requires_grad_(False)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.head(self.bn(torch.relu(self.fc(h))))
+
+
+def data(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def flat(tensors):
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).numpy().copy()
+
+
+def train(model, opt, rec, steps, start=0, x=None, y=None, keep=None):
+    """Plain loop; ``keep`` collects (step, grad, weight, loss) as the test computes them."""
+    if x is None:
+        x, y = data()
+    for step in range(start, start + steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if keep is not None:
+            ps = [p for p in model.parameters() if p.requires_grad]
+            keep.append((step, flat([p.grad for p in ps]), flat(ps), float(loss.detach())))
+        rec.record(step, loss=loss)
+        opt.step()
+        opt.zero_grad()
+
+
+def test_lossless_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    model = Net(frozen_head=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    keep = []
+    with Recorder(model, tmp_path / "run.zarr", opt, settings={"grad_clip": None, "note": "test"}, queue_size=1) as rec:
+        train(model, opt, rec, 7, keep=keep)
+    ds = xr.open_zarr(tmp_path / "run.zarr")
+    assert ds.sizes["step"] == 8
+    np.testing.assert_array_equal(ds.step.values, np.arange(8))
+    for i, (step, g, w, loss) in enumerate(keep):
+        np.testing.assert_array_equal(ds.grad.values[i], g)
+        np.testing.assert_array_equal(ds.weight.values[i], w)
+        assert ds.loss.values[i] == pytest.approx(loss, rel=1e-7)
+    final = flat([p for p in model.parameters() if p.requires_grad])
+    np.testing.assert_array_equal(ds.weight.values[7], final)
+    assert np.isnan(ds.grad.values[7]).all() and ds.flags.values[7] & fmt.FLAG_FINAL
+    np.testing.assert_array_equal(ds.lr.values[:7], 0.1)
+    # the parameter table: trainable parameters only, named_parameters order
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert list(ds.tensor.values) == names and "head.weight" not in names
+    h = fmt.read_header(tmp_path / "run.zarr")
+    s = h.settings
+    assert s["optimizer"]["class"] == "SGD" and s["optimizer"]["defaults"]["momentum"] == 0.9
+    assert s["weight_decay"] == 1e-4 and s["seed"] == torch.initial_seed()
+    assert s["torch_version"] == torch.__version__ and s["note"] == "test"
+    assert s["model"]["n_trainable"] == h.n_params and s["model"]["class"] == "Net"
+    assert h.source_dtype == "float32" and h.closed
+    summary = rec.summary()
+    assert summary["n_recorded"] == 7 and summary["n_committed"] == 8 and summary["error"] is None
+
+
+def test_lr_groups_are_stored_and_flagged(tmp_path):
+    model = Net()
+    opt = torch.optim.SGD([
+        {"params": model.conv.parameters(), "lr": 0.1},
+        {"params": list(model.fc.parameters()) + list(model.head.parameters()) + list(model.bn.parameters()), "lr": 0.01},
+    ], lr=0.1)
+    with Recorder(model, tmp_path / "g.zarr", opt) as rec:
+        train(model, opt, rec, 2)
+    ds = xr.open_zarr(tmp_path / "g.zarr")
+    assert (ds.flags.values[:2] & fmt.FLAG_LR_GROUPS_DIFFER).all()
+    np.testing.assert_array_equal(ds.lr.values[:2], 0.1)
+    s = fmt.read_header(tmp_path / "g.zarr").settings
+    assert [g["lr"] for g in s["param_groups"]] == [0.1, 0.01] and s["lr_groups_differ"]
+
+
+def test_missing_grads_are_zeros_and_flagged(tmp_path):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    with Recorder(model, tmp_path / "m.zarr", opt) as rec:
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        model.conv.bias.grad = None
+        expect = flat([torch.zeros(3) if n == "conv.bias" else p.grad for n, p in model.named_parameters()])
+        rec.record(0, loss=loss)
+        opt.step()
+    ds = xr.open_zarr(tmp_path / "m.zarr")
+    np.testing.assert_array_equal(ds.grad.values[0], expect)
+    assert ds.flags.values[0] & fmt.FLAG_MISSING_GRAD
+    assert rec.summary()["n_missing_grad_steps"] == 1
+
+
+def test_record_before_backward_names_the_fix(tmp_path):
+    model = Net()
+    with Recorder(model, tmp_path / "b.zarr") as rec:
+        with pytest.raises(RuntimeError, match=r"after loss\.backward\(\)"):
+            rec.record(0)
+    assert fmt.read_header(tmp_path / "b.zarr").n_steps == 0
+
+
+def test_no_trainable_parameters(tmp_path):
+    model = Net()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Recorder(model, tmp_path / "n.zarr")
+    assert not (tmp_path / "n.zarr").exists()
+
+
+def test_nonfinite_gradients_are_recorded_flagged_and_counted(tmp_path):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Recorder(model, tmp_path / "nan.zarr", opt) as rec:
+            for step in range(4):
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                if step in (1, 2):
+                    model.fc.weight.grad[0, 0] = float("nan") if step == 1 else float("inf")
+                rec.record(step, loss=loss)
+                rec.flush()
+                for p in model.parameters():
+                    p.grad.nan_to_num_(0.0, 0.0, 0.0)  # as a skipped AMP step would: weights stay finite
+                opt.step()
+                opt.zero_grad()
+    ds = xr.open_zarr(tmp_path / "nan.zarr")
+    flags = ds.flags.values
+    assert [bool(f & fmt.FLAG_NONFINITE_GRAD) for f in flags[:4]] == [False, True, True, False]
+    assert np.isnan(ds.grad.values[1]).sum() == 1 and np.isinf(ds.grad.values[2]).sum() == 1
+    assert rec.summary()["n_nonfinite_steps"] == 2 and rec.summary()["nonfinite_steps"] == [1, 2]
+    assert fmt.read_header(tmp_path / "nan.zarr").extra["n_nonfinite_steps"] == 2
+    ours = [w for w in caught if "NaN or Inf" in str(w.message)]
+    assert len(ours) == 1  # warned once, training went on
+
+
+@pytest.mark.parametrize("user_unscales", [False, True])
+def test_amp_gradients_are_recorded_unscaled(tmp_path, user_unscales):
+    torch.manual_seed(1)
+    model = Net()
+    ref = Net()
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    assert scaler.is_enabled()
+    x, y = data()
+    expect, scaled = [], []
+    with Recorder(model, tmp_path / f"amp{user_unscales}.zarr", opt, scaler=scaler) as rec:
+        for step in range(3):
+            ref.load_state_dict(model.state_dict())
+            nn.functional.cross_entropy(ref(x), y).backward()  # the unscaled gradient, by hand
+            expect.append(flat([p.grad for p in ref.parameters()]))
+            ref.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scaled.append(flat([p.grad for p in model.parameters()]))
+            if user_unscales:
+                scaler.unscale_(opt)
+            rec.record(step, loss=loss)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    ds = xr.open_zarr(tmp_path / f"amp{user_unscales}.zarr")
+    for i in range(3):
+        assert np.abs(scaled[i]).max() > 100 * np.abs(expect[i]).max()  # the scale was really applied
+        np.testing.assert_allclose(ds.grad.values[i], expect[i], rtol=1e-6, atol=1e-9)
+    assert fmt.read_header(tmp_path / f"amp{user_unscales}.zarr").settings["amp"]["enabled"]
+
+
+def test_scaler_needs_the_optimizer(tmp_path):
+    with pytest.raises(ValueError, match="optimizer="):
+        Recorder(Net(), tmp_path / "s.zarr", scaler=torch.amp.GradScaler("cpu"))
+
+
+def test_resume_appends_and_refuses_mismatches(tmp_path):
+    torch.manual_seed(2)
+    path = tmp_path / "r.zarr"
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    keep = []
+    with Recorder(model, path, opt) as rec:
+        train(model, opt, rec, 3, keep=keep)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        Recorder(model, path, opt)
+    with pytest.raises(fmt.StoreMismatchError, match="parameter table"):
+        Recorder(Net(hidden=9), path, resume=True)
+    with pytest.raises(fmt.StoreMismatchError, match="float64"):
+        Recorder(Net().double(), path, resume=True)
+    with pytest.raises(fmt.StoreMismatchError, match="tier"):
+        Recorder(model, path, resume=True, tiers={"weight": "rounded:7"})
+    with pytest.raises(ValueError, match="contradict"):
+        Recorder(model, path, resume=True, overwrite=True)
+    # restart from a checkpoint taken at step 2: step 2 is recorded again
+    with Recorder(model, path, opt, resume=True, resume_step=2) as rec:
+        with pytest.raises(ValueError, match="steps must increase"):
+            rec.record(1)
+        train(model, opt, rec, 2, start=2, keep=keep)
+    ds = xr.open_zarr(path)
+    np.testing.assert_array_equal(ds.step.values, [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(ds.grad.values[:2], np.stack([k[1] for k in keep[:2]]))
+    np.testing.assert_array_equal(ds.grad.values[2:4], np.stack([k[1] for k in keep[3:]]))
+    # overwrite replaces
+    with Recorder(model, path, opt, overwrite=True) as rec:
+        train(model, opt, rec, 1)
+    assert fmt.read_header(path).n_steps == 2
+
+
+def _fail_after(monkeypatch, n_ok):
+    calls = {"n": 0}
+    real = cw._put_direct
+
+    def flaky(path, data):
+        calls["n"] += 1
+        if calls["n"] > n_ok:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(cw, "_put_direct", flaky)
+
+
+def test_disk_full_is_raised_to_the_training_loop_and_the_store_stays_consistent(tmp_path, monkeypatch):
+    torch.manual_seed(3)
+    path = tmp_path / "full.zarr"
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(model, path, opt, param_chunk=64)
+    per_row = 2 * -(-rec.d // 64)
+    _fail_after(monkeypatch, 3 * per_row + 1)  # rows 0-2 fit, row 3 fails halfway
+    keep = []
+    with pytest.raises(RecorderWriteError, match=r"No space left.*3 steps committed.*Free disk space") as info:
+        for step in range(50):
+            train(model, opt, rec, 1, start=step, keep=keep)
+            rec.flush()
+    assert isinstance(info.value.__cause__, OSError)
+    with pytest.raises(RecorderWriteError):
+        rec.close()
+    monkeypatch.undo()
+    h = fmt.read_header(path)
+    assert h.n_steps == 3 and not h.closed
+    g = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    np.testing.assert_array_equal(g["grad"][:3], np.stack([k[1] for k in keep[:3]]))
+    # and the store resumes
+    with Recorder(model, path, opt, resume=True) as rec2:
+        train(model, opt, rec2, 1, start=3)
+    np.testing.assert_array_equal(xr.open_zarr(path).step.values, [0, 1, 2, 3, 4])
+
+
+def test_unwritable_path_fails_at_construction(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OSError):
+        Recorder(Net(), tmp_path / "file" / "run.zarr")
+
+
+def test_restore_weights(tmp_path):
+    torch.manual_seed(4)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    keep = []
+    with Recorder(model, tmp_path / "a.zarr", opt) as rec:
+        train(model, opt, rec, 4, keep=keep)
+    fresh = Net()
+    parent = Recorder.restore(tmp_path / "a.zarr", 2, fresh)
+    assert parent == {"store": str(tmp_path / "a.zarr"), "step": 2}
+    np.testing.assert_array_equal(flat(fresh.parameters()), keep[2][2])
+    restore_weights(fresh, tmp_path / "a.zarr", 4)  # the final iterate
+    np.testing.assert_array_equal(flat(fresh.parameters()), flat(model.parameters()))
+    with pytest.raises(KeyError, match=r"nearest recorded steps: \[3, 4\]"):
+        restore_weights(fresh, tmp_path / "a.zarr", 7)
+    with pytest.raises(fmt.StoreMismatchError, match="parameter table"):
+        restore_weights(Net(hidden=5), tmp_path / "a.zarr", 1)
+    # rounded weights: allowed, with a warning, within the tier's bound
+    with Recorder(model, tmp_path / "r.zarr", opt, tiers={"weight": "rounded:8"}) as rec:
+        train(model, opt, rec, 1)
+    w0 = flat(model.parameters())
+    with pytest.warns(UserWarning, match="rounded to 8 mantissa bits"):
+        restore_weights(fresh, tmp_path / "r.zarr", 1)
+    w = flat(fresh.parameters())
+    nz = w0 != 0
+    assert (np.abs(w[nz] - w0[nz]) / np.abs(w0[nz])).max() <= 2.0**-9
+    with Recorder(model, tmp_path / "s.zarr", opt, tiers="sketch:64") as rec:
+        train(model, opt, rec, 1)
+    with pytest.raises(fmt.StoreMismatchError, match="sketch"):
+        restore_weights(fresh, tmp_path / "s.zarr", 0)
+
+
+def test_ddp_wrapper_names_are_unwrapped(tmp_path):
+    model = Net()
+    wrapped = nn.DataParallel(model)  # same unwrapping path as DistributedDataParallel
+    rec = Recorder(wrapped, tmp_path / "dp.zarr")
+    assert [t.name for t in rec.tensors] == [n for n, _ in model.named_parameters()]
+    rec.close()

@@ -1,0 +1,94 @@
+"""Lossy tiers on real gradients (a small CNN in training): each stays inside its stated error."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import xarray as xr
+import zarr
+
+from analysis import format as fmt
+from capture import Recorder
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def cnn_run():
+    """Gradients and weights of a small ReLU CNN, computed here, as the ground truth."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10),
+    )
+    x = torch.randn(64, 3, 16, 16)
+    y = torch.randint(0, 10, (64,))
+    return model, x, y
+
+
+def record(model, x, y, path, tiers):
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    grads, weights = [], []
+    with Recorder(model, path, opt, tiers=tiers) as rec:
+        for step in range(STEPS):
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy())
+            weights.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy())
+            rec.record(step, loss=loss)
+            opt.step()
+            opt.zero_grad()
+    model.load_state_dict(init)
+    return np.stack(grads), np.stack(weights)
+
+
+@pytest.mark.parametrize("keepbits", [4, 7, 12])
+def test_rounded_tier_error_bound_and_exact_signs(cnn_run, tmp_path, keepbits):
+    model, x, y = cnn_run
+    g, w = record(model, x, y, tmp_path / "r.zarr", f"rounded:{keepbits}")
+    ds = xr.open_zarr(tmp_path / "r.zarr")
+    assert ds.grad.attrs["gradtrace_tier"]["max_rel_error"] == 2.0 ** -(keepbits + 1)
+    assert (g == 0).any()  # ReLU nets have exact-zero gradient entries: they must stay zero
+    for stored, raw in ((ds.grad.values[:STEPS], g), (ds.weight.values[:STEPS], w)):
+        nz = raw != 0
+        rel = np.abs(stored[nz].astype(np.float64) - raw[nz]) / np.abs(raw[nz].astype(np.float64))
+        assert rel.max() <= 2.0 ** -(keepbits + 1)
+        assert rel.max() > 2.0 ** -(keepbits + 3)  # really rounded
+        np.testing.assert_array_equal(np.sign(stored), np.sign(raw))
+    # the per-step scalars are computed from the exact gradient, in float64
+    g64 = g.astype(np.float64)
+    np.testing.assert_allclose(ds.grad_sqnorm.values[:STEPS], (g64**2).sum(1), rtol=1e-12)
+
+
+def test_sketch_tier_cosines_within_stated_error_and_exact_sign_bits(cnn_run, tmp_path):
+    model, x, y = cnn_run
+    k = 512
+    g, w = record(model, x, y, tmp_path / "s.zarr", f"sketch:{k}")
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    header = fmt.read_header(tmp_path / "s.zarr")
+    d = header.n_params
+    sk = np.asarray(group["grad_sketch"][:STEPS], dtype=np.float64)
+    plan = fmt.SketchPlan.from_json(group["grad_sketch"].attrs["sketch_plan"])
+    # the stored sketch is the documented CountSketch of the exact gradient
+    sketcher = fmt.Sketcher(header.tensors, plan)
+    np.testing.assert_allclose(sk[2], sketcher(g[2]), rtol=1e-6, atol=1e-9)
+    sketched = sum(plan.sizes[i] for i in range(len(plan.sizes)) if not plan.exact[i])
+    assert sketched >= k // 2
+    # cosines: unbiased estimates within a few standard errors
+    unit = g / np.linalg.norm(g.astype(np.float64), axis=1, keepdims=True)
+    true = unit.astype(np.float64) @ unit.T.astype(np.float64)
+    est = (sk @ sk.T) / np.outer(np.linalg.norm(sk, axis=1), np.linalg.norm(sk, axis=1))
+    z = np.abs(est - true) / fmt.sketch_cosine_stderr(sketched, true)
+    assert z.max() < 5.0, z
+    assert np.abs(est - true).max() > 1e-4  # an estimate, not a copy: the test can tell
+    # sign and non-zero bits are exact
+    for a, raw in (("grad", g), ("weight", w)):
+        sb = np.unpackbits(np.asarray(group[f"{a}_signbits"][:STEPS]), axis=1)[:, :d].astype(bool)
+        nzb = np.unpackbits(np.asarray(group[f"{a}_nonzero"][:STEPS]), axis=1)[:, :d].astype(bool)
+        np.testing.assert_array_equal(sb, raw < 0)
+        np.testing.assert_array_equal(nzb, raw != 0)
+    # the final iterate has weight bits and no gradient bits
+    assert np.asarray(group["grad_signbits"][STEPS]).sum() == 0
+    assert np.isnan(np.asarray(group["grad_sketch"][STEPS])).all()
