@@ -36,7 +36,7 @@ def data(n=32, seed=0):
 
 
 def flat(tensors):
-    return torch.cat([t.detach().reshape(-1) for t in tensors]).numpy().copy()
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).cpu().numpy().copy()
 
 
 def train(model, opt, rec, steps, start=0, x=None, y=None, keep=None):
@@ -317,3 +317,32 @@ def test_ddp_wrapper_names_are_unwrapped(tmp_path):
     rec = Recorder(wrapped, tmp_path / "dp.zarr")
     assert [t.name for t in rec.tensors] == [n for n, _ in model.named_parameters()]
     rec.close()
+
+
+@pytest.mark.cuda
+def test_cuda_path_pinned_non_blocking_copies_are_exact(tmp_path):
+    """On a GPU: device staging, pinned host buffers, events; values equal p.grad exactly."""
+    torch.manual_seed(5)
+    dev = torch.device("cuda")
+    model = Net().to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    x, y = (t.to(dev) for t in data())
+    keep = []
+    with Recorder(model, tmp_path / "gpu.zarr", opt, scaler=scaler, queue_size=1) as rec:
+        for step in range(6):
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            inv = 1.0 / scaler.get_scale()
+            keep.append((flat([p.grad for p in model.parameters()]) * np.float32(inv), flat(model.parameters())))
+            rec.record(step, loss=loss)  # no sync here: the loss goes through pinned memory too
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    ds = xr.open_zarr(tmp_path / "gpu.zarr")
+    for i, (g, w) in enumerate(keep):
+        np.testing.assert_array_equal(ds.grad.values[i], g)
+        np.testing.assert_array_equal(ds.weight.values[i], w)
+    assert np.isfinite(ds.loss.values[:6]).all()
+    assert fmt.read_header(tmp_path / "gpu.zarr").settings["device"].startswith("cuda")
