@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analysis.store import ArrayRef, ParamGroup, Run
+from analysis.slabs import SlabData, SpaceSpec, as_index
+from analysis.store import ParamGroup, Run
 
 #: Target bytes of raw data read per slab task (several slabs are in flight at once).
 SLAB_BYTES = 128 * 2**20
@@ -56,16 +57,6 @@ def _buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     if buf is None or buf.size < need:
         buf = pool[(name, np.dtype(dtype).str)] = np.empty(need, dtype=dtype)
     return buf[:need].reshape(shape)
-
-
-def _index(pos: np.ndarray):
-    """``slice`` when ``pos`` is a contiguous run (no copy when indexing), else the array."""
-    pos = np.asarray(pos, dtype=np.int64)
-    if len(pos) == 0:
-        return slice(0, 0)
-    if pos[-1] - pos[0] == len(pos) - 1 and (len(pos) == 1 or (np.diff(pos) == 1).all()):
-        return slice(int(pos[0]), int(pos[-1]) + 1)
-    return pos
 
 
 def _col_blocks(lo: int, hi: int, nrows: int, itemsize: int = 8):
@@ -113,7 +104,7 @@ class _Gram:
         return (len(self.g), len(self.g))
 
     def partial(self, data, a, b):
-        rows = _index(self.g)
+        rows = as_index(self.g)
         out = np.zeros(self.shape())
         for c0, c1 in _col_blocks(a, b, len(self.g), 8 if self.precision == "float64" else 4):
             x = data.grad[rows, c0:c1]
@@ -168,7 +159,7 @@ class _SignGram:
 
     def partial(self, data, a, b):
         out = np.zeros(self.shape())
-        rows = _index(self.g)
+        rows = as_index(self.g)
         for c0, c1 in _col_blocks(a, b, 2 * len(self.g), 4):
             s, n = _signs(data, rows, c0, c1)
             ss = (s @ s.T).astype(np.float64)  # agree - disagree, exact integers < 2**24
@@ -239,98 +230,7 @@ class _RefDist:
         return out
 
 
-# ----------------------------------------------------------------------------------- slabs
-
-
-@dataclass(frozen=True)
-class _SpaceSpec:
-    """What every slab task of one column space needs (one graph key, shared by tasks)."""
-
-    space: str
-    grad: ArrayRef | None  # "param": grad; "sketch": grad_sketch; "bits": grad_signbits
-    grad_nz: ArrayRef | None  # "bits": grad_nonzero
-    weight: ArrayRef | None
-    grad_rows: np.ndarray
-    weight_rows: np.ndarray
-    ops: tuple
-    n_seg: int  # 0: one result over the whole group; else one per segment (tensor)
-
-
-class SlabData:
-    """The rows of one slab, read once: ``grad`` / ``weight`` float32 (rows x columns) or,
-    in the ``bits`` space, ``neg`` / ``nz`` uint8 bit matrices, plus slab slices of explicit
-    reference vectors."""
-
-    def __init__(self, spec: _SpaceSpec, pieces, refs):
-        self.space = spec.space
-        self.refs = refs
-        self.n_grad = len(spec.grad_rows)
-        self.n_weight = len(spec.weight_rows)
-        self.grad = self.weight = self.neg = self.nz = None
-        if spec.space == "bits":
-            if self.n_grad:
-                self.neg = _read_bits(spec.grad.open(), spec.grad_rows, pieces)
-                self.nz = _read_bits(spec.grad_nz.open(), spec.grad_rows, pieces)
-        else:
-            if self.n_grad:
-                self.grad = _read(spec.grad.open(), spec.grad_rows, pieces)
-            if self.n_weight:
-                self.weight = _read(spec.weight.open(), spec.weight_rows, pieces)
-
-
-def _covers(pieces, chunk: int) -> list[tuple[int, int]]:
-    """Chunk-aligned intervals covering the pieces, merged (each chunk decoded once)."""
-    out: list[list[int]] = []
-    for _, lo, hi in pieces:
-        a, b = (lo // chunk) * chunk, -(-hi // chunk) * chunk
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
-
-
-def _read_rows(arr, rows: np.ndarray, a: int, b: int) -> np.ndarray:
-    b = min(b, arr.shape[1])
-    sel = _index(rows)
-    if isinstance(sel, slice):
-        return arr[sel, a:b]
-    return arr.oindex[sel, a:b]
-
-
-def _read(arr, rows: np.ndarray, pieces) -> np.ndarray:
-    """Rows x (concatenated piece columns) of a 2-D zarr array."""
-    covers = _covers(pieces, int(arr.chunks[1]))
-    blocks = [(a, _read_rows(arr, rows, a, b)) for a, b in covers]
-    if len(pieces) == 1 and len(blocks) == 1:
-        (_, lo, hi), (a, blk) = pieces[0], blocks[0]
-        return blk[:, lo - a: hi - a]
-    parts = []
-    for _, lo, hi in pieces:
-        for a, blk in blocks:
-            if a <= lo and hi <= a + blk.shape[1]:
-                parts.append(blk[:, lo - a: hi - a])
-                break
-    return np.concatenate(parts, axis=1)
-
-
-def _read_bits(arr, rows: np.ndarray, pieces) -> np.ndarray:
-    """Rows x (concatenated piece columns) of packed bits, unpacked to uint8 0/1."""
-    byte_pieces = [(s, lo // 8, -(-hi // 8)) for s, lo, hi in pieces]
-    covers = _covers(byte_pieces, int(arr.chunks[1]))
-    blocks = [(a, _read_rows(arr, rows, a, b)) for a, b in covers]
-    parts = []
-    for _, lo, hi in pieces:
-        for a, blk in blocks:
-            if a * 8 <= lo and hi <= (a + blk.shape[1]) * 8:
-                b0 = lo // 8 - a
-                bits = np.unpackbits(blk[:, b0: -(-hi // 8) - a], axis=1)
-                parts.append(bits[:, lo - (a + b0) * 8: hi - (a + b0) * 8])
-                break
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-
-
-def _slab_task(spec: _SpaceSpec, pieces, refs) -> dict:
+def _slab_task(spec: SpaceSpec, pieces, refs) -> dict:
     """Read one slab and return every op's partial result (dict key -> float64 array)."""
     data = SlabData(spec, pieces, refs)
     out = {}
@@ -471,8 +371,8 @@ class Pass:
         width = int(SLAB_BYTES // max(1.0, n_rows * col_bytes))
         if width >= chunk:
             width = min(MAX_SLAB_COLS, (width // chunk) * chunk)
-        else:
-            width = chunk // 2 ** math.ceil(math.log2(chunk / max(width, MIN_SLAB_COLS)))
+        else:  # a power-of-two fraction of the chunk, so pieces never straddle chunks
+            width = chunk // 2 ** math.ceil(math.log2(chunk / max(width, min(chunk, MIN_SLAB_COLS))))
         slabs: dict[int, list] = {}
         for seg, lo, hi in self._columns(space):
             a = lo
@@ -483,7 +383,7 @@ class Pass:
                 a = b
         return [tuple(v) for _, v in sorted(slabs.items())]
 
-    def _space_spec(self, space: str, reqs: list[_Request]) -> tuple[_SpaceSpec, int]:
+    def _space_spec(self, space: str, reqs: list[_Request]) -> tuple[SpaceSpec, int]:
         run = self.run
         grows = np.unique(np.array([r for q in reqs for r in q.grad_rows], dtype=np.int64))
         wrows = np.unique(np.array([r for q in reqs for r in q.weight_rows], dtype=np.int64))
@@ -516,7 +416,7 @@ class Pass:
         else:
             g, gz, w = run.array_ref("grad_signbits"), run.array_ref("grad_nonzero"), None
             chunk = 8 * run.chunk_width("grad_signbits")
-        spec = _SpaceSpec(space, g, gz, w, grows, wrows, tuple(ops), len(self.group.indices) if self.per_tensor else 0)
+        spec = SpaceSpec(space, g, gz, w, grows, wrows, tuple(ops), len(self.group.indices) if self.per_tensor else 0)
         return spec, chunk
 
     def _partial_bytes(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from analysis import engine
+from analysis import engine, slabs
 from analysis._common import cosines, lag_pairs, nonfinite, selected
 from analysis.engine import Pass
 from analysis.errors import AnalysisError, TierError
@@ -114,7 +114,7 @@ def linear_pairs(run, layers=None) -> list[tuple[int, int]]:
 
 def _balance_block(ref, rows, pieces, pairs_local, shapes):
     arr = ref.open()
-    block = engine._read(arr, rows, pieces).astype(np.float64)
+    block = slabs.read(arr, rows, pieces).astype(np.float64)
     offsets = np.cumsum([0] + [hi - lo for _, lo, hi in pieces])
     out = np.empty((len(rows), len(pairs_local)))
     for r in range(len(rows)):

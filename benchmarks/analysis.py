@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import analysis as ga  # noqa: E402
-from analysis import engine  # noqa: E402
+from analysis import engine, slabs  # noqa: E402
 from analysis import format as fmt  # noqa: E402
 
 
@@ -98,7 +98,7 @@ def plain_read(run, names) -> None:
 
 
 def _read_task(ref, rows, pieces):
-    return int(engine._read(ref.open(), rows, pieces).shape[1])
+    return int(slabs.read(ref.open(), rows, pieces).shape[1])
 
 
 def engine_gram_in_memory(X: np.ndarray) -> np.ndarray:
