@@ -336,6 +336,7 @@ def train_config(
             opt.load_state_dict(ck_state["optimizer"])
             sched.load_state_dict(ck_state["schedule"])
         batches = _Batches(config, built.n)
+        _warn_batch_norm(config, built)
         observes = bool(getattr(sched, "observes_gradients", False))
         settings = {
             "recipe": config.to_dict(),
@@ -389,6 +390,19 @@ def train_config(
     if ckpt.exists():
         ckpt.unlink()
     return path
+
+
+def _warn_batch_norm(config: RunConfig, built: Built) -> None:
+    """Full batches split into micro-batches are not one batch for BatchNorm: say so once."""
+    batch = built.n if config.batch_size is None else config.batch_size
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in built.model.modules())
+    if has_bn and config.micro_batch is not None and config.micro_batch < batch:
+        warnings.warn(
+            f"{config.name}: {config.model} has BatchNorm and each batch of {batch} examples is split into "
+            f"micro-batches of {config.micro_batch}, each normalised with its own statistics, so the "
+            "recorded gradient is not exactly that of one batch. Raise micro_batch to the batch size if "
+            "memory allows, or use a model without BatchNorm for exact full-batch GD.",
+            UserWarning, stacklevel=3)
 
 
 def _save_checkpoint(ckpt: Path, step: int, config: RunConfig, model, opt, sched) -> None:

@@ -8,7 +8,7 @@ fixtures. docs/reproduction.md shows the same runs at full length with figures.
 
 Thresholds: each assertion states what was measured on this machine (seed 0, torch 2.x CPU)
 and leaves a margin for BLAS/platform differences without letting the opposite phenomenon
-pass (e.g. "strongly negative" is asserted as <= -0.8 where -0.96 is measured, and a
+pass (e.g. "strongly negative" is asserted as <= -0.8 where -0.93 is measured, and a
 smooth phase sits at +0.99).
 """
 

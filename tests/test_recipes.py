@@ -300,3 +300,14 @@ def test_resume_after_a_crash_gives_the_uninterrupted_run(tmp_path, monkeypatch)
     np.testing.assert_allclose(_grads(path), _grads(ref), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="finished run"):
         run_recipe(cfg, path, resume=True, progress=False)
+
+
+def test_batchnorm_with_micro_batches_warns(tmp_path):
+    cfg = RunConfig(name="bn", model="resnet_small", dataset="digits", n_train=64, optimizer="gd", lr=0.01,
+                    steps=1, micro_batch=16, num_threads=1)
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        run_recipe(cfg, tmp_path / "bn.zarr", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="Consolidated metadata")
+        run_recipe(cfg.replace(micro_batch=64), tmp_path / "bn2.zarr", progress=False)
