@@ -32,15 +32,13 @@ from capture.recipes import RunConfig, apply_overrides, config_from_store
 __all__ = ["branch"]
 
 
-def _recorded_lr(store, step: int) -> float:
+def _recorded_lr(store, step: int) -> float | None:
+    """The learning rate recorded at ``step`` (None when there is none, e.g. the final iterate)."""
     import analysis
 
     run = analysis.open_run(store)
     lr = float(run.ds["lr"].sel(step=int(step)).values)
-    if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"branch: {store} holds no usable learning rate at step {step} (lr={lr}); "
-                         "pass lr= explicitly")
-    return lr
+    return lr if math.isfinite(lr) and lr > 0 else None
 
 
 def _check_step(store, step) -> int:
@@ -84,8 +82,8 @@ def branch(
               gradient descent on ``data`` with ``loss_fn``.
         out_path: the branch's store (required).
         lr: the branch's learning rate (constant).
-        lr_factor: or the parent's learning rate (the config's ``lr``, or the lr recorded at
-            ``step``) times this factor. Default when neither is given: 0.01, the 100x
+        lr_factor: or the parent's learning rate at ``step`` (as recorded there, so a
+            scheduled rate counts; the config's ``lr`` for the final iterate) times this factor. Default when neither is given: 0.01, the 100x
             smaller rate of the paper's zoom experiments.
         steps: number of steps of the branch (its steps are ``step .. step + steps - 1``).
         record: recording schedule of the branch (``"every"``, ``"every:10"``, ...).
@@ -137,6 +135,10 @@ def branch(
             raise ValueError(f"branch: options {sorted(overrides)} are RunConfig fields; with a model "
                              "pass lr, steps, record, data, loss_fn, micro_batch")
         parent_lr = _recorded_lr(parent_store, step)
+        if parent_lr is None and lr is None:
+            raise ValueError(f"branch: {parent_store} holds no learning rate at step {step} (the final "
+                             "iterate has none); pass lr= explicitly")
+        parent_lr = parent_lr or float(lr)
         new_lr = float(lr) if lr is not None else parent_lr * factor
         return _branch_module(config_or_model, parent_store, step, out_path, new_lr, parent_lr, steps,
                               record, data, loss_fn, micro_batch, overwrite, parent)
@@ -148,7 +150,7 @@ def branch(
     else:
         raise ValueError(f"branch: config_or_model must be None, a RunConfig or an nn.Module, got "
                          f"{type(config_or_model).__name__}")
-    parent_lr = float(cfg.lr)
+    parent_lr = _recorded_lr(parent_store, step) or float(cfg.lr)  # a schedule's lr at that step
     new_lr = float(lr) if lr is not None else parent_lr * factor
     changes = {"name": f"{cfg.name}-branch{step}", "lr": new_lr, "steps": steps, "epochs": None,
                "lr_schedule": "constant", "lr_schedule_kwargs": {}, "record": record, **overrides}

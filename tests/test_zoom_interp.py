@@ -229,3 +229,13 @@ def test_batchnorm_models_use_batch_statistics_and_keep_their_buffers(tmp_path):
     assert ds.attrs["batch_norm"] == "batch statistics"
     for k, v in built.model.named_buffers():
         assert torch.equal(v, before[k]), k
+
+
+def test_branch_lr_factor_applies_to_the_rate_in_use_at_that_step(tmp_path):
+    cfg = load_config("gawu-resnet_small-digits", n_train=128, batch_size=64, steps=6, num_threads=1)
+    par = run_recipe(cfg, tmp_path / "warm.zarr", progress=False)
+    child = branch(par, 4, None, tmp_path / "warm-branch.zarr", lr_factor=0.5, steps=2)
+    info = read_header(child).settings["branch"]
+    assert info["parent_lr"] == pytest.approx(0.001 * np.exp(0.4), rel=1e-6)  # the warm-up's rate at step 4
+    np.testing.assert_allclose(analysis.open_run(child).ds["lr"].values[:2], 0.0005 * np.exp(0.4), rtol=1e-6)
+    assert read_header(child).settings["recipe"]["lr_schedule"] == "constant"
