@@ -21,6 +21,7 @@ quickly); validating a config imports the model and data registries.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -338,7 +339,7 @@ def _check_keys(d: Mapping, where: str) -> None:
     for key in d:
         base = str(key).split(".", 1)[0]
         if base not in valid:
-            close = [v for v in valid if base.lower() in v or v in base.lower()]
+            close = difflib.get_close_matches(base.lower(), valid, n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(valid)}")
         if "." in str(key) and base not in _DICT_FIELDS:
