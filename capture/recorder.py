@@ -46,7 +46,6 @@ from capture.writer import StoreWriter
 __all__ = ["Recorder", "RecorderWriteError", "restore_weights", "model_table", "parse_tiers"]
 
 MODEL_REPR_CHARS = 2000
-WRITER_NICE = int(os.environ.get("GRADTRACE_WRITER_NICE", "0"))
 
 
 class RecorderWriteError(RuntimeError):
@@ -490,11 +489,6 @@ class Recorder:
 
     def _writer_loop(self) -> None:
         writer = self.writer
-        if WRITER_NICE:
-            try:  # Linux: a thread's nice value is its own; lower the writer's priority
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
-            except (AttributeError, OSError):
-                pass
         while True:
             job = self._jobs.get()
             if job is None:
