@@ -73,3 +73,34 @@ def test_header_round_trip_with_source_dtype_and_flags():
     old = dict(doc)
     del old["source_dtype"]  # stores from before the field existed
     assert fmt.Header.from_json(old).source_dtype is None
+
+
+def test_sketch_plan_water_filling():
+    sizes = [1728, 64, 73728, 128, 294912, 256, 589824, 256, 32768, 128, 1280, 10]
+    tensors = fmt.tensor_table([(f"t{i}", (n,)) for i, n in enumerate(sizes)])
+    for k in (512, 4096, 16384, 262144, 10**7):
+        plan = fmt.sketch_plan(tensors, k, seed=3)
+        assert plan.offsets == tuple(np.cumsum((0,) + plan.sizes[:-1]))
+        for n, kt, exact in zip(sizes, plan.sizes, plan.exact):
+            assert (kt == n) if exact else (fmt.MIN_SKETCH_PER_TENSOR <= kt < n)
+        sketched = [(n, kt) for n, kt, e in zip(sizes, plan.sizes, plan.exact) if not e]
+        if sketched and k >= 4096:
+            floors = sum(kt == fmt.MIN_SKETCH_PER_TENSOR for _, kt in sketched)
+            # the budget is spent (up to rounding and the per-tensor floor), not exceeded
+            assert abs(plan.dim - k) <= len(sizes) + floors * fmt.MIN_SKETCH_PER_TENSOR
+            # buckets grow like sqrt(size) among sketched tensors
+            ratios = [kt / np.sqrt(n) for n, kt in sketched if kt > fmt.MIN_SKETCH_PER_TENSOR]
+            assert max(ratios) / min(ratios) < 1.05
+    assert all(fmt.sketch_plan(tensors, 10**7, 0).exact)
+    # the small, norm-heavy output layer (1280 entries) is exact at a 262144 budget
+    assert fmt.sketch_plan(tensors, 262144, 0).exact[10]
+
+
+def test_sketch_stderr_bound_from_tensor_norms():
+    plan = fmt.SketchPlan(offsets=(0, 64, 74), sizes=(64, 10, 100), exact=(False, True, False), seed=0)
+    a = np.array([1.0, 5.0, 0.0])
+    b = np.array([4.0, 1.0, 1.0])
+    got = fmt.sketch_cosine_stderr_tensors(plan, a, b)
+    assert got == pytest.approx(np.sqrt(2 * 1.0 * 4.0 / 64 / (6.0 * 6.0)))
+    # the flat formula understates the error when the mass sits in a sketched tensor
+    assert got > fmt.sketch_cosine_stderr(164, 0.0) / 2
