@@ -200,6 +200,10 @@ class Recorder:
         queue_size: steps that may wait for the writer; the pool holds ``queue_size + 1``
             buffers of 2 d float32 each, allocated on first use.
         param_chunk: chunk width of the stored rows along ``param``.
+        writer_threads: threads the writer uses to encode and write one row's chunks (and
+            reduce its per-tensor scalars) concurrently. 1 (default) suits a machine whose
+            cores the training already uses; on a GPU host with idle cores, 2-8 lets the writer
+            keep up with fast steps of a large model. The stored bytes are the same either way.
         parent: for a branched ("zoom") run, ``{"store": ..., "step": ...}`` of its origin (what
             :func:`restore_weights` returns).
 
@@ -227,6 +231,7 @@ class Recorder:
         expected_steps: int | None = None,
         queue_size: int = 2,
         param_chunk: int = fmt.DEFAULT_PARAM_CHUNK,
+        writer_threads: int = 1,
         parent: dict | None = None,
     ):
         if resume and overwrite:
@@ -296,6 +301,7 @@ class Recorder:
             settings=_run_settings(model, self._params, optimizer, self.scaler, self.schedule, settings, self.world_size),
             parent=parent,
             source_dtype=self.source_dtype,
+            threads=writer_threads,
         )
         self._last_queued = self.writer.last_step
         self._pool_size = int(queue_size) + 1

@@ -34,6 +34,8 @@ and benchmarks that need stores without torch.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import itertools
 import json
 import math
@@ -86,16 +88,20 @@ def tensor_scalars(tensors: Sequence[TensorInfo], g: np.ndarray | None, w: np.nd
     gg = np.full(n, np.nan)
     ww = np.empty(n)
     gw = np.full(n, np.nan)
+    for i in range(n):
+        _tensor_scalars_into(tensors[i], i, g, w, gg, ww, gw)
+    return gg, ww, gw
+
+
+def _tensor_scalars_into(t: TensorInfo, i: int, g, w, gg, ww, gw) -> None:
     # einsum with dtype=float64 casts in small buffers: float64 products and sums, no d-sized
     # temporaries and no BLAS threads (OpenBLAS' threaded ddot costs more than it saves here).
-    for i, t in enumerate(tensors):
-        ws = w[t.offset : t.offset + t.size]
-        ww[i] = np.einsum("i,i->", ws, ws, dtype=np.float64)
-        if g is not None:
-            gs = g[t.offset : t.offset + t.size]
-            gg[i] = np.einsum("i,i->", gs, gs, dtype=np.float64)
-            gw[i] = np.einsum("i,i->", gs, ws, dtype=np.float64)
-    return gg, ww, gw
+    ws = w[t.offset : t.offset + t.size]
+    ww[i] = np.einsum("i,i->", ws, ws, dtype=np.float64)
+    if g is not None:
+        gs = g[t.offset : t.offset + t.size]
+        gg[i] = np.einsum("i,i->", gs, gs, dtype=np.float64)
+        gw[i] = np.einsum("i,i->", gs, ws, dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------
@@ -228,17 +234,30 @@ class _ArrayWriter:
 
     # row-chunked arrays ------------------------------------------------------------------
     def write_row(self, n: int, vec: np.ndarray) -> None:
+        for task in self.row_tasks(n, vec):
+            task()
+
+    def row_tasks(self, n: int, vec: np.ndarray) -> list[Callable[[], None]]:
+        """Independent tasks (one per chunk) that together write row n."""
         if self.mode == "zarr":
-            self.arr[n, :] = vec
-            return
+
+            def through_zarr():
+                self.arr[n, :] = vec
+
+            return [through_zarr]
         cw = self.chunks[1]
+        tasks = []
         for j in range(self.n_col_chunks):
             piece = vec[j * cw : (j + 1) * cw]
             if piece.shape[0] < cw:  # edge chunk: stored full size, padded with the fill value
                 self._pad[: piece.shape[0]] = piece
                 self._pad[piece.shape[0] :] = self.fill
                 piece = self._pad
-            _put_direct(self._key((n, j)), self.encode(piece))
+            tasks.append(functools.partial(self._put_chunk, (n, j), piece))
+        return tasks
+
+    def _put_chunk(self, coords, piece: np.ndarray) -> None:
+        _put_direct(self._key(coords), self.encode(piece))
 
     def clear_row(self, n: int) -> None:
         """Remove row n's chunks (they then read as the fill value)."""
@@ -314,6 +333,9 @@ class StoreWriter:
         schedule, settings, parent: stored in the header.
         source_dtype: dtype(s) of the recorded tensors before the float32 cast; checked on
             resume when both the store and the caller know it.
+        threads: threads that encode and write a row's chunks and reduce its scalars
+            concurrently (numpy, blosc and file writes release the GIL); 1 does all in the
+            calling thread.
     """
 
     def __init__(
@@ -330,8 +352,15 @@ class StoreWriter:
         settings: dict | None = None,
         parent: dict | None = None,
         source_dtype: str | None = None,
+        threads: int = 1,
     ):
         self.path = Path(path)
+        if int(threads) < 1:
+            raise ValueError(f"threads={threads} must be >= 1")
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(int(threads), thread_name_prefix="gradtrace-chunks")
+            if int(threads) > 1 else None
+        )
         tiers = tiers or {}
         self.tiers = {a: Tier.parse(tiers.get(a, "lossless")) for a in fmt.DATA_ARRAYS}
         self.tensors = list(tensors)
@@ -561,14 +590,14 @@ class StoreWriter:
                 raise ValueError(f"grad has {grad.shape[0]} entries, the parameter table {self.d}")
         else:
             flags |= FLAG_FINAL
-        gg, ww, gw = tensor_scalars(self.tensors, grad, weight)
-        gg_sum, ww_sum, gw_sum = float(gg.sum()), float(ww.sum()), float(gw.sum())
-        if grad is not None and not math.isfinite(gg_sum):
-            flags |= FLAG_NONFINITE_GRAD
-        if not math.isfinite(ww_sum):
-            flags |= FLAG_NONFINITE_WEIGHT
         n = self.header.n_steps
         self._ensure_capacity(n)
+        n_t = len(self.tensors)
+        gg, ww, gw = np.full(n_t, np.nan), np.empty(n_t), np.full(n_t, np.nan)
+        tasks: list[Callable[[], None]] = [
+            functools.partial(_tensor_scalars_into, t, i, grad, weight, gg, ww, gw)
+            for i, t in enumerate(self.tensors)
+        ]
         W = self._w
         for name, vec in (("grad", grad), ("weight", weight)):
             tier = self.tiers[name]
@@ -578,16 +607,19 @@ class StoreWriter:
                     for t in targets:
                         W[t].clear_row(n)
                     continue
-                sb, nz = fmt.pack_signs(vec)
-                W[targets[0]].write_row(n, self._sketchers[name](vec).astype(np.float32))
-                W[targets[1]].write_row(n, sb)
-                W[targets[2]].write_row(n, nz)
+                tasks.append(functools.partial(self._write_sketch_row, name, n, vec))
             elif vec is None:
                 W[name].clear_row(n)  # reads as NaN, even over a torn row of a killed run
             elif tier.name == "rounded":
-                W[name].write_row(n, fmt.bitround(vec, tier.keepbits))
+                tasks.extend(W[name].row_tasks(n, fmt.bitround(vec, tier.keepbits)))
             else:
-                W[name].write_row(n, vec)
+                tasks.extend(W[name].row_tasks(n, vec))
+        self._run(tasks)
+        gg_sum, ww_sum, gw_sum = float(gg.sum()), float(ww.sum()), float(gw.sum())
+        if grad is not None and not math.isfinite(gg_sum):
+            flags |= FLAG_NONFINITE_GRAD
+        if not math.isfinite(ww_sum):
+            flags |= FLAG_NONFINITE_WEIGHT
         values = {
             "step": int(step),
             "epoch": int(epoch),
@@ -613,6 +645,26 @@ class StoreWriter:
         self._last_step = int(step)
         return flags
 
+    def _write_sketch_row(self, name: str, n: int, vec: np.ndarray) -> None:
+        sb, nz = fmt.pack_signs(vec)
+        W = self._w
+        W[f"{name}_sketch"].write_row(n, self._sketchers[name](vec).astype(np.float32))
+        W[f"{name}_signbits"].write_row(n, sb)
+        W[f"{name}_nonzero"].write_row(n, nz)
+
+    def _run(self, tasks: list[Callable[[], None]]) -> None:
+        """Run a row's independent tasks, on the pool when there is one; all finish before return."""
+        if self._pool is None or len(tasks) < 4:
+            for task in tasks:
+                task()
+            return
+        futures = [self._pool.submit(task) for task in tasks]
+        concurrent.futures.wait(futures)
+        for f in futures:
+            err = f.exception()
+            if err is not None:
+                raise err
+
     def update_settings(self, **settings) -> None:
         """Merge ``settings`` into the header's settings (written with the next commit or now)."""
         self.header.settings.update(settings)
@@ -635,10 +687,17 @@ class StoreWriter:
         self._write_header()
         zarr.consolidate_metadata(str(self.path))
         self._closed = True
+        self._shutdown_pool()
 
     def abort(self) -> None:
         """Stop without trimming: the store keeps every committed row and can be resumed."""
         self._closed = True
+        self._shutdown_pool()
+
+    def _shutdown_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _remove_partials(path: Path, names: Sequence[str]) -> None:

@@ -54,12 +54,14 @@ def train(model, opt, rec, steps, start=0, x=None, y=None, keep=None):
         opt.zero_grad()
 
 
-def test_lossless_round_trip_is_exact(tmp_path):
+@pytest.mark.parametrize("writer_threads", [1, 3])
+def test_lossless_round_trip_is_exact(tmp_path, writer_threads):
     torch.manual_seed(0)
     model = Net(frozen_head=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     keep = []
-    with Recorder(model, tmp_path / "run.zarr", opt, settings={"grad_clip": None, "note": "test"}, queue_size=1) as rec:
+    with Recorder(model, tmp_path / "run.zarr", opt, settings={"grad_clip": None, "note": "test"}, queue_size=1,
+                  writer_threads=writer_threads, param_chunk=64) as rec:
         train(model, opt, rec, 7, keep=keep)
     ds = xr.open_zarr(tmp_path / "run.zarr")
     assert ds.sizes["step"] == 8
