@@ -368,10 +368,14 @@ class Pass:
         the slab is then a fraction of a chunk (each chunk is decoded more than once: slower,
         but memory stays bounded).
         """
-        width = int(SLAB_BYTES // max(1.0, n_rows * col_bytes))
+        per_col = max(1.0, n_rows * col_bytes)
+        width = int(SLAB_BYTES // per_col)
         if width >= chunk:
             width = min(MAX_SLAB_COLS, (width // chunk) * chunk)
+        elif chunk * per_col <= 4 * SLAB_BYTES:
+            width = chunk  # one chunk is a little over the budget: still decode each chunk once
         else:  # a power-of-two fraction of the chunk, so pieces never straddle chunks
+            width = int(4 * SLAB_BYTES // per_col)
             width = chunk // 2 ** math.ceil(math.log2(chunk / max(width, min(chunk, MIN_SLAB_COLS))))
         slabs: dict[int, list] = {}
         for seg, lo, hi in self._columns(space):
