@@ -72,13 +72,17 @@ def store_for(cache: Path, T: int, d: int) -> Path:
     return path
 
 
-def best(fn, repeat: int) -> tuple[float, object]:
-    out, times = None, []
+def interleaved(cases: dict, repeat: int) -> tuple[dict, dict]:
+    """Best time of each case over ``repeat`` rounds, the cases taking turns in every round
+    (a load that comes and goes on a shared machine hits all of them alike)."""
+    times: dict = {k: [] for k in cases}
+    outs: dict = {}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: min(v) for k, v in times.items()}, outs
 
 
 def plain_read(run, names) -> None:
@@ -137,16 +141,22 @@ def main(argv=None) -> int:
           f"{codec.get('configuration', {}).get('cname', '')}, zarrs={run.use_zarrs}, cores={os.cpu_count()}")
 
     X = np.asarray(run._arrays["grad"][:T])  # the gradients, in memory (not timed)
-    t_np, G32 = best(lambda: X @ X.T, args.repeat)
-    t_blas64, G64 = best(lambda: engine_gram_in_memory(X), args.repeat)
-    del X
-    t_read_g, _ = best(lambda: plain_read(run, ["grad"]), args.repeat)
-    t_read, _ = best(lambda: plain_read(run, ["grad", "weight"]), args.repeat)
-    t_corr, corr = best(lambda: ga.corr_matrix(run), args.repeat)
-    t_corr32, corr32 = best(lambda: ga.corr_matrix(run, precision="float32"), args.repeat)
     ref = np.random.default_rng(1).standard_normal(d).astype(np.float32)  # a new reference
-    t_rsi, r = best(lambda: ga.rsi(run, reference=ref), args.repeat)
-
+    cases = {
+        "np": lambda: X @ X.T,
+        "blas64": lambda: engine_gram_in_memory(X),
+        "read_g": lambda: plain_read(run, ["grad"]),
+        "read": lambda: plain_read(run, ["grad", "weight"]),
+        "corr": lambda: ga.corr_matrix(run),
+        "corr32": lambda: ga.corr_matrix(run, precision="float32"),
+        "rsi": lambda: ga.rsi(run, reference=ref),
+    }
+    t, out = interleaved(cases, args.repeat)
+    t_np, t_blas64, t_read_g, t_read = t["np"], t["blas64"], t["read_g"], t["read"]
+    t_corr, t_corr32, t_rsi = t["corr"], t["corr32"], t["rsi"]
+    G32, G64, corr, corr32, r = out["np"], out["blas64"], out["corr"], out["corr32"], out["rsi"]
+    del X
+    load = os.getloadavg()[0]
     n64 = np.sqrt(np.diag(G64))
     exact = G64 / np.outer(n64, n64)
     err64 = float(np.nanmax(np.abs(corr.values - exact)))
@@ -170,7 +180,8 @@ def main(argv=None) -> int:
           f"float64 pass {err64:.1e}, float32 pass {err32:.1e}, numpy float32 X @ X.T {err_np:.1e}")
     print(f"binds: correlation float64: BLAS ({t_blas64:.2f} s of float64 products vs {t_read_g:.2f} s to read); "
           f"correlation float32 and RSI: read/decode (RSI {t_rsi:.2f} s vs read {t_read:.2f} s)")
-    print(f"(gamma of step 0 against the new reference: {float(r.gamma.values[0]):+.4f})")
+    print(f"(gamma of step 0 against the new reference: {float(r.gamma.values[0]):+.4f}; best of {args.repeat} "
+          f"interleaved rounds; 1-minute load average at the end {load:.1f} on {os.cpu_count()} cores)")
     return 0
 
 
