@@ -40,6 +40,9 @@ AUTO_PROGRESS_BYTES = 4 * 2**30
 #: Columns per row chunk in row-wise kernels (float64 row buffers stay in the L2 cache).
 ROW_CHUNK = 2**16
 MAX_SLAB_COLS = 2**22
+#: A slab one storage chunk wide may hold up to this many bytes (rows x chunk x arrays): a
+#: narrower slab would decode every chunk more than once (2x the decode work at half a chunk).
+CHUNK_SLAB_BYTES = 2**30
 MIN_SLAB_COLS = 1024
 
 SPACES = ("param", "sketch", "bits")
@@ -372,10 +375,10 @@ class Pass:
         width = int(SLAB_BYTES // per_col)
         if width >= chunk:
             width = min(MAX_SLAB_COLS, (width // chunk) * chunk)
-        elif chunk * per_col <= 4 * SLAB_BYTES:
-            width = chunk  # one chunk is a little over the budget: still decode each chunk once
+        elif chunk * per_col <= max(CHUNK_SLAB_BYTES, SLAB_BYTES):
+            width = chunk  # one chunk is over the budget: still decode each chunk once
         else:  # a power-of-two fraction of the chunk, so pieces never straddle chunks
-            width = int(4 * SLAB_BYTES // per_col)
+            width = int(max(CHUNK_SLAB_BYTES, SLAB_BYTES) // per_col)
             width = chunk // 2 ** math.ceil(math.log2(chunk / max(width, min(chunk, MIN_SLAB_COLS))))
         slabs: dict[int, list] = {}
         for seg, lo, hi in self._columns(space):

@@ -170,7 +170,8 @@ def test_progress_bar_on_request(stores, capsys):
 def test_slabs_narrower_than_a_chunk_when_rows_are_many(stores, monkeypatch):
     """Memory stays bounded for very many steps: a slab may be a fraction of a storage chunk."""
     d = stores["lossless"]
-    monkeypatch.setattr(engine, "SLAB_BYTES", 12 * 4)  # 4 x budget = 12 rows x 4 columns of float32
+    monkeypatch.setattr(engine, "SLAB_BYTES", 12 * 4)  # 12 rows x 1 column of float32
+    monkeypatch.setattr(engine, "CHUNK_SLAB_BYTES", 12 * 4 * 4)  # a one-chunk slab may hold 4 columns
     monkeypatch.setattr(engine, "MIN_SLAB_COLS", 4)
     run = ga.open_run(d.path)
     p = engine.Pass(run, run.params())
