@@ -101,12 +101,25 @@ def parse_tail(text: str | None):
 # ------------------------------------------------------------------------------ helpers
 
 
-def _open(store: str):
+def parse_storage_options(text: str | None) -> dict | None:
+    """``--storage-options '{"endpoint_url": "http://...", "anon": true}'`` -> dict (fsspec kwargs)."""
+    if not text:
+        return None
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"--storage-options: not JSON ({err.msg}); e.g. '{{\"anon\": true}}'") from err
+    if not isinstance(opts, dict):
+        raise UserError(f"--storage-options {text!r}: give a JSON object of fsspec options")
+    return opts
+
+
+def _open(store: str, storage_options: str | None = None):
     from analysis.store import open_run
 
     if "://" not in store and not Path(store).exists():
         raise UserError(f"no store at {store}: check the path (record one with `gradtrace record` or `gradtrace demo`)")
-    return open_run(store)
+    return open_run(store, storage_options=parse_storage_options(storage_options))
 
 
 @contextlib.contextmanager
@@ -179,7 +192,7 @@ def _print_matrix(da, digits: int = 2, most: int = 12) -> None:
 def cmd_info(args) -> int:
     from analysis.summary import store_info
 
-    info = store_info(args.store)
+    info = store_info(_open(args.store, args.storage_options))
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return 0
@@ -192,7 +205,7 @@ def cmd_info(args) -> int:
 def cmd_corr(args) -> int:
     import analysis.correlation as C
 
-    run = _open(args.store)
+    run = _open(args.store, args.storage_options)
     params = parse_params(args.params)
     with _scheduler(args.scheduler):
         if args.window is not None:
@@ -216,7 +229,7 @@ def cmd_corr(args) -> int:
 def cmd_signs(args) -> int:
     import analysis.signs as S
 
-    run = _open(args.store)
+    run = _open(args.store, args.storage_options)
     params = parse_params(args.params)
     with _scheduler(args.scheduler):
         if args.window is not None:
@@ -244,7 +257,7 @@ def cmd_signs(args) -> int:
 def cmd_rsi(args) -> int:
     from analysis.rsi import per_epoch, rsi
 
-    run = _open(args.store)
+    run = _open(args.store, args.storage_options)
     ref = parse_ref(args.ref)
     with _scheduler(args.scheduler):
         res = rsi(run, ref, steps=parse_steps(args.steps), params=parse_params(args.params),
@@ -268,7 +281,7 @@ def cmd_rsi(args) -> int:
 def cmd_phases(args) -> int:
     from analysis.phases import phases
 
-    run = _open(args.store)
+    run = _open(args.store, args.storage_options)
     with _scheduler(args.scheduler):
         res = phases(run, h=args.h, steps=parse_steps(args.steps), params=parse_params(args.params),
                        statistic=args.statistic, smooth=args.smooth, zigzag=args.zigzag, progress=args.progress)
@@ -288,7 +301,7 @@ def cmd_phases(args) -> int:
 def cmd_layers(args) -> int:
     import analysis.layers as L
 
-    run = _open(args.store)
+    run = _open(args.store, args.storage_options)
     with _scheduler(args.scheduler):
         res = L.layer_table(run, parse_steps(args.steps), lag=args.lag, params=parse_params(args.params),
                             exclude_tail=parse_tail(args.exclude_tail), progress=args.progress)
@@ -303,9 +316,12 @@ def cmd_layers(args) -> int:
 def cmd_report(args) -> int:
     from analysis.report import write_report
 
-    out = args.output or (str(Path(args.store.rstrip("/")).with_suffix("")) + "-report")
+    base = Path(args.store.rstrip("/"))
+    if "://" in args.store:  # a URL: the report goes to the current directory
+        base = Path(base.name)
+    out = args.output or (str(base.with_suffix("")) + "-report")
     with _scheduler(args.scheduler):
-        index = write_report(args.store, out, h=args.h, reference=parse_ref(args.ref),
+        index = write_report(_open(args.store, args.storage_options), out, h=args.h, reference=parse_ref(args.ref),
                              exclude_tail=parse_tail(args.exclude_tail), progress=True)
     print(f"report: {index}")
     return 0
@@ -370,6 +386,17 @@ def _common(p, *, steps=True, params=True, output=True):
         p.add_argument("-o", "--output", metavar="FILE", help=OUT_HELP)
     p.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask cluster: scheduler address, e.g. tcp://10.0.0.5:8786")
     p.add_argument("--progress", action="store_true", default=None, help="show a progress bar")
+    _storage_flag(p)
+
+
+STORAGE_HELP = (
+    "fsspec options of a remote store as JSON, e.g. '{\"endpoint_url\": \"http://minio:9000\", \"anon\": true}' "
+    "(credentials are better left to the environment: AWS_ACCESS_KEY_ID or FSSPEC_S3_KEY...)"
+)
+
+
+def _storage_flag(p) -> None:
+    p.add_argument("--storage-options", metavar="JSON", help=STORAGE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -419,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a store holds: steps, schedule, tiers, size, layers, flags, settings")
     p.add_argument("store", help="path (or fsspec URL) of a gradtrace run store")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _storage_flag(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("corr", help="gradient correlations: full matrix, window, lag series, mean correlation",
@@ -474,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-tail", metavar="N|epoch", default="1",
                    help="drop the last N gradient steps from RSI/EB/gamma (default 1: gamma_T = 1 is trivial)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask cluster")
+    _storage_flag(p)
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -247,7 +247,7 @@ def write_report(store, out_dir, *, h: int = 5, reference="final", exclude_tail=
     except AnalysisError as err:
         notes.append(f"per-layer table: {err}")
 
-    info = store_info(str(run.path))
+    info = store_info(run)
     (res_dir / "info.json").write_text(json.dumps(info, indent=1, default=str))
     index = out / "index.html"
     index.write_text(_html(run, info, format_info(info), figures, facts, notes, layer_html, time.perf_counter() - t0))

@@ -10,13 +10,13 @@ import numpy as np
 from analysis import format as fmt
 
 
-def _sizes(path: str) -> dict[str, int]:
+def _sizes(path: str, storage_options: dict | None = None) -> dict[str, int]:
     """Bytes on disk per top-level key (array name) of the store."""
     out: dict[str, int] = {}
     if "://" in path and not path.startswith("file://"):
         import fsspec
 
-        fs, root = fsspec.core.url_to_fs(path)
+        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
         for f, info in fs.find(root, detail=True).items():
             rel = f[len(root):].lstrip("/")
             key = rel.split("/", 1)[0]
@@ -34,22 +34,26 @@ def _sizes(path: str) -> dict[str, int]:
     return out
 
 
-def store_info(path: str) -> dict:
-    """A JSON-able summary of the store at ``path``.
+def store_info(path, storage_options: dict | None = None) -> dict:
+    """A JSON-able summary of the store at ``path`` (a path, an fsspec URL or an opened Run).
+
+    Args:
+        storage_options: passed to fsspec for remote URLs (as in :func:`analysis.open_run`).
 
     Returns:
         dict with the steps (count, first, last, final iterate), the schedule, tiers, bytes
         on disk against the raw float32 size, the layers, flagged steps and the settings.
     """
-    from analysis.store import open_run
+    from analysis.store import Run, open_run
 
-    run = open_run(path)
+    run = path if isinstance(path, Run) else open_run(path, storage_options=storage_options)
+    path = run.path
     h = run.header
     steps = run.steps
     gsteps = run.grad_steps
     flags = run.flags
     d = h.n_params
-    sizes = _sizes(str(path))
+    sizes = _sizes(str(path), run.storage_options)
     data_keys = [k for k in sizes if k in ("grad", "weight") or k.startswith(("grad_", "weight_"))
                  and k.endswith(("_sketch", "_signbits", "_nonzero"))]
     data_bytes = sum(sizes[k] for k in data_keys)
