@@ -1,8 +1,11 @@
 """What does every-step recording cost? The same training loop with and without a Recorder.
 
-Phases alternate in one process (bare, recorded, recorded, bare, ...) so that drift of the
-machine hits both alike; each phase runs ``--steps`` optimizer steps after a warm-up, and the
-recorded phase's time includes draining the writer's queue (``rec.flush()``), not the one-off
+For every (model, input size, batch) the script runs rounds of phases in one process: one bare
+phase and one recorded phase per tier (``--tiers``), each ``--steps`` optimizer steps from the
+same weights and optimizer state after a warm-up. The order of the phases rotates from round
+to round (bare, lossless, rounded:7 / lossless, rounded:7, bare / ...), so drift of the machine
+hits every phase alike; each tier's ratio is taken against the bare phase of the same round.
+A recorded phase's time includes draining the writer's queue (``rec.flush()``), not the one-off
 close (trim + consolidate). Between phases the page cache is flushed (``os.sync``, untimed) so
 one phase's disk writeback does not land in the next one's timing; a phase is short, so the
 kernel's own background writeback (after 30 s, or past 10% of memory dirty) rarely starts
@@ -10,13 +13,21 @@ inside it: long runs pay that extra on top.
 
 Usage (the README quotes these)::
 
+    .venv/bin/python benchmarks/capture_overhead.py --quick              # checks the script, ~15 s
     .venv/bin/python benchmarks/capture_overhead.py                      # CNN ~1M params, 8x8 and 32x32
+    .venv/bin/python benchmarks/capture_overhead.py --tiers lossless rounded:7 sketch:4096
     .venv/bin/python benchmarks/capture_overhead.py --model resnet18 --steps 10 --repeats 3
-    .venv/bin/python benchmarks/capture_overhead.py --device cuda        # on a GPU machine
+    .venv/bin/python benchmarks/capture_overhead.py --writer-threads 4 --device cuda   # GPU host
 
-Prints a markdown table: bare and recorded ms per step (medians over repeats), their ratio
-(median and range of the per-repeat ratios), the writer's ms per row, the time the training
-thread spent in ``record()`` and blocked on a busy writer, and stored MB per step.
+``--model cnn`` is a 4-block CNN of ~0.9-1.0M parameters; ``--model resnet18`` is torchvision's
+ResNet-18 (11.2M parameters, 10 classes) on 32x32 inputs, the ~10M-parameter case.
+``--writer-threads N`` is passed to ``Recorder(writer_threads=N)``; ``--threads N`` sets the
+training's torch threads (on a CPU host the writer thread competes with them for cores).
+
+Prints a markdown table, one row per (model, input size, batch, tier): bare and recorded ms per
+step (medians over rounds), their ratio (median and range of the per-round ratios), the
+writer's ms per row, the time the training thread spent in ``record()`` and blocked on a busy
+writer (both per step), and stored MB per step.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,6 +49,9 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from capture import Recorder  # noqa: E402
+
+# printed once per store by rec.close() (consolidation): noise in a benchmark's output
+warnings.filterwarnings("ignore", message="Consolidated metadata")
 
 
 def small_cnn(hw: int, widths=(32, 64, 128, 256), n_classes: int = 10) -> nn.Sequential:
@@ -89,8 +104,15 @@ def run_phase(model, opt, batches, steps: int, start: int, rec: Recorder | None,
     return time.perf_counter() - t0
 
 
-def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tier: str, device, root: Path,
-          param_chunk: int | None = None) -> dict:
+def phase_order(phases: list[str], r: int) -> list[str]:
+    """The phases of repeat ``r``: rotated by r, so each phase takes every position in turn."""
+    k = r % len(phases)
+    return phases[k:] + phases[:k]
+
+
+def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[str], device, root: Path,
+          param_chunk: int | None = None, writer_threads: int = 1) -> list[dict]:
+    """One row per tier; every repeat runs one bare phase and one recorded phase per tier."""
     torch.manual_seed(0)
     model = build(name, hw).to(device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -104,86 +126,111 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tier: str, d
     # phases run the very same arithmetic (denormals, NaNs and all)
     init_model = copy.deepcopy(model.state_dict())
     init_opt = copy.deepcopy(opt.state_dict())
-    bare, rec_t, ratios, writer_ms, record_ms, wait_ms, mb = [], [], [], [], [], [], []
+    bare: list[float] = []
+    m = {t: {k: [] for k in ("rec", "ratio", "writer", "record", "wait", "mb")} for t in tiers}
     step = 10
     for r in range(repeats):
-        order = ("bare", "rec") if r % 2 == 0 else ("rec", "bare")
         times = {}
-        for phase in order:
+        for phase in phase_order(["bare", *tiers], r):
             os.sync()
             model.load_state_dict(init_model)
             opt.load_state_dict(init_opt)
             if phase == "bare":
                 times[phase] = run_phase(model, opt, batches, steps, step, None, device)
             else:
-                path = root / f"{name}-{hw}-{r}.zarr"
+                path = root / f"{name}-{hw}-{batch}-{phase.replace(':', '-')}-{r}.zarr"
                 kw = {"param_chunk": param_chunk} if param_chunk else {}
-                rec = Recorder(model, path, opt, tiers=tier, overwrite=True, expected_steps=steps, **kw)
+                rec = Recorder(model, path, opt, tiers=phase, overwrite=True, expected_steps=steps,
+                               writer_threads=writer_threads, **kw)
                 times[phase] = run_phase(model, opt, batches, steps, step, rec, device)
                 s = rec.summary()
                 rec.close()
-                writer_ms.append(s["writer_seconds"] / steps * 1e3)
-                record_ms.append(s["record_seconds"] / steps * 1e3)
-                wait_ms.append(s["wait_seconds"] / steps * 1e3)
-                mb.append(store_bytes(path) / (steps + 1) / 1e6)
+                mt = m[phase]
+                mt["writer"].append(s["writer_seconds"] / steps * 1e3)
+                mt["record"].append(s["record_seconds"] / steps * 1e3)
+                mt["wait"].append(s["wait_seconds"] / steps * 1e3)
+                mt["mb"].append(store_bytes(path) / (steps + 1) / 1e6)
                 shutil.rmtree(path)
             step += steps
         bare.append(times["bare"] / steps * 1e3)
-        rec_t.append(times["rec"] / steps * 1e3)
-        ratios.append(times["rec"] / times["bare"])
-    return {
-        "model": f"{name} {hw}x{hw}",
-        "params": n_params,
-        "batch": batch,
-        "bare": statistics.median(bare),
-        "rec": statistics.median(rec_t),
-        "ratio": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "writer": statistics.median(writer_ms),
-        "record": statistics.median(record_ms),
-        "wait": statistics.median(wait_ms),
-        "mb": statistics.median(mb),
-    }
+        for t in tiers:
+            m[t]["rec"].append(times[t] / steps * 1e3)
+            m[t]["ratio"].append(times[t] / times["bare"])
+    med = statistics.median
+    return [
+        {
+            "model": f"{name} {hw}x{hw}",
+            "params": n_params,
+            "batch": batch,
+            "tier": t,
+            "bare": med(bare),
+            "rec": med(m[t]["rec"]),
+            "ratio": med(m[t]["ratio"]),
+            "ratio_min": min(m[t]["ratio"]),
+            "ratio_max": max(m[t]["ratio"]),
+            "writer": med(m[t]["writer"]),
+            "record": med(m[t]["record"]),
+            "wait": med(m[t]["wait"]),
+            "mb": med(m[t]["mb"]),
+        }
+        for t in tiers
+    ]
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="cnn", choices=["cnn", "resnet18"])
+    ap.add_argument("--model", nargs="+", default=["cnn"], choices=["cnn", "resnet18"],
+                    help="one or more models (default: cnn)")
     ap.add_argument("--hw", type=int, nargs="*", default=None, help="input sizes (default: 8 32 for cnn, 32 for resnet18)")
     ap.add_argument("--batch", type=int, nargs="*", default=None, help="batch sizes (default: 256 at 8x8, 64 at 32x32)")
-    ap.add_argument("--steps", type=int, default=30, help="steps per phase")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--tier", default="lossless")
+    ap.add_argument("--steps", type=int, default=None, help="steps per phase (default 30; --quick 5)")
+    ap.add_argument("--repeats", type=int, default=None, help="rounds of phases (default 5; --quick 2); a multiple of 1 + number of tiers puts every phase in every position equally often")
+    ap.add_argument("--tiers", "--tier", nargs="+", default=["lossless"], metavar="TIER",
+                    help="tiers to record with, one row each (e.g. lossless rounded:7 sketch:4096); "
+                         "--tier is an alias")
+    ap.add_argument("--writer-threads", type=int, default=1, help="Recorder(writer_threads=N) (default 1)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for the training (default: torch's own, = cores); on a "
+                         "small CPU host, cores - 1 leaves the writer thread a core")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--param-chunk", type=int, default=None, help="chunk width along param (default: the format's)")
     ap.add_argument("--dir", default=None, help="where to write the stores (default: a temp dir)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a fast small run: 5 steps x 2 repeats, cnn at 8x8 only, batch 64 (checks the script, "
+                         "not a figure to quote)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = args.steps or (5 if args.quick else 30)
+    repeats = args.repeats or (2 if args.quick else 5)
     device = torch.device(args.device)
-    hws = args.hw or ([8, 32] if args.model == "cnn" else [32])
     root = Path(args.dir or tempfile.mkdtemp(prefix="gradtrace-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
-        for hw in hws:
-            for batch in args.batch or [256 if hw <= 8 else 64]:
-                rows.append(bench(args.model, hw, batch, args.steps, args.repeats, args.tier, device, root, args.param_chunk))
-                print(f"done: {rows[-1]['model']} batch {batch}", file=sys.stderr, flush=True)
+        for model in args.model:
+            default_hw = ([8] if args.quick else [8, 32]) if model == "cnn" else [32]
+            for hw in args.hw or default_hw:
+                for batch in args.batch or [64 if args.quick or hw > 8 else 256]:
+                    rows += bench(model, hw, batch, steps, repeats, args.tiers, device, root,
+                                  args.param_chunk, args.writer_threads)
+                    print(f"done: {rows[-1]['model']} batch {batch}", file=sys.stderr, flush=True)
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
     print(
-        f"\nevery-step recording, tier {args.tier}, {args.steps} steps x {args.repeats} repeats, "
+        f"\nevery-step recording, {steps} steps x {repeats} repeats, writer_threads {args.writer_threads}, "
         f"device {device}, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores\n"
     )
-    print("| model | params | batch | bare ms/step | recorded ms/step | ratio (min-max) | writer ms/row | record() ms | blocked ms | MB/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | params | batch | tier | bare ms/step | recorded ms/step | ratio (min-max) | writer ms/row | record() ms | blocked ms | MB/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['bare']:.1f} | {r['rec']:.1f} | "
+            f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['tier']} | {r['bare']:.1f} | {r['rec']:.1f} | "
             f"**{r['ratio']:.3f}** ({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) | {r['writer']:.1f} | "
-            f"{r['record']:.2f} | {r['wait']:.2f} | {r['mb']:.2f} |"
+            f"{r['record']:.2f} | {r['wait']:.2f} | {r['mb']:.3f} |"
         )
+    return rows
 
 
 if __name__ == "__main__":
