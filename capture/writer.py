@@ -88,20 +88,78 @@ def tensor_scalars(tensors: Sequence[TensorInfo], g: np.ndarray | None, w: np.nd
     gg = np.full(n, np.nan)
     ww = np.empty(n)
     gw = np.full(n, np.nan)
-    for i in range(n):
-        _tensor_scalars_into(tensors[i], i, g, w, gg, ww, gw)
+    for task in scalar_tasks(tensors, g, w, gg, ww, gw):
+        task()
     return gg, ww, gw
 
 
-def _tensor_scalars_into(t: TensorInfo, i: int, g, w, gg, ww, gw) -> None:
-    # einsum with dtype=float64 casts in small buffers: float64 products and sums, no d-sized
-    # temporaries and no BLAS threads (OpenBLAS' threaded ddot costs more than it saves here).
-    ws = w[t.offset : t.offset + t.size]
-    ww[i] = np.einsum("i,i->", ws, ws, dtype=np.float64)
+#: Tensors up to this size are reduced together, a run of them at a time (one float64 copy
+#: and ``np.add.reduceat``): ~3 einsum calls per tensor cost more than the arithmetic there.
+SMALL_TENSOR = 4096
+#: Entries per batched run of small tensors (bounds the float64 temporaries).
+SMALL_RUN = 2**16
+
+
+def _scalar_plan(tensors: Sequence[TensorInfo]) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Units of work ``(lo, hi, indices, starts)``: a large tensor alone, or a run of
+    consecutive small tensors (``starts``: their offsets relative to ``lo``)."""
+    plan: list = []
+    run: list[int] = []
+
+    def flush():
+        if run:
+            lo = tensors[run[0]].offset
+            hi = tensors[run[-1]].offset + tensors[run[-1]].size
+            starts = np.array([tensors[i].offset - lo for i in run], dtype=np.intp)
+            plan.append((lo, hi, np.array(run, dtype=np.intp), starts))
+            run.clear()
+
+    for i, t in enumerate(tensors):
+        if t.size == 0:
+            continue
+        if t.size > SMALL_TENSOR:
+            flush()
+            plan.append((t.offset, t.offset + t.size, np.array([i], dtype=np.intp), None))
+            continue
+        if run and (t.offset != tensors[run[-1]].offset + tensors[run[-1]].size
+                    or t.offset + t.size - tensors[run[0]].offset > SMALL_RUN):
+            flush()
+        run.append(i)
+    flush()
+    return plan
+
+
+def scalar_tasks(tensors, g, w, gg, ww, gw, plan=None) -> list[Callable[[], None]]:
+    """Independent tasks that fill ``gg``, ``ww``, ``gw`` (size-0 tensors: 0, and NaN for g
+    when g is None)."""
+    for i, t in enumerate(tensors):
+        if t.size == 0:
+            ww[i] = 0.0
+            if g is not None:
+                gg[i] = gw[i] = 0.0
+    plan = _scalar_plan(tensors) if plan is None else plan
+    return [functools.partial(_scalars_unit, lo, hi, idx, starts, g, w, gg, ww, gw)
+            for lo, hi, idx, starts in plan]
+
+
+def _scalars_unit(lo, hi, idx, starts, g, w, gg, ww, gw) -> None:
+    ws = w[lo:hi]
+    if starts is None:
+        # einsum with dtype=float64 casts in small buffers: float64 products and sums, no
+        # d-sized temporaries and no BLAS threads (OpenBLAS' threaded ddot costs more here).
+        i = idx[0]
+        ww[i] = np.einsum("i,i->", ws, ws, dtype=np.float64)
+        if g is not None:
+            gs = g[lo:hi]
+            gg[i] = np.einsum("i,i->", gs, gs, dtype=np.float64)
+            gw[i] = np.einsum("i,i->", gs, ws, dtype=np.float64)
+        return
+    w64 = ws.astype(np.float64)  # float32 products are exact in float64
+    ww[idx] = np.add.reduceat(w64 * w64, starts)
     if g is not None:
-        gs = g[t.offset : t.offset + t.size]
-        gg[i] = np.einsum("i,i->", gs, gs, dtype=np.float64)
-        gw[i] = np.einsum("i,i->", gs, ws, dtype=np.float64)
+        g64 = g[lo:hi].astype(np.float64)
+        gg[idx] = np.add.reduceat(g64 * g64, starts)
+        gw[idx] = np.add.reduceat(g64 * w64, starts)
 
 
 # --------------------------------------------------------------------------------------
@@ -223,6 +281,7 @@ class _ArrayWriter:
         self.row_shape = () if self.width is None else (int(self.width),)
         self.row_bytes = self.dtype.itemsize * (1 if self.width is None else int(self.width))
         self._ready_block = -1
+        self._fd: int | None = None  # open chunk file of the ready block (patch mode)
         self.block_index = -1
         self.block: np.ndarray | None = None
 
@@ -273,16 +332,18 @@ class _ArrayWriter:
         R = self.chunks[0]
         b = n // R
         if self.mode == "patch":
-            path = self._key(self._block_coords(b))
             if b != self._ready_block:
+                self.close_file()
+                path = self._key(self._block_coords(b))
                 self._prepare_block(path)
+                self._fd = os.open(path, os.O_WRONLY)  # kept open: ~11 arrays x every step
                 self._ready_block = b
-            data = np.ascontiguousarray(np.broadcast_to(np.asarray(value, dtype=self.dtype), self.row_shape)).tobytes()
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.pwrite(fd, data, (n - b * R) * self.row_bytes)
-            finally:
-                os.close(fd)
+            value = np.asarray(value, dtype=self.dtype)
+            if value.shape != self.row_shape:
+                value = np.broadcast_to(value, self.row_shape)
+            data = np.ascontiguousarray(value).tobytes()
+            if os.pwrite(self._fd, data, (n - b * R) * self.row_bytes) != len(data):
+                raise OSError(f"short write to {self._key(self._block_coords(b))}")
             return
         if b != self.block_index:
             self._load_block(b, n)
@@ -292,6 +353,12 @@ class _ArrayWriter:
             self.arr[b * R : hi] = self.block[: hi - b * R]
         else:
             atomic_put(self._key(self._block_coords(b)), self.encode(self.block))
+
+    def close_file(self) -> None:
+        """Close the ready block's chunk file (patch mode); the next ``set`` reopens it."""
+        if self._fd is not None:
+            fd, self._fd, self._ready_block = self._fd, None, -1
+            os.close(fd)
 
     def _prepare_block(self, path: Path) -> None:
         size = self.chunks[0] * self.row_bytes
@@ -514,6 +581,7 @@ class StoreWriter:
         self.arrays = arrays
         specs = {s.name: s for s in fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk)}
         self._w = {name: _ArrayWriter(arr, self.path, specs[name]) for name, arr in arrays.items()}
+        self._scalar_plan = _scalar_plan(self.tensors)
         self._scalar_names = [n for n, s in specs.items() if not s.row_chunked]
 
     def _read_last_step(self) -> int | None:
@@ -594,10 +662,7 @@ class StoreWriter:
         self._ensure_capacity(n)
         n_t = len(self.tensors)
         gg, ww, gw = np.full(n_t, np.nan), np.empty(n_t), np.full(n_t, np.nan)
-        tasks: list[Callable[[], None]] = [
-            functools.partial(_tensor_scalars_into, t, i, grad, weight, gg, ww, gw)
-            for i, t in enumerate(self.tensors)
-        ]
+        tasks = scalar_tasks(self.tensors, grad, weight, gg, ww, gw, self._scalar_plan)
         W = self._w
         for name, vec in (("grad", grad), ("weight", weight)):
             tier = self.tiers[name]
@@ -680,6 +745,7 @@ class StoreWriter:
                 final_step = 0 if last is None else last + 1
             self.append(final_step, None, final_weight, epoch=epoch)
         n = self.header.n_steps
+        self._close_files()
         for arr in self.arrays.values():
             arr.resize((n,) + tuple(arr.shape[1:]))
         self.header.capacity = n
@@ -693,6 +759,11 @@ class StoreWriter:
         """Stop without trimming: the store keeps every committed row and can be resumed."""
         self._closed = True
         self._shutdown_pool()
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for aw in self._w.values():
+            aw.close_file()
 
     def _shutdown_pool(self) -> None:
         if self._pool is not None:

@@ -291,3 +291,27 @@ def test_threads_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="threads=0"):
         StoreWriter(tmp_path / "x.zarr", _table(), {}, threads=0)
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_tensor_scalars_batched_small_tensors_match_slow_float64():
+    """Runs of small tensors are reduced together; every tensor still gets its own exact sums."""
+    rng = np.random.default_rng(8)
+    shapes = [(3, 3), (0,), (5000,), (7,), (1,), (64, 65), (2,), (70_000,), (11,)] + [(300,)] * 400
+    tensors = fmt.tensor_table([(f"t{i}", s) for i, s in enumerate(shapes)])
+    d = sum(t.size for t in tensors)
+    g = (rng.standard_normal(d) * 10).astype(np.float32)
+    w = rng.standard_normal(d).astype(np.float32)
+    g[tensors[3].offset + 2] = np.inf  # non-finite stays with its own tensor
+    gg, ww, gw = tensor_scalars(tensors, g, w)
+    for i, t in enumerate(tensors):
+        gs = g[t.offset: t.offset + t.size].astype(np.float64)
+        ws = w[t.offset: t.offset + t.size].astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            want = (sum(gs * gs), sum(ws * ws), sum(gs * ws))
+        for got, exp in zip((gg[i], ww[i], gw[i]), want):
+            if math.isfinite(exp):
+                assert math.isclose(got, exp, rel_tol=1e-12, abs_tol=1e-12), (i, got, exp)
+            else:
+                assert not math.isfinite(got), i
+    assert (gg[1], ww[1], gw[1]) == (0.0, 0.0, 0.0)
+    assert np.isfinite(gg[[0, 2, 4, 5, 6, 7, 8]]).all()
