@@ -15,9 +15,14 @@ T^2*d multiply-add for the Gram) and the exponents of a log-log fit of time agai
 fixed) and against d (T fixed). Expected: exponent 1 in d for all; 1 in T for read/lag/
 signs/rsi; between 1 and 2 in T for the Gram (read-bound at small T, flop-bound at large T).
 
-    .venv/bin/python benchmarks/scaling.py            # T=128..512 at d=2^19, d=2^18..2^20 at T=256
+    .venv/bin/python benchmarks/scaling.py            # T=128..512 at d=2^19, d=2^19..2^21 at T=256
     .venv/bin/python benchmarks/scaling.py --quick    # tiny sizes (seconds), checks the script
     .venv/bin/python benchmarks/scaling.py --Ts 256,512,1024 --d 524288
+
+The d series starts at 2^19 because a pass runs one task per slab and a slab is at least one
+storage chunk (2^18 parameters) wide: at d = 2^18 every pass is a single task on one core,
+which would read as a sublinear d exponent on a 2-core machine (``--ds 262144,524288,1048576``
+shows it; the ``slabs`` column counts the tasks).
 """
 
 from __future__ import annotations
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--Ts", default="128,256,512", help="steps for the T series (default 128,256,512)")
     ap.add_argument("--d", type=int, default=2**19, help="parameters of the T series (default 2^19)")
-    ap.add_argument("--ds", default=f"{2**18},{2**19},{2**20}", help="parameters for the d series (default 2^18..2^20)")
+    ap.add_argument("--ds", default=f"{2**19},{2**20},{2**21}", help="parameters for the d series (default 2^19..2^21)")
     ap.add_argument("--T", type=int, default=256, help="steps of the d series (default 256)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: T=32..128 at d=2^16, d=2^15..2^17 at T=64")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved rounds, best kept (default 2)")
