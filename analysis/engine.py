@@ -20,6 +20,7 @@ client (tasks carry :class:`analysis.store.ArrayRef` handles, which each worker 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -446,13 +447,16 @@ class Pass:
             spec, chunk = self._space_spec(space, reqs)
             n_rows = len(spec.grad_rows) + len(spec.weight_rows)
             col_bytes = 2.0 if space == "bits" else 4.0
-            spec_d = dask.delayed(spec, traverse=False)
+            # The spec travels inside every slab task (a few KB of row indices), not as one
+            # shared key: a shared dependency made the distributed scheduler pile slab tasks
+            # onto the worker that held it (3 of 4 on one of 2 workers).
+            task = functools.partial(_slab_task, spec)
             refs = [v for s, v in self.refs if s == space]
             for pieces in self._slabs(space, n_rows, chunk, col_bytes):
                 slab_refs = tuple(
                     np.concatenate([np.asarray(r[lo:hi], dtype=np.float64) for _, lo, hi in pieces]) for r in refs
                 )
-                parts.append(dask.delayed(_slab_task, pure=True)(spec_d, pieces, slab_refs))
+                parts.append(dask.delayed(task, pure=True)(pieces, slab_refs))
                 width = sum(hi - lo for _, lo, hi in pieces)
                 nbytes += width * (len(spec.grad_rows) * (0.25 if space == "bits" else 4) + 4 * len(spec.weight_rows))
         if not parts:
