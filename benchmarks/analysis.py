@@ -121,6 +121,44 @@ def engine_gram_in_memory(X: np.ndarray) -> np.ndarray:
     return sum(parts)
 
 
+def np_lag1(X: np.ndarray) -> np.ndarray:
+    """Lag-1 correlation in memory, the way a numpy user writes it (float32 row products)."""
+    dots = np.einsum("ij,ij->i", X[:-1], X[1:])
+    sq = np.einsum("ij,ij->i", X, X)
+    return dots / np.sqrt(sq[:-1] * sq[1:])
+
+
+def np_signs_lag1(X: np.ndarray) -> np.ndarray:
+    """Sign shift (percent) between adjacent rows in memory, row by row (boolean masks)."""
+    out = np.empty(len(X) - 1)
+    neg0, nz0 = X[0] < 0, X[0] != 0
+    for t in range(len(X) - 1):
+        neg1, nz1 = X[t + 1] < 0, X[t + 1] != 0
+        both = nz0 & nz1
+        out[t] = 100.0 * np.count_nonzero((neg0 != neg1) & both) / np.count_nonzero(both)
+        neg0, nz0 = neg1, nz1
+    return out
+
+
+def np_sign_matrix(X: np.ndarray) -> np.ndarray:
+    """Sign-shift matrix in memory: two float32 BLAS products of {-1, 0, 1} matrices."""
+    S = np.sign(X)
+    N = (X != 0).astype(np.float32)
+    ss, nn = (S @ S.T).astype(np.float64), (N @ N.T).astype(np.float64)
+    return 100.0 * (nn - ss) / 2.0 / nn
+
+
+def np_rsi_products(G: np.ndarray, W: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """``||w_t - r||^2`` and ``<G_t, w_t - r>`` in memory, float64, row by row."""
+    r = ref.astype(np.float64)
+    out = np.empty((2, len(G)))
+    for t in range(len(G)):
+        diff = W[t] - r
+        out[0, t] = diff @ diff
+        out[1, t] = G[t].astype(np.float64) @ diff
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--T", type=int, default=512, help="gradient steps (default 512)")
@@ -141,9 +179,17 @@ def main(argv=None) -> int:
           f"{codec.get('configuration', {}).get('cname', '')}, zarrs={run.use_zarrs}, cores={os.cpu_count()}")
 
     X = np.asarray(run._arrays["grad"][:T])  # the gradients, in memory (not timed)
+    Wm = np.asarray(run._arrays["weight"][:T])  # the weights they were computed at
     ref = np.random.default_rng(1).standard_normal(d).astype(np.float32)  # a new reference
     cases = {
         "np": lambda: X @ X.T,
+        "np_lag": lambda: np_lag1(X),
+        "lag": lambda: ga.lag_series(run, 1),
+        "np_signs": lambda: np_signs_lag1(X),
+        "signs": lambda: ga.sign_shift_lag(run, 1),
+        "np_smat": lambda: np_sign_matrix(X),
+        "smat": lambda: ga.sign_shift_matrix(run),
+        "np_rsi": lambda: np_rsi_products(X, Wm, ref),
         "blas64": lambda: engine_gram_in_memory(X),
         "read_g": lambda: plain_read(run, ["grad"]),
         "read": lambda: plain_read(run, ["grad", "weight"]),
@@ -155,7 +201,7 @@ def main(argv=None) -> int:
     t_np, t_blas64, t_read_g, t_read = t["np"], t["blas64"], t["read_g"], t["read"]
     t_corr, t_corr32, t_rsi = t["corr"], t["corr32"], t["rsi"]
     G32, G64, corr, corr32, r = out["np"], out["blas64"], out["corr"], out["corr32"], out["rsi"]
-    del X
+    del X, Wm
     load = os.getloadavg()[0]
     n64 = np.sqrt(np.diag(G64))
     exact = G64 / np.outer(n64, n64)
@@ -176,6 +222,18 @@ def main(argv=None) -> int:
     print(row(f"corr_matrix from the store, precision='float32', max err {err32:.1e}", t_corr32, t_np, "1.3x"))
     print(row("plain read of `grad` + `weight` (baseline)", t_read))
     print(row("**rsi, new reference vector**", t_rsi, t_read, "1.2x"))
+    print(row("rsi products in memory with numpy (float64, row by row)", t["np_rsi"], t_read))
+    e_rsi = float(np.max(np.abs(r.distance.values[:T] ** 2 - out["np_rsi"][0]) / out["np_rsi"][0]))
+    lag_err = float(np.nanmax(np.abs(out["lag"].values - out["np_lag"])))
+    sig_err = float(np.nanmax(np.abs(out["signs"].sign_shift.values - out["np_signs"])))
+    smat_err = float(np.nanmax(np.abs(out["smat"].sign_shift.values - out["np_smat"])))
+    print("\n| other queries | from the store (s) | numpy in memory (s) | store / numpy | store / read of `grad` | max diff |")
+    print("|---|---|---|---|---|---|")
+    for name, a, b, err in (("lag-1 correlation series", "lag", "np_lag", lag_err),
+                            ("sign shift, lag 1 (percent)", "signs", "np_signs", sig_err),
+                            ("sign-shift matrix T x T", "smat", "np_smat", smat_err)):
+        print(f"| {name} | {t[a]:.2f} | {t[b]:.2f} | {t[a] / t[b]:.2f}x | {t[a] / t_read_g:.2f}x | {err:.1e} |")
+    print(f"(RSI distance^2 relative difference to the in-memory numpy float64: {e_rsi:.1e})")
     print(f"\nmax |error| of the correlation matrix against the float64 Gram of the same data: "
           f"float64 pass {err64:.1e}, float32 pass {err32:.1e}, numpy float32 X @ X.T {err_np:.1e}")
     print(f"binds: correlation float64: BLAS ({t_blas64:.2f} s of float64 products vs {t_read_g:.2f} s to read); "
