@@ -44,6 +44,29 @@ def record(model, x, y, path, tiers):
     return np.stack(grads), np.stack(weights)
 
 
+def test_uncompressed_lossless_is_exact_and_raw_on_disk(cnn_run, tmp_path):
+    """``lossless:raw``: the chunks are the float32 bytes themselves, read back exactly."""
+    model, x, y = cnn_run
+    path = tmp_path / "raw.zarr"
+    grads, weights = record(model, x, y, path, {"grad": "lossless:raw", "weight": "lossless"})
+    ds = xr.open_zarr(path)
+    np.testing.assert_array_equal(ds.grad.values[:STEPS], grads)
+    np.testing.assert_array_equal(ds.weight.values[:STEPS], weights)
+    group = zarr.open_group(str(path), mode="r")
+    assert not group["grad"].compressors and group["weight"].compressors
+    chunk = group["grad"].chunks[1]
+    first = (path / "grad" / "c" / "0" / "0").read_bytes()
+    assert first == grads[0, :chunk].astype("<f4").tobytes()
+    assert fmt.read_header(path).tiers["grad"] == fmt.Tier("lossless", compress=False)
+    import analysis as ga
+
+    g64 = grads.astype(np.float64)
+    n = np.linalg.norm(g64, axis=1)
+    corr = ga.corr_matrix(ga.open_run(path))
+    np.testing.assert_allclose(corr.values, g64 @ g64.T / np.outer(n, n), rtol=0, atol=1e-12)
+    assert corr.attrs["tier"] == "lossless"
+
+
 @pytest.mark.parametrize("keepbits", [4, 7, 12])
 def test_rounded_tier_error_bound_and_exact_signs(cnn_run, tmp_path, keepbits):
     model, x, y = cnn_run

@@ -24,7 +24,7 @@ def _rows(rng, T, d):
     return g, w
 
 
-@pytest.mark.parametrize("tier", ["lossless", "rounded:9", "sketch:16"])
+@pytest.mark.parametrize("tier", ["lossless", "lossless:raw", "rounded:9", "sketch:16"])
 def test_chunks_are_byte_identical_to_zarr_setitem(tmp_path, tier):
     """Each chunk file equals what zarr writes for the same array metadata and values."""
     rng = np.random.default_rng(0)

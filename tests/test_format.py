@@ -13,11 +13,19 @@ def test_tier_parsing_and_errors():
     assert fmt.Tier.parse("rounded:10").keepbits == 10
     assert fmt.Tier.parse("bf16") == fmt.Tier("rounded", keepbits=7)
     assert fmt.Tier.parse("sketch:4096").sketch_dim == 4096
+    raw = fmt.Tier.parse("lossless:raw")
+    assert raw == fmt.Tier("lossless", compress=False) and raw != fmt.Tier("lossless")
+    assert fmt.Tier.from_json(raw.to_json()) == raw and raw.max_rel_error == 0.0
+    assert "compress" not in fmt.Tier("lossless").to_json()  # older headers read as before
+    specs = {s.name: s for s in fmt.array_specs(fmt.tensor_table([("a", (10,))]), {"grad": raw, "weight": fmt.Tier()})}
+    assert specs["grad"].codecs == "raw" and fmt.codecs_for("raw") is None and specs["weight"].codecs == "lossless"
+    with pytest.raises(ValueError, match="lossless tier only"):
+        fmt.Tier("rounded", compress=False)
     t = fmt.Tier("rounded", keepbits=5)
     assert fmt.Tier.from_json(t.to_json()) == t
     assert t.max_rel_error == 2.0**-6
     for bad, msg in (("zip", "unknown fidelity tier"), ("rounded:x", "integer"), ("rounded:30", "out of range"),
-                     ("lossless:3", "no argument")):
+                     ("lossless:3", "':raw'")):
         with pytest.raises(ValueError, match=msg):
             fmt.Tier.parse(bad)
 
