@@ -7,6 +7,14 @@ a tree reduction. Each slab is one dask task: it reads the rows it needs for its
 (aligned to the storage chunks), computes every partial result, and returns a few small
 arrays. Memory is bounded by a few slabs (``SLAB_BYTES`` each), never by T x d.
 
+When all the rows of even one chunk-wide slab exceed ``SLAB_BYTES`` (many steps), a pass whose
+requests are all row-wise (pair dots, sign pairs, distances to a reference: each combines a
+row with one partner row or the reference) keeps its slabs one chunk wide and cuts the rows
+into blocks, one task each (every chunk is decoded once, the partner rows past a block's end
+twice); the blocks of a slab are put together before the reduction over slabs, so every
+result is exactly the unblocked one. Gram-type requests need all rows together: their slabs
+become a fraction of a chunk instead (each chunk decoded more than once).
+
 Exactness: products are accumulated in float64 (float32 data cast to float64 in cache-sized
 column blocks; no float32 rounding anywhere), except for ``precision="float32"`` Gram
 matrices (float32 BLAS per block, float64 across blocks: faster, about 1e-7 relative error).
@@ -20,6 +28,7 @@ client (tasks carry :class:`analysis.store.ArrayRef` handles, which each worker 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -137,6 +146,11 @@ class _PairDots:
     key: str
     ga: np.ndarray
     gb: np.ndarray
+    # In a row block (see _row_blocks): positions of these pairs in the whole result of
+    # n_out pairs, and the grad rows of the whole pass (column blocks as if unblocked).
+    out: np.ndarray | None = None
+    n_out: int = 0
+    col_rows: int = 0
 
     def shape(self):
         return (len(self.ga),)
@@ -144,7 +158,7 @@ class _PairDots:
     def partial(self, data, a, b):
         out = np.zeros(self.shape())
         runs = list(_runs(self.ga, self.gb))
-        for c0, c1 in _col_blocks(a, b, data.n_grad):
+        for c0, c1 in _col_blocks(a, b, self.col_rows or data.n_grad):
             x = _as64(data.grad[:, c0:c1], "pairs")  # every row cast once per block
             for k0, k1, sa, sb in runs:
                 out[k0:k1] += np.einsum("ij,ij->i", x[sa], x[sb])
@@ -178,6 +192,9 @@ class _SignPairs:
     key: str
     ga: np.ndarray
     gb: np.ndarray
+    out: np.ndarray | None = None  # as in _PairDots
+    n_out: int = 0
+    col_rows: int = 0
 
     def shape(self):
         return (2, len(self.ga))
@@ -185,7 +202,7 @@ class _SignPairs:
     def partial(self, data, a, b):
         out = np.zeros(self.shape())
         runs = list(_runs(self.ga, self.gb))
-        for c0, c1 in _col_blocks(a, b, 2 * data.n_grad, 4):
+        for c0, c1 in _col_blocks(a, b, 2 * (self.col_rows or data.n_grad), 4):
             s, n = _signs(data, slice(None), c0, c1)
             for k0, k1, sa, sb in runs:  # float32 sums of +-1/0: exact integers < 2**24
                 ss = np.einsum("ij,ij->i", s[sa], s[sb]).astype(np.float64)
@@ -209,6 +226,9 @@ class _RefDist:
     ref: int  # index into the slab's explicit references, or -1: rows `ref_w` with `coef`
     ref_w: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     coef: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    out: np.ndarray | None = None  # as in _PairDots
+    n_out: int = 0
+    col_rows: int = 0  # unused (row by row)
 
     def shape(self):
         return (2, len(self.w))
@@ -248,7 +268,20 @@ def _slab_task(spec: SpaceSpec, pieces, refs) -> dict:
         else:
             width = sum(hi - lo for _, lo, hi in pieces)
             res = op.partial(data, 0, width)
-        out[op.key] = res
+        # a row block's op returns its items only, with their places in the whole result
+        out[op.key] = res if getattr(op, "out", None) is None else (op.out, op.n_out, res)
+    return out
+
+
+def _gather(*blocks: dict) -> dict:
+    """The row blocks of one slab put together: each item's partial result comes from exactly
+    one block, so the whole result equals an unblocked slab task's, bit for bit."""
+    out: dict = {}
+    for blk in blocks:
+        for k, (idx, n, res) in blk.items():
+            if k not in out:
+                out[k] = np.zeros(res.shape[:-1] + (n,))
+            out[k][..., idx] = res
     return out
 
 
@@ -260,6 +293,97 @@ def _combine(*parts: dict) -> dict:
                 out[k] += v
             else:
                 out[k] = v.copy()
+    return out
+
+
+_ROW_WISE = (_PairDots, _SignPairs, _RefDist)
+
+
+def _row_blocks(spec: SpaceSpec, max_rows: int) -> list[SpaceSpec]:
+    """Cut a pass of row-wise ops into row blocks of about ``max_rows`` rows (grad + weight).
+
+    Every item (a pair of rows, or a step against the reference) goes to the block of its
+    first store row, in order; a block holds the union of the rows its items need (partner
+    rows past the block's end are read by two blocks), plus the reference rows of a
+    ``_RefDist`` (read by every block). Each block's ops keep their items in the original
+    order, with their positions in the whole result (``out``), so ``_gather`` rebuilds it.
+    """
+    ng = len(spec.grad_rows)
+    grows, wrows = np.asarray(spec.grad_rows), np.asarray(spec.weight_rows)
+    # every item: op, index, anchor (first store row), two pool keys (grad p -> p, weight q -> ng + q)
+    op_id, item, anchor, k1, k2 = [], [], [], [], []
+    fixed: dict[int, np.ndarray] = {}
+    for i, op in enumerate(spec.ops):
+        if isinstance(op, _RefDist):
+            a, b = np.asarray(op.g, np.int64), ng + np.asarray(op.w, np.int64)
+            rows = np.minimum(grows[op.g], wrows[op.w])
+            fixed[i] = ng + np.asarray(op.ref_w, np.int64)
+        else:
+            a, b = np.asarray(op.ga, np.int64), np.asarray(op.gb, np.int64)
+            rows = np.minimum(grows[op.ga], grows[op.gb])
+        n = len(a)
+        op_id.append(np.full(n, i, np.int64))
+        item.append(np.arange(n, dtype=np.int64))
+        anchor.append(np.asarray(rows, np.int64))
+        k1.append(a)
+        k2.append(b)
+    op_id, item, anchor, k1, k2 = (np.concatenate(x) for x in (op_id, item, anchor, k1, k2))
+    n_fixed = len(np.unique(np.concatenate(list(fixed.values())))) if fixed else 0
+    budget = max(1, max_rows - n_fixed)
+
+    # greedy over the anchors in order: a block takes anchors while the union of rows fits
+    order = np.argsort(anchor, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(anchor[order]) != 0])
+    ends = np.r_[starts[1:], len(order)]
+    block_of = np.empty(len(order), np.int64)
+    held: set = set()
+    blk = 0
+    for s0, s1 in zip(starts.tolist(), ends.tolist()):
+        sel = order[s0:s1]
+        need = set(k1[sel].tolist()) | set(k2[sel].tolist())
+        new = need - held
+        if held and len(held) + len(new) > budget:
+            blk += 1
+            held = need
+        else:
+            held |= new
+        block_of[sel] = blk
+    n_blocks = blk + 1
+
+    # items of each (block, op), in their original order
+    srt = np.lexsort((item, op_id, block_of))
+    cut = np.flatnonzero(np.r_[True, (np.diff(block_of[srt]) != 0) | (np.diff(op_id[srt]) != 0)])
+    groups: list[dict[int, np.ndarray]] = [{} for _ in range(n_blocks)]
+    for c0, c1 in zip(cut.tolist(), np.r_[cut[1:], len(srt)].tolist()):
+        if c1 > c0:
+            groups[int(block_of[srt[c0]])][int(op_id[srt[c0]])] = item[srt[c0:c1]]
+    for i, op in enumerate(spec.ops):  # an op without items still gives its (empty) result
+        if not any(i in g for g in groups):
+            groups[0][i] = np.zeros(0, np.int64)
+
+    out = []
+    for g in groups:
+        keys = [np.zeros(0, np.int64)]
+        for i, idx in g.items():
+            op = spec.ops[i]
+            if isinstance(op, _RefDist):
+                keys += [np.asarray(op.g, np.int64)[idx], ng + np.asarray(op.w, np.int64)[idx], fixed[i]]
+            else:
+                keys += [np.asarray(op.ga, np.int64)[idx], np.asarray(op.gb, np.int64)[idx]]
+        keys = np.unique(np.concatenate(keys))
+        gpos, wpos = keys[keys < ng], keys[keys >= ng] - ng
+        ops = []
+        for i in sorted(g):
+            op, idx = spec.ops[i], g[i]
+            if isinstance(op, _RefDist):
+                ops.append(dataclasses.replace(
+                    op, g=np.searchsorted(gpos, op.g[idx]), w=np.searchsorted(wpos, op.w[idx]),
+                    ref_w=np.searchsorted(wpos, op.ref_w), out=idx, n_out=len(op.w), col_rows=ng))
+            else:
+                ops.append(dataclasses.replace(
+                    op, ga=np.searchsorted(gpos, op.ga[idx]), gb=np.searchsorted(gpos, op.gb[idx]),
+                    out=idx, n_out=len(op.ga), col_rows=ng))
+        out.append(dataclasses.replace(spec, grad_rows=grows[gpos], weight_rows=wrows[wpos], ops=tuple(ops)))
     return out
 
 
@@ -365,18 +489,19 @@ class Pass:
             out = merged
         return [p for p in out if p[2] > p[1]]
 
-    def _slabs(self, space: str, n_rows: int, chunk: int, col_bytes: float):
+    def _slabs(self, space: str, n_rows: int, chunk: int, col_bytes: float, whole_chunks: bool = False):
         """Split the space's pieces into slabs: windows aligned to ``chunk`` columns.
 
         With very many rows even one storage chunk per slab would exceed the memory budget;
         the slab is then a fraction of a chunk (each chunk is decoded more than once: slower,
-        but memory stays bounded).
+        but memory stays bounded), unless ``whole_chunks``: a pass of row-wise requests keeps
+        slabs one chunk wide and cuts its rows into blocks instead (see :meth:`graph`).
         """
         per_col = max(1.0, n_rows * col_bytes)
         width = int(SLAB_BYTES // per_col)
         if width >= chunk:
             width = min(MAX_SLAB_COLS, (width // chunk) * chunk)
-        elif chunk * per_col <= max(CHUNK_SLAB_BYTES, SLAB_BYTES):
+        elif whole_chunks or chunk * per_col <= max(CHUNK_SLAB_BYTES, SLAB_BYTES):
             width = chunk  # one chunk is over the budget: still decode each chunk once
         else:  # a power-of-two fraction of the chunk, so pieces never straddle chunks
             width = int(max(CHUNK_SLAB_BYTES, SLAB_BYTES) // per_col)
@@ -438,6 +563,7 @@ class Pass:
     def graph(self):
         """The dask Delayed object whose value is ``{key: float64 array}``, and bytes read."""
         import dask
+        from dask.base import tokenize
 
         parts, nbytes = [], 0
         for space in SPACES:
@@ -447,18 +573,43 @@ class Pass:
             spec, chunk = self._space_spec(space, reqs)
             n_rows = len(spec.grad_rows) + len(spec.weight_rows)
             col_bytes = 2.0 if space == "bits" else 4.0
+            # Row-wise requests (pairs of rows, rows against a reference) need no two rows
+            # together beyond their own pairs: when all the rows of one chunk-wide slab exceed
+            # SLAB_BYTES, the slabs stay one chunk wide and the rows are cut into blocks, one
+            # task each, instead of cutting the chunk (which decodes every chunk 2, 4, ... times).
+            row_wise = all(isinstance(op, _ROW_WISE) for op in spec.ops)
+            slabs = self._slabs(space, n_rows, chunk, col_bytes, whole_chunks=row_wise)
+            specs = [spec]
+            if row_wise:
+                widest = max((sum(hi - lo for _, lo, hi in pieces) for pieces in slabs), default=0)
+                max_rows = int(SLAB_BYTES // max(1.0, widest * col_bytes))
+                if widest and n_rows > max_rows:
+                    specs = _row_blocks(spec, max(1, max_rows))
             # The spec travels inside every slab task (a few KB of row indices), not as one
             # shared key: a shared dependency made the distributed scheduler pile slab tasks
             # onto the worker that held it (3 of 4 on one of 2 workers).
-            task = functools.partial(_slab_task, spec)
+            tasks = [functools.partial(_slab_task, s) for s in specs]
+            # blocks: keys from tokens computed once per block and once per slab (hashing the
+            # slab's reference slices again for each of its blocks would cost more than a read)
+            block_tokens = [tokenize(s) for s in specs] if len(specs) > 1 else []
             refs = [v for s, v in self.refs if s == space]
-            for pieces in self._slabs(space, n_rows, chunk, col_bytes):
+            for pieces in slabs:
                 slab_refs = tuple(
                     np.concatenate([np.asarray(r[lo:hi], dtype=np.float64) for _, lo, hi in pieces]) for r in refs
                 )
-                parts.append(dask.delayed(task, pure=True)(pieces, slab_refs))
+                if len(specs) == 1:
+                    parts.append(dask.delayed(tasks[0], pure=True)(pieces, slab_refs))
+                    continue
+                slab_token = tokenize(pieces, slab_refs)
+                blocks = [dask.delayed(task, pure=True)(pieces, slab_refs,
+                                                        dask_key_name=f"_slab_task-{tokenize(bt, slab_token)}")
+                          for task, bt in zip(tasks, block_tokens)]
+                # one slab's blocks are put together first: the reduction over slabs is the
+                # unblocked one, and each item's partial result is its unblocked value
+                parts.append(dask.delayed(_gather, pure=True)(*blocks))
                 width = sum(hi - lo for _, lo, hi in pieces)
-                nbytes += width * (len(spec.grad_rows) * (0.25 if space == "bits" else 4) + 4 * len(spec.weight_rows))
+                for s in specs:
+                    nbytes += width * (len(s.grad_rows) * (0.25 if space == "bits" else 4) + 4 * len(s.weight_rows))
         if not parts:
             raise ValueError("nothing to compute: the pass has no requests")
         # tree reduction: up to 8 partial results per node, fewer when partials are big (T x T)

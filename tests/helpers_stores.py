@@ -244,3 +244,34 @@ def slow_rsi(g: np.ndarray, w: np.ndarray, ref: np.ndarray) -> dict:
         "eta_star": gd / gg if gg > 0 else float("nan"),
         "distance": dist,
     }
+
+
+def count_decodes(monkeypatch):
+    """Count the chunk decodes of the analysis engine's reads (``analysis.slabs.read_rows``).
+
+    Returns ``(decodes, reads)``: a Counter of ``(array name, row, column chunk)`` -> times
+    read, and a list of ``(array name, n_rows, lo, hi)``, one per read call.
+    """
+    import threading
+    from collections import Counter
+
+    from analysis import slabs
+
+    decodes: Counter = Counter()
+    reads: list = []
+    lock = threading.Lock()
+    real = slabs.read_rows
+
+    def read_rows(arr, rows, a, b):
+        cw, hi = int(arr.chunks[1]), min(b, arr.shape[1])
+        rr = np.arange(arr.shape[0])[slabs.as_index(rows)]
+        name = str(arr.store_path).rstrip("/").rsplit("/", 1)[-1]  # opened at <store>/<name>
+        with lock:
+            reads.append((name, len(rr), a, hi))
+            for r in rr.tolist():
+                for c in range(a // cw, -(-hi // cw)):
+                    decodes[(name, r, c)] += 1
+        return real(arr, rows, a, b)
+
+    monkeypatch.setattr(slabs, "read_rows", read_rows)
+    return decodes, reads

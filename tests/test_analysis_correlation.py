@@ -5,7 +5,7 @@ import pytest
 
 import analysis as ga
 from analysis import engine
-from tests.helpers_stores import make_store, slow_corr, slow_corr_matrix
+from tests.helpers_stores import count_decodes, make_store, slow_corr, slow_corr_matrix
 
 TOL = 1e-10
 
@@ -179,3 +179,40 @@ def test_slabs_narrower_than_a_chunk_when_rows_are_many(stores, monkeypatch):
     widths = {hi - lo for slab in p._slabs("param", 12, run.chunk_width("grad"), 4.0) for _, lo, hi in slab}
     assert max(widths) == 4  # chunk of 16 split in 4
     np.testing.assert_allclose(ga.corr_matrix(run).values, slow_corr_matrix(d.grads), atol=TOL)
+
+
+def test_row_wise_passes_cut_rows_instead_of_chunks(stores, monkeypatch):
+    """Lag pairs need no two rows together beyond their own: with many rows the pass keeps
+    slabs one chunk wide and cuts the rows into blocks (each block holding ~SLAB_BYTES), so
+    every chunk is decoded once, not once per fraction of the chunk as a Gram pass must."""
+    d = stores["lossless"]  # 12 steps
+    run = ga.open_run(d.path)
+    cw = run.chunk_width("grad")
+    n_chunks = -(-d.d // cw)
+    monkeypatch.setattr(engine, "SLAB_BYTES", 4 * cw * 4)  # 4 rows of one chunk
+    monkeypatch.setattr(engine, "CHUNK_SLAB_BYTES", 4 * cw * 4)
+    monkeypatch.setattr(engine, "MIN_SLAB_COLS", 4)
+    decodes, reads = count_decodes(monkeypatch)
+    np.testing.assert_allclose(ga.corr_matrix(run).values, slow_corr_matrix(d.grads), atol=TOL)
+    assert max(decodes.values()) == 4  # the Gram pass reads quarter chunks: each decoded 4 times
+    decodes.clear()
+    reads.clear()
+    lag = ga.lag_series(run, 1)
+    np.testing.assert_allclose(lag.values, [slow_corr(d.grads[t], d.grads[t + 1]) for t in range(11)], atol=TOL)
+    # whole chunks, at most 4 rows per read
+    assert all(n <= 4 and lo % cw == 0 and (hi - lo == cw or hi == d.d) for _, n, lo, hi in reads)
+    assert set(decodes) == {("grad", r, c) for r in range(12) for c in range(n_chunks)}
+    # blocks of first rows 0-2, 3-5, 6-8, 9-11: rows 3, 6, 9 are also the partners of the
+    # previous block's last pair, read twice; every other chunk is decoded once
+    assert {r for (_, r, _), k in decodes.items() if k == 2} == {3, 6, 9} and max(decodes.values()) == 2
+    # several lags and windows (pairs further apart, norms) in blocks: the same numbers
+    multi = ga.lag_series(run, [1, 3, 5])
+    for lg in (1, 3, 5):
+        np.testing.assert_allclose(multi.sel(lag=lg).values[: 12 - lg],
+                                   [slow_corr(d.grads[t], d.grads[t + lg]) for t in range(12 - lg)], atol=TOL)
+    w = ga.corr_windows(run, h=4)
+    for k in range(9):
+        np.testing.assert_allclose(w.sel(step=k).values, slow_corr_matrix(d.grads[k: k + 4]), atol=TOL)
+    mean = ga.mean_corr(run, h=3).values
+    np.testing.assert_allclose(mean[:10], [np.mean([slow_corr(d.grads[k + i], d.grads[k + i + 1]) for i in range(2)])
+                                           for k in range(10)], atol=TOL)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import analysis as ga
-from tests.helpers_stores import dot, make_store, slow_rsi
+from analysis import engine
+from tests.helpers_stores import count_decodes, dot, make_store, slow_rsi
 
 TOL = 1e-10
 METRICS = ("rsi", "eb", "gamma", "eta_star", "distance")
@@ -185,3 +186,26 @@ def test_lossy_tiers_carry_their_error(tmp_path):
     with pytest.raises(ga.TierError, match="same space"):
         ga.rsi(mixed.path)
 
+
+
+def test_many_steps_cut_rows_not_chunks(data, monkeypatch):
+    """With many steps the RSI pass cuts its rows into blocks of whole chunks: every chunk
+    of grad and weight is decoded exactly once, and each task holds at most SLAB_BYTES."""
+    run = ga.open_run(data.path)
+    cw = run.chunk_width("grad")
+    monkeypatch.setattr(engine, "SLAB_BYTES", 4 * cw * 4)  # 4 rows of one chunk: 2 steps
+    monkeypatch.setattr(engine, "CHUNK_SLAB_BYTES", 4 * cw * 4)  # (a chunk used to be cut in 8)
+    monkeypatch.setattr(engine, "MIN_SLAB_COLS", 2)
+    decodes, reads = count_decodes(monkeypatch)
+    vec = np.random.default_rng(3).standard_normal(data.d)
+    check(ga.rsi(run, reference=vec), data.grads, data.weights, vec, range(12))
+    n_chunks = -(-data.d // cw)
+    assert decodes == {(a, t, c): 1 for a in ("grad", "weight") for t in range(12) for c in range(n_chunks)}
+    assert max(n for _, n, _, _ in reads) == 2 and all(lo % cw == 0 for _, _, lo, _ in reads)
+    # references made of store rows (read by every block) and a step selection, in blocks
+    mean = data.weights[2:6].astype(np.float64).mean(0)
+    check(ga.rsi(run, reference=slice(2, 5)), data.grads, data.weights, mean, range(12))
+    check(ga.rsi(run, steps=[1, 4, 5, 9]), data.grads, data.weights, data.final_weight, [1, 4, 5, 9])
+    r = ga.rsi(run, reference=vec, params="fc*")
+    cols = np.r_[data.tensor_slice("fc1.weight"), data.tensor_slice("fc1.bias"), data.tensor_slice("fc2.weight")]
+    check(r, data.grads[:, cols], data.weights[:, cols], vec[cols], range(12))

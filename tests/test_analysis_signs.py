@@ -5,7 +5,7 @@ import pytest
 
 import analysis as ga
 from analysis import engine
-from tests.helpers_stores import make_store, slow_sign_shift
+from tests.helpers_stores import count_decodes, make_store, slow_sign_shift
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +81,30 @@ def test_all_zero_and_nonfinite_gradients(stores):
     assert np.isnan(s.sign_shift.values[4]).all() and np.isnan(s.zero_share.values[:, 4]).all()
     with pytest.raises(ga.LagNotAvailableError):
         ga.sign_shift_lag(d.path, 40)
+
+
+@pytest.mark.parametrize("tier", ["lossless", "sketch:64"])
+def test_lag_cuts_rows_not_chunks(stores, tier, monkeypatch):
+    """With many steps the sign-shift lag pass (dense values, or packed sign bits) cuts its
+    rows into blocks of whole chunks: each chunk is decoded once (a block's last partner
+    row twice), never once per fraction of a chunk."""
+    d = stores[tier]  # 9 steps
+    run = ga.open_run(d.path)
+    dense = tier == "lossless"
+    names = ("grad",) if dense else ("grad_signbits", "grad_nonzero")
+    cw = run.chunk_width(names[0])  # bytes of packed bits in the sketch tier
+    col_bits, col_bytes = (cw, 4) if dense else (8 * cw, 2)  # slab columns, bytes per row and column
+    monkeypatch.setattr(engine, "SLAB_BYTES", 3 * col_bits * col_bytes)  # 3 rows of one chunk
+    monkeypatch.setattr(engine, "CHUNK_SLAB_BYTES", 3 * col_bits * col_bytes)
+    monkeypatch.setattr(engine, "MIN_SLAB_COLS", 1)
+    decodes, reads = count_decodes(monkeypatch)
+    lag = ga.sign_shift_lag(run, 1)
+    want = [slow_sign_shift(d.raw_grads[t], d.raw_grads[t + 1]) for t in range(8)]
+    np.testing.assert_allclose(lag.sign_shift.values, [w[0] for w in want], atol=1e-12)
+    np.testing.assert_allclose(lag.zero_share.values, [w[1] for w in want], atol=1e-12)
+    width = d.d if dense else -(-d.d // 8)
+    n_chunks = -(-width // cw)
+    assert all(n <= 3 and lo % cw == 0 for _, n, lo, _ in reads)
+    assert set(decodes) == {(a, r, c) for a in names for r in range(9) for c in range(n_chunks)}
+    # blocks of first rows 0-1, 2-3, 4-5, 6-8: rows 2, 4, 6 also end the previous block's last pair
+    assert {r for (_, r, _), k in decodes.items() if k == 2} == {2, 4, 6} and max(decodes.values()) == 2
