@@ -299,25 +299,28 @@ def _combine(*parts: dict) -> dict:
 _ROW_WISE = (_PairDots, _SignPairs, _RefDist)
 
 
-def _row_blocks(spec: SpaceSpec, max_rows: int) -> list[SpaceSpec]:
+def _row_blocks(spec: SpaceSpec, max_rows: int, n_refs: int) -> tuple[list[SpaceSpec], SpaceSpec | None]:
     """Cut a pass of row-wise ops into row blocks of about ``max_rows`` rows (grad + weight).
 
     Every item (a pair of rows, or a step against the reference) goes to the block of its
     first store row, in order; a block holds the union of the rows its items need (partner
-    rows past the block's end are read by two blocks), plus the reference rows of a
-    ``_RefDist`` (read by every block). Each block's ops keep their items in the original
-    order, with their positions in the whole result (``out``), so ``_gather`` rebuilds it.
+    rows past the block's end are read by two blocks). Each block's ops keep their items in
+    the original order, with their positions in the whole result (``out``), so ``_gather``
+    rebuilds it. A reference made of store rows (``coef @ weight[ref_rows]``) is formed once
+    per slab by ``_ref_vectors`` (the second value: its spec, or None) and reaches the
+    blocks as explicit reference ``n_refs + j`` (j counts such ops), not re-read by each block.
     """
     ng = len(spec.grad_rows)
     grows, wrows = np.asarray(spec.grad_rows), np.asarray(spec.weight_rows)
     # every item: op, index, anchor (first store row), two pool keys (grad p -> p, weight q -> ng + q)
     op_id, item, anchor, k1, k2 = [], [], [], [], []
-    fixed: dict[int, np.ndarray] = {}
+    fixed: dict[int, int] = {}  # op -> its explicit reference index
     for i, op in enumerate(spec.ops):
         if isinstance(op, _RefDist):
             a, b = np.asarray(op.g, np.int64), ng + np.asarray(op.w, np.int64)
             rows = np.minimum(grows[op.g], wrows[op.w])
-            fixed[i] = ng + np.asarray(op.ref_w, np.int64)
+            if op.ref < 0:
+                fixed[i] = n_refs + len(fixed)
         else:
             a, b = np.asarray(op.ga, np.int64), np.asarray(op.gb, np.int64)
             rows = np.minimum(grows[op.ga], grows[op.gb])
@@ -328,8 +331,7 @@ def _row_blocks(spec: SpaceSpec, max_rows: int) -> list[SpaceSpec]:
         k1.append(a)
         k2.append(b)
     op_id, item, anchor, k1, k2 = (np.concatenate(x) for x in (op_id, item, anchor, k1, k2))
-    n_fixed = len(np.unique(np.concatenate(list(fixed.values())))) if fixed else 0
-    budget = max(1, max_rows - n_fixed)
+    budget = max(1, max_rows)
 
     # greedy over the anchors in order: a block takes anchors while the union of rows fits
     order = np.argsort(anchor, kind="stable")
@@ -367,7 +369,7 @@ def _row_blocks(spec: SpaceSpec, max_rows: int) -> list[SpaceSpec]:
         for i, idx in g.items():
             op = spec.ops[i]
             if isinstance(op, _RefDist):
-                keys += [np.asarray(op.g, np.int64)[idx], ng + np.asarray(op.w, np.int64)[idx], fixed[i]]
+                keys += [np.asarray(op.g, np.int64)[idx], ng + np.asarray(op.w, np.int64)[idx]]
             else:
                 keys += [np.asarray(op.ga, np.int64)[idx], np.asarray(op.gb, np.int64)[idx]]
         keys = np.unique(np.concatenate(keys))
@@ -376,15 +378,52 @@ def _row_blocks(spec: SpaceSpec, max_rows: int) -> list[SpaceSpec]:
         for i in sorted(g):
             op, idx = spec.ops[i], g[i]
             if isinstance(op, _RefDist):
+                ref = {"ref": fixed[i], "ref_w": np.zeros(0, np.int64), "coef": np.zeros(0)} if i in fixed else {}
                 ops.append(dataclasses.replace(
                     op, g=np.searchsorted(gpos, op.g[idx]), w=np.searchsorted(wpos, op.w[idx]),
-                    ref_w=np.searchsorted(wpos, op.ref_w), out=idx, n_out=len(op.w), col_rows=ng))
+                    out=idx, n_out=len(op.w), col_rows=ng, **ref))
             else:
                 ops.append(dataclasses.replace(
                     op, ga=np.searchsorted(gpos, op.ga[idx]), gb=np.searchsorted(gpos, op.gb[idx]),
                     out=idx, n_out=len(op.ga), col_rows=ng))
         out.append(dataclasses.replace(spec, grad_rows=grows[gpos], weight_rows=wrows[wpos], ops=tuple(ops)))
-    return out
+    ref_spec = None
+    if fixed:  # the reference rows alone, for _ref_vectors
+        ref_ops = [spec.ops[i] for i in fixed]
+        wpos = np.unique(np.concatenate([np.asarray(op.ref_w, np.int64) for op in ref_ops]))
+        ref_ops = tuple(dataclasses.replace(op, ref_w=np.searchsorted(wpos, op.ref_w)) for op in ref_ops)
+        ref_spec = dataclasses.replace(spec, grad=None, grad_nz=None, grad_rows=np.zeros(0, np.int64),
+                                       weight_rows=wrows[wpos], ops=ref_ops)
+    return out, ref_spec
+
+
+def _ref_vectors(spec: SpaceSpec, pieces, refs) -> tuple:
+    """``refs`` plus, for each op of ``spec`` (``_RefDist`` with reference rows), its reference
+    ``coef @ weight[ref_w]`` over the slab's columns, in float64: exactly what the op forms
+    itself when unblocked (same column chunks, one product over all the rows), except that
+    more reference rows than SLAB_BYTES holds are read and summed in row blocks."""
+    width = sum(hi - lo for _, lo, hi in pieces)
+    spans, col = [], 0
+    for _, lo, hi in (pieces if spec.n_seg else ((0, 0, width),)):  # as _slab_task calls partial
+        spans.append((col, col + hi - lo))
+        col += hi - lo
+    step = max(1024, ROW_CHUNK)
+    per_block = max(1, int(SLAB_BYTES // max(1, 4 * width)))
+    out = [np.zeros(width) for _ in spec.ops]
+    wrows = np.asarray(spec.weight_rows)
+    for r0 in range(0, len(wrows), per_block):
+        sub = np.arange(r0, min(len(wrows), r0 + per_block))
+        data = SlabData(dataclasses.replace(spec, weight_rows=wrows[sub]), pieces, ())
+        for op, r in zip(spec.ops, out):
+            mine = (op.ref_w >= sub[0]) & (op.ref_w <= sub[-1])
+            if not mine.any():
+                continue
+            rows, coef = op.ref_w[mine] - sub[0], op.coef[mine]
+            for a, b in spans:
+                for c0 in range(a, b, step):
+                    c1 = min(b, c0 + step)
+                    r[c0:c1] += coef @ _as64(data.weight[rows, c0:c1], "ref_rows")
+    return tuple(refs) + tuple(out)
 
 
 # ----------------------------------------------------------------------------------- pass
@@ -577,39 +616,47 @@ class Pass:
             # together beyond their own pairs: when all the rows of one chunk-wide slab exceed
             # SLAB_BYTES, the slabs stay one chunk wide and the rows are cut into blocks, one
             # task each, instead of cutting the chunk (which decodes every chunk 2, 4, ... times).
+            refs = [v for s, v in self.refs if s == space]
+            ref_spec = None
             row_wise = all(isinstance(op, _ROW_WISE) for op in spec.ops)
             slabs = self._slabs(space, n_rows, chunk, col_bytes, whole_chunks=row_wise)
-            specs = [spec]
+            specs, blocked = [spec], False
             if row_wise:
                 widest = max((sum(hi - lo for _, lo, hi in pieces) for pieces in slabs), default=0)
                 max_rows = int(SLAB_BYTES // max(1.0, widest * col_bytes))
                 if widest and n_rows > max_rows:
-                    specs = _row_blocks(spec, max(1, max_rows))
+                    specs, ref_spec = _row_blocks(spec, max(1, max_rows), len(refs))
+                    blocked = True
             # The spec travels inside every slab task (a few KB of row indices), not as one
             # shared key: a shared dependency made the distributed scheduler pile slab tasks
             # onto the worker that held it (3 of 4 on one of 2 workers).
             tasks = [functools.partial(_slab_task, s) for s in specs]
             # blocks: keys from tokens computed once per block and once per slab (hashing the
             # slab's reference slices again for each of its blocks would cost more than a read)
-            block_tokens = [tokenize(s) for s in specs] if len(specs) > 1 else []
-            refs = [v for s, v in self.refs if s == space]
+            block_tokens = [tokenize(s) for s in specs] if blocked else []
+            ref_token = tokenize(ref_spec) if ref_spec is not None else None
             for pieces in slabs:
                 slab_refs = tuple(
                     np.concatenate([np.asarray(r[lo:hi], dtype=np.float64) for _, lo, hi in pieces]) for r in refs
                 )
-                if len(specs) == 1:
+                width = sum(hi - lo for _, lo, hi in pieces)
+                for s in specs:
+                    nbytes += width * (len(s.grad_rows) * (0.25 if space == "bits" else 4) + 4 * len(s.weight_rows))
+                if not blocked:
                     parts.append(dask.delayed(tasks[0], pure=True)(pieces, slab_refs))
                     continue
                 slab_token = tokenize(pieces, slab_refs)
-                blocks = [dask.delayed(task, pure=True)(pieces, slab_refs,
+                block_refs = slab_refs
+                if ref_spec is not None:  # formed once per slab, for all its blocks
+                    block_refs = dask.delayed(_ref_vectors, pure=True)(
+                        ref_spec, pieces, slab_refs, dask_key_name=f"_ref_vectors-{tokenize(ref_token, slab_token)}")
+                    nbytes += width * 4 * len(ref_spec.weight_rows)
+                blocks = [dask.delayed(task, pure=True)(pieces, block_refs,
                                                         dask_key_name=f"_slab_task-{tokenize(bt, slab_token)}")
                           for task, bt in zip(tasks, block_tokens)]
                 # one slab's blocks are put together first: the reduction over slabs is the
                 # unblocked one, and each item's partial result is its unblocked value
                 parts.append(dask.delayed(_gather, pure=True)(*blocks))
-                width = sum(hi - lo for _, lo, hi in pieces)
-                for s in specs:
-                    nbytes += width * (len(s.grad_rows) * (0.25 if space == "bits" else 4) + 4 * len(s.weight_rows))
         if not parts:
             raise ValueError("nothing to compute: the pass has no requests")
         # tree reduction: up to 8 partial results per node, fewer when partials are big (T x T)

@@ -202,9 +202,20 @@ def test_many_steps_cut_rows_not_chunks(data, monkeypatch):
     n_chunks = -(-data.d // cw)
     assert decodes == {(a, t, c): 1 for a in ("grad", "weight") for t in range(12) for c in range(n_chunks)}
     assert max(n for _, n, _, _ in reads) == 2 and all(lo % cw == 0 for _, _, lo, _ in reads)
-    # references made of store rows (read by every block) and a step selection, in blocks
+    # references made of store rows: formed once per slab, not re-read by every block
+    decodes.clear()
+    check(ga.rsi(run), data.grads, data.weights, data.final_weight, range(12))
+    assert decodes == {**{(a, t, c): 1 for a in ("grad", "weight") for t in range(12) for c in range(n_chunks)},
+                       **{("weight", 12, c): 1 for c in range(n_chunks)}}  # the final iterate
+    decodes.clear()
     mean = data.weights[2:6].astype(np.float64).mean(0)
     check(ga.rsi(run, reference=slice(2, 5)), data.grads, data.weights, mean, range(12))
+    assert {k for k, n in decodes.items() if n == 2} == {("weight", t, c) for t in range(2, 6) for c in range(n_chunks)}
+    assert max(decodes.values()) == 2  # steps 2..5: for the reference, and as steps
+    # more reference rows than a slab holds: summed in row blocks
+    mean = data.weights[:12].astype(np.float64).mean(0)
+    check(ga.rsi(run, reference=slice(0, 11)), data.grads, data.weights, mean, range(12))
+    # a step selection, a parameter group
     check(ga.rsi(run, steps=[1, 4, 5, 9]), data.grads, data.weights, data.final_weight, [1, 4, 5, 9])
     r = ga.rsi(run, reference=vec, params="fc*")
     cols = np.r_[data.tensor_slice("fc1.weight"), data.tensor_slice("fc1.bias"), data.tensor_slice("fc2.weight")]
