@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from analysis import kernels
 from analysis.slabs import SlabData, SpaceSpec, as_index
 from analysis.store import ParamGroup, Run
 
@@ -147,7 +148,8 @@ class _PairDots:
     ga: np.ndarray
     gb: np.ndarray
     # In a row block (see _row_blocks): positions of these pairs in the whole result of
-    # n_out pairs, and the grad rows of the whole pass (column blocks as if unblocked).
+    # n_out pairs. col_rows (the grad rows of the whole pass) is unused: each pair is one
+    # sweep over the slab's columns, the same in a block as unblocked.
     out: np.ndarray | None = None
     n_out: int = 0
     col_rows: int = 0
@@ -157,11 +159,7 @@ class _PairDots:
 
     def partial(self, data, a, b):
         out = np.zeros(self.shape())
-        runs = list(_runs(self.ga, self.gb))
-        for c0, c1 in _col_blocks(a, b, self.col_rows or data.n_grad):
-            x = _as64(data.grad[:, c0:c1], "pairs")  # every row cast once per block
-            for k0, k1, sa, sb in runs:
-                out[k0:k1] += np.einsum("ij,ij->i", x[sa], x[sb])
+        kernels.pair_dots(data.grad, self.ga, self.gb, a, b, out)  # fused cast and product
         return out
 
 
@@ -194,13 +192,16 @@ class _SignPairs:
     gb: np.ndarray
     out: np.ndarray | None = None  # as in _PairDots
     n_out: int = 0
-    col_rows: int = 0
+    col_rows: int = 0  # the "bits" space's column blocks, as if unblocked
 
     def shape(self):
         return (2, len(self.ga))
 
     def partial(self, data, a, b):
         out = np.zeros(self.shape())
+        if data.space != "bits":  # float rows: one fused counting sweep per pair
+            kernels.sign_pairs(data.grad, self.ga, self.gb, a, b, out)
+            return out
         runs = list(_runs(self.ga, self.gb))
         for c0, c1 in _col_blocks(a, b, 2 * (self.col_rows or data.n_grad), 4):
             s, n = _signs(data, slice(None), c0, c1)
@@ -235,22 +236,16 @@ class _RefDist:
 
     def partial(self, data, a, b):
         out = np.zeros(self.shape())
-        # Row by row over column chunks that stay in cache: a float64 difference, two BLAS
-        # dots (memory-light; einsum over whole blocks is ~3x slower here).
-        step = max(1024, ROW_CHUNK)
-        for c0 in range(a, b, step):
-            c1 = min(b, c0 + step)
-            if self.ref >= 0:
-                r = data.refs[self.ref][c0:c1]
-            else:
-                r = self.coef @ _as64(data.weight[self.ref_w, c0:c1], "ref_rows")
-            diff = _buffer("ref_diff", (c1 - c0,), np.float64)
-            g64 = _buffer("ref_g", (c1 - c0,), np.float64)
-            for k in range(len(self.w)):
-                np.subtract(data.weight[self.w[k], c0:c1], r, out=diff)
-                np.copyto(g64, data.grad[self.g[k], c0:c1])
-                out[0, k] += np.dot(diff, diff)
-                out[1, k] += np.dot(g64, diff)
+        if self.ref >= 0:
+            r = data.refs[self.ref][a:b]
+        else:  # formed in the same column chunks as _ref_vectors does for a row block
+            r = _buffer("ref_vec", (b - a,), np.float64)
+            step = max(1024, ROW_CHUNK)
+            for c0 in range(a, b, step):
+                c1 = min(b, c0 + step)
+                r[c0 - a: c1 - a] = self.coef @ _as64(data.weight[self.ref_w, c0:c1], "ref_rows")
+        # one fused sweep per row: difference, square and product in float64 (analysis.kernels)
+        kernels.ref_dist(data.weight, data.grad, self.w, self.g, r, a, b, out)
         return out
 
 
