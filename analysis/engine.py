@@ -691,6 +691,8 @@ def compute(obj, *, progress: bool = False, scheduler=None):
     """Compute a dask object on the chosen scheduler (see :meth:`Pass.compute`)."""
     import dask
 
+    from analysis.slabs import release_buffers
+
     client = _client() if scheduler is None else None
     if client is not None:
         fut = client.compute(obj)
@@ -698,10 +700,16 @@ def compute(obj, *, progress: bool = False, scheduler=None):
             from distributed import progress as dprogress
 
             dprogress(fut)
-        return fut.result()
+        try:
+            return fut.result()
+        finally:  # the workers' slab buffers (analysis.slabs) live until the pass ends
+            client.run(release_buffers)
     local_threads = scheduler in (None, "threads", "threading")
-    with _blas_single_thread(local_threads), _progress_bar(progress):
-        return dask.compute(obj, scheduler=scheduler)[0]
+    try:
+        with _blas_single_thread(local_threads), _progress_bar(progress):
+            return dask.compute(obj, scheduler=scheduler)[0]
+    finally:
+        release_buffers()
 
 
 @contextlib.contextmanager

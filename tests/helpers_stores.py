@@ -262,7 +262,7 @@ def count_decodes(monkeypatch):
     lock = threading.Lock()
     real = slabs.read_rows
 
-    def read_rows(arr, rows, a, b):
+    def read_rows(arr, rows, a, b, **kw):
         cw, hi = int(arr.chunks[1]), min(b, arr.shape[1])
         rr = np.arange(arr.shape[0])[slabs.as_index(rows)]
         name = str(arr.store_path).rstrip("/").rsplit("/", 1)[-1]  # opened at <store>/<name>
@@ -271,7 +271,7 @@ def count_decodes(monkeypatch):
             for r in rr.tolist():
                 for c in range(a // cw, -(-hi // cw)):
                     decodes[(name, r, c)] += 1
-        return real(arr, rows, a, b)
+        return real(arr, rows, a, b, **kw)
 
     monkeypatch.setattr(slabs, "read_rows", read_rows)
     return decodes, reads
