@@ -158,6 +158,8 @@ def _idx(i) -> np.ndarray:
 def ref_dist(w2: np.ndarray, g2: np.ndarray, wi, gi, r: np.ndarray, a: int, b: int, out: np.ndarray) -> None:
     """Add ``||w2[wi[k]] - r||^2`` and ``<g2[gi[k]], w2[wi[k]] - r>`` over columns ``[a, b)``
     to ``out[0, k]`` and ``out[1, k]`` (float64); ``r`` holds those columns only."""
+    if len(wi) == 0:  # a row block without items of this op may have no rows at all
+        return
     if not (w2.flags.c_contiguous and g2.flags.c_contiguous):
         w2, g2, a, b = np.ascontiguousarray(w2[:, a:b]), np.ascontiguousarray(g2[:, a:b]), 0, b - a
     r = np.ascontiguousarray(r, dtype=np.float64)
@@ -166,6 +168,8 @@ def ref_dist(w2: np.ndarray, g2: np.ndarray, wi, gi, r: np.ndarray, a: int, b: i
 
 def pair_dots(x2: np.ndarray, ia, ib, a: int, b: int, out: np.ndarray) -> None:
     """Add ``<x2[ia[k]], x2[ib[k]]>`` over columns ``[a, b)`` (float64) to ``out[k]``."""
+    if len(ia) == 0:
+        return
     x2, a, b = _rows(x2, a, b)
     (_impl or _get())[1](x2, _idx(ia), _idx(ib), a, b, out)
 
@@ -175,5 +179,7 @@ def sign_pairs(x2: np.ndarray, ia, ib, a: int, b: int, out: np.ndarray) -> None:
     over columns ``[a, b)``: entries where both are nonzero and their signs differ, and
     entries where both are nonzero (``-0.0`` counts as zero). A NaN in either row makes
     item k NaN."""
+    if len(ia) == 0:
+        return
     x2, a, b = _rows(x2, a, b)
     (_impl or _get())[2](x2, _idx(ia), _idx(ib), a, b, out)

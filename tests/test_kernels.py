@@ -119,3 +119,11 @@ def test_metrics_agree_between_backends(tmp_path, monkeypatch):
     slow = metrics()
     for f, s in zip(fast, slow):
         np.testing.assert_allclose(f, s, rtol=1e-12, equal_nan=True)
+
+
+def test_no_items_touch_no_rows(backend):
+    """A row block can hold an op without items and without rows (its slab arrays are None)."""
+    out2, out1 = np.zeros((2, 0)), np.zeros(0)
+    kernels.ref_dist(None, None, [], [], np.zeros(0), 0, 10, out2)
+    kernels.pair_dots(None, [], [], 0, 10, out1)
+    kernels.sign_pairs(None, [], [], 0, 10, out2)
