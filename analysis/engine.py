@@ -16,8 +16,9 @@ result is exactly the unblocked one. Gram-type requests need all rows together: 
 become a fraction of a chunk instead (each chunk decoded more than once).
 
 Exactness: products are accumulated in float64 (float32 data cast to float64 in cache-sized
-column blocks; no float32 rounding anywhere), except for ``precision="float32"`` Gram
-matrices (float32 BLAS per block, float64 across blocks: faster, about 1e-7 relative error).
+column blocks for the Gram, or inside the fused row kernels of :mod:`analysis.kernels` for
+pair dots, sign pairs and distances; no float32 rounding anywhere), except for
+``precision="float32"`` Gram matrices (float32 BLAS per block, float64 across blocks: faster, about 1e-7 relative error).
 Sign counts use float32 BLAS on {-1, 0, 1} matrices, which is exact: every partial count is an
 integer below 2**24.
 
@@ -48,7 +49,7 @@ SLAB_BYTES = 128 * 2**20
 BLOCK_BYTES = 16 * 2**20
 #: A pass that reads more than this shows a progress bar when ``progress=None`` and stderr is a TTY.
 AUTO_PROGRESS_BYTES = 4 * 2**30
-#: Columns per row chunk in row-wise kernels (float64 row buffers stay in the L2 cache).
+#: Columns per chunk when a reference made of store rows (``coef @ weight[rows]``) is formed.
 ROW_CHUNK = 2**16
 MAX_SLAB_COLS = 2**22
 #: A slab one storage chunk wide may hold up to this many bytes (rows x chunk x arrays): a
