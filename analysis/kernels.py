@@ -68,6 +68,16 @@ def _sign_pairs_np(x2, ia, ib, a, b, out):
         out[1, k] += np.count_nonzero(both)
 
 
+def _tensor_sums_np(g, w, starts, ends, idx, gg, ww, gw, has_g):
+    for j in range(len(starts)):
+        ws = w[starts[j]:ends[j]]
+        ww[idx[j]] = np.einsum("i,i->", ws, ws, dtype=np.float64)
+        if has_g:
+            gs = g[starts[j]:ends[j]]
+            gg[idx[j]] = np.einsum("i,i->", gs, gs, dtype=np.float64)
+            gw[idx[j]] = np.einsum("i,i->", gs, ws, dtype=np.float64)
+
+
 # ---------------------------------------------------------------------------- numba versions
 
 
@@ -120,16 +130,38 @@ def _compile(numba):
                 out[0, k] += dis
                 out[1, k] += both
 
-    return ref_dist, pair_dots, sign_pairs
+    @jit
+    def tensor_sums(g, w, starts, ends, idx, gg, ww, gw, has_g):  # pragma: no cover - compiled
+        for j in range(starts.shape[0]):
+            s_ww = 0.0
+            s_gg = 0.0
+            s_gw = 0.0
+            if has_g:
+                for i in range(starts[j], ends[j]):
+                    x = np.float64(w[i])
+                    y = np.float64(g[i])
+                    s_ww += x * x
+                    s_gg += y * y
+                    s_gw += y * x
+                gg[idx[j]] = s_gg
+                gw[idx[j]] = s_gw
+            else:
+                for i in range(starts[j], ends[j]):
+                    x = np.float64(w[i])
+                    s_ww += x * x
+            ww[idx[j]] = s_ww
+
+    return ref_dist, pair_dots, sign_pairs, tensor_sums
 
 
+_NUMPY = (_ref_dist_np, _pair_dots_np, _sign_pairs_np, _tensor_sums_np)
 _impl: tuple | None = None
 _lock = threading.Lock()
 BACKEND = ""  # "numba" or "numpy", set at the first call
 
 
 def _get() -> tuple:
-    """The three kernels, compiled (or loaded from numba's cache) at the first call, so that
+    """The kernels, compiled (or loaded from numba's cache) at the first call, so that
     ``import analysis`` does not pay numba's import."""
     global _impl, BACKEND
     with _lock:  # the threaded scheduler's first tasks arrive together
@@ -138,7 +170,7 @@ def _get() -> tuple:
             if nb is not None:
                 _impl, BACKEND = _compile(nb), "numba"
             else:
-                _impl, BACKEND = (_ref_dist_np, _pair_dots_np, _sign_pairs_np), "numpy"
+                _impl, BACKEND = _NUMPY, "numpy"
     return _impl
 
 
@@ -183,3 +215,19 @@ def sign_pairs(x2: np.ndarray, ia, ib, a: int, b: int, out: np.ndarray) -> None:
         return
     x2, a, b = _rows(x2, a, b)
     (_impl or _get())[2](x2, _idx(ia), _idx(ib), a, b, out)
+
+
+def tensor_sums(g: np.ndarray | None, w: np.ndarray, starts, ends, idx, gg: np.ndarray, ww: np.ndarray,
+                gw: np.ndarray) -> None:
+    """Per segment j (entries ``[starts[j], ends[j])`` of the flat vectors, tensor ``idx[j]``):
+    ``ww[idx[j]] = ||w||^2`` and, when ``g`` is given, ``gg[idx[j]] = ||g||^2`` and
+    ``gw[idx[j]] = <g, w>``, all float64 sums of float64 products of the float32 entries, in
+    one sweep (the capture's per-step scalars)."""
+    has_g = g is not None
+    (_impl or _get())[3](g if has_g else w, w, _idx(starts), _idx(ends), _idx(idx), gg, ww, gw, has_g)
+
+
+def compiled() -> bool:
+    """True when the kernels run compiled (numba), False on the numpy fallback."""
+    _impl or _get()
+    return BACKEND == "numba"

@@ -52,6 +52,7 @@ import numpy as np
 import zarr
 
 from analysis import format as fmt
+from analysis import kernels
 from analysis.format import (
     FLAG_FINAL,
     FLAG_NONFINITE_GRAD,
@@ -143,6 +144,10 @@ def scalar_tasks(tensors, g, w, gg, ww, gw, plan=None) -> list[Callable[[], None
 
 
 def _scalars_unit(lo, hi, idx, starts, g, w, gg, ww, gw) -> None:
+    if kernels.compiled():  # one fused sweep: ~0.4 ns per entry against ~4 with numpy here
+        s = np.array([lo], np.int64) if starts is None else lo + starts.astype(np.int64)
+        kernels.tensor_sums(g, w, s, np.r_[s[1:], hi], idx, gg, ww, gw)
+        return
     ws = w[lo:hi]
     if starts is None:
         # einsum with dtype=float64 casts in small buffers: float64 products and sums, no

@@ -16,7 +16,8 @@ def backend(request, monkeypatch):
         if kernels.BACKEND != "numba":
             pytest.skip("numba is not importable here")
     else:
-        monkeypatch.setattr(kernels, "_impl", (kernels._ref_dist_np, kernels._pair_dots_np, kernels._sign_pairs_np))
+        monkeypatch.setattr(kernels, "_impl", kernels._NUMPY)
+        monkeypatch.setattr(kernels, "BACKEND", "numpy")
     return request.param
 
 
@@ -115,7 +116,8 @@ def test_metrics_agree_between_backends(tmp_path, monkeypatch):
 
     kernels._get()
     fast = metrics()
-    monkeypatch.setattr(kernels, "_impl", (kernels._ref_dist_np, kernels._pair_dots_np, kernels._sign_pairs_np))
+    monkeypatch.setattr(kernels, "_impl", kernels._NUMPY)
+    monkeypatch.setattr(kernels, "BACKEND", "numpy")
     slow = metrics()
     for f, s in zip(fast, slow):
         np.testing.assert_allclose(f, s, rtol=1e-12, equal_nan=True)
@@ -127,3 +129,40 @@ def test_no_items_touch_no_rows(backend):
     kernels.ref_dist(None, None, [], [], np.zeros(0), 0, 10, out2)
     kernels.pair_dots(None, [], [], 0, 10, out1)
     kernels.sign_pairs(None, [], [], 0, 10, out2)
+
+
+def test_tensor_sums_are_the_float64_scalars_of_each_tensor(backend):
+    rng = np.random.default_rng(6)
+    g, w = _data(rng, rows=4, cols=1000)[2:]  # rows with exact zeros and negative zeros
+    g[700] = np.nan
+    starts, ends, idx = np.array([0, 10, 600, 990]), np.array([10, 600, 990, 1000]), np.array([3, 0, 1, 2])
+    gg, ww, gw = np.full(4, -1.0), np.full(4, -1.0), np.full(4, -1.0)
+    kernels.tensor_sums(g, w, starts, ends, idx, gg, ww, gw)
+    for j in range(4):
+        gs, ws = g[starts[j]:ends[j]].astype(np.float64), w[starts[j]:ends[j]].astype(np.float64)
+        k = idx[j]
+        np.testing.assert_allclose([gg[k], ww[k], gw[k]], [gs @ gs, ws @ ws, gs @ ws], rtol=1e-12)
+    assert np.isnan(gg[1]) and np.isnan(gw[1]) and np.isfinite(ww[1])  # the NaN is in tensor 1
+    gg2, ww2, gw2 = np.full(4, 7.0), np.zeros(4), np.full(4, 7.0)
+    kernels.tensor_sums(None, w, starts, ends, idx, gg2, ww2, gw2)  # the final iterate: no grad
+    np.testing.assert_allclose(ww2, ww, rtol=1e-14)  # same sums; vector lanes may differ
+    assert (gg2 == 7.0).all() and (gw2 == 7.0).all()
+
+
+def test_the_writer_scalars_agree_between_backends(monkeypatch):
+    from analysis import format as fmt
+    from capture import writer
+
+    shapes = [("a", (3, 5)), ("b", (0,)), ("c", (5000,)), ("d", (7,)), ("e", (64, 80))]
+    tensors = fmt.tensor_table(shapes)
+    d = sum(t.size for t in tensors)
+    rng = np.random.default_rng(7)
+    g, w = rng.standard_normal(d, dtype=np.float32), rng.standard_normal(d, dtype=np.float32)
+    kernels._get()
+    fast = writer.tensor_scalars(tensors, g, w)
+    monkeypatch.setattr(kernels, "_impl", kernels._NUMPY)
+    monkeypatch.setattr(kernels, "BACKEND", "numpy")
+    slow = writer.tensor_scalars(tensors, g, w)
+    for f, s_ in zip(fast, slow):
+        np.testing.assert_allclose(f, s_, rtol=1e-12)
+    assert fast[1][1] == 0.0  # the empty tensor
