@@ -6,7 +6,9 @@ float64 copy of every row (a cast or a subtraction into a buffer) and then BLAS 
 copies: about 2 ns per entry here, as much CPU as decoding the chunk. Compiled with numba, the
 cast, the difference and both sums happen in registers: about 0.3 ns per entry (AVX2), which
 is what makes a new reference cost little more than reading the store
-(``benchmarks/analysis.py``).
+(``benchmarks/analysis.py``). ``tensor_sums`` does the same for the capture's per-step,
+per-tensor scalars (``||G||^2``, ``||w||^2``, ``<G, w>``): one sweep instead of three einsums
+(``capture/writer.py``).
 
 Exactness is the same as the numpy route: every product and sum is formed in float64 from the
 float32 values (the cast is exact). Only the order of the additions differs (the compiler
