@@ -149,11 +149,9 @@ class _PairDots:
     ga: np.ndarray
     gb: np.ndarray
     # In a row block (see _row_blocks): positions of these pairs in the whole result of
-    # n_out pairs. col_rows (the grad rows of the whole pass) is unused: each pair is one
-    # sweep over the slab's columns, the same in a block as unblocked.
+    # n_out pairs (each pair is one sweep over the slab's columns, in a block as unblocked).
     out: np.ndarray | None = None
     n_out: int = 0
-    col_rows: int = 0
 
     def shape(self):
         return (len(self.ga),)
@@ -193,7 +191,9 @@ class _SignPairs:
     gb: np.ndarray
     out: np.ndarray | None = None  # as in _PairDots
     n_out: int = 0
-    col_rows: int = 0  # the "bits" space's column blocks, as if unblocked
+    # in a row block: the grad rows of the whole pass, so that the "bits" space's column
+    # blocks are the unblocked ones
+    col_rows: int = 0
 
     def shape(self):
         return (2, len(self.ga))
@@ -230,7 +230,6 @@ class _RefDist:
     coef: np.ndarray = field(default_factory=lambda: np.zeros(0))
     out: np.ndarray | None = None  # as in _PairDots
     n_out: int = 0
-    col_rows: int = 0  # unused (row by row)
 
     def shape(self):
         return (2, len(self.w))
@@ -377,11 +376,11 @@ def _row_blocks(spec: SpaceSpec, max_rows: int, n_refs: int) -> tuple[list[Space
                 ref = {"ref": fixed[i], "ref_w": np.zeros(0, np.int64), "coef": np.zeros(0)} if i in fixed else {}
                 ops.append(dataclasses.replace(
                     op, g=np.searchsorted(gpos, op.g[idx]), w=np.searchsorted(wpos, op.w[idx]),
-                    out=idx, n_out=len(op.w), col_rows=ng, **ref))
+                    out=idx, n_out=len(op.w), **ref))
             else:
                 ops.append(dataclasses.replace(
                     op, ga=np.searchsorted(gpos, op.ga[idx]), gb=np.searchsorted(gpos, op.gb[idx]),
-                    out=idx, n_out=len(op.ga), col_rows=ng))
+                    out=idx, n_out=len(op.ga), **({"col_rows": ng} if isinstance(op, _SignPairs) else {})))
         out.append(dataclasses.replace(spec, grad_rows=grows[gpos], weight_rows=wrows[wpos], ops=tuple(ops)))
     ref_spec = None
     if fixed:  # the reference rows alone, for _ref_vectors

@@ -71,7 +71,20 @@ def _sign_pairs_np(x2, ia, ib, a, b, out):
 
 
 def _tensor_sums_np(g, w, starts, ends, idx, gg, ww, gw, has_g):
+    if len(starts) > 1 and np.array_equal(ends[:-1], starts[1:]):
+        # a run of adjoining small tensors: one float64 copy and np.add.reduceat (einsum calls
+        # per tensor cost more than the arithmetic there)
+        lo, hi, rel = starts[0], ends[-1], starts - starts[0]
+        w64 = w[lo:hi].astype(np.float64)  # float32 products are exact in float64
+        ww[idx] = np.add.reduceat(w64 * w64, rel)
+        if has_g:
+            g64 = g[lo:hi].astype(np.float64)
+            gg[idx] = np.add.reduceat(g64 * g64, rel)
+            gw[idx] = np.add.reduceat(g64 * w64, rel)
+        return
     for j in range(len(starts)):
+        # einsum with dtype=float64 casts in small buffers: float64 products and sums, no
+        # d-sized temporaries and no BLAS threads
         ws = w[starts[j]:ends[j]]
         ww[idx[j]] = np.einsum("i,i->", ws, ws, dtype=np.float64)
         if has_g:
@@ -227,9 +240,3 @@ def tensor_sums(g: np.ndarray | None, w: np.ndarray, starts, ends, idx, gg: np.n
     one sweep (the capture's per-step scalars)."""
     has_g = g is not None
     (_impl or _get())[3](g if has_g else w, w, _idx(starts), _idx(ends), _idx(idx), gg, ww, gw, has_g)
-
-
-def compiled() -> bool:
-    """True when the kernels run compiled (numba), False on the numpy fallback."""
-    _impl or _get()
-    return BACKEND == "numba"

@@ -94,77 +94,55 @@ def tensor_scalars(tensors: Sequence[TensorInfo], g: np.ndarray | None, w: np.nd
     return gg, ww, gw
 
 
-#: Tensors up to this size are reduced together, a run of them at a time (one float64 copy
-#: and ``np.add.reduceat``): ~3 einsum calls per tensor cost more than the arithmetic there.
+#: Tensors up to this size are reduced together, a run of them at a time (one unit of work;
+#: the numpy fallback of ``kernels.tensor_sums`` does a run with one ``np.add.reduceat``).
 SMALL_TENSOR = 4096
-#: Entries per batched run of small tensors (bounds the float64 temporaries).
+#: Entries per batched run of small tensors (bounds the fallback's float64 temporaries).
 SMALL_RUN = 2**16
 
 
-def _scalar_plan(tensors: Sequence[TensorInfo]) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
-    """Units of work ``(lo, hi, indices, starts)``: a large tensor alone, or a run of
-    consecutive small tensors (``starts``: their offsets relative to ``lo``)."""
+def _scalar_plan(tensors: Sequence[TensorInfo]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Units of work ``(starts, ends, indices)``: a large tensor alone, or a run of
+    consecutive small tensors, each tensor its segment ``[starts[j], ends[j])`` of the flat
+    vectors. Computed once per store; the writer threads share the units."""
     plan: list = []
     run: list[int] = []
 
-    def flush():
-        if run:
-            lo = tensors[run[0]].offset
-            hi = tensors[run[-1]].offset + tensors[run[-1]].size
-            starts = np.array([tensors[i].offset - lo for i in run], dtype=np.intp)
-            plan.append((lo, hi, np.array(run, dtype=np.intp), starts))
-            run.clear()
+    def unit(idx):
+        starts = np.array([tensors[i].offset for i in idx], dtype=np.int64)
+        ends = np.array([tensors[i].offset + tensors[i].size for i in idx], dtype=np.int64)
+        plan.append((starts, ends, np.array(idx, dtype=np.int64)))
 
     for i, t in enumerate(tensors):
         if t.size == 0:
             continue
         if t.size > SMALL_TENSOR:
-            flush()
-            plan.append((t.offset, t.offset + t.size, np.array([i], dtype=np.intp), None))
+            if run:
+                unit(run)
+                run = []
+            unit([i])
             continue
         if run and (t.offset != tensors[run[-1]].offset + tensors[run[-1]].size
                     or t.offset + t.size - tensors[run[0]].offset > SMALL_RUN):
-            flush()
+            unit(run)
+            run = []
         run.append(i)
-    flush()
+    if run:
+        unit(run)
     return plan
 
 
 def scalar_tasks(tensors, g, w, gg, ww, gw, plan=None) -> list[Callable[[], None]]:
     """Independent tasks that fill ``gg``, ``ww``, ``gw`` (size-0 tensors: 0, and NaN for g
-    when g is None)."""
+    when g is None): one fused float64 sweep per unit (``analysis.kernels.tensor_sums``)."""
     for i, t in enumerate(tensors):
         if t.size == 0:
             ww[i] = 0.0
             if g is not None:
                 gg[i] = gw[i] = 0.0
     plan = _scalar_plan(tensors) if plan is None else plan
-    return [functools.partial(_scalars_unit, lo, hi, idx, starts, g, w, gg, ww, gw)
-            for lo, hi, idx, starts in plan]
-
-
-def _scalars_unit(lo, hi, idx, starts, g, w, gg, ww, gw) -> None:
-    if kernels.compiled():  # one fused sweep: ~0.4 ns per entry against ~4 with numpy here
-        s = np.array([lo], np.int64) if starts is None else lo + starts.astype(np.int64)
-        kernels.tensor_sums(g, w, s, np.r_[s[1:], hi], idx, gg, ww, gw)
-        return
-    ws = w[lo:hi]
-    if starts is None:
-        # einsum with dtype=float64 casts in small buffers: float64 products and sums, no
-        # d-sized temporaries and no BLAS threads (OpenBLAS' threaded ddot costs more here).
-        i = idx[0]
-        ww[i] = np.einsum("i,i->", ws, ws, dtype=np.float64)
-        if g is not None:
-            gs = g[lo:hi]
-            gg[i] = np.einsum("i,i->", gs, gs, dtype=np.float64)
-            gw[i] = np.einsum("i,i->", gs, ws, dtype=np.float64)
-        return
-    w64 = ws.astype(np.float64)  # float32 products are exact in float64
-    ww[idx] = np.add.reduceat(w64 * w64, starts)
-    if g is not None:
-        g64 = g[lo:hi].astype(np.float64)
-        gg[idx] = np.add.reduceat(g64 * g64, starts)
-        gw[idx] = np.add.reduceat(g64 * w64, starts)
+    return [functools.partial(kernels.tensor_sums, g, w, starts, ends, idx, gg, ww, gw)
+            for starts, ends, idx in plan]
 
 
 # --------------------------------------------------------------------------------------

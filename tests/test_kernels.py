@@ -153,7 +153,8 @@ def test_the_writer_scalars_agree_between_backends(monkeypatch):
     from analysis import format as fmt
     from capture import writer
 
-    shapes = [("a", (3, 5)), ("b", (0,)), ("c", (5000,)), ("d", (7,)), ("e", (64, 80))]
+    # a run of adjoining small tensors (the empty one inside it), a large one, a lone small one
+    shapes = [("a", (3, 5)), ("a2", (4,)), ("b", (0,)), ("a3", (9,)), ("c", (5000,)), ("d", (7,)), ("e", (64, 80))]
     tensors = fmt.tensor_table(shapes)
     d = sum(t.size for t in tensors)
     rng = np.random.default_rng(7)
@@ -165,4 +166,8 @@ def test_the_writer_scalars_agree_between_backends(monkeypatch):
     slow = writer.tensor_scalars(tensors, g, w)
     for f, s_ in zip(fast, slow):
         np.testing.assert_allclose(f, s_, rtol=1e-12)
-    assert fast[1][1] == 0.0  # the empty tensor
+    assert fast[1][2] == 0.0 and slow[1][2] == 0.0  # the empty tensor
+    assert [len(u[0]) for u in writer._scalar_plan(tensors)] == [3, 1, 1, 1]  # the run is one unit
+    want = [float(np.dot(w[t.offset:t.offset + t.size].astype(np.float64), w[t.offset:t.offset + t.size]))
+            for t in tensors]
+    np.testing.assert_allclose(slow[1], want, rtol=1e-12)
