@@ -565,6 +565,10 @@ class StoreWriter:
         specs = {s.name: s for s in fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk)}
         self._w = {name: _ArrayWriter(arr, self.path, specs[name]) for name, arr in arrays.items()}
         self._scalar_plan = _scalar_plan(self.tensors)
+        # load (or compile) the scalar kernel now, at setup: the first row would otherwise pay
+        # numba's import, about a second, with training steps queueing behind it
+        one = np.zeros(1, np.float32)
+        kernels.tensor_sums(one, one, [0], [1], [0], np.zeros(1), np.zeros(1), np.zeros(1))
         self._scalar_names = [n for n, s in specs.items() if not s.row_chunked]
 
     def _read_last_step(self) -> int | None:

@@ -171,3 +171,23 @@ def test_the_writer_scalars_agree_between_backends(monkeypatch):
     want = [float(np.dot(w[t.offset:t.offset + t.size].astype(np.float64), w[t.offset:t.offset + t.size]))
             for t in tensors]
     np.testing.assert_allclose(slow[1], want, rtol=1e-12)
+
+
+def test_the_store_writer_loads_the_scalar_kernel_at_setup(tmp_path):
+    """Opening a StoreWriter compiles (or loads) the scalar kernel, so the first recorded row
+    does not pay numba's import while training steps queue behind it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        from analysis import format as fmt, kernels
+        from capture.writer import StoreWriter
+        assert kernels._impl is None
+        StoreWriter({str(tmp_path / "s.zarr")!r}, fmt.tensor_table([("a", (4,))]))
+        sums = kernels._impl[3]
+        assert kernels.BACKEND != "numba" or len(sums.signatures) == 1, sums.signatures
+        print(kernels.BACKEND)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
