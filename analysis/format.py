@@ -196,8 +196,11 @@ class DamagedStoreError(StoreError):
     def __reduce__(self):  # keeps the attributes across processes (dask.distributed workers)
         return (_damaged, (str(self), self.array, self.rows, self.files, self.reason, self.path, self.steps))
 
-    def with_steps(self, path: str, steps: np.ndarray) -> "DamagedStoreError":
-        """The same error with step numbers (``steps``: the store's step column) and path."""
+    def with_steps(self, path: str, steps: "np.ndarray | None" = None) -> "DamagedStoreError":
+        """The same error with the store's path and, given its step column, step numbers."""
+        if self.steps is not None or steps is None:
+            return damaged(path or self.path, self.array, self.reason, rows=self.rows, files=self.files,
+                           steps=self.steps)
         rows = [r for r in self.rows if 0 <= r < len(steps)]
         named = [int(steps[r]) for r in rows]
         return damaged(path or self.path, self.array, self.reason, rows=rows, files=self.files, steps=named)

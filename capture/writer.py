@@ -832,6 +832,7 @@ class StoreWriter:
                 raise ValueError(f"grad has {grad.shape[0]} entries, the parameter table {self.d}")
         else:
             flags |= FLAG_FINAL
+        flags &= ~(FLAG_NONFINITE_GRAD | FLAG_NONFINITE_WEIGHT)  # set below from the data only
         n = self.header.n_steps
         self._ensure_capacity(n)
         n_t = len(self.tensors)
