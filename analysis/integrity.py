@@ -282,8 +282,9 @@ class CheckedRows:
     """Read-only view of a row-chunked (step, x) array for ``dask``: a failed decode becomes a
     DamagedStoreError naming the chunks, and missing chunks of committed rows are errors."""
 
-    def __init__(self, arr, path: str, steps: np.ndarray):
+    def __init__(self, arr, path: str, steps: np.ndarray, absent_rows=()):
         self.arr, self.path, self.steps = arr, str(path), np.asarray(steps)
+        self.absent = np.asarray(absent_rows, dtype=np.int64)  # rows cleared on purpose (final iterate's grad)
         self.shape = tuple(arr.shape)
         self.dtype = np.dtype(arr.dtype)
         self.ndim = len(self.shape)
@@ -298,7 +299,7 @@ class CheckedRows:
         a, b = (c.indices(self.shape[1])[:2] if isinstance(c, slice) else
                 (int(np.min(cols)) if len(cols) else 0, int(np.max(cols)) + 1 if len(cols) else 0))
         committed = np.atleast_1d(rows)
-        committed = committed[committed < len(self.steps)]
+        committed = committed[(committed < len(self.steps)) & ~np.isin(committed, self.absent)]
         try:
             out = np.asarray(self.arr[key])
             if len(committed) and b > a:

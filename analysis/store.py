@@ -470,7 +470,8 @@ def _build_dataset(run: Run, group, specs, n: int, chunks: int | None) -> xr.Dat
         itemsize = np.dtype(spec.dtype).itemsize
         want = chunks if chunks else DS_CHUNK_BYTES // max(1, n * itemsize)
         width = max(cw, -(-int(want) // cw) * cw)
-        darr = da.from_array(integrity.CheckedRows(arr, run.path, steps), chunks=(max(n, 1), width),
+        cleared = np.flatnonzero(per_step["flags"] & fmt.FLAG_FINAL) if spec.name.startswith("grad") else ()
+        darr = da.from_array(integrity.CheckedRows(arr, run.path, steps, cleared), chunks=(max(n, 1), width),
                              name=f"gradtrace-{spec.name}-{token}", asarray=True)[:n]
         data[spec.name] = (spec.dims, darr, dict(arr.attrs))
     attrs = {

@@ -192,7 +192,8 @@ class Recorder:
         resume: append to an existing store (the parameter table, dtype and tiers must match).
         resume_step: with ``resume``, drop stored rows whose step is >= this (restart from a
             checkpoint taken at that step).
-        overwrite: replace an existing store at ``path``.
+        overwrite: replace an existing gradtrace store at ``path`` (an empty directory too;
+            anything else, a file or a foreign directory, is refused).
         scaler: a ``torch.amp.GradScaler``: gradients are recorded unscaled (divided by the
             loss scale unless ``scaler.unscale_(optimizer)`` was already called this step).
         settings: extra settings to store in the header (e.g. ``{"grad_clip": 1.0}``).
@@ -206,6 +207,12 @@ class Recorder:
             keep up with fast steps of a large model. The stored bytes are the same either way.
         parent: for a branched ("zoom") run, ``{"store": ..., "step": ...}`` of its origin (what
             :func:`restore_weights` returns).
+        durable: fsync each committed step (chunks, then the commit marker) so that it survives
+            a power cut; without it a kill loses nothing committed, a power cut may (README,
+            "Crash safety").
+
+    One writer per store: the recorder holds the store's lock file until ``close`` (a dead
+    process releases it); a second writer gets ``analysis.format.StoreLockedError``.
 
     Under ``torch.distributed`` only rank 0 writes; on other ranks ``record`` is a no-op.
 
@@ -213,6 +220,7 @@ class Recorder:
         ValueError: no trainable parameters, bad arguments.
         FileExistsError: ``path`` exists and neither ``resume`` nor ``overwrite`` was given.
         analysis.format.StoreMismatchError: resuming a store that does not match.
+        analysis.format.StoreLockedError: another writer holds the store.
     """
 
     def __init__(
@@ -233,6 +241,7 @@ class Recorder:
         param_chunk: int = fmt.DEFAULT_PARAM_CHUNK,
         writer_threads: int = 1,
         parent: dict | None = None,
+        durable: bool = False,
     ):
         if resume and overwrite:
             raise ValueError("Recorder: resume=True and overwrite=True contradict each other; pick one")
@@ -302,6 +311,7 @@ class Recorder:
             parent=parent,
             source_dtype=self.source_dtype,
             threads=writer_threads,
+            durable=durable,
         )
         self._last_queued = self.writer.last_step
         self._pool_size = int(queue_size) + 1
@@ -347,8 +357,10 @@ class Recorder:
             RecorderWriteError: a previous step failed to write (the store keeps what was
                 committed before it).
             RuntimeError: every trainable parameter's ``.grad`` is None (record before backward).
-            ValueError: ``step`` is not after the previously recorded step.
+            ValueError: ``step`` is not after the previously recorded step, or is not an int
+                in 0..2**63-2 (a bool, a float, a tensor, a negative number).
         """
+        step = fmt.check_step(step)  # a bad step fails here, at once, not later in the writer
         if self._error is not None:
             self._raise_writer_error()
         if not self.active:
@@ -677,9 +689,14 @@ def restore_weights(model: torch.nn.Module, path: "str | os.PathLike", step: int
             "signs), from which the weights cannot be rebuilt. Record weights with the lossless or "
             "rounded tier to branch off a run."
         )
-    group = zarr.open_group(str(path), mode="r")
+    from analysis import integrity
+
+    group = zarr.open_group(str(path), mode="r", use_consolidated=False)
     n = header.n_steps
-    steps = np.asarray(group["step"][:n])
+    try:  # checked reads: a damaged chunk is an error naming it, never weights
+        steps = integrity.read_scalar(group["step"], n)
+    except fmt.DamagedStoreError as err:
+        raise err.with_steps(str(path)) from None
     idx = np.flatnonzero(steps == int(step))
     if idx.size == 0:
         pos = int(np.searchsorted(steps, int(step)))
@@ -688,7 +705,8 @@ def restore_weights(model: torch.nn.Module, path: "str | os.PathLike", step: int
             f"step {step} is not recorded in {path} ({n} rows, steps {steps[0] if n else '-'}.."
             f"{steps[-1] if n else '-'}); nearest recorded steps: {near}"
         )
-    row = np.asarray(group["weight"][int(idx[0]), :], dtype=np.float32)
+    wrow = integrity.CheckedRows(group["weight"], str(path), steps)
+    row = np.asarray(wrow[int(idx[0]), :], dtype=np.float32)
     if not np.isfinite(row).all():
         warnings.warn(f"gradtrace: the weights recorded at step {step} hold NaN or Inf", RuntimeWarning, stacklevel=2)
     if tier.name == "rounded":
