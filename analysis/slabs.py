@@ -150,6 +150,7 @@ def read_rows(arr, rows: np.ndarray, a: int, b: int, buf: str | None = None) -> 
         raise integrity.read_failed(arr, rows, a, b, err) from None
     if b > a:  # a missing chunk would read as the fill value: an error, never a number
         integrity.check_present(arr, rows, a, b, out)
+        integrity.check_partial_crc(arr, rows, a, b)
     return out
 
 

@@ -648,15 +648,17 @@ class StoreWriter:
         g = zarr.open_group(str(self.path), mode="a", zarr_format=3)  # our fresh temporary directory
         self.group = g
         n_t = len(self.tensors)
-        names = g.create_array("tensor", shape=(n_t,), dtype=str, dimension_names=[fmt.TENSOR_DIM])
+        crc = fmt.codecs_for("scalar")  # the parameter table is checksummed too
+        names = g.create_array("tensor", shape=(n_t,), dtype=str, dimension_names=[fmt.TENSOR_DIM], compressors=crc)
         names[:] = np.array([t.name for t in self.tensors])
         for key, vals in (
             ("tensor_offset", [t.offset for t in self.tensors]),
             ("tensor_size", [t.size for t in self.tensors]),
         ):
-            a = g.create_array(key, shape=(n_t,), dtype="int64", dimension_names=[fmt.TENSOR_DIM])
+            a = g.create_array(key, shape=(n_t,), dtype="int64", dimension_names=[fmt.TENSOR_DIM], compressors=crc)
             a[:] = np.asarray(vals, dtype=np.int64)
-        shapes = g.create_array("tensor_shape", shape=(n_t,), dtype=str, dimension_names=[fmt.TENSOR_DIM])
+        shapes = g.create_array("tensor_shape", shape=(n_t,), dtype=str, dimension_names=[fmt.TENSOR_DIM],
+                                compressors=crc)
         shapes[:] = np.array([json.dumps(list(t.shape)) for t in self.tensors])
         arrays = {}
         for spec in fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk):
