@@ -38,6 +38,26 @@ def gradtrace(*args, timeout=240):
                           env=e, cwd=ROOT, timeout=timeout)
 
 
+class _Done:
+    def __init__(self, rc, out, err):
+        self.returncode, self.stdout, self.stderr = rc, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    """``gradtrace ARGS`` in this process (``analysis.cli.main``: the same error handling as the
+    script, without a second interpreter's start-up)."""
+    from analysis.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        rc = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return _Done(rc, out.out, out.err)
+
+    return run
+
+
 def one_line_error(p, *words):
     """Exit 2, one line on stderr, no traceback, naming each of ``words``."""
     assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
@@ -160,15 +180,14 @@ def test_shifted_offsets_are_refused(copy, clean):
         ga.open_run(copy)
 
 
-def test_truncated_metadata_says_damaged(copy):
+def test_truncated_metadata_says_damaged(copy, cli):
     meta = copy / "zarr.json"
     meta.write_bytes(meta.read_bytes()[:300])
     with pytest.raises(fmt.DamagedStoreError, match="damaged.*not valid JSON"):
         ga.open_run(copy)
     arr_meta = copy / "grad" / "zarr.json"
     shutil.copy(arr_meta, copy / "g.json")
-    p = gradtrace("info", copy)
-    one_line_error(p, "damaged", copy)
+    one_line_error(cli("info", copy), "damaged", copy)
 
 
 def test_kill_between_row_and_checksum_damages_nothing_committed(tmp_path, monkeypatch):
@@ -218,8 +237,8 @@ def test_cli_one_flipped_byte_fails_corr_and_rsi_and_verify_lists_every_step(cop
     assert "step 2: array 'grad'" in p.stdout and "missing" in p.stdout
 
 
-def test_cli_report_bad_ref_and_nan_reference(clean, tmp_path):
-    p = gradtrace("report", clean.path, "--ref", "step:999", "-o", tmp_path / "rep")
+def test_cli_report_bad_ref_and_nan_reference(clean, tmp_path, cli):
+    p = cli("report", clean.path, "--ref", "step:999", "-o", tmp_path / "rep")
     one_line_error(p, "999")
     assert not (tmp_path / "rep" / "index.html").exists()
     w = np.array(clean.weights[-1], dtype=np.float32)
@@ -227,27 +246,27 @@ def test_cli_report_bad_ref_and_nan_reference(clean, tmp_path):
     nanrun = make_store(tmp_path / "nan.zarr", steps=6, param_chunk=32, final_weight=w)
     with pytest.raises(ga.BadReferenceError, match="NaN or Inf"):
         ga.rsi(nanrun.path, "final")
-    one_line_error(gradtrace("rsi", nanrun.path), "NaN")
+    one_line_error(cli("rsi", nanrun.path), "NaN")
 
 
-def test_output_never_destroys_input(copy, tmp_path):
+def test_output_never_destroys_input(copy, tmp_path, cli):
     before = sorted(p.name for p in copy.iterdir())
-    one_line_error(gradtrace("corr", copy, "-o", copy), str(copy))
-    one_line_error(gradtrace("corr", copy, "-o", copy, "--force"), str(copy))
+    one_line_error(cli("corr", copy, "-o", copy), str(copy))
+    one_line_error(cli("corr", copy, "-o", copy, "--force"), str(copy))
     assert sorted(p.name for p in copy.iterdir()) == before
     foreign = tmp_path / "mine.zarr"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("keep me")
-    one_line_error(gradtrace("corr", copy, "-o", foreign, "--force"), "did not write")
+    one_line_error(cli("corr", copy, "-o", foreign, "--force"), "did not write")
     assert (foreign / "thesis.tex").read_text() == "keep me"
     other = tmp_path / "other.zarr"
     shutil.copytree(copy, other)
-    one_line_error(gradtrace("corr", copy, "-o", other, "--force"), "run store")
+    one_line_error(cli("corr", copy, "-o", other, "--force"), "run store")
     assert ga.open_run(other).header.n_steps == ga.open_run(copy).header.n_steps
     out = tmp_path / "res.zarr"
-    assert gradtrace("corr", copy, "-o", out).returncode == 0
-    one_line_error(gradtrace("corr", copy, "-o", out), "exists", "--force")
-    assert gradtrace("corr", copy, "-o", out, "--force").returncode == 0  # a result it wrote: replaced
+    assert cli("corr", copy, "-o", out).returncode == 0
+    one_line_error(cli("corr", copy, "-o", out), "exists", "--force")
+    assert cli("corr", copy, "-o", out, "--force").returncode == 0  # a result it wrote: replaced
 
 
 def test_overwrite_replaces_only_gradtrace_stores(tmp_path):
@@ -362,30 +381,30 @@ def test_bad_steps_are_refused_at_once(tmp_path):
     w.close()
 
 
-PAYLOAD = """
-import os, pickle, sys
 class Boom:
+    """Unpickling this runs a shell command (what a crafted checkpoint does)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
     def __reduce__(self):
-        return (os.system, ("touch " + sys.argv[2],))
-torch_like = {"step": 1, "recipe": Boom()}
-import torch
-torch.save(torch_like, sys.argv[1])
-"""
+        return (os.system, (f"touch {self.marker}",))
 
 
-def test_planted_pickle_never_runs(clean, tmp_path):
-    pytest.importorskip("torch")
+def test_planted_pickle_never_runs(clean, tmp_path, cli):
+    """Every command that reads a file beside or for a store: record --resume (the checkpoint),
+    rsi --ref and report --ref (a reference checkpoint)."""
+    torch = pytest.importorskip("torch")
     marker = tmp_path / "PWNED"
     store = tmp_path / "rec.zarr"
     shutil.copytree(clean.path, store)
     ckpt = tmp_path / "rec.zarr.ckpt.pt"
-    subprocess.run([sys.executable, "-c", PAYLOAD, str(ckpt), str(marker)], check=True, timeout=120)
+    torch.save({"step": 1, "recipe": Boom(marker), "model": {}}, ckpt)
     assert ckpt.exists() and not marker.exists()
-    p = gradtrace("record", "--preset", "demo-quick", "--out", store, "--resume")
-    one_line_error(p, "weights_only")
+    one_line_error(cli("record", "--preset", "demo-quick", "--out", store, "--resume"), "weights_only")
     ref = tmp_path / "ref.pt"
     shutil.copy(ckpt, ref)
-    one_line_error(gradtrace("rsi", clean.path, "--ref", ref), "weights_only")
-    one_line_error(gradtrace("report", clean.path, "--ref", ref, "-o", tmp_path / "rep"), "weights_only")
+    one_line_error(cli("rsi", clean.path, "--ref", ref), "weights_only")
+    one_line_error(cli("report", clean.path, "--ref", ref, "-o", tmp_path / "rep"), "weights_only")
     time.sleep(0.2)
     assert not marker.exists()
