@@ -15,7 +15,7 @@ The training thread only does cheap work:
    device staging buffer, then one non-blocking copy to pinned host memory and a CUDA event;
    no ``.item()`` sync; the loss travels the same way);
 4. the buffer is queued to a writer thread that runs :class:`capture.writer.StoreWriter`
-   (float64 scalars, encoding, atomic chunk writes, commit marker).
+   (float64 scalars, encoding, chunk writes with crc32c, commit marker).
 
 An error in the writer thread (disk full, unwritable path) is raised to the training loop at
 the next ``record()`` or ``close()`` as :class:`RecorderWriteError`; the store then holds every

@@ -8,15 +8,23 @@ The commit protocol (why a kill never tears a step):
    its chunks (``grad``/``weight``: one chunk file per row and column block, written directly)
    may be torn by a kill and are simply rewritten by the next append. The per-step arrays are
    uncompressed; their chunk files are created whole (temporary file + atomic rename) and
-   afterwards only the bytes of row n are written in place, so committed rows' bytes never
-   change.
+   afterwards only the bytes of row n are written in place, then the chunk's crc32c (its last
+   4 bytes), so committed rows' bytes never change. A kill between the two leaves a crc that
+   covers the chunk with row n still at the fill value: readers accept exactly that
+   (``analysis.integrity.decode_scalar_block``) and resume rewrites it.
 3. Only then is the root attribute ``gradtrace.n_steps`` advanced: the root ``zarr.json`` is
    replaced by an atomic rename. Readers ignore rows at index >= n_steps, so a kill at any
-   moment loses at most the step in flight.
+   moment loses no committed step (the Recorder's queue may hold up to ``queue_size + 1``
+   accepted, uncommitted steps: those are lost).
 4. On a clean close, arrays are trimmed to ``n_steps`` rows and the metadata is consolidated,
    so plain ``xarray.open_zarr`` sees exactly the committed rows.
 
-Nothing is fsync'ed: a killed process loses nothing the kernel already has; a power cut may.
+Every chunk of every array carries zarr's ``crc32c`` codec (:func:`chunk_encoder` appends it).
+Nothing is fsync'ed unless ``durable=True``: a killed process loses nothing the kernel already
+has; a power cut may lose committed steps (readers then report them as damaged). With
+``durable=True`` each row's chunk files, per-step blocks and directories are fsynced before
+the marker, and the marker after its rename. One writer at a time: ``.gradtrace.lock`` inside
+the store, ``fcntl.flock``-ed; creation happens in a hidden sibling directory renamed into place.
 
 Why chunks are written here and not through ``zarr.Array.__setitem__`` (measured on 2 cores,
 ext4, d = 914k float32, ``benchmarks/capture_overhead.py``): a row through zarr cost ~18 ms
