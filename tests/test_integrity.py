@@ -406,5 +406,8 @@ def test_planted_pickle_never_runs(clean, tmp_path, cli):
     shutil.copy(ckpt, ref)
     one_line_error(cli("rsi", clean.path, "--ref", ref), "weights_only")
     one_line_error(cli("report", clean.path, "--ref", ref, "-o", tmp_path / "rep"), "weights_only")
+    # the commands that read only the store, with the payload planted beside it
+    for cmd in ("info", "verify", "corr", "signs", "phases", "layers"):
+        assert cli(cmd, store).returncode == 0, cmd
     time.sleep(0.2)
     assert not marker.exists()
