@@ -234,16 +234,16 @@ def damaged(path, array, reason, *, rows=(), files=(), steps=None) -> DamagedSto
 MAX_STEP = 2**63 - 1
 
 
-def check_step(step, what: str = "step") -> int:
-    """``step`` as an int, or ValueError at once: steps are non-negative ints below 2**63
-    (not bools, floats or tensors: pass ``int(step)``)."""
+def check_step(step, what: str = "step", final: bool = False) -> int:
+    """``step`` as an int, or ValueError at once: a recorded step is an int in 0..2**63-2 (not a
+    bool, float or tensor: pass ``int(step)``); the final iterate (``final``) may be 2**63-1."""
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
         raise ValueError(
             f"{what}={step!r} ({type(step).__name__}): a step must be an int (pass int(step), the global "
             "training step counter)"
         )
     s = int(step)
-    if s < 0 or s > MAX_STEP - 1:
+    if s < 0 or s > MAX_STEP - (0 if final else 1):
         raise ValueError(f"{what}={s}: a step must be in 0..2**63-2 (the final iterate takes the step after the last)")
     return s
 

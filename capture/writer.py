@@ -826,7 +826,7 @@ class StoreWriter:
         """
         if self._closed:
             raise RuntimeError(f"the store writer for {self.path} is closed")
-        step = fmt.check_step(step)
+        step = fmt.check_step(step, final=grad is None)
         last = self._last_step
         if last is not None and int(step) <= last:
             raise ValueError(
