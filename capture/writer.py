@@ -927,6 +927,13 @@ class StoreWriter:
         """Record the final iterate (if given), trim arrays to the committed rows, consolidate."""
         if self._closed:
             return
+        try:
+            self._close(final_weight, final_step, epoch)
+        except BaseException:
+            self.abort()  # release the lock and files: the store stays resumable
+            raise
+
+    def _close(self, final_weight, final_step, epoch) -> None:
         if final_weight is not None:
             if final_step is None:
                 last = self.last_step
