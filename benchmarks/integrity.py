@@ -81,13 +81,42 @@ def durable_cost(d: int, steps: int, where: str | None) -> dict:
     return out
 
 
+def scalar_crc_cost(steps: int = 300) -> dict:
+    """Per-step cost of rewriting the per-step blocks' crc32c (11 arrays) at a tiny d, where the
+    scalar arrays dominate: the same appends with ``_patch_crc`` replaced by a no-op."""
+    from capture import writer as cw
+
+    d = 1024
+    tensors = fmt.tensor_table([(f"t{i}", (d // 16,)) for i in range(16)])
+    rng = np.random.default_rng(2)
+    g, w = rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+    out = {}
+    real = cw._ArrayWriter._patch_crc
+    for label, patch in (("with_crc", real), ("without_crc", lambda self, i, data: None)):
+        cw._ArrayWriter._patch_crc = patch
+        tmp = Path(tempfile.mkdtemp())
+        try:
+            sw = StoreWriter(tmp / "s.zarr", tensors, expected_steps=steps + 2)
+            sw.append(0, g, w)
+            t0 = time.perf_counter()
+            for s in range(1, steps + 1):
+                sw.append(s, g, w)
+            out[f"us_per_step_small_d_{label}"] = (time.perf_counter() - t0) / steps * 1e6
+            sw.abort()
+        finally:
+            cw._ArrayWriter._patch_crc = real
+            shutil.rmtree(tmp, ignore_errors=True)
+    out["scalar_crc_us_per_step"] = out["us_per_step_small_d_with_crc"] - out["us_per_step_small_d_without_crc"]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, default=2**20)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--dir", default=None, help="directory (disk) of the test stores (default: the temp dir)")
     args = ap.parse_args(argv)
-    for k, v in {**crc_cost(), **durable_cost(args.d, args.steps, args.dir)}.items():
+    for k, v in {**crc_cost(), **scalar_crc_cost(), **durable_cost(args.d, args.steps, args.dir)}.items():
         print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
     return 0
 
