@@ -21,7 +21,8 @@ from analysis.errors import (
     StepNotFoundError,
     TierError,
 )
-from analysis.format import FormatVersionError, NotAStoreError, StoreError
+from analysis.format import DamagedStoreError, FormatVersionError, NotAStoreError, StoreError
+from analysis.integrity import verify_store
 from analysis.layers import balancedness, layer_table, linear_pairs
 from analysis.phases import gawu_switch, phase_labels, phases, zigzag_share
 from analysis.reference import Reference, resolve_reference
@@ -34,6 +35,7 @@ __all__ = [
     "open_run",
     "Run",
     "ParamGroup",
+    "verify_store",
     # correlation (zigzag paper)
     "corr_matrix",
     "corr_window",
@@ -62,6 +64,7 @@ __all__ = [
     "StoreError",
     "NotAStoreError",
     "FormatVersionError",
+    "DamagedStoreError",
     "AnalysisError",
     "StepNotFoundError",
     "LagNotAvailableError",
