@@ -161,8 +161,25 @@ class Run:
 
     @property
     def grad_steps(self) -> np.ndarray:
-        """Steps that have a gradient (every row but the final iterate)."""
-        return self.steps[(self.flags & fmt.FLAG_FINAL) == 0]
+        """Steps that have a gradient (every row but the final iterate and skipped steps)."""
+        return self.steps[(self.flags & (fmt.FLAG_FINAL | fmt.FLAG_SKIPPED)) == 0]
+
+    @property
+    def weight_steps(self) -> np.ndarray:
+        """Steps that have weights (all but those a weight schedule or the writer skipped)."""
+        return self.steps[(self.flags & (fmt.FLAG_NO_WEIGHT | fmt.FLAG_SKIPPED)) == 0]
+
+    def require_weights(self, steps: np.ndarray, what: str) -> None:
+        """Raise one line naming the steps among ``steps`` that have no recorded weights."""
+        missing = np.asarray(steps)[~np.isin(steps, self.weight_steps)]
+        if len(missing):
+            w = self.weight_steps
+            raise StepNotFoundError(
+                f"{what} needs the weights at step(s) {missing[:5].tolist()}{' ...' if len(missing) > 5 else ''}, "
+                f"which {self.path} does not hold: weights were recorded at {len(w)} of {len(self.steps)} rows "
+                f"(the weight schedule: {self.header.extra.get('weight_schedule', {}).get('description', 'see the header')}). "
+                "Ask for steps that have weights (run.weight_steps)."
+            )
 
     @property
     def final_step(self) -> int | None:
