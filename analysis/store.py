@@ -177,7 +177,7 @@ class Run:
             raise StepNotFoundError(
                 f"{what} needs the weights at step(s) {missing[:5].tolist()}{' ...' if len(missing) > 5 else ''}, "
                 f"which {self.path} does not hold: weights were recorded at {len(w)} of {len(self.steps)} rows "
-                f"(the weight schedule: {self.header.extra.get('weight_schedule', {}).get('description', 'see the header')}). "
+                f"(the weight schedule: {(self.header.settings.get('weight_schedule') or {}).get('description', 'every recorded step')}). "
                 "Ask for steps that have weights (run.weight_steps)."
             )
 

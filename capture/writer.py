@@ -44,6 +44,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -694,8 +695,9 @@ class StoreWriter:
                 f"step {step} is not after the last recorded step {last}: steps must increase. "
                 "When resuming from a checkpoint, pass resume_step=<checkpoint step>."
             )
-        if grad is None and weight is None:
-            raise ValueError(f"step {step}: a row needs a gradient, weights or both")
+        skipped = bool(flags & fmt.FLAG_SKIPPED)
+        if grad is None and weight is None and not skipped:
+            raise ValueError(f"step {step}: a row needs a gradient, weights or both (or FLAG_SKIPPED)")
         if weight is not None:
             weight = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1)
             if weight.shape[0] != self.d:
@@ -706,16 +708,19 @@ class StoreWriter:
             grad = np.ascontiguousarray(grad, dtype=np.float32).reshape(-1)
             if grad.shape[0] != self.d:
                 raise ValueError(f"grad has {grad.shape[0]} entries, the parameter table {self.d}")
-        else:
+        elif not skipped:
             flags |= FLAG_FINAL
         n = self._n
+        self._before = (self._last_step, self._has_final, self.n_nonfinite)
         self._ensure_capacity(n)
         n_t = len(self.tensors)
         gg, ww, gw = np.full(n_t, np.nan), np.full(n_t, np.nan), np.full(n_t, np.nan)
         if weight is not None:
             tasks = scalar_tasks(self.tensors, grad, weight, gg, ww, gw, self._scalar_plan)
-        else:  # ||G||^2 alone: the same kernel with the gradient in the weights' place
+        elif grad is not None:  # ||G||^2 alone: the same kernel with the gradient in the weights' place
             tasks = scalar_tasks(self.tensors, None, grad, np.empty(n_t), gg, np.empty(n_t), self._scalar_plan)
+        else:
+            tasks = []
         W = self._w
         for name, vec in (("grad", grad), ("weight", weight)):
             tier = self.tiers[name]
@@ -761,6 +766,14 @@ class StoreWriter:
         if commit:
             self.commit()  # the commit marker last
         return flags
+
+    def rewind(self) -> None:
+        """Forget the last row written, which must not be committed yet; the next append
+        writes its index again (its chunks are overwritten or removed then)."""
+        if self._n <= self.header.n_steps:
+            raise RuntimeError("rewind: the last row written is already committed")
+        self._n -= 1
+        self._last_step, self._has_final, self.n_nonfinite = self._before
 
     def commit(self) -> None:
         """Advance the commit marker over every row written so far (one atomic rename)."""
@@ -820,7 +833,11 @@ class StoreWriter:
         self.header.capacity = n
         self.header.closed = True
         self._write_header()
-        zarr.consolidate_metadata(str(self.path))
+        with warnings.catch_warnings():
+            # zarr warns on every consolidation that consolidated metadata is not in the v3
+            # spec yet; gradtrace readers do not need it (plain xarray.open_zarr uses it)
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            zarr.consolidate_metadata(str(self.path))
         self._closed = True
         self._shutdown_pool()
 
