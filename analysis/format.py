@@ -113,12 +113,16 @@ FLAG_MISSING_GRAD = 2  #: at least one trainable parameter had ``.grad is None``
 FLAG_FINAL = 4  #: the row is the final iterate: weights only, no gradient
 FLAG_NONFINITE_WEIGHT = 8  #: the weights hold NaN or Inf entries
 FLAG_LR_GROUPS_DIFFER = 16  #: param groups had different lrs; ``lr`` holds group 0's
+FLAG_NO_WEIGHT = 32  #: the weight schedule skipped this step: no weights (NaN), gradient only
+FLAG_SKIPPED = 64  #: the writer was behind and on_full="skip" dropped the step: no data at all
 FLAG_NAMES = {
     FLAG_NONFINITE_GRAD: "nonfinite_grad",
     FLAG_MISSING_GRAD: "missing_grad",
     FLAG_FINAL: "final_iterate",
     FLAG_NONFINITE_WEIGHT: "nonfinite_weight",
     FLAG_LR_GROUPS_DIFFER: "lr_groups_differ",
+    FLAG_NO_WEIGHT: "no_weight",
+    FLAG_SKIPPED: "skipped",
 }
 
 STEP_DIM = "step"
@@ -298,9 +302,12 @@ class Tier:
         keepbits: mantissa bits kept by the ``rounded`` tier (1..23).
         sketch_dim: total sketch budget k of the ``sketch`` tier.
         seed: seed of the sketch's hash functions.
-        compress: ``lossless`` only: Blosc lz4 + bit-shuffle (True, the default) or the raw
-            float32 bytes (False, ``"lossless:raw"``): no encode/decode CPU, for machines whose
-            cores the training keeps busy (1.1-1.8x more bytes on gradients, ~1.1x on weights).
+        compress: ``lossless`` only: Blosc lz4 (True, the default) or the raw float32 bytes
+            (False, ``"lossless:raw"``): no encode/decode CPU at all.
+        bitshuffle: ``lossless`` only: bit-shuffle before lz4 (``"lossless:bitshuffle"``).
+            Smaller on dense float data (gradients without exact zeros), at 3-4x the encode
+            CPU of plain lz4, which already compresses the runs of exact zeros that ReLU
+            networks' gradients hold (README, fidelity tiers, has the measured sizes).
     """
 
     name: str = "lossless"
@@ -308,6 +315,7 @@ class Tier:
     sketch_dim: int = DEFAULT_SKETCH_DIM
     seed: int = 0
     compress: bool = True
+    bitshuffle: bool = False
 
     def __post_init__(self):
         if self.name not in TIERS:
@@ -318,11 +326,13 @@ class Tier:
             raise ValueError(f"sketch_dim={self.sketch_dim} must be a positive number of buckets")
         if not self.compress and self.name != "lossless":
             raise ValueError(f"compress=False is an option of the lossless tier only, not of {self.name!r}")
+        if self.bitshuffle and (self.name != "lossless" or not self.compress):
+            raise ValueError("bitshuffle=True is an option of the compressed lossless tier only")
 
     @classmethod
     def parse(cls, spec: "str | Tier | dict") -> "Tier":
         """``"lossless"``, ``"lossless:raw"``, ``"rounded"``, ``"rounded:10"``, ``"sketch"``,
-        ``"sketch:4096"``, a dict or a Tier."""
+        ``"sketch:4096"``, ``"lossless:bitshuffle"``, a dict or a Tier."""
         if isinstance(spec, Tier):
             return spec
         if isinstance(spec, dict):
@@ -342,7 +352,11 @@ class Tier:
                 return cls(name, compress=False)
             if arg.strip().lower() in ("lz4", "compressed"):
                 return cls(name)
-            raise ValueError(f"tier {spec!r}: the lossless tier takes ':raw' (uncompressed) or nothing")
+            if arg.strip().lower() in ("bitshuffle", "shuffle"):
+                return cls(name, bitshuffle=True)
+            raise ValueError(
+                f"tier {spec!r}: the lossless tier takes ':raw' (uncompressed), ':bitshuffle' or nothing"
+            )
         try:
             val = int(arg)
         except ValueError as err:
@@ -356,6 +370,8 @@ class Tier:
         d = {"tier": self.name}
         if not self.compress:
             d["compress"] = False
+        if self.bitshuffle:
+            d["bitshuffle"] = True
         if self.name == "rounded":
             d["keepbits"] = int(self.keepbits)
             d["max_rel_error"] = 2.0 ** -(int(self.keepbits) + 1)
@@ -372,6 +388,7 @@ class Tier:
             sketch_dim=int(d.get("sketch_dim", DEFAULT_SKETCH_DIM)),
             seed=int(d.get("seed", 0)),
             compress=bool(d.get("compress", True)),
+            bitshuffle=bool(d.get("bitshuffle", False)),
         )
 
     @property
@@ -595,16 +612,24 @@ def _crc():
 def _lossless_codecs():
     from zarr.codecs import BloscCodec
 
-    # lz4-1 + bitshuffle: on real CNN gradients (2 cores) ratio 1.82 at ~1.3 GB/s, against
-    # 1.98 at ~0.2 GB/s for zstd-1 + bitshuffle (benchmarks/tiers.py). Speed wins: the writer
-    # shares the training machine's cores.
+    # lz4-1 without shuffle: blosc stores incompressible blocks as they are (0.5 ns per entry)
+    # and lz4 finds the runs of exact zeros of ReLU gradients at ~1 ns per entry; bit-shuffle
+    # first costs 3-4 ns per entry (benchmarks/tiers.py, benchmarks/capture_overhead.py)
+    return [BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle", typesize=4), _crc()]
+
+
+def _lossless_bitshuffle_codecs():
+    from zarr.codecs import BloscCodec
+
     return [BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle", typesize=4), _crc()]
 
 
 def _rounded_codecs():
     from zarr.codecs import BloscCodec
 
-    return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=4), _crc()]
+    # byte-shuffle puts the zeroed low mantissa bytes of a rounded float32 in planes of their
+    # own, which lz4 skips: smaller and 2x faster than bit-shuffle at clevel 5
+    return [BloscCodec(cname="lz4", clevel=1, shuffle="shuffle", typesize=4), _crc()]
 
 
 def _bits_codecs():
@@ -630,7 +655,7 @@ class ArraySpec:
     fill_value: Any
     width: int | None  # size of the second dim (None for 1-D)
     chunk_width: int | None
-    codecs: str  # "lossless" | "rounded" | "bits" | "scalar"
+    codecs: str  # a key of codecs_for: "lossless", "lossless_bitshuffle", "raw", "rounded", "bits", "scalar"
     attrs: dict
 
     @property
@@ -653,6 +678,24 @@ class ArraySpec:
         return (self.chunk_rows,) if self.width is None else (self.chunk_rows, int(self.chunk_width))
 
 
+def param_chunk_width(d: int, param_chunk: int = DEFAULT_PARAM_CHUNK) -> int:
+    """Chunk width along ``param`` for d entries and at most ``param_chunk`` per chunk.
+
+    One chunk when d fits in ``param_chunk``; otherwise the d entries are split into
+    ``ceil(d / param_chunk)`` chunks of equal width, rounded up to a multiple of 8 entries (so
+    a sign-bit byte never straddles two chunks): no chunk is mostly padding (d = 1.07M with
+    2**18-wide chunks padded the last chunk to 4x its data).
+    Stores made before this rule have ``min(d, param_chunk)``; readers use each array's own
+    chunk grid.
+    """
+    d, pc = max(int(d), 1), max(int(param_chunk), 1)
+    if d <= pc or pc < 8:
+        return min(d, pc)
+    n_chunks = -(-d // pc)
+    width = -(-(-(-d // n_chunks)) // 8) * 8
+    return int(min(width, pc - pc % 8))
+
+
 def array_specs(
     tensors: Sequence[TensorInfo],
     tiers: dict[str, Tier],
@@ -666,12 +709,12 @@ def array_specs(
         specs.append(ArraySpec(name, (STEP_DIM,), dtype, fill, None, None, "scalar", {}))
     for name in PER_STEP_TENSOR_ARRAYS:
         specs.append(ArraySpec(name, (STEP_DIM, TENSOR_DIM), "float64", float("nan"), n_t, n_t, "scalar", {}))
-    pc = int(min(max(d, 1), param_chunk))
+    pc = param_chunk_width(d, param_chunk)
     for a in DATA_ARRAYS:
         tier = tiers[a]
         tattrs = {"gradtrace_tier": tier.to_json()}
         if tier.name in ("lossless", "rounded"):
-            kind = tier.name if tier.compress else "raw"
+            kind = "raw" if not tier.compress else ("lossless_bitshuffle" if tier.bitshuffle else tier.name)
             specs.append(ArraySpec(a, (STEP_DIM, PARAM_DIM), "float32", float("nan"), d, pc, kind, tattrs))
         else:
             plan = sketch_plan(tensors, tier.sketch_dim, tier.seed)
@@ -681,7 +724,7 @@ def array_specs(
                 ArraySpec(f"{a}_sketch", (STEP_DIM, SKETCH_DIM), "float32", float("nan"), sk, min(sk, pc), "lossless", tattrs)
             )
             nb = (d + 7) // 8
-            bc = int(min(nb, max(param_chunk // 8, 1)))
+            bc = int(min(nb, max(pc // 8, 1)))
             specs.append(ArraySpec(f"{a}_signbits", (STEP_DIM, BYTE_DIM), "uint8", 0, nb, bc, "bits", tattrs))
             specs.append(ArraySpec(f"{a}_nonzero", (STEP_DIM, BYTE_DIM), "uint8", 0, nb, bc, "bits", tattrs))
     return specs
@@ -690,6 +733,7 @@ def array_specs(
 def codecs_for(kind: str):
     return {
         "lossless": _lossless_codecs,
+        "lossless_bitshuffle": _lossless_bitshuffle_codecs,
         "raw": _scalar_codecs,  # no compressor: the float32 bytes as they are
         "rounded": _rounded_codecs,
         "bits": _bits_codecs,

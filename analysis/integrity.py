@@ -139,10 +139,15 @@ def decode_scalar_block(raw: bytes | None, arr, b: int, n: int) -> np.ndarray:
                           rows=rows, files=[chunk_file(arr, where)])
     payload, stored = raw[:size], int.from_bytes(raw[size:], "little")
     if google_crc32c.value(payload) != stored:
+        # the writer fills rows in order, each row then the crc: a kill between the two leaves
+        # a crc over rows < m as written and rows >= m at the fill value, for the row m in
+        # flight, which is at or past the committed rows (commits may lag several rows)
         ok = False
-        if n_valid < R:
-            fill = np.full((R - n_valid,) + row_shape, arr.fill_value, dtype=dtype).tobytes()
-            ok = google_crc32c.value(payload[: n_valid * row_bytes] + fill) == stored
+        fill_row = np.full((1,) + row_shape, arr.fill_value, dtype=dtype).tobytes()
+        for m in range(n_valid, R):
+            if google_crc32c.value(payload[: m * row_bytes] + fill_row * (R - m)) == stored:
+                ok = True
+                break
         if not ok:
             raise fmt.damaged("the store", _name(arr), "checksum mismatch (crc32c)", rows=rows,
                               files=[chunk_file(arr, where)])
@@ -361,6 +366,20 @@ class CheckedRows:
 # ------------------------------------------------------------------------ plausibility
 
 
+def _flag(name: str) -> int:
+    return int(getattr(fmt, name, 0))
+
+
+def absent_rows(flags: np.ndarray, array: str) -> np.ndarray:
+    """Rows whose chunks of ``array`` the writer removed on purpose (they read as the fill
+    value): ``grad*`` of the final iterate and of skipped rows, ``weight*`` of rows without
+    weights and of skipped rows. Every other committed row must have all its chunks."""
+    flags = np.asarray(flags, dtype=np.int64)
+    bits = (fmt.FLAG_FINAL | _flag("FLAG_SKIPPED")) if array.startswith("grad") else \
+        (_flag("FLAG_NO_WEIGHT") | _flag("FLAG_SKIPPED"))
+    return np.flatnonzero(flags & bits)
+
+
 def check_flags(path, flags: np.ndarray, gsq: np.ndarray, wsq: np.ndarray, steps: np.ndarray) -> None:
     """Flags and stored norms must agree (free: the reader has them in memory).
 
@@ -374,17 +393,20 @@ def check_flags(path, flags: np.ndarray, gsq: np.ndarray, wsq: np.ndarray, steps
         known |= bit
     n = len(flags)
     final = (flags & fmt.FLAG_FINAL) != 0
+    no_grad = (flags & (fmt.FLAG_FINAL | _flag("FLAG_SKIPPED"))) != 0
+    no_weight = (flags & (_flag("FLAG_NO_WEIGHT") | _flag("FLAG_SKIPPED"))) != 0
     gfin = np.isfinite(gsq)
     wfin = np.isfinite(wsq)
     checks = [
         ((flags & ~known) != 0, "'flags' has bits no gradtrace version writes"),
         (final & (np.arange(n) != n - 1), "'flags' marks a row that is not the last as the final iterate"),
-        (final & ~np.isnan(gsq), "'flags' marks the final iterate, but the row has a gradient norm"),
-        (~final & (((flags & fmt.FLAG_NONFINITE_GRAD) != 0) == gfin),
+        (no_grad & ~np.isnan(gsq), "'flags' says the row has no gradient, but it has a gradient norm"),
+        (no_weight & ~np.isnan(wsq), "'flags' says the row has no weights, but it has a weight norm"),
+        (~no_grad & (((flags & fmt.FLAG_NONFINITE_GRAD) != 0) == gfin),
          "'flags' disagrees with 'grad_sqnorm' on whether the gradient is finite"),
-        (((flags & fmt.FLAG_NONFINITE_WEIGHT) != 0) == wfin,
+        (~no_weight & (((flags & fmt.FLAG_NONFINITE_WEIGHT) != 0) == wfin),
          "'flags' disagrees with 'weight_sqnorm' on whether the weights are finite"),
-        (~final & gfin & (gsq < 0), "'grad_sqnorm' is negative"),
+        (gfin & (gsq < 0), "'grad_sqnorm' is negative"),
         (wfin & (wsq < 0), "'weight_sqnorm' is negative"),
     ]
     for bad, why in checks:
@@ -526,6 +548,7 @@ def verify_store(path, *, storage_options: dict | None = None, progress=None) ->
         stored = scalars.get(f"{spec.name}_sqnorm") if dense else None
         tol = norm_tolerance(header.tiers[spec.name]) if dense else 0.0
         crc = has_crc(arr)
+        absent = set(absent_rows(scalars["flags"], spec.name).tolist()) if "flags" in scalars else set()
         for r in range(n):
             row_bad = False
             acc = 0.0
@@ -537,8 +560,7 @@ def verify_store(path, *, storage_options: dict | None = None, progress=None) ->
                     row_bad = True
                     continue
                 if raw is None:
-                    # a final iterate's grad row is cleared on purpose (reads as NaN)
-                    if spec.name.startswith("grad") and "flags" in scalars and scalars["flags"][r] & fmt.FLAG_FINAL:
+                    if r in absent:  # cleared on purpose: the final iterate's grad, rows without weights
                         continue
                     problems.append(f"{_rows_label([r], steps)}: array '{spec.name}' chunk {r}/{j} is missing "
                                     f"(file {chunk_file(arr, (r, j))})")

@@ -119,7 +119,12 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
     group = run.params(params)
     space = rsi_space(run)
     sel, n_excluded = drop_tail(run, selected(run, steps), exclude_tail)
+    if steps is None:  # every gradient step that also has weights (a weight schedule may skip some)
+        sel = sel[np.isin(sel, run.weight_steps)]
+    run.require_weights(sel if len(sel) else run.grad_steps[:1], "RSI (w_t - w*)")
     ref = resolve_reference(run, reference, strict=strict)
+    if ref.rows is not None:
+        run.require_weights(run.steps[ref.rows], f"the reference {ref.label!r}")
     rows = run.rows_of(sel)
     p = Pass(run, group)
     vec = reference_in_space(run, ref, space)

@@ -162,8 +162,25 @@ class Run:
 
     @property
     def grad_steps(self) -> np.ndarray:
-        """Steps that have a gradient (every row but the final iterate)."""
-        return self.steps[(self.flags & fmt.FLAG_FINAL) == 0]
+        """Steps that have a gradient (every row but the final iterate and skipped steps)."""
+        return self.steps[(self.flags & (fmt.FLAG_FINAL | fmt.FLAG_SKIPPED)) == 0]
+
+    @property
+    def weight_steps(self) -> np.ndarray:
+        """Steps that have weights (all but those a weight schedule or the writer skipped)."""
+        return self.steps[(self.flags & (fmt.FLAG_NO_WEIGHT | fmt.FLAG_SKIPPED)) == 0]
+
+    def require_weights(self, steps: np.ndarray, what: str) -> None:
+        """Raise one line naming the steps among ``steps`` that have no recorded weights."""
+        missing = np.asarray(steps)[~np.isin(steps, self.weight_steps)]
+        if len(missing):
+            w = self.weight_steps
+            raise StepNotFoundError(
+                f"{what} needs the weights at step(s) {missing[:5].tolist()}{' ...' if len(missing) > 5 else ''}, "
+                f"which {self.path} does not hold: weights were recorded at {len(w)} of {len(self.steps)} rows "
+                f"(the weight schedule: {(self.header.settings.get('weight_schedule') or {}).get('description', 'every recorded step')}). "
+                "Ask for steps that have weights (run.weight_steps)."
+            )
 
     @property
     def final_step(self) -> int | None:
@@ -470,7 +487,7 @@ def _build_dataset(run: Run, group, specs, n: int, chunks: int | None) -> xr.Dat
         itemsize = np.dtype(spec.dtype).itemsize
         want = chunks if chunks else DS_CHUNK_BYTES // max(1, n * itemsize)
         width = max(cw, -(-int(want) // cw) * cw)
-        cleared = np.flatnonzero(per_step["flags"] & fmt.FLAG_FINAL) if spec.name.startswith("grad") else ()
+        cleared = integrity.absent_rows(per_step["flags"], spec.name)
         darr = da.from_array(integrity.CheckedRows(arr, run.path, steps, cleared), chunks=(max(n, 1), width),
                              name=f"gradtrace-{spec.name}-{token}", asarray=True)[:n]
         data[spec.name] = (spec.dims, darr, dict(arr.attrs))

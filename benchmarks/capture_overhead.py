@@ -19,15 +19,29 @@ Usage (the README quotes these)::
     .venv/bin/python benchmarks/capture_overhead.py --model resnet18 --steps 10 --repeats 3
     .venv/bin/python benchmarks/capture_overhead.py --writer-threads 4 --device cuda   # GPU host
 
-``--model cnn`` is a 4-block CNN of ~0.9-1.0M parameters; ``--model resnet18`` is torchvision's
-ResNet-18 (11.2M parameters, 10 classes) on 32x32 inputs, the ~10M-parameter case.
+``--model mlp`` is the fast step of a GPU-scale loop on this CPU: an MLP 784-1024-256-10
+(1.07M parameters), batch 256, plain SGD, on MNIST-like 28x28 images (scikit-learn's 8x8
+digits scaled to 20x20 and framed by a zero border as MNIST is, so that gradients hold the
+exact zeros of real ones); ``--model cnn`` is a 4-block CNN of ~0.9-1.0M parameters;
+``--model resnet18`` is torchvision's ResNet-18 (11.2M parameters, 10 classes) on 32x32
+inputs, the ~10M-parameter case.
+
+Besides the ratio, every row gives the cost per parameter-step (one parameter's gradient and
+weight, one step) of the training thread inside ``record()`` and of the writer thread's CPU
+(``time.thread_time``), beside floors measured in the same run on the same gradients: one
+memcpy of the weights (the training thread's floor: it must copy the weights before the
+update), one read of gradient and weights (the per-tensor float64 scalars), the tier's codec
+(the writer's own encoders, rounding and sketch kernels included) and the page-cache write
+of its bytes into fresh files.
 ``--writer-threads N`` is passed to ``Recorder(writer_threads=N)``; ``--threads N`` sets the
 training's torch threads (on a CPU host the writer thread competes with them for cores).
 
-Prints a markdown table, one row per (model, input size, batch, tier): bare and recorded ms per
-step (medians over rounds), their ratio (median and range of the per-round ratios), the
-writer's ms per row, the time the training thread spent in ``record()`` and blocked on a busy
-writer (both per step), and stored MB per step.
+Prints two markdown tables. One row per (model, input size, batch, tier): bare and recorded
+ms per step (medians over rounds), their ratio (median and range of the per-round ratios),
+the writer's ms per row, the time the training thread spent in ``record()`` and blocked on a
+busy writer (both per step), and stored MB per step. Then the same rows in ns per
+parameter-step: training thread (target <= 0.6) beside its memcpy floor, writer CPU beside
+read + codec + write floors.
 """
 
 from __future__ import annotations
@@ -69,6 +83,9 @@ def small_cnn(hw: int, widths=(32, 64, 128, 256), n_classes: int = 10) -> nn.Seq
 
 
 def build(name: str, hw: int) -> nn.Module:
+    if name == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(),
+                             nn.Linear(256, 10))
     if name == "cnn":
         # widths chosen so that both input sizes give ~1M parameters
         return small_cnn(hw, (32, 64, 128, 256) if hw >= 32 else (64, 128, 256, 256))
@@ -77,6 +94,117 @@ def build(name: str, hw: int) -> nn.Module:
 
         return torchvision.models.resnet18(num_classes=10)
     raise SystemExit(f"unknown model {name!r}: use cnn or resnet18")
+
+
+def mnist_like(batch: int, n_batches: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of 28x28 digit images: scikit-learn's 8x8 digits scaled to 20x20, zero border."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    X = nn.functional.pad(nn.functional.interpolate(X, size=(20, 20), mode="bilinear"), (4, 4, 4, 4))
+    y = torch.tensor(y)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n_batches):
+        i = torch.randint(0, len(X), (batch,), generator=g)
+        out.append((X[i].to(device), y[i].to(device)))
+    return out
+
+
+def _median_s(f, n: int = 7) -> float:
+    f()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def floors(model, tiers: list[str], root: Path) -> dict:
+    """ns per parameter-step of the floors, on the model's current gradient and weights.
+
+    ``memcpy``: one copy of the weights (float32, d entries). ``read``: the per-tensor float64
+    scalars of gradient and weights (one sweep over both). Per tier: ``codec`` (the writer's
+    encoders on both rows, with its rounding or sketch kernels) and ``write`` (its encoded
+    bytes into fresh chunk files, page cache).
+    """
+    import numpy as np
+
+    from analysis import kernels
+    from capture.recorder import model_table
+    from capture.writer import StoreWriter, _FastSketcher, _scratch, scalar_tasks
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.cat([p.grad.detach().reshape(-1).float().cpu() for p in params]).numpy()
+    w = torch.cat([p.detach().reshape(-1).float().cpu() for p in params]).numpy()
+    d = g.size
+    table = model_table(model)
+    out = {}
+    buf = np.empty_like(w)
+    out["memcpy"] = _median_s(lambda: np.copyto(buf, w)) / d * 1e9
+    n_t = len(table)
+    gg, ww, gw = np.zeros(n_t), np.zeros(n_t), np.zeros(n_t)
+
+    def read():
+        for task in scalar_tasks(table, g, w, gg, ww, gw):
+            task()
+
+    out["read"] = _median_s(read) / d * 1e9
+    for tier in tiers:
+        path = root / f"floor-{tier.replace(':', '-')}.zarr"
+        sw = StoreWriter(path, table, {"grad": tier, "weight": tier}, mode="overwrite", expected_steps=1)
+        encoded: list[bytes] = []
+
+        def codec():
+            encoded.clear()
+            for name, vec in (("grad", g), ("weight", w)):
+                t = sw.tiers[name]
+                if t.name == "sketch":
+                    sk = _FastSketcher(table, fmt_plan(table, t)) if name not in sketchers else sketchers[name]
+                    sketchers[name] = sk
+                    parts = {f"{name}_sketch": sk(vec).astype(np.float32)}
+                    sb, nz = sk.bits
+                    kernels.pack_signs_into(vec, sb, nz)
+                    parts[f"{name}_signbits"], parts[f"{name}_nonzero"] = sb, nz
+                else:
+                    parts = {name: vec}
+                for arr, row in parts.items():
+                    aw = sw._w[arr]
+                    cw = aw.chunks[1]
+                    for j in range(aw.n_col_chunks):
+                        piece = row[j * cw:(j + 1) * cw]
+                        if t.name == "rounded":
+                            piece = kernels.bitround_into(piece, int(t.keepbits), _scratch(piece.shape[0]))
+                        encoded.append(aw.encode(piece) if piece.shape[0] == cw else
+                                       aw.encode(np.concatenate([piece, np.full(cw - piece.shape[0], aw.fill)])))
+
+        sketchers: dict = {}
+        out[f"codec {tier}"] = _median_s(codec) / d * 1e9
+        sw.abort()
+        shutil.rmtree(path)
+        files = root / "floor-files"
+        counter = iter(range(10**9))
+
+        def write():
+            k = next(counter)
+            for j, b in enumerate(encoded):
+                with open(files / f"{k}.{j}", "wb") as f:
+                    f.write(b)
+
+        files.mkdir(exist_ok=True)
+        os.sync()
+        out[f"write {tier}"] = _median_s(write) / d * 1e9
+        shutil.rmtree(files)
+        os.sync()
+    return out
+
+
+def fmt_plan(table, tier):
+    from analysis import format as fmt
+
+    return fmt.sketch_plan(table, tier.sketch_dim, tier.seed)
 
 
 def store_bytes(path: Path) -> int:
@@ -116,18 +244,26 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
     torch.manual_seed(0)
     model = build(name, hw).to(device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    batches = [
-        (torch.randn(batch, 3, hw, hw, device=device), torch.randint(0, 10, (batch,), device=device))
-        for _ in range(4)
-    ]
+    if name == "mlp":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        batches = mnist_like(batch, 4, device)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        batches = [
+            (torch.randn(batch, 3, hw, hw, device=device), torch.randint(0, 10, (batch,), device=device))
+            for _ in range(4)
+        ]
     run_phase(model, opt, batches, 5, 0, None, device)  # warm-up
+    x, y = batches[0]
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    floor = floors(model, tiers, root)
+    opt.zero_grad()
     # every phase starts from the same weights and optimizer state, so bare and recorded
     # phases run the very same arithmetic (denormals, NaNs and all)
     init_model = copy.deepcopy(model.state_dict())
     init_opt = copy.deepcopy(opt.state_dict())
     bare: list[float] = []
-    m = {t: {k: [] for k in ("rec", "ratio", "writer", "record", "wait", "mb")} for t in tiers}
+    m = {t: {k: [] for k in ("rec", "ratio", "writer", "record", "wait", "mb", "writer_cpu")} for t in tiers}
     step = 10
     for r in range(repeats):
         times = {}
@@ -147,6 +283,7 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
                 rec.close()
                 mt = m[phase]
                 mt["writer"].append(s["writer_seconds"] / steps * 1e3)
+                mt["writer_cpu"].append(s["writer_cpu_seconds"] / steps * 1e3)
                 mt["record"].append(s["record_seconds"] / steps * 1e3)
                 mt["wait"].append(s["wait_seconds"] / steps * 1e3)
                 mt["mb"].append(store_bytes(path) / (steps + 1) / 1e6)
@@ -172,6 +309,8 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
             "record": med(m[t]["record"]),
             "wait": med(m[t]["wait"]),
             "mb": med(m[t]["mb"]),
+            "writer_cpu": med(m[t]["writer_cpu"]),
+            "floors": floor,
         }
         for t in tiers
     ]
@@ -179,8 +318,8 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", nargs="+", default=["cnn"], choices=["cnn", "resnet18"],
-                    help="one or more models (default: cnn)")
+    ap.add_argument("--model", nargs="+", default=["cnn"], choices=["mlp", "cnn", "resnet18"],
+                    help="one or more models (default: cnn); mlp is the fast-step case")
     ap.add_argument("--hw", type=int, nargs="*", default=None, help="input sizes (default: 8 32 for cnn, 32 for resnet18)")
     ap.add_argument("--batch", type=int, nargs="*", default=None, help="batch sizes (default: 256 at 8x8, 64 at 32x32)")
     ap.add_argument("--steps", type=int, default=None, help="steps per phase (default 30; --quick 5)")
@@ -209,9 +348,10 @@ def main(argv=None) -> list[dict]:
     rows = []
     try:
         for model in args.model:
-            default_hw = ([8] if args.quick else [8, 32]) if model == "cnn" else [32]
+            default_hw = ([8] if args.quick else [8, 32]) if model == "cnn" else ([28] if model == "mlp" else [32])
             for hw in args.hw or default_hw:
-                for batch in args.batch or [64 if args.quick or hw > 8 else 256]:
+                default_batch = [256 if model == "mlp" else (64 if args.quick or hw > 8 else 256)]
+                for batch in args.batch or default_batch:
                     rows += bench(model, hw, batch, steps, repeats, args.tiers, device, root,
                                   args.param_chunk, args.writer_threads)
                     print(f"done: {rows[-1]['model']} batch {batch}", file=sys.stderr, flush=True)
@@ -229,6 +369,20 @@ def main(argv=None) -> list[dict]:
             f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['tier']} | {r['bare']:.1f} | {r['rec']:.1f} | "
             f"**{r['ratio']:.3f}** ({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) | {r['writer']:.1f} | "
             f"{r['record']:.2f} | {r['wait']:.2f} | {r['mb']:.3f} |"
+        )
+    print("\nns per parameter-step (gradient + weight of one parameter, one step); floors measured in this run\n")
+    print("| model | tier | training thread | floor: memcpy | writer CPU | floor: read + codec + write | read | codec | write |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f, d = r["floors"], r["params"]
+        main = r["record"] * 1e6 / d
+        writer = r["writer_cpu"] * 1e6 / d
+        codec, write = f[f"codec {r['tier']}"], f[f"write {r['tier']}"]
+        r["ns"] = {"main": main, "writer": writer, "memcpy": f["memcpy"], "read": f["read"], "codec": codec,
+                   "write": write}
+        print(
+            f"| {r['model']} | {r['tier']} | **{main:.2f}** | {f['memcpy']:.2f} | **{writer:.2f}** | "
+            f"{f['read'] + codec + write:.2f} | {f['read']:.2f} | {codec:.2f} | {write:.2f} |"
         )
     return rows
 

@@ -24,6 +24,7 @@ step committed before it and can be resumed.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import math
 import os
@@ -39,7 +40,14 @@ import numpy as np
 import torch
 
 from analysis import format as fmt
-from analysis.format import FLAG_LR_GROUPS_DIFFER, FLAG_MISSING_GRAD, StoreMismatchError, Tier
+from analysis.format import (
+    FLAG_LR_GROUPS_DIFFER,
+    FLAG_MISSING_GRAD,
+    FLAG_NO_WEIGHT,
+    FLAG_SKIPPED,
+    StoreMismatchError,
+    Tier,
+)
 from capture.schedules import Schedule, every_step, parse_schedule, schedule_to_json
 from capture.writer import StoreWriter
 
@@ -85,6 +93,29 @@ def parse_tiers(tiers: "str | Tier | Mapping[str, Any]") -> dict[str, Tier]:
         return {a: Tier.parse(tiers.get(a, "lossless")) for a in fmt.DATA_ARRAYS}
     t = Tier.parse(tiers)
     return {a: t for a in fmt.DATA_ARRAYS}
+
+
+MAX_STEP = 2**62  # steps are stored as int64; refuse what cannot be stored at once
+
+
+def _check_step(step) -> int:
+    """``step`` as an int, refusing bools, non-integers, negatives and overflowing values."""
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+            step = int(step)
+        else:
+            raise ValueError(f"record(step={step!r}): the step must be an int (the global step counter)")
+    step = int(step)
+    if not 0 <= step < MAX_STEP:
+        raise ValueError(f"record(step={step}): the step must be an int in [0, 2**62)")
+    return step
+
+
+def _scalar(v) -> float:
+    """A loss or lr as a float (a tensor is read with a sync: only for skipped steps)."""
+    if v is None:
+        return math.nan
+    return float(v.detach().reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
 
 
 def _dist_rank() -> tuple[int, int]:
@@ -148,7 +179,11 @@ def _run_settings(model, params, optimizer, scaler, schedule, user: dict | None,
 
 
 class _Slot:
-    """One host buffer of the pool: flat grad and weight (float32, pinned on CUDA)."""
+    """One host buffer of the pool: flat grad and weight (float32, pinned on CUDA).
+
+    On CUDA each slot also owns its device staging vectors (filled on the training stream)
+    and one event per device, recorded on that device's side stream after its copies.
+    """
 
     def __init__(self, d: int, cuda: bool):
         kw = {"dtype": torch.float32, "pin_memory": cuda}
@@ -158,7 +193,31 @@ class _Slot:
         self.grad_np = self.grad.numpy()
         self.weight_np = self.weight.numpy()
         self.scalars_np = self.scalars.numpy()
-        self.event = torch.cuda.Event() if cuda else None
+        self.events: list = []
+        self.stage: dict = {}
+        self.refs: list[torch.Tensor] | None = None  # gradients held by reference (CPU)
+        self.versions: list[int] | None = None
+
+
+_THREADS_WARNED = False
+
+
+def _warn_threads(cuda: bool) -> None:
+    """Warn once per process when CPU training lets torch use every core (the writer then
+    takes a core from torch's threads, whose barrier waits multiply the step time)."""
+    global _THREADS_WARNED
+    cores = os.cpu_count() or 1
+    if cuda or _THREADS_WARNED or cores < 2 or torch.get_num_threads() < cores:
+        return
+    _THREADS_WARNED = True
+    warnings.warn(
+        f"gradtrace: torch uses all {cores} cores (torch.get_num_threads() = {torch.get_num_threads()}) "
+        "and the recorder's writer thread will take one of them from it, which can multiply the "
+        f"step time. Leave the writer a core: torch.set_num_threads({cores - 1}) before training "
+        "(README: Recording cost). This warning is shown once.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -207,6 +266,24 @@ class Recorder:
             keep up with fast steps of a large model. The stored bytes are the same either way.
         parent: for a branched ("zoom") run, ``{"store": ..., "step": ...}`` of its origin (what
             :func:`restore_weights` returns).
+        weight_schedule: which of the recorded steps also store the weights (a ``step -> bool``
+            callable or a preset such as ``"every:10"``); None (default) stores them at every
+            recorded step. Rows without weights carry ``FLAG_NO_WEIGHT``; RSI, EB and gamma
+            exist on the steps that have weights. The final iterate always has them.
+        on_full: what ``record()`` does when the writer is behind and every buffer is queued:
+            ``"block"`` (default) waits for a free buffer, so nothing is lost and training slows
+            down to the writer's pace; ``"skip"`` returns at once and stores the step as a
+            skipped row (``FLAG_SKIPPED``: step, loss and lr only), so training never waits.
+        commit_interval: while the writer is behind, rows are committed (the marker that
+            readers and a resume trust) at most every this many seconds; whenever the writer
+            catches up, at once. A kill loses the uncommitted rows besides the queued ones.
+        grads_by_reference: on CPU, hand the ``.grad`` tensors to the writer instead of copying
+            them on the training thread. ``"auto"`` (default) does so once two recorded steps
+            have shown that the loop drops its gradients (``zero_grad(set_to_none=True)``) and
+            does not change them in place after ``record()``; each referenced gradient's version
+            counter is checked after the writer has read it, and a gradient changed in place
+            in between is not stored (the row is flagged ``FLAG_SKIPPED``, with a warning, and
+            the recorder copies from then on). ``False`` always copies.
         durable: fsync each committed step (chunks, then the commit marker) so that it survives
             a power cut; without it a kill loses nothing committed, a power cut may (README,
             "Crash safety").
@@ -241,6 +318,10 @@ class Recorder:
         param_chunk: int = fmt.DEFAULT_PARAM_CHUNK,
         writer_threads: int = 1,
         parent: dict | None = None,
+        weight_schedule: "Callable[[int], bool] | str | None" = None,
+        on_full: str = "block",
+        commit_interval: float = 1.0,
+        grads_by_reference: "bool | str" = "auto",
         durable: bool = False,
     ):
         if resume and overwrite:
@@ -260,7 +341,16 @@ class Recorder:
                 "Recorder: with a GradScaler, pass optimizer= too: the recorder asks the scaler whether "
                 "unscale_(optimizer) was already called this step."
             )
+        if on_full not in ("block", "skip"):
+            raise ValueError(f"Recorder: on_full={on_full!r}: use 'block' (wait for the writer) or 'skip'")
+        if grads_by_reference not in ("auto", True, False):
+            raise ValueError(f"Recorder: grads_by_reference={grads_by_reference!r}: use 'auto' or False")
+        if not float(commit_interval) >= 0:
+            raise ValueError(f"Recorder: commit_interval={commit_interval} must be >= 0 seconds")
+        self.on_full = on_full
+        self.commit_interval = float(commit_interval)
         self.schedule = parse_schedule(schedule)
+        self.weight_schedule = None if weight_schedule is None else parse_schedule(weight_schedule)
         self.tiers = parse_tiers(tiers)
         self._params = _trainable(model)
         if not self._params:
@@ -278,6 +368,18 @@ class Recorder:
         dtypes = sorted({str(p.dtype).replace("torch.", "") for _, p in self._params})
         self.source_dtype = ",".join(dtypes)
         self._fast_cat = self.device is not None and dtypes == ["float32"]
+        # gradients handed to the writer by reference: CPU float32 parameters, no loss scaling
+        self._by_ref_allowed = (grads_by_reference == "auto" and not self._cuda and self._fast_cat
+                                and self.scaler is None)
+        self._by_ref = False  # decided after two clean recorded steps
+        self._ref_clean = 0
+        self._ref_probe: list | None = None  # (tensors, versions) of the last copied step
+        self._quiet = threading.Event()  # set while the training thread waits in flush/close
+        self._stepped = threading.Event()  # set by every record() call
+        self._n_skipped = 0
+        self._n_grad_changed = 0
+        self._warned_changed = False
+        _warn_threads(self._cuda)
         self._steps_per_epoch = getattr(self.schedule, "steps_per_epoch", None)
 
         # counters (training thread unless noted)
@@ -292,12 +394,17 @@ class Recorder:
         self._error: tuple[BaseException, int | None] | None = None
         # writer-thread counters
         self._writer_s = 0.0
+        self._writer_cpu_s = 0.0  # CPU time of the writer thread (its pool's threads not included)
         self._nonfinite_steps: list[int] = []
 
         self.writer: StoreWriter | None = None
         if not self.active:
             return
         mode = "resume" if resume else ("overwrite" if overwrite else "create")
+        user_settings = dict(settings or {})
+        if self.weight_schedule is not None:
+            user_settings["weight_schedule"] = {**schedule_to_json(self.weight_schedule),
+                                                "description": self.weight_schedule.describe()}
         self.writer = StoreWriter(
             self.path,
             self.tensors,
@@ -307,7 +414,8 @@ class Recorder:
             param_chunk=param_chunk,
             expected_steps=expected_steps,
             schedule={**schedule_to_json(self.schedule), "description": self.schedule.describe()},
-            settings=_run_settings(model, self._params, optimizer, self.scaler, self.schedule, settings, self.world_size),
+            settings=_run_settings(model, self._params, optimizer, self.scaler, self.schedule, user_settings,
+                                   self.world_size),
             parent=parent,
             source_dtype=self.source_dtype,
             threads=writer_threads,
@@ -318,7 +426,6 @@ class Recorder:
         self._n_slots = 0
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._stage: tuple[torch.Tensor, torch.Tensor] | None = None
         self._thread = threading.Thread(target=self._writer_loop, name=f"gradtrace-writer:{self.path.name}", daemon=True)
         self._thread.start()
 
@@ -351,20 +458,26 @@ class Recorder:
                 ``optimizer.param_groups[0]["lr"]`` when None.
 
         Returns:
-            True when the step was queued for writing.
+            True when the step was queued for writing (False: not scheduled, or skipped
+            because the writer was behind and ``on_full="skip"``).
 
         Raises:
             RecorderWriteError: a previous step failed to write (the store keeps what was
                 committed before it).
             RuntimeError: every trainable parameter's ``.grad`` is None (record before backward).
-            ValueError: ``step`` is not after the previously recorded step, or is not an int
-                in 0..2**63-2 (a bool, a float, a tensor, a negative number).
+            ValueError: ``step`` is not a non-negative int, or not after the previously
+                recorded step.
         """
-        step = fmt.check_step(step)  # a bad step fails here, at once, not later in the writer
         if self._error is not None:
             self._raise_writer_error()
         if not self.active:
             return False
+        self._stepped.set()
+        if self._n_grad_changed and not self._warned_changed:
+            self._warn_changed()
+        if self._ref_probe is not None:
+            self._probe_references()
+        step = _check_step(step)
         if not self.schedule(step):
             self._last_seen = step
             return False
@@ -374,7 +487,6 @@ class Recorder:
         t0 = time.perf_counter()
         if self._closed:
             raise RuntimeError(f"Recorder for {self.path} is closed; create a new one (resume=True to append)")
-        step = int(step)
         if self._last_queued is not None and step <= self._last_queued:
             raise ValueError(
                 f"record(step={step}): steps must increase, and step {self._last_queued} was already "
@@ -400,14 +512,24 @@ class Recorder:
                 flags |= FLAG_LR_GROUPS_DIFFER
         if epoch is None:
             epoch = step // self._steps_per_epoch if self._steps_per_epoch else -1
+        with_weights = self.weight_schedule is None or bool(self.weight_schedule(step))
+        if not with_weights:
+            flags |= FLAG_NO_WEIGHT
 
         slot = self._take_slot()
+        if slot is None:  # on_full="skip": the writer is behind; store the step as skipped
+            self._jobs.put((step, None, int(epoch), flags | FLAG_SKIPPED | FLAG_NO_WEIGHT,
+                            (_scalar(loss), _scalar(lr_value))))
+            self._n_skipped += 1
+            self._last_queued = self._last_seen = step
+            self._record_s += time.perf_counter() - t0
+            return False
         try:
-            self._fill(slot, grads, n_missing, loss, lr_value)
+            self._fill(slot, grads, n_missing, loss, lr_value, with_weights)
         except BaseException:
             self._free.put(slot)
             raise
-        self._jobs.put((step, slot, int(epoch), flags))
+        self._jobs.put((step, slot, int(epoch), flags, None))
         self._last_queued = self._last_seen = step
         self._n_queued += 1
         if self._nonfinite_steps and not self._warned_nonfinite:
@@ -422,7 +544,7 @@ class Recorder:
         self._record_s += time.perf_counter() - t0
         return True
 
-    def _take_slot(self) -> _Slot:
+    def _take_slot(self) -> _Slot | None:
         try:
             return self._free.get_nowait()
         except queue.Empty:
@@ -430,6 +552,10 @@ class Recorder:
         if self._n_slots < self._pool_size:
             self._n_slots += 1
             return _Slot(self.d, self._cuda)
+        if self.on_full == "skip":
+            if self._error is not None:
+                self._raise_writer_error()
+            return None
         t0 = time.perf_counter()
         while True:  # backpressure: wait for the writer, but notice if it died
             try:
@@ -448,7 +574,7 @@ class Recorder:
         for t, info in zip(tensors, self.tensors):
             out[info.offset : info.offset + info.size].copy_(t.reshape(-1), non_blocking=non_blocking)
 
-    def _fill(self, slot: _Slot, grads, n_missing: int, loss, lr) -> None:
+    def _fill(self, slot: _Slot, grads, n_missing: int, loss, lr, with_weights: bool = True) -> None:
         weights = [p.detach() for _, p in self._params]
         if n_missing or any(g.is_sparse for g in grads):
             grads = [
@@ -456,26 +582,24 @@ class Recorder:
                 for g, (_, p) in zip(grads, self._params)
             ]
         inv_scale = self._inv_scale()
-        if self._cuda and self.device is not None:
-            if self._stage is None:
-                self._stage = (
-                    torch.empty(self.d, dtype=torch.float32, device=self.device),
-                    torch.empty(self.d, dtype=torch.float32, device=self.device),
-                )
-            sg, sw = self._stage
-            torch.cat([g.reshape(-1) for g in grads], out=sg)
-            if inv_scale is not None:
-                sg.mul_(inv_scale)
-            torch.cat([w.reshape(-1) for w in weights], out=sw)
-            slot.grad.copy_(sg, non_blocking=True)
-            slot.weight.copy_(sw, non_blocking=True)
+        slot.refs = slot.versions = None
+        if self._cuda:
+            self._fill_cuda(slot, grads, weights, inv_scale, with_weights)
         else:
-            # CPU (or parameters spread over several devices): flatten straight into the slot;
-            # a copy that is multiplied afterwards must have landed first (blocking copy)
-            self._flat(grads, slot.grad, non_blocking=inv_scale is None)
-            if inv_scale is not None:
-                slot.grad.mul_(inv_scale.to(slot.grad.device))
-            self._flat(weights, slot.weight, non_blocking=True)
+            if self._by_ref and not n_missing:
+                # no copy on the training thread: the writer flattens them, then checks that
+                # no version counter moved (see grads_by_reference)
+                slot.refs = [g.detach() for g in grads]
+                slot.versions = [g._version for g in grads]
+            else:
+                # a copy that is multiplied afterwards must have landed first (blocking copy)
+                self._flat(grads, slot.grad, non_blocking=inv_scale is None)
+                if inv_scale is not None:
+                    slot.grad.mul_(inv_scale.to(slot.grad.device))
+                if self._by_ref_allowed and not n_missing:
+                    self._ref_probe = [[g.detach() for g in grads], [g._version for g in grads]]
+            if with_weights:
+                self._flat(weights, slot.weight, non_blocking=True)
         for i, v in enumerate((loss, lr)):
             if v is None:
                 slot.scalars_np[i] = math.nan
@@ -486,11 +610,118 @@ class Recorder:
                         f"record: {what} must be a scalar, got a tensor of shape {tuple(v.shape)}; "
                         f"pass {what}.mean() or the value the optimizer used"
                     )
-                slot.scalars[i : i + 1].copy_(v.detach().reshape(1), non_blocking=True)
+                if v.device.type == "cuda":
+                    with torch.cuda.stream(self._side_stream(v.device)):
+                        slot.scalars[i : i + 1].copy_(v.detach().reshape(1), non_blocking=True)
+                else:
+                    slot.scalars[i : i + 1].copy_(v.detach().reshape(1))
             else:
                 slot.scalars_np[i] = float(v)
-        if slot.event is not None:
-            slot.event.record()
+        if self._cuda:
+            slot.events = []
+            for dev in self._devices:
+                ev = torch.cuda.Event()
+                ev.record(self._side_stream(dev))
+                slot.events.append(ev)
+
+    # ------------------------------------------------------------------ CUDA
+
+    def _side_stream(self, device: torch.device):
+        """The copy stream of ``device`` (one per device, created on first use)."""
+        streams = self.__dict__.setdefault("_streams", {})
+        key = torch.device(device).index
+        if key not in streams:
+            streams[key] = torch.cuda.Stream(device=device)
+        return streams[key]
+
+    def _fill_cuda(self, slot: _Slot, grads, weights, inv_scale, with_weights: bool) -> None:
+        """Flatten on each device (training stream), then copy to the slot's pinned buffers on
+        that device's side stream, which first waits for the flatten: record() never blocks on
+        the device, and the training stream's next kernels never queue behind the copy.
+
+        The staging vectors belong to the slot; a slot is reused only after the writer has
+        synchronized its events, so a staging vector is never overwritten mid-copy.
+        """
+        for dev, members in self._device_groups.items():
+            idx, lo, hi = members
+            stage = slot.stage.get(dev)
+            if stage is None:
+                stage = slot.stage[dev] = (
+                    torch.empty(hi - lo, dtype=torch.float32, device=dev),
+                    torch.empty(hi - lo, dtype=torch.float32, device=dev),
+                )
+            sg, sw = stage
+            contiguous = idx == list(range(idx[0], idx[0] + len(idx)))
+            train = torch.cuda.current_stream(dev)
+            with torch.cuda.device(dev):
+                if contiguous:
+                    torch.cat([grads[i].reshape(-1).float() for i in idx], out=sg)
+                    if with_weights:
+                        torch.cat([weights[i].reshape(-1).float() for i in idx], out=sw)
+                else:  # parameters of this device interleaved with others': per tensor
+                    for i in idx:
+                        a, b = self.tensors[i].offset - lo, self.tensors[i].offset - lo + self.tensors[i].size
+                        sg[a:b].copy_(grads[i].reshape(-1))
+                        if with_weights:
+                            sw[a:b].copy_(weights[i].reshape(-1))
+                if inv_scale is not None:
+                    sg.mul_(inv_scale.to(dev))
+                ready = torch.cuda.Event()
+                ready.record(train)
+                side = self._side_stream(dev)
+                side.wait_event(ready)
+                with torch.cuda.stream(side):
+                    if contiguous:
+                        slot.grad[lo:hi].copy_(sg, non_blocking=True)
+                        if with_weights:
+                            slot.weight[lo:hi].copy_(sw, non_blocking=True)
+                    else:
+                        for i in idx:
+                            t = self.tensors[i]
+                            a, b = t.offset - lo, t.offset - lo + t.size
+                            slot.grad[t.offset:t.offset + t.size].copy_(sg[a:b], non_blocking=True)
+                            if with_weights:
+                                slot.weight[t.offset:t.offset + t.size].copy_(sw[a:b], non_blocking=True)
+
+    @property
+    def _devices(self) -> list:
+        return list(self._device_groups)
+
+    @functools.cached_property
+    def _device_groups(self) -> dict:
+        """device -> (tensor indices, first offset, end offset) of the CUDA parameters."""
+        groups: dict = {}
+        for i, (_, p) in enumerate(self._params):
+            if p.device.type != "cuda":
+                raise ValueError(
+                    f"Recorder: parameter {self._params[i][0]!r} is on {p.device} while others are on CUDA; "
+                    "move the whole model to CUDA devices (parameters on several GPUs are fine)"
+                )
+            groups.setdefault(p.device, []).append(i)
+        out = {}
+        for dev, idx in groups.items():
+            lo = self.tensors[idx[0]].offset
+            hi = max(self.tensors[i].offset + self.tensors[i].size for i in idx)
+            out[dev] = (idx, lo, hi)
+        return out
+
+    # ------------------------------------------------------------------ references (CPU)
+
+    def _probe_references(self) -> None:
+        """Learn whether gradients may be held by reference: the last copied step's .grad
+        tensors must have been dropped by the loop (none is a parameter's .grad any more) and
+        left unchanged (version counters) by the time the next record() comes."""
+        tensors, versions = self._ref_probe
+        current = [p.grad for _, p in self._params]
+        if any(c is t for c, t in zip(current, tensors)):
+            return  # not dropped yet (a record() of a skipped step before zero_grad): ask again
+        self._ref_probe = None
+        if all(t._version == v for t, v in zip(tensors, versions)):
+            self._ref_clean += 1
+            if self._ref_clean >= 2:
+                self._by_ref = True
+        else:
+            self._by_ref_allowed = False  # the loop changes gradients after record(): copy
 
     def _inv_scale(self) -> torch.Tensor | None:
         """1 / loss scale (float32 tensor, as ``GradScaler.unscale_`` uses), or None."""
@@ -507,26 +738,78 @@ class Recorder:
 
     def _writer_loop(self) -> None:
         writer = self.writer
+        last_commit = time.perf_counter()
+        cpu0 = time.thread_time()
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            step, slot, epoch, flags = job
+            step, slot, epoch, flags, skipped = job
             try:
                 if self._error is not None:
                     continue  # drain after a failure; the slots go back below
                 t0 = time.perf_counter()
-                if slot.event is not None:
-                    slot.event.synchronize()
-                loss, lr = float(slot.scalars_np[0]), float(slot.scalars_np[1])
-                stored = writer.append(step, slot.grad_np, slot.weight_np, loss=loss, lr=lr, epoch=epoch, flags=flags)
-                if stored & fmt.FLAG_NONFINITE_GRAD:
-                    self._nonfinite_steps.append(step)
+                if slot is None:  # skipped by on_full="skip": step, loss, lr and flags only
+                    writer.append(step, None, None, loss=skipped[0], lr=skipped[1], epoch=epoch, flags=flags,
+                                  commit=False)
+                else:
+                    for ev in slot.events:
+                        ev.synchronize()
+                    if slot.refs is not None:
+                        torch.cat([r.reshape(-1) for r in slot.refs], out=slot.grad)
+                    loss, lr = float(slot.scalars_np[0]), float(slot.scalars_np[1])
+                    weight = None if flags & FLAG_NO_WEIGHT else slot.weight_np
+                    stored = writer.append(step, slot.grad_np, weight, loss=loss, lr=lr, epoch=epoch, flags=flags,
+                                           commit=False)
+                    if slot.refs is not None and not self._references_unchanged(slot):
+                        # the gradient changed in place while (or before) the writer read it:
+                        # what was read may be wrong, so the step is stored without it
+                        writer.rewind()
+                        stored = writer.append(step, None, weight, loss=loss, lr=lr, epoch=epoch,
+                                               flags=flags | FLAG_SKIPPED, commit=False)
+                        self._n_grad_changed += 1
+                        self._by_ref = self._by_ref_allowed = False
+                    if stored & fmt.FLAG_NONFINITE_GRAD:
+                        self._nonfinite_steps.append(step)
+                now = time.perf_counter()
+                if self._jobs.empty() or now - last_commit >= self.commit_interval:
+                    writer.commit()
+                    last_commit = time.perf_counter()
                 self._writer_s += time.perf_counter() - t0
+                self._writer_cpu_s = time.thread_time() - cpu0
             except BaseException as err:  # noqa: BLE001 - re-raised in the training thread
                 self._error = (err, step)
+                try:
+                    writer.abort()  # commits the rows written whole before this one
+                except BaseException:  # noqa: BLE001
+                    pass
             finally:
-                self._free.put(slot)
+                if slot is not None:
+                    slot.refs = None
+                    self._free.put(slot)
+
+    def _warn_changed(self) -> None:
+        self._warned_changed = True
+        warnings.warn(
+            f"gradtrace: a gradient was changed in place after record() (clipping, unscaling, "
+            f"accumulating into .grad) while the writer held it by reference; that step is stored "
+            f"without its gradient (FLAG_SKIPPED) and the recorder copies gradients from now on. Call "
+            f"record() after any in-place change, or pass grads_by_reference=False.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _references_unchanged(self, slot: _Slot) -> bool:
+        """After the writer read the referenced gradients: wait until the training thread can
+        no longer change them (each has been dropped from its parameter, or the training
+        thread waits in flush/close), then compare their version counters."""
+        params = self._params
+        while not self._quiet.is_set():
+            if not any(p.grad is r for (_, p), r in zip(params, slot.refs)):
+                break
+            self._stepped.wait(0.05)
+            self._stepped.clear()
+        return all(r._version == v for r, v in zip(slot.refs, slot.versions))
 
     def _raise_writer_error(self):
         err, step = self._error
@@ -548,12 +831,23 @@ class Recorder:
         """Wait until every queued step is committed (raises a pending writer error)."""
         if not self.active or self._closed:
             return
-        while self._n_slots and self._free.qsize() < self._n_slots:
-            if self._error is not None:
-                break
-            time.sleep(0.002)
+        self._quiet.set()  # the training thread changes no gradient while it waits here
+        try:
+            while (self._n_slots and self._free.qsize() < self._n_slots) or not self._jobs.empty():
+                if self._error is not None:
+                    break
+                time.sleep(0.002)
+            if self._error is None:
+                # the writer commits when its queue empties; this covers a commit it skipped
+                # while the last job was still being taken
+                while self.writer.n_steps < self.writer.n_written and self._error is None:
+                    time.sleep(0.002)
+        finally:
+            self._quiet.clear()
         if self._error is not None:
             self._raise_writer_error()
+        if self._n_grad_changed and not self._warned_changed:
+            self._warn_changed()
 
     def close(self, record_final: bool = True) -> None:
         """Drain the queue, record the final iterate, trim and consolidate the store.
@@ -570,6 +864,7 @@ class Recorder:
             self._closed = True
             return
         self._closed = True
+        self._quiet.set()  # training is over: referenced gradients can no longer change
         self._jobs.put(None)
         self._thread.join()
         if self._nonfinite_steps and not self._warned_nonfinite:
@@ -611,9 +906,13 @@ class Recorder:
             "n_nonfinite_steps": len(self._nonfinite_steps),
             "nonfinite_steps": self._nonfinite_steps[:100],
             "n_missing_grad_steps": int(self._n_missing),
+            "n_skipped_steps": int(self._n_skipped),
+            "n_grad_changed_steps": int(self._n_grad_changed),
+            "grads_by_reference": bool(self._by_ref),
             "record_seconds": round(self._record_s, 6),
             "wait_seconds": round(self._wait_s, 6),
             "writer_seconds": round(self._writer_s, 6),
+            "writer_cpu_seconds": round(self._writer_cpu_s, 6),
         }
 
     def summary(self) -> dict:
@@ -623,9 +922,12 @@ class Recorder:
             dict with ``path``, ``rank``, ``active`` (False off rank 0), ``n_recorded`` (queued
             by this recorder), ``n_committed`` (rows in the store, final iterate included),
             ``last_step``, ``n_nonfinite_steps`` and ``nonfinite_steps`` (first 100),
-            ``n_missing_grad_steps``, ``record_seconds`` (training-thread time in ``record``),
-            ``wait_seconds`` (of it, blocked on a busy writer), ``writer_seconds``, ``closed``
-            and ``error`` (None or the message).
+            ``n_missing_grad_steps``, ``n_skipped_steps`` (``on_full="skip"``),
+            ``n_grad_changed_steps`` (gradients changed in place after ``record()``),
+            ``grads_by_reference``, ``record_seconds`` (training-thread time in ``record``),
+            ``wait_seconds`` (of it, blocked on a busy writer), ``writer_seconds`` (wall) and
+            ``writer_cpu_seconds`` (CPU time of the writer thread), ``closed`` and ``error``
+            (None or the message).
         """
         out = {"path": str(self.path), "rank": self.rank, "active": self.active}
         out.update(self._summary_core())

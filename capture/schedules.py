@@ -122,7 +122,7 @@ class _Every(Schedule):
     def describe(self) -> str:
         if self.k == 1 and self.offset == 0:
             return "every step"
-        return f"every {self.k}th step" + (f" from step {self.offset}" if self.offset else "")
+        return f"every {_ordinal(self.k)} step" + (f" from step {self.offset}" if self.offset else "")
 
     def to_json(self) -> dict:
         return {"kind": "every", "k": self.k, "offset": self.offset}
@@ -350,3 +350,10 @@ def _describe_any(schedule: Any) -> dict:
     d = schedule_to_json(schedule)
     d["description"] = _as_schedule(schedule).describe()
     return d
+
+
+def _ordinal(k: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st, ..."""
+    k = int(k)
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"

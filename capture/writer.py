@@ -50,6 +50,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -70,6 +71,7 @@ from analysis import kernels
 from analysis.format import (
     FLAG_FINAL,
     FLAG_NONFINITE_GRAD,
+    FLAG_NO_WEIGHT,
     FLAG_NONFINITE_WEIGHT,
     Header,
     StoreMismatchError,
@@ -160,6 +162,36 @@ def scalar_tasks(tensors, g, w, gg, ww, gw, plan=None) -> list[Callable[[], None
             for starts, ends, idx in plan]
 
 
+class _FastSketcher:
+    """``format.Sketcher`` through the compiled kernel, with the same float64 sums bit for bit.
+
+    The hash of every entry is one int32 (``kernels.sketch_codes``): 4 bytes read per entry
+    instead of the 16 of an int64 bucket and a float64 sign.
+    """
+
+    def __init__(self, tensors: Sequence[TensorInfo], plan: fmt.SketchPlan):
+        self.plan = plan
+        self.starts = np.array([t.offset for t in tensors], dtype=np.int64)
+        self.sizes = np.array([t.size for t in tensors], dtype=np.int64)
+        self.offsets = np.array(plan.offsets, dtype=np.int64)
+        codes, code_starts, at = [], [], 0
+        for i, t in enumerate(tensors):
+            if plan.exact[i]:
+                code_starts.append(-1)
+                continue
+            codes.append(kernels.sketch_codes(*fmt.sketch_hashes(plan, i, t.size)))
+            code_starts.append(at)
+            at += t.size
+        self.codes = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int32)
+        self.code_starts = np.array(code_starts, dtype=np.int64)
+        self.out = np.empty(plan.dim, dtype=np.float64)
+        nb = (int(self.sizes.sum()) + 7) // 8
+        self.bits = (np.empty(nb, dtype=np.uint8), np.empty(nb, dtype=np.uint8))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return kernels.sketch_into(x, self.starts, self.sizes, self.offsets, self.codes, self.code_starts, self.out)
+
+
 # --------------------------------------------------------------------------------------
 # Direct chunk writes
 # --------------------------------------------------------------------------------------
@@ -213,6 +245,17 @@ def atomic_put(path: Path, data, durable: bool = False) -> None:
         except OSError:
             pass
         raise
+
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    """A float32 buffer of n entries owned by the calling thread, reused from row to row."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.shape[0] < n:
+        buf = _local.buf = np.empty(n, dtype=np.float32)
+    return buf[:n]
 
 
 def _put_direct(path: Path, data, durable: bool = False) -> None:
@@ -350,12 +393,17 @@ class _ArrayWriter:
         for task in self.row_tasks(n, vec):
             task()
 
-    def row_tasks(self, n: int, vec: np.ndarray) -> list[Callable[[], None]]:
-        """Independent tasks (one per chunk) that together write row n."""
+    def row_tasks(self, n: int, vec: np.ndarray, keepbits: int | None = None) -> list[Callable[[], None]]:
+        """Independent tasks (one per chunk) that together write row n.
+
+        With ``keepbits``, each task first rounds its chunk (``format.bitround``, through the
+        compiled kernel) into a buffer of its thread: the rounding is spread over the writer
+        threads with the encoding instead of a serial pass over the row before them.
+        """
         if self.mode == "zarr":
 
             def through_zarr():
-                self.arr[n, :] = vec
+                self.arr[n, :] = vec if keepbits is None else fmt.bitround(vec, keepbits)
 
             return [through_zarr]
         cw = self.chunks[1]
@@ -366,10 +414,12 @@ class _ArrayWriter:
                 self._pad[: piece.shape[0]] = piece
                 self._pad[piece.shape[0] :] = self.fill
                 piece = self._pad
-            tasks.append(functools.partial(self._put_chunk, (n, j), piece))
+            tasks.append(functools.partial(self._put_chunk, (n, j), piece, keepbits))
         return tasks
 
-    def _put_chunk(self, coords, piece: np.ndarray) -> None:
+    def _put_chunk(self, coords, piece: np.ndarray, keepbits: int | None = None) -> None:
+        if keepbits is not None:
+            piece = kernels.bitround_into(piece, keepbits, _scratch(piece.shape[0]))
         _put_direct(self._key(coords), self.encode(piece), self.durable)
 
     def clear_row(self, n: int) -> None:
@@ -556,7 +606,7 @@ class StoreWriter:
             raise ValueError(f"param_chunk={param_chunk} must be a positive number of entries")
         if resume_step is not None:
             resume_step = fmt.check_step(resume_step, "resume_step")
-        self._sketchers: dict[str, fmt.Sketcher] = {}
+        self._sketchers: dict[str, _FastSketcher] = {}
         self._closed = False
         try:
             if mode == "resume":
@@ -582,9 +632,11 @@ class StoreWriter:
         for a, tier in self.tiers.items():
             if tier.name == "sketch":
                 plan = fmt.sketch_plan(self.tensors, tier.sketch_dim, tier.seed)
-                self._sketchers[a] = fmt.Sketcher(self.tensors, plan)
+                self._sketchers[a] = _FastSketcher(self.tensors, plan)
         self.n_nonfinite = int(self.header.extra.get("n_nonfinite_steps", 0))
         self._last_step = self._read_last_step()
+        self._n = self.header.n_steps  # rows written; header.n_steps is the committed count
+        self._has_final = self.header.has_final
 
     # ---------------------------------------------------------------- creation / reopening
 
@@ -811,15 +863,21 @@ class StoreWriter:
         lr: float = math.nan,
         epoch: int = -1,
         flags: int = 0,
+        commit: bool = True,
     ) -> int:
-        """Write one row and commit it.
+        """Write one row and, with ``commit``, commit it (and every row written before it).
 
         Args:
             step: global training step (strictly increasing).
             grad: float32 array of shape (d,), or None for the final iterate.
-            weight: float32 array of shape (d,).
+            weight: float32 array of shape (d,), or None for a step whose weights the weight
+                schedule skips (``FLAG_NO_WEIGHT``; they read as NaN). A row needs one of them.
             loss, lr, epoch: per-step values.
             flags: extra flag bits (e.g. ``FLAG_MISSING_GRAD``); non-finite flags are added here.
+            commit: advance the commit marker to this row now. False leaves the row written
+                but uncommitted (a kill loses it) until the next :meth:`commit`; the Recorder
+                batches commits this way while its writer is behind (the marker is a file
+                rename, the costliest small write of a row).
 
         Returns:
             The flags stored for the row.
@@ -833,21 +891,33 @@ class StoreWriter:
                 f"step {step} is not after the last recorded step {last}: steps must increase. "
                 "When resuming from a checkpoint, pass resume_step=<checkpoint step>."
             )
-        weight = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1)
-        if weight.shape[0] != self.d:
-            raise ValueError(f"weight has {weight.shape[0]} entries, the parameter table {self.d}")
+        skipped = bool(flags & fmt.FLAG_SKIPPED)
+        if grad is None and weight is None and not skipped:
+            raise ValueError(f"step {step}: a row needs a gradient, weights or both (or FLAG_SKIPPED)")
+        if weight is not None:
+            weight = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1)
+            if weight.shape[0] != self.d:
+                raise ValueError(f"weight has {weight.shape[0]} entries, the parameter table {self.d}")
+        else:
+            flags |= FLAG_NO_WEIGHT
         if grad is not None:
             grad = np.ascontiguousarray(grad, dtype=np.float32).reshape(-1)
             if grad.shape[0] != self.d:
                 raise ValueError(f"grad has {grad.shape[0]} entries, the parameter table {self.d}")
-        else:
+        elif not skipped:
             flags |= FLAG_FINAL
         flags &= ~(FLAG_NONFINITE_GRAD | FLAG_NONFINITE_WEIGHT)  # set below from the data only
-        n = self.header.n_steps
+        n = self._n
+        self._before = (self._last_step, self._has_final, self.n_nonfinite)
         self._ensure_capacity(n)
         n_t = len(self.tensors)
-        gg, ww, gw = np.full(n_t, np.nan), np.empty(n_t), np.full(n_t, np.nan)
-        tasks = scalar_tasks(self.tensors, grad, weight, gg, ww, gw, self._scalar_plan)
+        gg, ww, gw = np.full(n_t, np.nan), np.full(n_t, np.nan), np.full(n_t, np.nan)
+        if weight is not None:
+            tasks = scalar_tasks(self.tensors, grad, weight, gg, ww, gw, self._scalar_plan)
+        elif grad is not None:  # ||G||^2 alone: the same kernel with the gradient in the weights' place
+            tasks = scalar_tasks(self.tensors, None, grad, np.empty(n_t), gg, np.empty(n_t), self._scalar_plan)
+        else:
+            tasks = []
         W = self._w
         for name, vec in (("grad", grad), ("weight", weight)):
             tier = self.tiers[name]
@@ -861,14 +931,14 @@ class StoreWriter:
             elif vec is None:
                 W[name].clear_row(n)  # reads as NaN, even over a torn row of a killed run
             elif tier.name == "rounded":
-                tasks.extend(W[name].row_tasks(n, fmt.bitround(vec, tier.keepbits)))
+                tasks.extend(W[name].row_tasks(n, vec, keepbits=int(tier.keepbits)))
             else:
                 tasks.extend(W[name].row_tasks(n, vec))
         self._run(tasks)
         gg_sum, ww_sum, gw_sum = float(gg.sum()), float(ww.sum()), float(gw.sum())
         if grad is not None and not math.isfinite(gg_sum):
             flags |= FLAG_NONFINITE_GRAD
-        if not math.isfinite(ww_sum):
+        if weight is not None and not math.isfinite(ww_sum):
             flags |= FLAG_NONFINITE_WEIGHT
         values = {
             "step": int(step),
@@ -885,23 +955,46 @@ class StoreWriter:
         }
         for name in self._scalar_names:
             W[name].set(n, values[name])
-        if self.durable:  # the row's chunks are on disk before the marker says so
-            for name in self._scalar_names:
-                W[name].sync()
-        # commit marker last
-        self.header.n_steps = n + 1
+        self._n = n + 1
         if flags & FLAG_NONFINITE_GRAD:
             self.n_nonfinite += 1
-            self.header.extra["n_nonfinite_steps"] = self.n_nonfinite
-        self.header.has_final = bool(flags & FLAG_FINAL)
-        self._write_header()
+        self._has_final = bool(flags & FLAG_FINAL)
         self._last_step = int(step)
+        if commit:
+            self.commit()  # the commit marker last
         return flags
 
+    def rewind(self) -> None:
+        """Forget the last row written, which must not be committed yet; the next append
+        writes its index again (its chunks are overwritten or removed then)."""
+        if self._n <= self.header.n_steps:
+            raise RuntimeError("rewind: the last row written is already committed")
+        self._n -= 1
+        self._last_step, self._has_final, self.n_nonfinite = self._before
+
+    def commit(self) -> None:
+        """Advance the commit marker over every row written so far (one atomic rename)."""
+        if self.header.n_steps == self._n:
+            return
+        if self.durable:  # the rows' chunks are on disk before the marker says so
+            for name in self._scalar_names:
+                self._w[name].sync()
+        self.header.n_steps = self._n
+        self.header.has_final = self._has_final
+        self.header.extra["n_nonfinite_steps"] = self.n_nonfinite
+        self._write_header()
+
+    @property
+    def n_written(self) -> int:
+        """Rows written, committed or not (>= ``n_steps``)."""
+        return self._n
+
     def _write_sketch_row(self, name: str, n: int, vec: np.ndarray) -> None:
-        sb, nz = fmt.pack_signs(vec)
+        sk = self._sketchers[name]
         W = self._w
-        W[f"{name}_sketch"].write_row(n, self._sketchers[name](vec).astype(np.float32))
+        W[f"{name}_sketch"].write_row(n, sk(vec).astype(np.float32))
+        sb, nz = sk.bits
+        kernels.pack_signs_into(vec, sb, nz)
         W[f"{name}_signbits"].write_row(n, sb)
         W[f"{name}_nonzero"].write_row(n, nz)
 
@@ -938,7 +1031,8 @@ class StoreWriter:
             if final_step is None:
                 last = self.last_step
                 final_step = 0 if last is None else last + 1
-            self.append(final_step, None, final_weight, epoch=epoch)
+            self.append(final_step, None, final_weight, epoch=epoch, commit=False)
+        self.commit()
         n = self.header.n_steps
         self._close_files()
         for arr in self.arrays.values():
@@ -946,7 +1040,11 @@ class StoreWriter:
         self.header.capacity = n
         self.header.closed = True
         self._write_header()
-        with warnings.catch_warnings():  # the lock file is not a zarr node; zarr says so
+        with warnings.catch_warnings():
+            # zarr warns on every consolidation that consolidated metadata is not in the v3
+            # spec yet (gradtrace readers do not need it; plain xarray.open_zarr uses it), and
+            # that the lock file is not a zarr node
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             warnings.filterwarnings("ignore", message="Object at .* is not recognized")
             zarr.consolidate_metadata(str(self.path))
         if self.durable:
@@ -957,9 +1055,16 @@ class StoreWriter:
         self._unlock(remove=True)
 
     def abort(self) -> None:
-        """Stop without trimming: the store keeps every committed row and can be resumed."""
+        """Stop without trimming: commit the rows written whole before (best effort: the
+        failure may be a full disk), keep them, and leave a store that can be resumed."""
+        if self._closed:
+            return
         self._closed = True
         self._shutdown_pool()
+        try:
+            self.commit()
+        except Exception:  # noqa: BLE001 - the rows stay uncommitted, the store consistent
+            pass
         self._close_files()
         self._unlock(remove=True)
 
