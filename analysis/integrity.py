@@ -372,11 +372,12 @@ def _flag(name: str) -> int:
 
 def absent_rows(flags: np.ndarray, array: str) -> np.ndarray:
     """Rows whose chunks of ``array`` the writer removed on purpose (they read as the fill
-    value): ``grad*`` of the final iterate and of skipped rows, ``weight*`` of rows without
-    weights and of skipped rows. Every other committed row must have all its chunks."""
+    value): ``grad*`` of the final iterate and of skipped rows, ``weight*`` of rows flagged
+    ``FLAG_NO_WEIGHT``. Every other committed row must have all its chunks."""
     flags = np.asarray(flags, dtype=np.int64)
-    bits = (fmt.FLAG_FINAL | _flag("FLAG_SKIPPED")) if array.startswith("grad") else \
-        (_flag("FLAG_NO_WEIGHT") | _flag("FLAG_SKIPPED"))
+    # a skipped row has no gradient; it has weights unless FLAG_NO_WEIGHT says otherwise (the
+    # recorder keeps the weights of a step whose gradient changed in place)
+    bits = (fmt.FLAG_FINAL | _flag("FLAG_SKIPPED")) if array.startswith("grad") else _flag("FLAG_NO_WEIGHT")
     return np.flatnonzero(flags & bits)
 
 
@@ -394,7 +395,7 @@ def check_flags(path, flags: np.ndarray, gsq: np.ndarray, wsq: np.ndarray, steps
     n = len(flags)
     final = (flags & fmt.FLAG_FINAL) != 0
     no_grad = (flags & (fmt.FLAG_FINAL | _flag("FLAG_SKIPPED"))) != 0
-    no_weight = (flags & (_flag("FLAG_NO_WEIGHT") | _flag("FLAG_SKIPPED"))) != 0
+    no_weight = (flags & _flag("FLAG_NO_WEIGHT")) != 0
     gfin = np.isfinite(gsq)
     wfin = np.isfinite(wsq)
     checks = [

@@ -10,12 +10,13 @@ The commit protocol (why a kill never tears a step):
    uncompressed; their chunk files are created whole (temporary file + atomic rename) and
    afterwards only the bytes of row n are written in place, then the chunk's crc32c (its last
    4 bytes), so committed rows' bytes never change. A kill between the two leaves a crc that
-   covers the chunk with row n still at the fill value: readers accept exactly that
-   (``analysis.integrity.decode_scalar_block``) and resume rewrites it.
-3. Only then is the root attribute ``gradtrace.n_steps`` advanced: the root ``zarr.json`` is
-   replaced by an atomic rename. Readers ignore rows at index >= n_steps, so a kill at any
-   moment loses no committed step (the Recorder's queue may hold up to ``queue_size + 1``
-   accepted, uncommitted steps: those are lost).
+   covers the chunk with row n (and the rows after it) still at the fill value: readers accept
+   exactly that (``analysis.integrity.decode_scalar_block``) and resume rewrites it.
+3. Only then (at once, or for several rows together: ``append(commit=False)`` + ``commit()``)
+   is the root attribute ``gradtrace.n_steps`` advanced: the root ``zarr.json`` is replaced by
+   an atomic rename. Readers ignore rows at index >= n_steps, so a kill at any moment loses no
+   committed step (it loses the rows written since the last commit, and the Recorder's queued
+   steps).
 4. On a clean close, arrays are trimmed to ``n_steps`` rows and the metadata is consolidated,
    so plain ``xarray.open_zarr`` sees exactly the committed rows.
 

@@ -208,11 +208,13 @@ def test_kill_between_row_and_checksum_damages_nothing_committed(tmp_path, monke
     def die(*a, **k):
         raise Killed
 
+    sw.append(3, rows[3], rows[3], loss=3.0, commit=False)  # batched commits: written, not committed
     monkeypatch.setattr(cw._ArrayWriter, "_patch_crc", die)
     with pytest.raises(Killed):
-        sw.append(3, rows[3], rows[3], loss=3.0)
+        sw.append(4, rows[4], rows[4], loss=4.0, commit=False)
     monkeypatch.undo()
-    sw.abort()
+    sw._close_files()
+    sw._unlock()  # what the OS does for a killed process (abort() would commit row 3)
     run = ga.open_run(tmp_path / "k.zarr")  # committed rows 0..2 read, checked
     np.testing.assert_array_equal(run.ds.loss.values, [0.0, 1.0, 2.0])
     assert integrity.verify_store(tmp_path / "k.zarr") == []
@@ -221,6 +223,11 @@ def test_kill_between_row_and_checksum_damages_nothing_committed(tmp_path, monke
     sw.close(rows[4])
     g = zarr.open_group(str(tmp_path / "k.zarr"), mode="r")
     np.testing.assert_array_equal(g["loss"][:4], [0.0, 1.0, 2.0, 3.0])  # plain zarr: crc valid
+    with open(tmp_path / "k.zarr" / "loss" / "c" / "0", "r+b") as f:  # a committed row changed: damage
+        f.seek(8)
+        f.write(np.float64(7.0).tobytes())
+    with pytest.raises(fmt.DamagedStoreError, match="'loss' is damaged at steps 0, 1, 2, 3, 4"):
+        ga.open_run(tmp_path / "k.zarr")
 
 
 # ----------------------------------------------------------------------------- the CLI
