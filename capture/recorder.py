@@ -197,6 +197,7 @@ class _Slot:
         self.stage: dict = {}
         self.refs: list[torch.Tensor] | None = None  # gradients held by reference (CPU)
         self.versions: list[int] | None = None
+        self.prefetch: list | None = None  # parameter state when the weights were read ahead
 
 
 _THREADS_WARNED = False
@@ -370,6 +371,8 @@ class Recorder:
         self._n_skipped = 0
         self._n_grad_changed = 0
         self._warned_changed = False
+        self._pf_hook = None  # optimizer hook of the weights read ahead (rank 0, CPU)
+        self._n_prefetched = 0
         _warn_threads(self._cuda)
         self._steps_per_epoch = getattr(self.schedule, "steps_per_epoch", None)
 
@@ -418,6 +421,19 @@ class Recorder:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._writer_loop, name=f"gradtrace-writer:{self.path.name}", daemon=True)
         self._thread.start()
+        # weights read ahead: after each optimizer step a helper thread copies the new weights
+        # into a free buffer while the next forward/backward runs; record() uses them when no
+        # parameter changed since (version counters and storage pointers)
+        self._pf_lock = threading.Condition()
+        self._pf_slot: _Slot | None = None
+        self._pf_running = False
+        self._pf_go = threading.Event()
+        if (grads_by_reference == "auto" and not self._cuda and self._fast_cat and optimizer is not None
+                and hasattr(optimizer, "register_step_post_hook")):
+            self._pf_hook = optimizer.register_step_post_hook(lambda *_: self._pf_go.set())
+            self._pf_thread = threading.Thread(target=self._prefetch_loop, name=f"gradtrace-weights:{self.path.name}",
+                                               daemon=True)
+            self._pf_thread.start()
 
     # ------------------------------------------------------------------ context manager
 
@@ -506,7 +522,9 @@ class Recorder:
         if not with_weights:
             flags |= FLAG_NO_WEIGHT
 
-        slot = self._take_slot()
+        slot, have_weights = self._take_prefetched(with_weights)
+        if slot is None:
+            slot = self._take_slot()
         if slot is None:  # on_full="skip": the writer is behind; store the step as skipped
             self._jobs.put((step, None, int(epoch), flags | FLAG_SKIPPED | FLAG_NO_WEIGHT,
                             (_scalar(loss), _scalar(lr_value))))
@@ -515,7 +533,7 @@ class Recorder:
             self._record_s += time.perf_counter() - t0
             return False
         try:
-            self._fill(slot, grads, n_missing, loss, lr_value, with_weights)
+            self._fill(slot, grads, n_missing, loss, lr_value, with_weights and not have_weights)
         except BaseException:
             self._free.put(slot)
             raise
@@ -534,14 +552,22 @@ class Recorder:
         self._record_s += time.perf_counter() - t0
         return True
 
-    def _take_slot(self) -> _Slot | None:
+    def _new_slot(self) -> _Slot | None:
+        """A free buffer without waiting, allocating one while the pool is not full."""
         try:
             return self._free.get_nowait()
         except queue.Empty:
             pass
-        if self._n_slots < self._pool_size:
+        with self._pf_lock:
+            if self._n_slots >= self._pool_size:
+                return None
             self._n_slots += 1
-            return _Slot(self.d, self._cuda)
+        return _Slot(self.d, self._cuda)
+
+    def _take_slot(self) -> _Slot | None:
+        slot = self._new_slot()
+        if slot is not None:
+            return slot
         if self.on_full == "skip":
             if self._error is not None:
                 self._raise_writer_error()
@@ -613,6 +639,70 @@ class Recorder:
                 ev = torch.cuda.Event()
                 ev.record(self._side_stream(dev))
                 slot.events.append(ev)
+
+    # ------------------------------------------------------------------ weights read ahead
+
+    def _param_state(self) -> list:
+        return [(p._version, p.data_ptr()) for _, p in self._params]
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            self._pf_go.wait()
+            self._pf_go.clear()
+            if self._closed:
+                return
+            nxt = (self._last_seen + 1) if self._last_seen is not None else None
+            if nxt is not None and not (self.schedule(nxt) and (self.weight_schedule is None
+                                                                or self.weight_schedule(nxt))):
+                continue  # the next step is not recorded (or without weights): nothing to read
+            with self._pf_lock:
+                # _quiet: flush/close wait for every buffer; no read-ahead may take one then
+                if self._pf_running or self._closed or self._quiet.is_set():
+                    continue
+                slot, self._pf_slot = self._pf_slot, None
+                self._pf_running = True
+            try:
+                if slot is None:
+                    slot = self._new_slot()
+                if slot is not None:
+                    before = self._param_state()
+                    torch.cat([p.detach().reshape(-1) for _, p in self._params], out=slot.weight)
+                    slot.prefetch = before if self._param_state() == before else None
+            except BaseException:  # noqa: BLE001 - record() then copies the weights itself
+                if slot is not None:
+                    slot.prefetch = None
+            finally:
+                with self._pf_lock:
+                    self._pf_slot = slot
+                    self._pf_running = False
+                    self._pf_lock.notify_all()
+
+    def _take_prefetched(self, with_weights: bool) -> tuple[_Slot | None, bool]:
+        """The read-ahead buffer, and whether its weights are this step's (no parameter
+        changed since they were read)."""
+        if self._pf_hook is None:
+            return None, False
+        with self._pf_lock:
+            while self._pf_running:
+                self._pf_lock.wait()
+            slot, self._pf_slot = self._pf_slot, None
+        if slot is None:
+            return None, False
+        ok = with_weights and slot.prefetch is not None and slot.prefetch == self._param_state()
+        slot.prefetch = None
+        self._n_prefetched += ok
+        return slot, ok
+
+    def _release_prefetched(self) -> None:
+        """Give the read-ahead buffer back to the pool (flush and close wait for every buffer)."""
+        if self._pf_hook is None:
+            return
+        with self._pf_lock:
+            while self._pf_running:
+                self._pf_lock.wait()
+            slot, self._pf_slot = self._pf_slot, None
+        if slot is not None:
+            self._free.put(slot)
 
     # ------------------------------------------------------------------ CUDA
 
@@ -822,6 +912,7 @@ class Recorder:
         if not self.active or self._closed:
             return
         self._quiet.set()  # the training thread changes no gradient while it waits here
+        self._release_prefetched()
         try:
             while (self._n_slots and self._free.qsize() < self._n_slots) or not self._jobs.empty():
                 if self._error is not None:
@@ -855,6 +946,11 @@ class Recorder:
             return
         self._closed = True
         self._quiet.set()  # training is over: referenced gradients can no longer change
+        if self._pf_hook is not None:
+            self._pf_hook.remove()
+            self._pf_go.set()
+            self._pf_thread.join()
+            self._release_prefetched()
         self._jobs.put(None)
         self._thread.join()
         if self._nonfinite_steps and not self._warned_nonfinite:
@@ -899,6 +995,7 @@ class Recorder:
             "n_skipped_steps": int(self._n_skipped),
             "n_grad_changed_steps": int(self._n_grad_changed),
             "grads_by_reference": bool(self._by_ref),
+            "n_weights_read_ahead": int(self._n_prefetched),
             "record_seconds": round(self._record_s, 6),
             "wait_seconds": round(self._wait_s, 6),
             "writer_seconds": round(self._writer_s, 6),
