@@ -12,7 +12,8 @@ tier               device result                                shipped per entr
 =================  ===========================================  ==================================
 (every tier)       :class:`ScalarReducer`: (3, n_tensors) f64   24 bytes per *tensor*
 lossless           the float32 vector itself                     4 bytes
-rounded:k, k <= 7  :func:`round_upper16`: int16 (bf16 bits)      2 bytes
+rounded:7          :func:`to_bf16_bits`: int16 (bf16 bits)       2 bytes
+rounded:k, k < 7   :func:`round_upper16`: int16                  2 bytes
 rounded:k, k > 7   :func:`bitround`: float32                     4 bytes
 sketch:K           :class:`DeviceSketcher`: (plan.dim,) f32       4 bytes per *bucket*
                    :func:`sign_planes`: (2, ceil(d/8)) uint8     2 bits
@@ -22,13 +23,13 @@ Exactness against today's CPU writer (``StoreWriter.append``), each tested in
 ``tests/test_capture_encode.py``:
 
 * :func:`bitround`: bit for bit for every float32 bit pattern (NaN payloads included).
-* :func:`round_upper16`, widened on the host by :func:`analysis.format.widen_bf16`: bit for
-  bit for every non-NaN pattern (finite, +-Inf, -0.0, subnormals, ties, values that round up
-  to Inf). A NaN stays a NaN with its sign and its upper 16 bits, quiet bit set; its low 16
-  payload bits are lost (2 bytes cannot hold them), where ``format.bitround`` keeps the
-  float32 NaN as it was. NaNs whose low 16 bits are 0 (the x86 default NaN ``0xFFC00000``,
-  ``float('nan')`` = ``0x7FC00000``) come back identical; CUDA's canonical NaN
-  ``0x7FFFFFFF`` comes back as ``0x7FFF0000``.
+* :func:`to_bf16_bits` (the bfloat16 cast, keepbits 7) and :func:`round_upper16` (integer
+  ops, keepbits 1..7), widened on the host by :func:`analysis.format.widen_bf16`: bit for bit
+  for every non-NaN pattern (finite, +-Inf, -0.0, subnormals, ties, values that round up to
+  Inf). A NaN stays a NaN, but 2 bytes cannot hold a float32 NaN's low 16 payload bits,
+  which ``format.bitround`` keeps: :func:`round_upper16` keeps the NaN's sign and upper 16
+  bits (quiet bit set), so the NaNs CPUs make (``0xFFC00000``, ``0x7FC00000``) come back
+  identical; the cast returns its own canonical NaN (CPU ``0xFFFF``, CUDA ``0x7FFF``).
 * :class:`ScalarReducer`: float64 sums of the exact float64 products of the float32 entries,
   as the writer's; only the order of the additions differs. For a tensor of n entries both
   results lie within ``(n - 1) * 2**-53 * sum_i |term_i|`` of the exact sum (the bound of
@@ -266,7 +267,7 @@ def bitround(x: torch.Tensor, keepbits: int) -> torch.Tensor:
 
     Returns:
         float32 tensor (d,) on x's device: 4 bytes per entry to ship. For ``keepbits <= 7``
-        ship :func:`round_upper16` instead (2 bytes, the same values but for NaN payloads).
+        ship :func:`encode_rounded`'s 2 bytes instead (the same values but for NaN payloads).
     """
     x = _flat32(x)
     if not 1 <= int(keepbits) <= 23:
@@ -280,9 +281,9 @@ def round_upper16(x: torch.Tensor, keepbits: int = 7) -> torch.Tensor:
     """The ``rounded`` tier for ``keepbits <= 7`` in 2 bytes: the upper half of the rounded bits.
 
     For keepbits <= 7 rounding clears the low 16 bits, so the upper 16 bits hold the whole
-    value; for keepbits == 7 they are exactly the bfloat16 round-to-nearest-even of x
-    (integer ops, not ``x.to(torch.bfloat16)``, whose NaN output differs between CPU and
-    CUDA). ``analysis.format.widen_bf16`` turns them back into float32 on the host.
+    value; for keepbits == 7 they are the bfloat16 round-to-nearest-even of x (what
+    :func:`to_bf16_bits` gets from one cast, but for NaNs: here a NaN keeps its sign and upper
+    bits). ``analysis.format.widen_bf16`` turns them back into float32 on the host.
 
     Args:
         x: flat float32 tensor (d,), any device.
@@ -302,15 +303,31 @@ def round_upper16(x: torch.Tensor, keepbits: int = 7) -> torch.Tensor:
 
 
 def to_bf16_bits(x: torch.Tensor) -> torch.Tensor:
-    """``rounded:7`` in 2 bytes per entry: :func:`round_upper16` with keepbits 7 (bfloat16 bits, int16)."""
-    return round_upper16(x, 7)
+    """``rounded:7`` in 2 bytes per entry: the bfloat16 cast, one elementwise pass.
+
+    For every non-NaN float32 (finite, +-Inf, -0.0, subnormals, ties, values that round past
+    the largest bfloat16 to Inf) the cast's bits are those of ``round_upper16(x, 7)``, so the
+    widened row is ``format.bitround(x, 7)`` bit for bit (tested on every upper half with
+    several lower halves). A NaN comes back as a NaN whose sign and payload are the cast's own
+    (CPU ``0xFFFF``, CUDA ``0x7FFF``): use :func:`round_upper16` when its sign and upper bits
+    must survive (13 integer passes instead of one).
+
+    Returns:
+        int16 tensor (d,) on x's device (bfloat16 bit patterns; ``.view(torch.bfloat16)``).
+    """
+    return _flat32(x).to(torch.bfloat16).view(torch.int16)
 
 
 def encode_rounded(x: torch.Tensor, keepbits: int) -> torch.Tensor:
-    """What to ship for the ``rounded`` tier: int16 (2 bytes/entry, :func:`round_upper16`) when
-    ``keepbits <= 7``, else float32 (4 bytes/entry, :func:`bitround`). The host turns it into
-    the stored float32 row with :func:`decode_rounded`."""
-    return round_upper16(x, keepbits) if int(keepbits) <= 7 else bitround(x, keepbits)
+    """What to ship for the ``rounded`` tier: int16 (2 bytes/entry) when ``keepbits <= 7``
+    (:func:`to_bf16_bits` for 7, :func:`round_upper16` below), else float32 (4 bytes/entry,
+    :func:`bitround`). The host turns it into the stored float32 row with
+    :func:`decode_rounded`: bit for bit ``format.bitround(x, keepbits)`` but NaN payloads
+    when 2 bytes are shipped (a NaN stays a NaN)."""
+    keepbits = int(keepbits)
+    if keepbits == 7:
+        return to_bf16_bits(x)
+    return round_upper16(x, keepbits) if keepbits < 7 else bitround(x, keepbits)
 
 
 def decode_rounded(row: np.ndarray) -> np.ndarray:
@@ -538,7 +555,8 @@ class DeviceEncoder:
 
 
 def _bench(d: int = 1 << 20, repeat: int = 7) -> dict[str, float]:  # pragma: no cover - timing
-    """Median CPU ns per entry of each function (one thread), d entries in 40 tensors."""
+    """Median CPU ns per entry of each function (one torch thread; the calling thread's CPU
+    time, so that other processes on a shared machine do not count), d entries in 40 tensors."""
     import time
 
     torch.set_num_threads(1)
@@ -552,8 +570,8 @@ def _bench(d: int = 1 << 20, repeat: int = 7) -> dict[str, float]:  # pragma: no
     cases = {
         "tensor_scalars (g and w)": lambda: red(g, w),
         "bitround keepbits=10 (float32)": lambda: bitround(g, 10),
-        "to_bf16_bits (int16)": lambda: to_bf16_bits(g),
-        "bfloat16 cast (reference)": lambda: g.to(torch.bfloat16),
+        "to_bf16_bits (int16, the cast)": lambda: to_bf16_bits(g),
+        "round_upper16 keepbits=7 (int ops)": lambda: round_upper16(g, 7),
         "DeviceSketcher k=16384": lambda: sk(g),
         "sign_planes": lambda: sign_planes(g),
     }
@@ -562,9 +580,9 @@ def _bench(d: int = 1 << 20, repeat: int = 7) -> dict[str, float]:  # pragma: no
         fn()
         ts = []
         for _ in range(repeat):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             fn()
-            ts.append(time.perf_counter() - t0)
+            ts.append(time.thread_time() - t0)
         res[name] = float(np.median(ts)) / d * 1e9
     return res
 
