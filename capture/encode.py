@@ -69,8 +69,8 @@ from analysis import format as fmt
 _ABS = 0x7FFFFFFF  # int32 mask of everything but the sign bit
 _EXP = 0x7F800000  # bit pattern of +Inf (smallest |pattern| that is not finite)
 _QUIET = 0x00400000  # quiet-NaN bit (top mantissa bit)
-DEFAULT_CHUNK = 1 << 22  # entries per float64 working block (40 bytes each for the scalars)
-DEFAULT_PIECE = 1 << 16  # longest run one segmented-reduction block sums (parallelism on CUDA)
+DEFAULT_CHUNK = 1 << 22  # entries per float64 working buffer (16 bytes each for the scalars, 8 for a sketch)
+DEFAULT_BLOCK = 1 << 11  # entries per Gram block of the scalars
 
 
 def _flat32(x: torch.Tensor, what: str = "x") -> torch.Tensor:
@@ -91,29 +91,34 @@ def _flat32(x: torch.Tensor, what: str = "x") -> torch.Tensor:
 class ScalarReducer:
     """Per-tensor ``||g||^2``, ``||w||^2``, ``<g, w>`` of flat vectors, in float64, on the device.
 
-    The plan (computed once): the flat vector is cut at every tensor start and at every
-    multiple of ``piece`` entries; each call casts a block of ``chunk`` entries of g and w to
-    float64, forms the three exact products into one float64 buffer of 3 x block, and sums
-    every piece with one ``torch.segment_reduce`` (cub's segmented reduction on CUDA, one
-    deterministic tree per piece); a second ``segment_reduce`` adds the pieces of each tensor.
-    About 7 kernel launches per block of ``chunk`` entries plus 2, whatever the number of
-    tensors. Deterministic on a given device.
+    The flat vector is cut into blocks of ``block`` entries. Per block of ``chunk`` entries,
+    g and w are cast into one float64 buffer of shape (blocks, 2, block), and one batched
+    matrix product ``X @ X^T`` gives every block's 2 x 2 Gram matrix (``sum g^2``,
+    ``sum g w``, ``sum w^2``): the float64 products are never stored, so the device reads
+    about 40 bytes per entry (two casts, one GEMM) instead of ~120 for casts, three product
+    vectors and a reduction. Blocks that hold a tensor boundary are summed again piece by
+    piece from a gathered copy of their entries (at most ``n_tensors x block`` entries, one
+    ``segment_reduce``); a final ``segment_reduce`` adds each tensor's blocks and pieces in
+    flat order. About 20 kernel launches per call for a model under ``chunk`` entries,
+    whatever the number of tensors; deterministic on a given device; no host sync.
 
     Args:
         offsets, sizes: the parameter table (``TensorInfo.offset``/``.size``); tensors must
             tile ``[0, d)`` in order, as :func:`analysis.format.tensor_table` builds them.
         device: where the vectors will live.
-        chunk: entries per float64 working block (device memory: 40 bytes x chunk).
-        piece: longest run summed by one reduction block (a power of two dividing ``chunk``).
+        chunk: entries per float64 working buffer (16 bytes x chunk of device memory).
+        block: entries per Gram block (a power of two dividing ``chunk``).
 
     Calling it with ``(g, w)`` returns a float64 tensor of shape (3, n_tensors) on the
     device: rows ``gg, ww, gw`` as ``capture.writer.tensor_scalars`` returns them (size-0
-    tensors 0; with ``g=None``, the final iterate, rows gg and gw are NaN). Accuracy: see the
-    module docstring (float64 rounding, order-dependent).
+    tensors 0; with ``g=None``, the final iterate, rows gg and gw are NaN). Products are exact
+    (float32 x float32 fits float64); only the order of the float64 additions differs from the
+    writer's: see the module docstring for the bound. One call at a time per instance (the
+    working buffer is reused).
     """
 
     def __init__(self, offsets: Sequence[int], sizes: Sequence[int], device="cpu", *,
-                 chunk: int = DEFAULT_CHUNK, piece: int = DEFAULT_PIECE):
+                 chunk: int = DEFAULT_CHUNK, block: int = DEFAULT_BLOCK):
         offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)
         sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
         if offsets.shape != sizes.shape or len(sizes) == 0:
@@ -121,38 +126,62 @@ class ScalarReducer:
         if (sizes < 0).any() or offsets[0] != 0 or (offsets[1:] != offsets[:-1] + sizes[:-1]).any():
             raise ValueError("the tensors must tile the flat vector in order (offset[i+1] = offset[i] + size[i], "
                              "offset[0] = 0): build them with analysis.format.tensor_table")
-        piece, chunk = int(piece), int(chunk)
-        if piece < 1 or piece & (piece - 1) or chunk < piece or chunk % piece:
-            raise ValueError(f"piece={piece} must be a power of two dividing chunk={chunk}")
+        P, chunk = int(block), int(chunk)
+        if P < 1 or P & (P - 1) or chunk < P or chunk % P:
+            raise ValueError(f"block={P} must be a power of two dividing chunk={chunk}")
         self.device = torch.device(device)
         self.n = len(sizes)
-        self.d = int(sizes.sum())
-        self.chunk = chunk
-        d = self.d
-        cuts = np.union1d(offsets[sizes > 0], np.arange(0, d, piece, dtype=np.int64))
-        cuts = np.append(cuts, d) if d else np.zeros(1, np.int64)
-        starts, lens = cuts[:-1], np.diff(cuts)
-        owner = np.searchsorted(offsets, starts, side="right") - 1
-        # a zero-size tensor shares its offset with the next one: searchsorted picks the last
-        # tensor starting there, which is the non-empty one (empty tensors own no piece)
-        per_tensor = np.bincount(owner, minlength=self.n).astype(np.int64)
-        self.n_pieces = len(starts)
-        self._blocks = []  # (a, b, column lo, column hi, lengths (3 x pieces) on the device)
-        for a in range(0, d, chunk):
-            b = min(a + chunk, d)
-            lo, hi = np.searchsorted(starts, [a, b])
-            lengths = torch.as_tensor(np.tile(lens[lo:hi], 3), device=self.device)
-            self._blocks.append((a, b, int(lo), int(hi), lengths))
-        self._direct = self.n_pieces == self.n and len(self._blocks) == 1  # pieces are the tensors
-        self._stage2 = torch.as_tensor(np.tile(per_tensor, 3), device=self.device)
-        self._buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.d = d = int(sizes.sum())
+        self.block, self.chunk = P, chunk
+        self.n_blocks = nb = -(-d // P)
+        dev = {"device": self.device}
 
-    def _buffers(self):
-        if self._buf is None:  # reused across calls: no per-step allocation (CPU pages, CUDA pool)
-            n = min(self.chunk, max(self.d, 1))
-            f64 = {"dtype": torch.float64, "device": self.device}
-            self._buf = (torch.empty(n, **f64), torch.empty(n, **f64), torch.empty(3 * n, **f64))
-        return self._buf
+        def owner(pos):  # tensor holding flat position pos (empty tensors hold none)
+            return np.searchsorted(offsets, pos, side="right") - 1
+
+        starts = offsets[(sizes > 0) & (offsets % P != 0)]  # tensor starts strictly inside a block
+        cut_blocks = np.unique(starts // P)
+        clean = np.setdiff1d(np.arange(nb, dtype=np.int64), cut_blocks)
+        # pieces of the cut blocks: [block start, tensor starts inside..., block end)
+        cuts = np.union1d(np.concatenate([cut_blocks * P, np.minimum((cut_blocks + 1) * P, d)]), starts)
+        p_start = cuts[:-1]
+        p_len = np.diff(cuts)
+        keep = np.isin(p_start // P, cut_blocks) & (p_len > 0)  # drop the gaps between cut blocks
+        p_start, p_len = p_start[keep], p_len[keep]
+        gather = (np.concatenate([np.arange(a, a + n) for a, n in zip(p_start, p_len)])
+                  if len(p_start) else np.zeros(0, np.int64))
+        # every partial sum (clean blocks, then pieces) in flat order, grouped by tensor
+        key = np.concatenate([clean * P, p_start])
+        own = owner(key)
+        order = np.argsort(key, kind="stable")
+        self._clean = torch.as_tensor(clean, **dev)
+        self._gather = torch.as_tensor(gather, **dev)
+        self._p_len3 = torch.as_tensor(np.tile(p_len, 3), **dev)
+        self._order = torch.as_tensor(order, **dev)
+        self._per_tensor3 = torch.as_tensor(np.tile(np.bincount(own, minlength=self.n), 3).astype(np.int64), **dev)
+        self._rows = torch.as_tensor([0, 3, 1], **dev)  # gg, ww, gw in a flattened 2 x 2 Gram
+        self._buf: torch.Tensor | None = None
+
+    def _blocks_gram(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """(n_blocks, 2, 2) float64 Gram matrices of the blocks (zero padded at the end)."""
+        P = self.block
+        gram = torch.empty(self.n_blocks, 2, 2, dtype=torch.float64, device=self.device)
+        if self._buf is None:  # reused: no per-step allocation (CPU pages, CUDA pool)
+            rows = min(self.chunk // P, self.n_blocks)
+            self._buf = torch.empty(rows, 2, P, dtype=torch.float64, device=self.device)
+        for a in range(0, self.d, self.chunk):
+            b = min(a + self.chunk, self.d)
+            m = b - a
+            full, rest = divmod(m, P)
+            X = self._buf[: full + (rest > 0)]
+            for r, v in ((0, g), (1, w)):
+                if full:
+                    X[:full, r].copy_(v[a : a + full * P].view(full, P))  # float32 -> float64: exact
+                if rest:
+                    X[full, r, :rest].copy_(v[a + full * P : b])
+                    X[full, r, rest:].zero_()
+            torch.bmm(X, X.transpose(1, 2), out=gram[a // P : a // P + X.shape[0]])
+        return gram
 
     def __call__(self, g: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
         w = _flat32(w, "w")
@@ -160,37 +189,22 @@ class ScalarReducer:
         g = _flat32(g, "g") if has_g else w
         if w.shape[0] != self.d or g.shape[0] != self.d:
             raise ValueError(f"g/w have {g.shape[0]}/{w.shape[0]} entries, the parameter table {self.d}")
-        g64, w64, prod = self._buffers()
-        partial = None if self._direct else torch.empty(3, self.n_pieces, dtype=torch.float64, device=self.device)
-        out = None
-        for a, b, lo, hi, lengths in self._blocks:
-            m = b - a
-            gb, wb = g64[:m], w64[:m]
-            wb.copy_(w[a:b])  # float32 -> float64 is exact; so are the products below
-            if has_g:
-                gb.copy_(g[a:b])
-            else:
-                gb = wb
-            torch.mul(gb, gb, out=prod[:m])
-            torch.mul(wb, wb, out=prod[m : 2 * m])
-            torch.mul(gb, wb, out=prod[2 * m : 3 * m])
+        f64 = {"dtype": torch.float64, "device": self.device}
+        if self.d == 0:
+            out = torch.zeros(3, self.n, **f64)
+        else:
+            gram = self._blocks_gram(g, w).view(self.n_blocks, 4)
+            clean = gram.index_select(0, self._clean).index_select(1, self._rows).t()  # (3, n_clean)
+            gs = g.index_select(0, self._gather).to(torch.float64)
+            ws = w.index_select(0, self._gather).to(torch.float64)
+            prod = torch.cat([gs * gs, ws * ws, gs * ws])
             # unsafe=True skips the lengths check (two .item() calls: a device sync); the
             # lengths were checked against the table when the plan was built
-            sums = torch.segment_reduce(prod[: 3 * m], "sum", lengths=lengths, unsafe=True)
-            if self._direct:
-                out = sums.view(3, -1)
-            else:
-                partial[:, lo:hi] = sums.view(3, -1)
-        if not self._direct:
-            if self.n_pieces:
-                out = torch.segment_reduce(partial.reshape(-1), "sum", lengths=self._stage2, unsafe=True)
-                out = out.view(3, -1)
-            else:
-                out = torch.zeros(3, self.n, dtype=torch.float64, device=self.device)
-        elif out is None:  # d == 0 cannot be recorded; kept total
-            out = torch.zeros(3, self.n, dtype=torch.float64, device=self.device)
+            pieces = torch.segment_reduce(prod, "sum", lengths=self._p_len3, unsafe=True).view(3, -1)
+            parts = torch.cat([clean, pieces], dim=1).index_select(1, self._order)
+            out = torch.segment_reduce(parts.reshape(-1), "sum", lengths=self._per_tensor3, unsafe=True)
+            out = out.view(3, self.n)
         if not has_g:
-            out = out.clone()
             out[0] = float("nan")
             out[2] = float("nan")
         return out

@@ -150,7 +150,7 @@ def test_rounded_bad_input():
 # ------------------------------------------------------------------------------ scalars
 
 TABLES = [[1], [0, 1, 7, 0, 1000, 3, 9], [5000, 1, 0, 3000, 17, 0], [600] * 40]
-PLANS = [{}, {"chunk": 1024, "piece": 256}, {"chunk": 64, "piece": 64}]
+PLANS = [{}, {"chunk": 1024, "block": 256}, {"chunk": 64, "block": 64}, {"chunk": 64, "block": 8}]
 
 
 def _table(sizes):
@@ -228,7 +228,7 @@ def test_scalar_reducer_bad_input():
     with pytest.raises(ValueError, match="tile"):
         enc.ScalarReducer([0, 5], [4, 4])
     with pytest.raises(ValueError, match="power of two"):
-        enc.ScalarReducer([0], [4], chunk=100, piece=48)
+        enc.ScalarReducer([0], [4], chunk=100, block=48)
     red = enc.ScalarReducer([0, 4], [4, 4])
     with pytest.raises(ValueError, match="8"):
         red(torch.zeros(7), torch.zeros(7))
