@@ -193,15 +193,18 @@ class ScalarReducer:
         if self.d == 0:
             out = torch.zeros(3, self.n, **f64)
         else:
-            gram = self._blocks_gram(g, w).view(self.n_blocks, 4)
-            clean = gram.index_select(0, self._clean).index_select(1, self._rows).t()  # (3, n_clean)
-            gs = g.index_select(0, self._gather).to(torch.float64)
-            ws = w.index_select(0, self._gather).to(torch.float64)
-            prod = torch.cat([gs * gs, ws * ws, gs * ws])
-            # unsafe=True skips the lengths check (two .item() calls: a device sync); the
-            # lengths were checked against the table when the plan was built
-            pieces = torch.segment_reduce(prod, "sum", lengths=self._p_len3, unsafe=True).view(3, -1)
-            parts = torch.cat([clean, pieces], dim=1).index_select(1, self._order)
+            parts = []
+            if len(self._clean):
+                gram = self._blocks_gram(g, w).view(self.n_blocks, 4)
+                parts.append(gram.index_select(0, self._clean).index_select(1, self._rows).t())  # (3, n_clean)
+            if len(self._gather):
+                gs = g.index_select(0, self._gather).to(torch.float64)
+                ws = w.index_select(0, self._gather).to(torch.float64)
+                prod = torch.cat([gs * gs, ws * ws, gs * ws])
+                # unsafe=True skips the lengths check (two .item() calls: a device sync); the
+                # lengths were checked against the table when the plan was built
+                parts.append(torch.segment_reduce(prod, "sum", lengths=self._p_len3, unsafe=True).view(3, -1))
+            parts = torch.cat(parts, dim=1).index_select(1, self._order)
             out = torch.segment_reduce(parts.reshape(-1), "sum", lengths=self._per_tensor3, unsafe=True)
             out = out.view(3, self.n)
         if not has_g:

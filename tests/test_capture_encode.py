@@ -406,3 +406,36 @@ class TestCudaStream:
         red = enc.ScalarReducer([t.offset for t in table], [t.size for t in table], dev, chunk=1 << 16)
         a, b = red(g, w).cpu(), red(g, w).cpu()
         assert torch.equal(a, b)
+
+    def test_side_stream_sequence_gives_the_cpu_rows(self):
+        """The sequence the recorder uses: stage on the training stream, encode and copy into
+        pinned buffers on a side stream, the training stream waits on an event before it
+        writes the staged vectors again, the host waits on the copy's event only."""
+        dev = torch.device("cuda")
+        table = _table([3000, 1, 0, 70000, 17])
+        d = sum(t.size for t in table)
+        tiers = {"grad": "sketch:512", "weight": "rounded:7"}
+        rng = np.random.default_rng(5)
+        g_np, w_np = _vector(rng, d) * np.float32(1e-10), _vector(rng, d) * np.float32(1e-10)
+        e = enc.DeviceEncoder(table, tiers, dev)
+        host = {k: torch.empty(shape, dtype=dt, pin_memory=True) for k, (dt, shape) in e.payload().items()}
+        g, w = _gpu(g_np, dev), _gpu(w_np, dev)  # the training stream's staged copies
+        ready, done = torch.cuda.Event(), torch.cuda.Event()
+        side = torch.cuda.Stream()
+        ready.record()
+        with torch.cuda.stream(side):
+            side.wait_event(ready)
+            out = e.encode(g, w)
+            for k, t in out.items():
+                host[k].copy_(t, non_blocking=True)
+            done.record(side)
+        torch.cuda.current_stream().wait_event(done)
+        g.mul_(-3.0)  # the next step's staging, ordered after the encode read
+        w.mul_(-3.0)
+        done.synchronize()
+        ref = enc.DeviceEncoder(table, tiers, "cpu").encode(torch.from_numpy(g_np), torch.from_numpy(w_np))
+        np.testing.assert_allclose(host["scalars"].numpy(), ref["scalars"].numpy(), rtol=1e-12, atol=0)
+        np.testing.assert_array_equal(host["weight"].numpy(), ref["weight"].numpy())
+        np.testing.assert_array_equal(host["grad_bits"].numpy(), ref["grad_bits"].numpy())
+        r32 = ref["grad_sketch"].numpy()
+        assert (np.abs(host["grad_sketch"].numpy() - r32) <= np.spacing(np.abs(r32))).all()
