@@ -50,9 +50,20 @@ Signed-integer arithmetic is arranged so that no int32 operation overflows (NaN 
 clamped before the rounding add); only :func:`sign_planes` relies on int64 multiplication
 wrapping modulo 2**64, which it does on CPU and CUDA.
 
-The CPU numbers are a sanity check, not a target (``torch.set_num_threads(1)``, d = 2**20,
-this 2-core machine; ``python -m capture.encode`` prints them): see the module's
-``__main__``.
+Cost on a GPU (not measured yet: no device was lent). Each function is a handful of eager
+elementwise kernels, so its price is device-memory traffic, counted from the kernels, per
+entry of the flat vector: :func:`to_bf16_bits` 6 bytes (one cast); :class:`ScalarReducer`
+~40 bytes for g and w together (two float32 -> float64 casts, one batched GEMM);
+:class:`DeviceSketcher` ~50 bytes plus one float64 atomic add; :func:`sign_planes` ~30
+bytes; :func:`bitround` and :func:`round_upper16` ~120 bytes (13 integer passes). At an
+effective 4 TB/s, 10M entries cost 0.1 ms per 40 bytes. A fused kernel (Triton or
+``torch.compile``) would bring each to its read-once floor (4-8 bytes); that is the next
+step if ``benchmarks/device/`` shows these passes in the step time.
+
+CPU time, as a sanity check only (one torch thread, d = 2**20 in 40 tensors, thread CPU
+time, this 2-core machine under load from other jobs; ``python -m capture.encode``):
+tensor_scalars (g and w) ~3-6 ns/entry, bitround ~1.5-2 ns, to_bf16_bits 0.1-0.26 ns,
+round_upper16 ~2-2.6 ns, DeviceSketcher (k = 16384) ~2.5-4 ns, sign_planes ~1.5-2.5 ns.
 """
 
 from __future__ import annotations
@@ -376,38 +387,57 @@ class DeviceSketcher:
             grad and weight can share one DeviceSketcher.
         device: where the vectors will live.
         chunk: entries per float64 working block (8 bytes x chunk of device memory).
+        subset: indices of the tensors that x holds, in x's order (default: all, in table
+            order). For parameters spread over devices: one DeviceSketcher per device, each
+            over its own tensors; the host puts each output at ``bucket_index``.
 
-    Calling it with x (flat float32, (d,)) returns the float32 sketch, shape (plan.dim,),
-    on the device: 4 bytes per bucket to ship; what ``StoreWriter`` stores as ``{a}_sketch``
-    (bit for bit on CPU; on CUDA see the module docstring for the bound).
+    Calling it with x (flat float32, the subset's tensors concatenated) returns the float32
+    sketch of those tensors, shape (dim,), on the device: 4 bytes per bucket to ship. With
+    the default subset it is the whole sketch, ``plan.dim`` buckets, what ``StoreWriter``
+    stores as ``{a}_sketch`` (bit for bit on CPU; on CUDA see the module docstring for the
+    bound); otherwise the buckets of the subset's tensors, which go to ``row[bucket_index]``
+    of the stored row.
+
+    Attributes:
+        dim: buckets in the output.
+        bucket_index: int64 numpy array (dim,): position of each output bucket in the
+            stored sketch row (``arange(plan.dim)`` for the default subset).
     """
 
     def __init__(self, tensors: Sequence[fmt.TensorInfo], plan: fmt.SketchPlan, device="cpu", *,
-                 chunk: int = DEFAULT_CHUNK):
+                 chunk: int = DEFAULT_CHUNK, subset: Sequence[int] | None = None):
         tensors = list(tensors)
         if len(tensors) != len(plan.sizes):
             raise ValueError(f"the plan has {len(plan.sizes)} tensors, the table {len(tensors)}: "
                              "build the plan with format.sketch_plan(tensors, k, seed)")
+        subset = list(range(len(tensors))) if subset is None else [int(i) for i in subset]
+        if len(set(subset)) != len(subset) or any(not 0 <= i < len(tensors) for i in subset):
+            raise ValueError(f"subset must list distinct tensor indices in [0, {len(tensors)}), got {subset[:8]}")
         self.device = torch.device(device)
         self.plan = plan
-        self.d = sum(t.size for t in tensors)
-        self.dim = plan.dim
+        self.d = sum(tensors[i].size for i in subset)
+        self.dim = sum(plan.sizes[i] for i in subset)
         if self.dim >= 2**31:
             raise ValueError(f"a sketch of {self.dim} buckets does not fit int32 indices; use fewer buckets")
         self.chunk = int(chunk)
+        self.bucket_index = (np.concatenate([np.arange(plan.offsets[i], plan.offsets[i] + plan.sizes[i])
+                                             for i in subset]) if subset else np.zeros(0, np.int64))
         dest = np.empty(self.d, dtype=np.int32)
         sign = np.ones(self.d, dtype=np.int8)
         src_exact, dst_exact = [], []
-        for i, t in enumerate(tensors):
-            o, k, n = plan.offsets[i], plan.sizes[i], t.size
+        off = o = 0  # where tensor i starts in x, and its buckets in the output
+        for i in subset:
+            k, n = plan.sizes[i], tensors[i].size
             if plan.exact[i]:
-                dest[t.offset : t.offset + n] = o + np.arange(n)
-                src_exact.append(np.arange(t.offset, t.offset + n))
+                dest[off : off + n] = o + np.arange(n)
+                src_exact.append(np.arange(off, off + n))
                 dst_exact.append(np.arange(o, o + n))
             else:
                 bucket, s = fmt.sketch_hashes(plan, i, n)
-                dest[t.offset : t.offset + n] = o + bucket
-                sign[t.offset : t.offset + n] = s.astype(np.int8)
+                dest[off : off + n] = o + bucket
+                sign[off : off + n] = s.astype(np.int8)
+            off += n
+            o += k
         self.dest = torch.as_tensor(dest, device=self.device)
         self.sign = torch.as_tensor(sign, device=self.device)
         src = np.concatenate(src_exact) if src_exact else np.zeros(0, np.int64)

@@ -288,10 +288,34 @@ def test_device_sketch_matches_stored_sketch(device, sizes, chunk, nonfinite):
         assert exact.any() and not exact.all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_sketch_of_tensor_subsets_assembles_the_row(device):
+    """Parameters on several devices: one sketcher per device, the host puts the pieces."""
+    rng = np.random.default_rng(11)
+    sizes = [0, 1, 5, 300, 2000, 7, 4096, 0, 3]
+    table = _table(sizes)
+    plan = fmt.sketch_plan(table, 256, seed=3)
+    x = _vector(rng, sum(sizes))
+    ref32 = fmt.Sketcher(table, plan)(x).astype(np.float32)
+    row = np.full(plan.dim, np.nan, np.float32)
+    for subset in ([6, 1, 3, 0], [2, 8, 4, 5, 7]):  # any order, as a device holds them
+        xs = np.concatenate([x[table[i].offset : table[i].offset + table[i].size] for i in subset])
+        sk = enc.DeviceSketcher(table, plan, device, subset=subset)
+        out = _host(sk(_gpu(xs, device)))
+        assert out.shape == (sk.dim,) == sk.bucket_index.shape
+        row[sk.bucket_index] = out
+    if torch.device(device).type == "cpu":
+        _assert_same_f32(row, ref32)
+    else:
+        assert (np.abs(row - ref32) <= np.spacing(np.abs(ref32))).all()
+
+
 def test_device_sketcher_bad_plan():
     table = _table([10, 20])
     with pytest.raises(ValueError, match="plan has 1 tensors"):
         enc.DeviceSketcher(table, fmt.sketch_plan(_table([30]), 8, 0))
+    with pytest.raises(ValueError, match="distinct tensor indices"):
+        enc.DeviceSketcher(table, fmt.sketch_plan(table, 8, 0), subset=[0, 0])
 
 
 # ------------------------------------------------------------------------------ sign bits
