@@ -169,6 +169,17 @@ def _exact_sums(g, w, table):
     return out, mag
 
 
+def _assert_scalars_close(ours, table, g, w):
+    """(3, n) float64 against writer.tensor_scalars: NaN where it is NaN, else within twice
+    the any-order bound (n - 1) u sum |terms| (g None: rows gg and gw NaN)."""
+    ref = np.stack(writer_tensor_scalars(table, g, w))
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+    _, mag = _exact_sums(w if g is None else g, w, table)
+    n = np.array([max(t.size - 1, 0) for t in table], dtype=np.float64)
+    fin = np.isfinite(ref)
+    assert (np.abs(ours - ref)[fin] <= (2 * n * U * mag * 1.0001)[fin]).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sizes", TABLES)
 @pytest.mark.parametrize("plan", PLANS)
@@ -215,13 +226,11 @@ def test_tensor_scalars_nonfinite_and_final_iterate(device, plan):
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
     np.testing.assert_array_equal(np.isposinf(ours), np.isposinf(ref))
     np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(ref))
-    fin = np.isfinite(ref)
-    np.testing.assert_allclose(ours[fin], ref[fin], rtol=1e-12)
-    final = _host(red(None, _gpu(w, device)))
-    ref_final = np.stack(writer_tensor_scalars(table, None, w))
-    assert np.isnan(final[[0, 2]]).all() and np.isnan(ref_final[[0, 2]]).all()
-    np.testing.assert_array_equal(np.isnan(final[1]), np.isnan(ref_final[1]))
-    np.testing.assert_allclose(final[1], ref_final[1], rtol=1e-12)
+    with np.errstate(invalid="ignore"):
+        _assert_scalars_close(ours, table, g, w)
+        final = _host(red(None, _gpu(w, device)))
+        assert np.isnan(final[[0, 2]]).all()
+        _assert_scalars_close(final, table, None, w)
 
 
 def test_scalar_reducer_bad_input():
@@ -368,9 +377,7 @@ def test_device_encoder_gives_the_stored_rows(device, tiers):
         for name, (dtype, shape) in spec.items():
             assert out[name].dtype == dtype and tuple(out[name].shape) == shape, name
             assert out[name].device.type == torch.device(device).type
-        ref = np.stack(writer_tensor_scalars(table, gv, w))
-        np.testing.assert_array_equal(np.isnan(_host(out["scalars"])), np.isnan(ref))
-        np.testing.assert_allclose(_host(out["scalars"]), ref, rtol=1e-12, atol=0)
+        _assert_scalars_close(_host(out["scalars"]), table, gv, w)
         for a, x in (("grad", gv), ("weight", w)):
             if x is None:
                 continue
@@ -458,7 +465,7 @@ class TestCudaStream:
         w.mul_(-3.0)
         done.synchronize()
         ref = enc.DeviceEncoder(table, tiers, "cpu").encode(torch.from_numpy(g_np), torch.from_numpy(w_np))
-        np.testing.assert_allclose(host["scalars"].numpy(), ref["scalars"].numpy(), rtol=1e-12, atol=0)
+        _assert_scalars_close(host["scalars"].numpy(), table, g_np, w_np)
         np.testing.assert_array_equal(host["weight"].numpy(), ref["weight"].numpy())
         np.testing.assert_array_equal(host["grad_bits"].numpy(), ref["grad_bits"].numpy())
         r32 = ref["grad_sketch"].numpy()
