@@ -60,10 +60,11 @@ effective 4 TB/s, 10M entries cost 0.1 ms per 40 bytes. A fused kernel (Triton o
 ``torch.compile``) would bring each to its read-once floor (4-8 bytes); that is the next
 step if ``benchmarks/device/`` shows these passes in the step time.
 
-CPU time, as a sanity check only (one torch thread, d = 2**20 in 40 tensors, thread CPU
-time, this 2-core machine under load from other jobs; ``python -m capture.encode``):
-tensor_scalars (g and w) ~3-6 ns/entry, bitround ~1.5-2 ns, to_bf16_bits 0.1-0.26 ns,
-round_upper16 ~2-2.6 ns, DeviceSketcher (k = 16384) ~2.5-4 ns, sign_planes ~1.5-2.5 ns.
+CPU time, as a sanity check only (``python -m capture.encode``: one torch thread, d = 2**20
+in 40 tensors, median thread CPU time, three runs on this 2-core machine at load ~5 from
+other jobs): tensor_scalars (g and w) 3.5-6.3 ns/entry, bitround (keepbits 10) 1.8-3.0,
+to_bf16_bits 0.11, round_upper16 (keepbits 7) 2.2-3.1, DeviceSketcher (k = 16384)
+2.6-3.0, sign_planes 1.65-1.8.
 """
 
 from __future__ import annotations
