@@ -232,18 +232,22 @@ def cmd_signs(args) -> int:
     run = _open(args.store, args.storage_options)
     params = parse_params(args.params)
     with _scheduler(args.scheduler):
+        den = args.denominator
         if args.window is not None:
-            res = S.sign_shift_window(run, args.window, h=args.h, params=params, progress=args.progress)
+            res = S.sign_shift_window(run, args.window, h=args.h, params=params, denominator=den,
+                                      progress=args.progress)
         elif args.lag is not None:
-            res = S.sign_shift_lag(run, args.lag, parse_steps(args.steps), params=params, progress=args.progress)
+            res = S.sign_shift_lag(run, args.lag, parse_steps(args.steps), params=params, denominator=den,
+                                   progress=args.progress)
         else:
-            res = S.sign_shift_matrix(run, parse_steps(args.steps), params=params, progress=args.progress)
+            res = S.sign_shift_matrix(run, parse_steps(args.steps), params=params, denominator=den,
+                                      progress=args.progress)
     main = res["sign_shift"] if "sign_shift" in res else res[list(res.data_vars)[0]]
     if main.ndim == 2:
-        print("% of coordinates that flip sign (among those non-zero at both steps):")
+        print(S.LONG_NAME[den] + f" (denominator={den}):")
         _print_matrix(main, digits=1)
     else:
-        print(_summary_series(f"sign shift % at lag {args.lag}", main))
+        print(_summary_series(f"sign shift % at lag {args.lag} (denominator={den})", main))
     zero = res.get("zero_share")
     if zero is not None:
         import numpy as np
@@ -304,7 +308,8 @@ def cmd_layers(args) -> int:
     run = _open(args.store, args.storage_options)
     with _scheduler(args.scheduler):
         res = L.layer_table(run, parse_steps(args.steps), lag=args.lag, params=parse_params(args.params),
-                            exclude_tail=parse_tail(args.exclude_tail), progress=args.progress)
+                            exclude_tail=parse_tail(args.exclude_tail), denominator=args.denominator,
+                            progress=args.progress)
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_rows", 200):
@@ -395,6 +400,12 @@ STORAGE_HELP = (
 )
 
 
+def _denominator_flag(p) -> None:
+    p.add_argument("--denominator", choices=("both_nonzero", "all"), default="both_nonzero",
+                   help="sign shift among coordinates non-zero at both steps (both_nonzero, default) or among all "
+                   "coordinates (all: the zigzag paper's '~90%% of entries')")
+
+
 def _storage_flag(p) -> None:
     p.add_argument("--storage-options", metavar="JSON", help=STORAGE_HELP)
 
@@ -470,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--window", type=int, metavar="STEP", help="the h x h window starting at STEP")
     g.add_argument("--lag", type=int, help="the lag-L series")
     p.add_argument("--h", type=int, default=5, help="window size for --window (default 5)")
+    _denominator_flag(p)
     p.set_defaults(func=cmd_signs)
 
     p = sub.add_parser("rsi", help="RSI, EB, gamma, locally optimal lr and distance against a reference point")
@@ -492,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--lag", type=int, default=1, help="lag of the correlation and sign shift (default 1)")
     p.add_argument("--exclude-tail", metavar="N|epoch", help="drop the last N gradient steps from gamma")
+    _denominator_flag(p)
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("report", help="every figure into a directory with an index.html")

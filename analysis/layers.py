@@ -17,12 +17,13 @@ from analysis._common import cosines, lag_pairs, nonfinite, selected
 from analysis.engine import Pass
 from analysis.errors import AnalysisError, TierError
 from analysis.reference import resolve_reference
+from analysis.signs import LONG_NAME, check_denominator, percent
 from analysis.rsi import drop_tail, reference_in_space, rsi_from_products, rsi_space
 from analysis.store import as_run
 
 
 def layer_table(run, steps=None, *, lag: int = 1, reference="final", exclude_tail=None, params=None,
-                strict: bool = True, progress=None, scheduler=None) -> xr.Dataset:
+                strict: bool = True, denominator: str = "both_nonzero", progress=None, scheduler=None) -> xr.Dataset:
     """Per-tensor breakdown of the main metrics, in one pass over the store.
 
     Args:
@@ -31,16 +32,20 @@ def layer_table(run, steps=None, *, lag: int = 1, reference="final", exclude_tai
         reference: w* for the gamma / RSI columns (see ``rsi``); ``None`` skips them.
         exclude_tail: tail excluded from the gamma / RSI columns (see ``rsi``).
         params: restrict the table to some tensors.
+        denominator: of the sign shift: ``"both_nonzero"`` (default) or ``"all"``
+            (see :mod:`analysis.signs`).
 
     Returns:
         Dataset along ``tensor`` (names) with ``size``, ``shape``, ``corr_mean`` (mean over t
         of mu(t, t+lag) restricted to the tensor), ``sign_shift_mean`` and ``zero_share_mean``
         (percent), and with a reference ``gamma_mean`` and ``rsi_mean``. NaN where a tensor's
-        gradient is zero at every step. attrs: ``lag``, ``reference``, ``tier``.
+        gradient is zero at every step. attrs: ``lag``, ``reference``, ``tier``,
+        ``denominator``.
 
     Example:
         >>> layer_table(run).to_dataframe()                      # doctest: +SKIP
     """
+    check_denominator(denominator)
     run = as_run(run)
     group = run.params(params)
     sel = selected(run, steps)
@@ -66,9 +71,7 @@ def layer_table(run, steps=None, *, lag: int = 1, reference="final", exclude_tai
     corr = cosines(dots[:, : len(a)], sq[:, ia], sq[:, ib])
     counts = res[k_sign]  # (n_tensors, 2, P)
     sizes = np.array([run.header.tensors[i].size for i in group.indices], dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        shift = np.where(counts[:, 1] > 0, 100.0 * counts[:, 0] / counts[:, 1], np.nan)
-    zero = 100.0 * (sizes[:, None] - counts[:, 1]) / sizes[:, None]
+    shift, zero = percent(counts[:, 0], counts[:, 1], sizes[:, None], denominator)
     bad = nonfinite(run, a) | nonfinite(run, b)
     shift[:, bad] = np.nan
     zero[:, bad] = np.nan
@@ -87,9 +90,11 @@ def layer_table(run, steps=None, *, lag: int = 1, reference="final", exclude_tai
         data["gamma_mean"] = ("tensor", _nanmean(m["gamma"]))
         data["rsi_mean"] = ("tensor", _nanmean(m["rsi"]))
     attrs = {"lag": int(lag), "n_pairs": len(a), "reference": "none" if ref is None else ref.label,
-             "tier": run.header.tiers["grad"].name, "params": group.label,
+             "tier": run.header.tiers["grad"].name, "params": group.label, "denominator": denominator,
              "corr_mean": "mean over t of mu(t, t+lag) on the tensor's coordinates"}
-    return xr.Dataset(data, coords={"tensor": np.array(group.names, dtype=object)}, attrs=attrs)
+    out = xr.Dataset(data, coords={"tensor": np.array(group.names, dtype=object)}, attrs=attrs)
+    out["sign_shift_mean"].attrs.update(long_name="mean " + LONG_NAME[denominator], denominator=denominator)
+    return out
 
 
 def _nanmean(x: np.ndarray) -> np.ndarray:

@@ -182,3 +182,12 @@ def test_analysis_commands_do_not_import_torch(store, tmp_path):
     for args in (("info", store.path), ("corr", store.path, "--lag", "1"), ("signs", store.path),
                  ("rsi", store.path), ("phases", store.path)):
         gradtrace(*args, env=env)
+
+
+def test_signs_denominator_flag(store, tmp_path):
+    out = tmp_path / "signs_all.json"
+    p = gradtrace("signs", store.path, "--lag", "1", "--denominator", "all", "-o", out)
+    assert "denominator=all" in p.stdout
+    api = ga.sign_shift_lag(ga.open_run(store.path), 1, denominator="all")
+    np.testing.assert_allclose(_json_var(out, "sign_shift"), api["sign_shift"].values, atol=1e-12)
+    assert json.loads(out.read_text())["attrs"]["denominator"] == "all"
