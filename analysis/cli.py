@@ -265,8 +265,10 @@ def cmd_rsi(args) -> int:
     ref = parse_ref(args.ref)
     with _scheduler(args.scheduler):
         res = rsi(run, ref, steps=parse_steps(args.steps), params=parse_params(args.params),
-                    exclude_tail=parse_tail(args.exclude_tail), progress=args.progress)
+                    exclude_tail=parse_tail(args.exclude_tail), direction=args.direction,
+                    weight_decay=args.weight_decay, progress=args.progress)
     print(f"reference: {res.attrs.get('reference')}")
+    print(f"direction: {res.attrs.get('direction')}: {res.attrs.get('direction_definition')}")
     for v in ("gamma", "rsi", "eb", "eta_star", "distance"):
         if v in res:
             print(_summary_series(v, res[v]))
@@ -490,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference w*: final (default), step:N, mean:A:B, or a .npy / .safetensors / PyTorch checkpoint file")
     p.add_argument("--exclude-tail", metavar="N|epoch", help="drop the last N gradient steps, or the last epoch")
     p.add_argument("--per-epoch", action="store_true", help="write per-epoch mean/min/max instead of per-step values")
+    p.add_argument("--direction", choices=("gradient", "gradient+wd", "update"), default="gradient",
+                   help="D_t in place of G_t: the gradient (default), gradient + weight decay * w_t, or the update "
+                   "(w_t - w_t+1) / lr_t; eta* is the best SGD step only for the first two")
+    p.add_argument("--weight-decay", type=float, metavar="LAMBDA",
+                   help="with --direction gradient+wd: lambda for every tensor (default: the recorded optimizer groups')")
     p.set_defaults(func=cmd_rsi)
 
     p = sub.add_parser("phases", help="smooth / zigzag / random phases, zigzag share of the loss decrease, GAWU point")

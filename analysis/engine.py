@@ -249,6 +249,53 @@ class _RefDist:
         return out
 
 
+@dataclass(frozen=True)
+class _RefDir:
+    """``[||w_t - r||^2, <v_t, w_t - r>, ||v_t||^2]`` for each requested step, shape (3, n),
+    for a direction ``v_t`` other than the stored gradient (dense "param" space only):
+
+    * ``lam >= 0``: ``v_t = G_t + lam_vec * w_t`` (``lam_vec``: explicit reference ``lam``,
+      the weight decay of each column's tensor), "gradient + weight decay";
+    * ``lam < 0``: ``v_t = w_t - w_{t'}`` with ``w_{t'}`` the weight row ``w2`` (the next
+      step's weights), the update (the caller divides by the learning rate).
+
+    Everything is formed per entry in float64 (no cancellation of stored norms). Not row-wise
+    (:func:`_row_blocks` does not split it): with very many rows the slab narrows instead.
+    """
+
+    key: str
+    w: np.ndarray
+    g: np.ndarray
+    w2: np.ndarray
+    lam: int
+    ref: int
+    ref_w: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    coef: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def shape(self):
+        return (3, len(self.w))
+
+    def partial(self, data, a, b):
+        out = np.zeros(self.shape())
+        if self.ref >= 0:
+            r = data.refs[self.ref][a:b]
+        else:
+            r = np.empty(b - a)
+            for c0, c1 in _col_blocks(a, b, len(self.ref_w)):
+                r[c0 - a: c1 - a] = self.coef @ data.weight[self.ref_w, c0:c1].astype(np.float64)
+        for c0, c1 in _col_blocks(a, b, 3 * max(1, len(self.w))):
+            x = data.weight[self.w, c0:c1].astype(np.float64)
+            diff = x - r[c0 - a: c1 - a]
+            if self.lam >= 0:
+                v = data.grad[self.g, c0:c1].astype(np.float64) + data.refs[self.lam][c0:c1] * x
+            else:
+                v = x - data.weight[self.w2, c0:c1].astype(np.float64)
+            out[0] += np.einsum("ij,ij->i", diff, diff)
+            out[1] += np.einsum("ij,ij->i", v, diff)
+            out[2] += np.einsum("ij,ij->i", v, v)
+        return out
+
+
 def _slab_task(spec: SpaceSpec, pieces, refs) -> dict:
     """Read one slab and return every op's partial result (dict key -> float64 array)."""
     data = SlabData(spec, pieces, refs)
@@ -500,6 +547,33 @@ class Pass:
             wrows += list(ref_rows)
         return self._add("refdist", space, rows, wrows, w=np.asarray(rows), **extra)
 
+    def ref_dir(self, rows, *, ref_vector=None, ref_rows=None, coef=None, lam=None, next_rows=None) -> str:
+        """``[||w_t - r||^2, <v_t, w_t - r>, ||v_t||^2]`` for store rows ``rows`` (3, n), dense
+        tiers only, with ``v_t = G_t + lam * w_t`` (``lam``: float64 vector of length d) or,
+        with ``next_rows``, ``v_t = w_t - w_next`` (the weights at ``next_rows``, row for row).
+        The reference is ``ref_vector`` (float64, length d) or ``coef @ weight[ref_rows]``."""
+        if (lam is None) == (next_rows is None):
+            raise ValueError("ref_dir: give exactly one of lam= (gradient + weight decay) and next_rows= (update)")
+        n_param_refs = sum(1 for sp, _ in self.refs if sp == "param")
+        extra: dict = {"w": np.asarray(rows, dtype=np.int64)}
+        wrows = list(rows)
+        if ref_vector is not None:
+            self.refs.append(("param", np.asarray(ref_vector, dtype=np.float64)))
+            extra["ref"] = n_param_refs
+            n_param_refs += 1
+        else:
+            extra.update(ref=-1, ref_rows=np.asarray(ref_rows), coef=np.asarray(coef, dtype=np.float64))
+            wrows += list(ref_rows)
+        grows = ()
+        if lam is not None:
+            self.refs.append(("param", np.asarray(lam, dtype=np.float64)))
+            extra.update(lam=n_param_refs, g=np.asarray(rows, dtype=np.int64), w2=np.zeros(0, np.int64))
+            grows = rows
+        else:
+            extra.update(lam=-1, g=np.zeros(0, np.int64), w2=np.asarray(next_rows, dtype=np.int64))
+            wrows += list(next_rows)
+        return self._add("refdir", "param", grows, wrows, **extra)
+
     # -- building and running -------------------------------------------------------------
     def _columns(self, space: str) -> list[tuple[int, int, int]]:
         """``(segment, lo, hi)`` column pieces of the group in the space, in order."""
@@ -572,6 +646,10 @@ class Pass:
                 ref_w = pos(q.extra.get("ref_rows", np.zeros(0, np.int64)), wrows)
                 ops.append(_RefDist(q.key, pos(q.grad_rows, grows), pos(q.extra["w"], wrows),
                                     int(q.extra["ref"]), ref_w, q.extra.get("coef", np.zeros(0))))
+            elif q.kind == "refdir":
+                ref_w = pos(q.extra.get("ref_rows", np.zeros(0, np.int64)), wrows)
+                ops.append(_RefDir(q.key, pos(q.extra["w"], wrows), pos(q.extra["g"], grows), pos(q.extra["w2"], wrows),
+                                   int(q.extra["lam"]), int(q.extra["ref"]), ref_w, q.extra.get("coef", np.zeros(0))))
         if space == "param":
             g, gz, w = run.array_ref("grad") if len(grows) else None, None, run.array_ref("weight") if len(wrows) else None
             chunk = run.chunk_width("grad" if len(grows) else "weight")
@@ -591,7 +669,8 @@ class Pass:
         n = 0
         for q in self.requests:
             rows = len(set(q.grad_rows))
-            n += {"gram": rows * rows, "signgram": 2 * rows * rows}.get(q.kind, 2 * len(q.grad_rows))
+            n += {"gram": rows * rows, "signgram": 2 * rows * rows,
+                  "refdir": 3 * len(q.extra.get("w", ()))}.get(q.kind, 2 * len(q.grad_rows))
         return 8 * n * (len(self.group.indices) if self.per_tensor else 1)
 
     def graph(self):

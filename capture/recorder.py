@@ -132,6 +132,8 @@ def _run_settings(model, params, optimizer, scaler, schedule, user: dict | None,
             "param_groups": groups,
         }
         s["param_groups"] = groups
+        where = {id(q): k for k, g in enumerate(optimizer.param_groups) for q in g["params"]}
+        s["param_group_of"] = [where.get(id(p)) for _, p in params]  # group of each recorded tensor
         s["weight_decay"] = [g.get("weight_decay") for g in groups] if len(groups) > 1 else groups[0].get("weight_decay")
         lrs = [g.get("lr") for g in groups]
         s["lr_groups_differ"] = len({repr(x) for x in lrs}) > 1

@@ -191,3 +191,11 @@ def test_signs_denominator_flag(store, tmp_path):
     api = ga.sign_shift_lag(ga.open_run(store.path), 1, denominator="all")
     np.testing.assert_allclose(_json_var(out, "sign_shift"), api["sign_shift"].values, atol=1e-12)
     assert json.loads(out.read_text())["attrs"]["denominator"] == "all"
+
+
+def test_rsi_direction_flag(store, tmp_path):
+    out = tmp_path / "rsi_wd.json"
+    p = gradtrace("rsi", store.path, "--direction", "gradient+wd", "--weight-decay", "0.01", "-o", out)
+    assert "direction: gradient+wd" in p.stdout
+    api = ga.rsi(ga.open_run(store.path), direction="gradient+wd", weight_decay=0.01)
+    np.testing.assert_allclose(_json_var(out, "gamma"), api["gamma"].values, rtol=1e-12)
