@@ -221,6 +221,8 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
              "exclude_tail": str(exclude_tail), "definitions": f"RSI = <{sym}, w - w*>/||w - w*||^2; "
              f"EB = ||{sym}||/||w - w*||; gamma = RSI/EB; eta_star = RSI/EB^2; distance = ||w - w*||",
              "direction": direction, "direction_definition": DIRECTION_TEXT[direction], **dir_attrs,
+             "grad_recorded": str((run.header.settings or {}).get("grad_recorded") or "not declared (no clipping "
+                                  "declared: the gradient as .grad held at record())"),
              **group_attrs(group), **_tier_attrs(run, group)}
     if direction == "gradient":
         extra = _error_vars(run, group, rows, ref, out, space)

@@ -123,6 +123,7 @@ def _run_settings(model, params, optimizer, scaler, schedule, user: dict | None,
         "world_size": int(world),
         "schedule": schedule.describe() if isinstance(schedule, Schedule) else repr(schedule),
         "grad_clip": None,
+        "grad_recorded": None,  # "before_clip" / "after_clip" when the loop clips (Recorder(grad_recorded=))
     }
     if optimizer is not None:
         groups = [_hyper(g) for g in optimizer.param_groups]
@@ -208,6 +209,12 @@ class Recorder:
             keep up with fast steps of a large model. The stored bytes are the same either way.
         parent: for a branched ("zoom") run, ``{"store": ..., "step": ...}`` of its origin (what
             :func:`restore_weights` returns).
+        grad_recorded: for a loop that clips gradients, where ``record()`` is called:
+            ``"before_clip"`` (record() before ``clip_grad_norm_``: the raw gradient, what the
+            No Wrong Turns code measures) or ``"after_clip"``; stored in the header as
+            ``settings["grad_recorded"]`` (None: not declared). Put the threshold in
+            ``settings={"grad_clip": ...}``. record() copies ``.grad`` when called, so an
+            in-place clip afterwards does not change what is stored.
 
     Under ``torch.distributed`` only rank 0 writes; on other ranks ``record`` is a no-op.
 
@@ -235,6 +242,7 @@ class Recorder:
         param_chunk: int = fmt.DEFAULT_PARAM_CHUNK,
         writer_threads: int = 1,
         parent: dict | None = None,
+        grad_recorded: str | None = None,
     ):
         if resume and overwrite:
             raise ValueError("Recorder: resume=True and overwrite=True contradict each other; pick one")
@@ -244,6 +252,11 @@ class Recorder:
             raise ValueError(f"Recorder: queue_size={queue_size} must be >= 1")
         if settings is not None and not isinstance(settings, Mapping):
             raise TypeError(f"Recorder: settings must be a dict, got {type(settings).__name__}")
+        if grad_recorded not in (None, "before_clip", "after_clip"):
+            raise ValueError(f"Recorder: grad_recorded={grad_recorded!r}: use 'before_clip' (record() called before "
+                             "clip_grad_norm_), 'after_clip', or None when the loop does not clip")
+        if grad_recorded is not None:
+            settings = {**(settings or {}), "grad_recorded": grad_recorded}
         self.path = Path(path)
         self.model = _unwrap(model)
         self.optimizer = optimizer

@@ -111,3 +111,74 @@ def test_rsi_gradient_plus_wd_matches_numpy(run):
     for m, v in want.items():
         close(got[m].values, v)
     assert "fc1.weight=0.0005" in got.attrs["weight_decay"] and "fc1.bias=0" in got.attrs["weight_decay"]
+
+
+# ---------------------------------------------------------------- clipping: which gradient is stored
+
+def test_recorder_stores_the_pre_clipping_gradient_and_says_so(tmp_path):
+    from analysis.format import read_header
+
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    out = {}
+    for where in ("before_clip", "after_clip"):
+        torch.manual_seed(1)
+        model = MLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        raw, clipped = [], []
+        path = tmp_path / f"{where}.zarr"
+        with Recorder(model, path, opt, grad_recorded=where, settings={"grad_clip": 0.05}) as rec:
+            for step in range(4):
+                nn.functional.cross_entropy(model(x), y).backward()
+                raw.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy())
+                if where == "after_clip":
+                    nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                rec.record(step)
+                if where == "before_clip":
+                    nn.utils.clip_grad_norm_(model.parameters(), 0.05)  # in place, after record()
+                clipped.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy())
+                opt.step()
+                opt.zero_grad()
+        G = xr.open_zarr(path).grad.values[:4]
+        want = np.array(raw if where == "before_clip" else clipped)
+        np.testing.assert_array_equal(G, want)
+        assert (np.linalg.norm(np.array(raw), axis=1) > 0.1).all()  # the clip really acted
+        s = read_header(path).settings
+        assert s["grad_recorded"] == where and s["grad_clip"] == 0.05
+        out[where] = ga.rsi(path)
+    assert out["before_clip"].attrs["grad_recorded"] == "before_clip"
+    with pytest.raises(ValueError, match="grad_recorded='pre'"):
+        Recorder(MLP(), tmp_path / "bad.zarr", grad_recorded="pre")
+
+
+def test_recipe_clips_and_trains_with_mse(tmp_path):
+    from analysis.format import read_header
+    from capture.recipes import RunConfig, run_recipe
+    from capture.train import build
+
+    tiny = dict(name="clip", model="mlp", dataset="digits", n_train=64, optimizer="gd", lr=0.5, steps=4,
+                num_threads=1, loss="mse", grad_clip=0.02)
+    runs = {}
+    for where in ("before_clip", "after_clip"):
+        path = run_recipe(RunConfig(**tiny, grad_recorded=where), tmp_path / f"{where}.zarr", progress=False)
+        runs[where] = xr.open_zarr(path)
+        assert read_header(path).settings["grad_recorded"] == where
+        assert read_header(path).settings["grad_clip"] == 0.02
+    nb = np.sqrt(runs["before_clip"].grad_sqnorm.values[:4])
+    na = np.sqrt(runs["after_clip"].grad_sqnorm.values[:4])
+    assert (nb > 0.03).all()  # raw gradient above the threshold ...
+    np.testing.assert_allclose(na, 0.02, rtol=1e-5)  # ... the clipped one at it
+    # both runs take the same (clipped) steps: identical weights
+    np.testing.assert_array_equal(runs["before_clip"].weight.values, runs["after_clip"].weight.values)
+    # the MSE loss: step 0 equals mean((f(x) - onehot(y))^2) at w_0, and its gradient is stored
+    built = build(RunConfig(**tiny))
+    out = built.model(built.X)
+    loss = ((out - nn.functional.one_hot(built.y, out.shape[1]).float()) ** 2).mean()
+    loss.backward()
+    assert float(runs["before_clip"].loss.values[0]) == pytest.approx(float(loss.detach()), rel=1e-6)
+    g = torch.cat([p.grad.reshape(-1) for p in built.model.parameters()]).numpy()
+    np.testing.assert_allclose(runs["before_clip"].grad.values[0], g, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="loss='hinge'"):
+        RunConfig(**{**tiny, "loss": "hinge"})
+    with pytest.raises(ValueError, match="grad_clip=-1"):
+        RunConfig(**{**tiny, "grad_clip": -1})
