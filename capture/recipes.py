@@ -120,7 +120,7 @@ class RunConfig:
         lr_schedule: a :data:`capture.optim.SCHEDULES` name: ``"constant"``, ``"step"``,
             ``"cosine"``, ``"warmup_cosine"``, ``"gawu"``, ``"wu"``.
         lr_schedule_kwargs: its options (``warmup_steps``, ``eta_min``, ``milestones``,
-            ``step_size``, ``gamma``, ``omega``, ``eta_0``, ``max_lr``, ``window``,
+            ``step_size``, ``gamma``, ``omega``, ``eta_0``, ``max_lr``, ``window``, ``warmup_form``,
             ``switch_step``); options the schedule does not use are errors.
         record: recording schedule (:func:`capture.schedules.parse_schedule` strings such as
             ``"every"``, ``"every:10"``, ``"windows:5:100"``), plus ``"epoch"`` for the first
