@@ -297,7 +297,8 @@ def cmd_phases(args) -> int:
     counts = {k: int((labels == k).sum()) for k in sorted(set(labels))}
     print("steps per phase: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     share = res.attrs.get("zigzag_share")
-    print(f"share of the loss decrease under zigzag: {_fmt(share)}")
+    print(f"share of the loss decrease under zigzag: {_fmt(share)} (rule {res.attrs.get('zigzag_share_rule')}: "
+          f"only decreases below the previous low count; per-step net rule: {_fmt(res.attrs.get('zigzag_share_net'))})")
     gs = res.attrs.get("gawu_step", -1)
     print(f"GAWU change point (first + to - crossing): {'none' if gs is None or gs < 0 else gs}")
     _save(res, args.output)
