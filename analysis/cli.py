@@ -290,7 +290,8 @@ def cmd_phases(args) -> int:
     run = _open(args.store, args.storage_options)
     with _scheduler(args.scheduler):
         res = phases(run, h=args.h, steps=parse_steps(args.steps), params=parse_params(args.params),
-                       statistic=args.statistic, smooth=args.smooth, zigzag=args.zigzag, progress=args.progress)
+                       statistic=args.statistic, smooth=args.smooth, zigzag=args.zigzag, share_rule=args.share_rule,
+                       progress=args.progress)
     import numpy as np
 
     labels = np.asarray(res["phase"].values).astype(str)
@@ -506,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statistic", choices=("mean_corr", "lag1"), default="mean_corr")
     p.add_argument("--smooth", type=float, default=0.5, help="label smooth above this (default 0.5)")
     p.add_argument("--zigzag", type=float, default=-0.5, help="label zigzag below this (default -0.5)")
+    p.add_argument("--share-rule", choices=("record_low", "net"), default="record_low",
+                   help="zigzag share: count only decreases below the previous low (record_low, default, in [0, 1]) "
+                   "or per-step net decreases (net, can leave [0, 1])")
     p.set_defaults(func=cmd_phases)
 
     p = sub.add_parser("layers", help="per-layer breakdown: correlation, sign shift, gamma per parameter tensor")

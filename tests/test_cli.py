@@ -113,7 +113,9 @@ def test_rsi_json_matches_api(store, tmp_path):
 
 def test_phases_and_layers(store, tmp_path):
     p = gradtrace("phases", store.path, "--h", "3")
-    assert "steps per phase" in p.stdout and "GAWU" in p.stdout
+    assert "steps per phase" in p.stdout and "GAWU" in p.stdout and "rule record_low" in p.stdout
+    p = gradtrace("phases", store.path, "--h", "3", "--share-rule", "net")
+    assert "rule net" in p.stdout
     p = gradtrace("layers", store.path, "-o", tmp_path / "layers.csv")
     assert "conv.weight" in p.stdout and (tmp_path / "layers.csv").exists()
 
