@@ -259,8 +259,8 @@ class _RefDir:
     * ``lam < 0``: ``v_t = w_t - w_{t'}`` with ``w_{t'}`` the weight row ``w2`` (the next
       step's weights), the update (the caller divides by the learning rate).
 
-    Everything is formed per entry in float64 (no cancellation of stored norms). Not row-wise
-    (:func:`_row_blocks` does not split it): with very many rows the slab narrows instead.
+    Everything is formed per entry in float64 (no cancellation of stored norms). Row-wise:
+    :func:`_row_blocks` may cut its rows into blocks like :class:`_RefDist`'s.
     """
 
     key: str
@@ -271,28 +271,46 @@ class _RefDir:
     ref: int
     ref_w: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     coef: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    out: np.ndarray | None = None  # as in _PairDots
+    n_out: int = 0
 
     def shape(self):
         return (3, len(self.w))
+
+    def partner(self) -> tuple[np.ndarray, bool]:
+        """Positions of each item's second row and whether they are weight rows."""
+        return (self.g, False) if self.lam >= 0 else (self.w2, True)
 
     def partial(self, data, a, b):
         out = np.zeros(self.shape())
         if self.ref >= 0:
             r = data.refs[self.ref][a:b]
-        else:
+        else:  # the same column chunks as _RefDist and _ref_vectors (a row block's reference)
             r = np.empty(b - a)
-            for c0, c1 in _col_blocks(a, b, len(self.ref_w)):
-                r[c0 - a: c1 - a] = self.coef @ data.weight[self.ref_w, c0:c1].astype(np.float64)
-        for c0, c1 in _col_blocks(a, b, 3 * max(1, len(self.w))):
-            x = data.weight[self.w, c0:c1].astype(np.float64)
-            diff = x - r[c0 - a: c1 - a]
-            if self.lam >= 0:
-                v = data.grad[self.g, c0:c1].astype(np.float64) + data.refs[self.lam][c0:c1] * x
-            else:
-                v = x - data.weight[self.w2, c0:c1].astype(np.float64)
-            out[0] += np.einsum("ij,ij->i", diff, diff)
-            out[1] += np.einsum("ij,ij->i", v, diff)
-            out[2] += np.einsum("ij,ij->i", v, v)
+            step = max(1024, ROW_CHUNK)
+            for c0 in range(a, b, step):
+                c1 = min(b, c0 + step)
+                r[c0 - a: c1 - a] = self.coef @ _as64(data.weight[self.ref_w, c0:c1], "ref_rows")
+        # one item (row) at a time in fixed column chunks: an item's sums do not depend on
+        # which other rows share the slab (a row block gives the unblocked value)
+        step = max(1024, ROW_CHUNK)
+        for c0 in range(a, b, step):
+            c1 = min(b, c0 + step)
+            rr = r[c0 - a: c1 - a]
+            lam = data.refs[self.lam][c0:c1] if self.lam >= 0 else None
+            for k in range(len(self.w)):
+                x = _as64(data.weight[self.w[k], c0:c1], "dir_x")
+                diff = _buffer("dir_d", x.shape, np.float64)
+                np.subtract(x, rr, out=diff)
+                v = _buffer("dir_v", x.shape, np.float64)
+                if lam is not None:
+                    np.multiply(lam, x, out=v)
+                    v += data.grad[self.g[k], c0:c1]
+                else:
+                    np.subtract(x, data.weight[self.w2[k], c0:c1], out=v)
+                out[0, k] += np.dot(diff, diff)
+                out[1, k] += np.dot(v, diff)
+                out[2, k] += np.dot(v, v)
         return out
 
 
@@ -338,7 +356,7 @@ def _combine(*parts: dict) -> dict:
     return out
 
 
-_ROW_WISE = (_PairDots, _SignPairs, _RefDist)
+_ROW_WISE = (_PairDots, _SignPairs, _RefDist, _RefDir)
 
 
 def _row_blocks(spec: SpaceSpec, max_rows: int, n_refs: int) -> tuple[list[SpaceSpec], SpaceSpec | None]:
@@ -361,6 +379,13 @@ def _row_blocks(spec: SpaceSpec, max_rows: int, n_refs: int) -> tuple[list[Space
         if isinstance(op, _RefDist):
             a, b = np.asarray(op.g, np.int64), ng + np.asarray(op.w, np.int64)
             rows = np.minimum(grows[op.g], wrows[op.w])
+            if op.ref < 0:
+                fixed[i] = n_refs + len(fixed)
+        elif isinstance(op, _RefDir):
+            other, is_w = op.partner()
+            a = ng + np.asarray(op.w, np.int64)
+            b = (ng if is_w else 0) + np.asarray(other, np.int64)
+            rows = np.minimum(wrows[op.w], (wrows if is_w else grows)[other])
             if op.ref < 0:
                 fixed[i] = n_refs + len(fixed)
         else:
@@ -412,6 +437,9 @@ def _row_blocks(spec: SpaceSpec, max_rows: int, n_refs: int) -> tuple[list[Space
             op = spec.ops[i]
             if isinstance(op, _RefDist):
                 keys += [np.asarray(op.g, np.int64)[idx], ng + np.asarray(op.w, np.int64)[idx]]
+            elif isinstance(op, _RefDir):
+                other, is_w = op.partner()
+                keys += [ng + np.asarray(op.w, np.int64)[idx], (ng if is_w else 0) + np.asarray(other, np.int64)[idx]]
             else:
                 keys += [np.asarray(op.ga, np.int64)[idx], np.asarray(op.gb, np.int64)[idx]]
         keys = np.unique(np.concatenate(keys))
@@ -424,6 +452,12 @@ def _row_blocks(spec: SpaceSpec, max_rows: int, n_refs: int) -> tuple[list[Space
                 ops.append(dataclasses.replace(
                     op, g=np.searchsorted(gpos, op.g[idx]), w=np.searchsorted(wpos, op.w[idx]),
                     out=idx, n_out=len(op.w), **ref))
+            elif isinstance(op, _RefDir):
+                ref = {"ref": fixed[i], "ref_w": np.zeros(0, np.int64), "coef": np.zeros(0)} if i in fixed else {}
+                part = ({"g": np.searchsorted(gpos, op.g[idx])} if op.lam >= 0
+                        else {"w2": np.searchsorted(wpos, op.w2[idx])})
+                ops.append(dataclasses.replace(op, w=np.searchsorted(wpos, op.w[idx]), out=idx, n_out=len(op.w),
+                                               **part, **ref))
             else:
                 ops.append(dataclasses.replace(
                     op, ga=np.searchsorted(gpos, op.ga[idx]), gb=np.searchsorted(gpos, op.gb[idx]),

@@ -303,3 +303,34 @@ def test_direction_update_sparse_and_bad_input(tmp_path):
     sk = make_store(tmp_path / "sketch.zarr", steps=4, tiers="sketch:64", seed=2)
     with pytest.raises(ga.TierError, match="needs dense grad and weight tiers"):
         ga.rsi(sk.path, direction="gradient+wd", weight_decay=0.1)
+
+
+def test_directions_cut_rows_not_chunks(data, monkeypatch):
+    """The direction passes are row-wise too: with many steps their rows are cut into blocks
+    of whole chunks (each chunk decoded at most twice: a block's partner row), and every value
+    equals the unblocked pass's."""
+    run = ga.open_run(data.path)
+    whole = {d: ga.rsi(run, direction=d, **kw) for d, kw in
+             (("gradient+wd", {"weight_decay": 0.05}), ("update", {}))}
+    whole_ref = ga.rsi(run, slice(2, 5), direction="update")
+    cw = run.chunk_width("grad")
+    monkeypatch.setattr(engine, "SLAB_BYTES", 4 * cw * 4)
+    monkeypatch.setattr(engine, "CHUNK_SLAB_BYTES", 4 * cw * 4)
+    monkeypatch.setattr(engine, "MIN_SLAB_COLS", 2)
+    decodes, reads = count_decodes(monkeypatch)
+    n_chunks = -(-data.d // cw)
+    W = np.vstack([data.weights, data.final_weight[None]]).astype(np.float64)
+    for d, kw in (("gradient+wd", {"weight_decay": 0.05}), ("update", {})):
+        decodes.clear()
+        r = ga.rsi(run, direction=d, **kw)
+        for m in METRICS:
+            np.testing.assert_allclose(r[m].values, whole[d][m].values, rtol=1e-13)
+        D = data.grads + 0.05 * W[:-1] if d == "gradient+wd" else (W[:-1] - W[1:]) / data.lrs[:, None]
+        check_dir(r, D, W, W[-1], range(12))
+        assert all(lo % cw == 0 for _, _, lo, _ in reads) and max(decodes.values()) <= 2
+        assert max(n for _, n, _, _ in reads) <= 4  # row blocks of whole chunks, not all 13 rows
+        reads.clear()
+        assert {c for (_, _, c) in decodes} == set(range(n_chunks))
+    r = ga.rsi(run, slice(2, 5), direction="update")  # a reference of store rows, formed once per slab
+    for m in METRICS:
+        np.testing.assert_allclose(r[m].values, whole_ref[m].values, rtol=1e-13)
