@@ -206,6 +206,9 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
                               RuntimeWarning, stacklevel=2)
             if (has_next & ~ok_lr).any():
                 dir_attrs["note"] = "steps with a missing or non-positive recorded lr give NaN"
+            if (run.header.settings or {}).get("lr_groups_differ"):
+                dir_attrs["lr_note"] = ("the optimizer groups had different learning rates; lr_t is group 0's, so "
+                                        "D_t of the other groups' tensors is scaled by their lr / lr_0")
     out = rsi_from_products(dist2, gdiff, gg)
     if direction != "gradient":
         bad = ~np.isfinite(gg)
@@ -268,6 +271,10 @@ def weight_decays(run: Run, weight_decay=None) -> np.ndarray:
             raise AnalysisError(f"{run.path} has {len(groups)} optimizer groups but does not record which tensor is in "
                                 "which (older recorder): pass weight_decay={name or glob: value}")
         of = [0] * n
+    if any(k is None for k in of):
+        missing = [run.header.tensors[i].name for i, k in enumerate(of) if k is None][:4]
+        raise AnalysisError(f"tensors {missing} of {run.path} are in no recorded optimizer group: pass weight_decay= "
+                            "explicitly")
     if len(of) != n:
         raise AnalysisError(f"settings['param_group_of'] of {run.path} has {len(of)} entries for {n} tensors: "
                             "pass weight_decay= explicitly")

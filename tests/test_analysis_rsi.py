@@ -334,3 +334,33 @@ def test_directions_cut_rows_not_chunks(data, monkeypatch):
     r = ga.rsi(run, slice(2, 5), direction="update")  # a reference of store rows, formed once per slab
     for m in METRICS:
         np.testing.assert_allclose(r[m].values, whole_ref[m].values, rtol=1e-13)
+
+
+def test_weight_decay_from_the_header(tmp_path):
+    """settings["param_groups"] + settings["param_group_of"] give each tensor its lambda."""
+    from analysis import format as fmt
+    from capture.writer import StoreWriter
+
+    d = make_store(tmp_path / "h.zarr", steps=4, seed=1)
+    names = [t.name for t in d.tensors]
+    of = [0 if n.endswith("weight") else 1 for n in names]
+    for settings, match in (({"param_groups": [{"weight_decay": 0.2}, {"weight_decay": 0.0}], "param_group_of": of},
+                             None),
+                            ({"param_groups": [{"weight_decay": 0.2}, {"weight_decay": 0.0}]}, "does not record which"),
+                            ({"param_groups": [{"weight_decay": 0.2}], "param_group_of": [0, None, 0, 0, 0]},
+                             "in no recorded optimizer group")):
+        path = tmp_path / f"s{len(settings)}{match is None}.zarr"
+        w = StoreWriter(path, d.tensors, d.tiers, mode="overwrite", param_chunk=16, settings=settings)
+        for k in range(4):
+            w.append(k, d.raw_grads[k], d.raw_weights[k], loss=1.0, lr=0.1, epoch=0)
+        w.close(final_weight=d.final_weight)
+        if match:
+            with pytest.raises(ga.AnalysisError, match=match):
+                ga.rsi(path, direction="gradient+wd")
+            continue
+        r = ga.rsi(path, direction="gradient+wd")
+        lam = lam_vector(d, {n: 0.2 for n in names if n.endswith("weight")})
+        W = d.weights.astype(np.float64)
+        check_dir(r, d.grads + lam * W, W, d.final_weight, range(4))
+        assert "conv.weight=0.2" in r.attrs["weight_decay"] and "conv.bias=0" in r.attrs["weight_decay"]
+    assert fmt.read_header(tmp_path / "s2True.zarr").settings["param_group_of"] == of
