@@ -75,3 +75,13 @@ def test_probe_batch_and_dask_batch(parent, tmp_path):
     np.testing.assert_allclose(xr.open_zarr(b).grad.values[:5], sib.grad.values[:5], rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="probe=500 must be an int in \\[1, 96\\]"):
         recompute_gradients(parent, tmp_path / "bad.zarr", probe=500)
+
+
+def test_distributed_client(parent, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        out = recompute_gradients(parent, tmp_path / "dist.zarr", steps=slice(0, 3), block=2, scheduler=client)
+    ref = recompute_gradients(parent, tmp_path / "local.zarr", steps=slice(0, 3))
+    np.testing.assert_allclose(xr.open_zarr(out).grad.values[:4], xr.open_zarr(ref).grad.values[:4], rtol=1e-6,
+                               atol=1e-9)
+    assert list(xr.open_zarr(out).step.values) == [0, 1, 2, 3, 9]
