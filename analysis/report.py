@@ -116,7 +116,7 @@ def write_report(store, out_dir, *, h: int = 5, reference="final", exclude_tail=
         save_result(ph, res_dir / "phases.nc")
         mc = ph["mean_corr"]
         labels = np.asarray(ph["phase"].values).astype(str)
-        facts["share of the loss decrease under zigzag"] = f"{100 * float(ph.attrs['zigzag_share']):.1f}%" \
+        facts["share of the loss decrease under zigzag (new lows only; spikes add nothing)"] = f"{100 * float(ph.attrs['zigzag_share']):.1f}%" \
             if np.isfinite(ph.attrs.get("zigzag_share", np.nan)) else "n/a"
         gs = ph.attrs.get("gawu_step", -1)
         facts["GAWU change point (first + to - crossing of the mean correlation)"] = "none" if gs < 0 else f"step {gs}"

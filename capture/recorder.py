@@ -154,6 +154,7 @@ def _run_settings(model, params, optimizer, scaler, schedule, user: dict | None,
         "world_size": int(world),
         "schedule": schedule.describe() if isinstance(schedule, Schedule) else repr(schedule),
         "grad_clip": None,
+        "grad_recorded": None,  # "before_clip" / "after_clip" when the loop clips (Recorder(grad_recorded=))
     }
     if optimizer is not None:
         groups = [_hyper(g) for g in optimizer.param_groups]
@@ -163,6 +164,8 @@ def _run_settings(model, params, optimizer, scaler, schedule, user: dict | None,
             "param_groups": groups,
         }
         s["param_groups"] = groups
+        where = {id(q): k for k, g in enumerate(optimizer.param_groups) for q in g["params"]}
+        s["param_group_of"] = [where.get(id(p)) for _, p in params]  # group of each recorded tensor
         s["weight_decay"] = [g.get("weight_decay") for g in groups] if len(groups) > 1 else groups[0].get("weight_decay")
         lrs = [g.get("lr") for g in groups]
         s["lr_groups_differ"] = len({repr(x) for x in lrs}) > 1
@@ -284,6 +287,12 @@ class Recorder:
             counter is checked after the writer has read it, and a gradient changed in place
             in between is not stored (the row is flagged ``FLAG_SKIPPED``, with a warning, and
             the recorder copies from then on). ``False`` always copies.
+        grad_recorded: for a loop that clips gradients, where ``record()`` is called:
+            ``"before_clip"`` (record() before ``clip_grad_norm_``: the raw gradient, what the
+            No Wrong Turns code measures) or ``"after_clip"``; stored in the header as
+            ``settings["grad_recorded"]`` (None: not declared). Put the threshold in
+            ``settings={"grad_clip": ...}``. What is stored is ``.grad`` as record() saw it: an
+            in-place clip afterwards does not change it (the recorder then copies gradients).
 
     Under ``torch.distributed`` only rank 0 writes; on other ranks ``record`` is a no-op.
 
@@ -315,6 +324,7 @@ class Recorder:
         on_full: str = "block",
         commit_interval: float = 1.0,
         grads_by_reference: "bool | str" = "auto",
+        grad_recorded: str | None = None,
     ):
         if resume and overwrite:
             raise ValueError("Recorder: resume=True and overwrite=True contradict each other; pick one")
@@ -324,6 +334,11 @@ class Recorder:
             raise ValueError(f"Recorder: queue_size={queue_size} must be >= 1")
         if settings is not None and not isinstance(settings, Mapping):
             raise TypeError(f"Recorder: settings must be a dict, got {type(settings).__name__}")
+        if grad_recorded not in (None, "before_clip", "after_clip"):
+            raise ValueError(f"Recorder: grad_recorded={grad_recorded!r}: use 'before_clip' (record() called before "
+                             "clip_grad_norm_), 'after_clip', or None when the loop does not clip")
+        if grad_recorded is not None:
+            settings = {**(settings or {}), "grad_recorded": grad_recorded}
         self.path = Path(path)
         self.model = _unwrap(model)
         self.optimizer = optimizer

@@ -113,7 +113,9 @@ def test_rsi_json_matches_api(store, tmp_path):
 
 def test_phases_and_layers(store, tmp_path):
     p = gradtrace("phases", store.path, "--h", "3")
-    assert "steps per phase" in p.stdout and "GAWU" in p.stdout
+    assert "steps per phase" in p.stdout and "GAWU" in p.stdout and "rule record_low" in p.stdout
+    p = gradtrace("phases", store.path, "--h", "3", "--share-rule", "net")
+    assert "rule net" in p.stdout
     p = gradtrace("layers", store.path, "-o", tmp_path / "layers.csv")
     assert "conv.weight" in p.stdout and (tmp_path / "layers.csv").exists()
 
@@ -182,3 +184,20 @@ def test_analysis_commands_do_not_import_torch(store, tmp_path):
     for args in (("info", store.path), ("corr", store.path, "--lag", "1"), ("signs", store.path),
                  ("rsi", store.path), ("phases", store.path)):
         gradtrace(*args, env=env)
+
+
+def test_signs_denominator_flag(store, tmp_path):
+    out = tmp_path / "signs_all.json"
+    p = gradtrace("signs", store.path, "--lag", "1", "--denominator", "all", "-o", out)
+    assert "denominator=all" in p.stdout
+    api = ga.sign_shift_lag(ga.open_run(store.path), 1, denominator="all")
+    np.testing.assert_allclose(_json_var(out, "sign_shift"), api["sign_shift"].values, atol=1e-12)
+    assert json.loads(out.read_text())["attrs"]["denominator"] == "all"
+
+
+def test_rsi_direction_flag(store, tmp_path):
+    out = tmp_path / "rsi_wd.json"
+    p = gradtrace("rsi", store.path, "--direction", "gradient+wd", "--weight-decay", "0.01", "-o", out)
+    assert "direction: gradient+wd" in p.stdout
+    api = ga.rsi(ga.open_run(store.path), direction="gradient+wd", weight_decay=0.01)
+    np.testing.assert_allclose(_json_var(out, "gamma"), api["gamma"].values, rtol=1e-12)
