@@ -386,6 +386,7 @@ class Recorder:
         self._n_skipped = 0
         self._n_grad_changed = 0
         self._warned_changed = False
+        self._grad_ids: tuple = ()  # id() of each parameter's .grad at the last record() call
         self._pf_hook = None  # optimizer hook of the weights read ahead (rank 0, CPU)
         self._n_prefetched = 0
         _warn_threads(self._cuda)
@@ -493,6 +494,8 @@ class Recorder:
             self._raise_writer_error()
         if not self.active:
             return False
+        if self._by_ref:
+            self._grad_ids = tuple(id(p.grad) for _, p in self._params)
         self._stepped.set()
         if self._n_grad_changed and not self._warned_changed:
             self._warn_changed()
@@ -620,15 +623,17 @@ class Recorder:
             if self._by_ref and not n_missing:
                 # no copy on the training thread: the writer flattens them, then checks that
                 # no version counter moved (see grads_by_reference)
-                slot.refs = [g.detach() for g in grads]
+                # the .grad tensors themselves (not detached views): their ids identify them
+                slot.refs = list(grads)
                 slot.versions = [g._version for g in grads]
+                self._grad_ids = tuple(id(g) for g in grads)
             else:
                 # a copy that is multiplied afterwards must have landed first (blocking copy)
                 self._flat(grads, slot.grad, non_blocking=inv_scale is None)
                 if inv_scale is not None:
                     slot.grad.mul_(inv_scale.to(slot.grad.device))
                 if self._by_ref_allowed and not n_missing:
-                    self._ref_probe = [[g.detach() for g in grads], [g._version for g in grads]]
+                    self._ref_probe = [list(grads), [g._version for g in grads]]
             if with_weights:
                 self._flat(weights, slot.weight, non_blocking=True)
         for i, v in enumerate((loss, lr)):
@@ -898,9 +903,12 @@ class Recorder:
         """After the writer read the referenced gradients: wait until the training thread can
         no longer change them (each has been dropped from its parameter, or the training
         thread waits in flush/close), then compare their version counters."""
-        params = self._params
+        # never read p.grad here: backward assigns it without the GIL (a segfault when read
+        # from this thread); the training thread publishes the ids of the current .grad
+        # tensors at every record() call (ids of live objects are unique: we hold refs)
+        ids = [id(r) for r in slot.refs]
         while not self._quiet.is_set():
-            if not any(p.grad is r for (_, p), r in zip(params, slot.refs)):
+            if not any(a == b for a, b in zip(self._grad_ids, ids)):
                 break
             self._stepped.wait(0.05)
             self._stepped.clear()
