@@ -68,6 +68,37 @@ def sign_shift_matrix(run, steps=None, *, params=None, progress=None, scheduler=
                        "zero_share": matrix(zero, sel, "zero_share", attrs)}, attrs=attrs)
 
 
+def sign_shift(run, j: int, k: int, *, params=None, progress=None, scheduler=None) -> xr.Dataset:
+    """Sign shift between two gradient steps j and k (one pass over the two rows).
+
+    Returns:
+        Dataset of 0-d ``sign_shift`` (percent of the coordinates non-zero at both steps whose
+        signs differ; NaN if there are none) and ``zero_share`` (percent of all coordinates
+        zero at either step), scalar coords ``step_j``, ``step_k``; NaN for a NaN/Inf gradient.
+
+    Raises:
+        StepNotFoundError: j or k is not a recorded gradient step.
+
+    Example:
+        >>> sign_shift(run, 10, 11)["sign_shift"].item()       # doctest: +SKIP
+        48.7
+    """
+    run = as_run(run)
+    group = run.params(params)
+    j, k = int(j), int(k)
+    run.select_steps([j, k])
+    p = Pass(run, group)
+    key = p.sign_pairs(run.rows_of([j]), run.rows_of([k]))
+    counts = p.compute(progress=progress, scheduler=scheduler)[key]
+    shift, zero = _percent(counts[0], counts[1], float(group.size))
+    if (nonfinite(run, np.array([j])) | nonfinite(run, np.array([k]))).any():
+        shift, zero = shift * np.nan, zero * np.nan
+    attrs = _attrs(run, group)
+    coords = {"step_j": j, "step_k": k}
+    return xr.Dataset({"sign_shift": xr.DataArray(float(shift[0]), coords=coords, attrs=attrs),
+                       "zero_share": xr.DataArray(float(zero[0]), coords=coords, attrs=attrs)}, attrs=attrs)
+
+
 def sign_shift_window(run, step: int, h: int = 5, *, params=None, progress=None, scheduler=None) -> xr.Dataset:
     """Sign-shift matrix of the window of training steps ``step .. step + h - 1``."""
     run = as_run(run)

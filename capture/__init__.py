@@ -14,7 +14,16 @@ Importing :mod:`capture` stays light: the names that need torch (``Recorder``,
 on first use.
 """
 
+import warnings
+
 from analysis.format import Tier
+
+# zarr-python 3.1 warns (ZarrUserWarning) on every consolidate_metadata call that consolidated
+# metadata is not in the Zarr v3 spec yet. StoreWriter.close consolidates on purpose (plain
+# xarray.open_zarr readers use it), so the warning printed on every Recorder close, in user
+# scripts and notebooks. Only that message is silenced. (Once capture/writer.py wraps its
+# consolidate call in warnings.catch_warnings, this process-wide filter can go.)
+warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
 from capture.schedules import (
     Schedule,
     at,
