@@ -211,7 +211,9 @@ def _make_lightning_callback():
             trainer = self._trainer
             if trainer is None or self._core.rec is None:
                 return None
-            closure = kwargs.get("closure", args[0] if args else None)
+            # torch hands the hook step's positional arguments with the optimizer itself first
+            off = 1 if args and args[0] is optimizer else 0
+            closure = kwargs.get("closure", args[off] if len(args) > off else None)
             if closure is None:  # AMP: scaler.step() after unscaling and clipping
                 self._record(trainer)
                 return None
@@ -221,9 +223,9 @@ def _make_lightning_callback():
                 self._record(trainer)
                 return out
 
-            if "closure" in kwargs or not args:
+            if "closure" in kwargs:
                 return args, {**kwargs, "closure": recording_closure}
-            return (recording_closure, *args[1:]), kwargs
+            return (*args[:off], recording_closure, *args[off + 1:]), kwargs
 
         def _finish(self, final: bool):
             if self._hook is not None:

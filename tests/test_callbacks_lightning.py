@@ -135,3 +135,30 @@ def test_callback_options_are_checked(tmp_path):
         LightningCallback(tmp_path / "x.zarr", optimizer=None)
 
 
+
+
+@pytest.mark.parametrize("clipping", ["after", "before"])
+def test_lightning_amp_records_the_unscaled_gradient(tmp_path, clipping):
+    """A GradScaler with loss scale 1024 (CPU autocast to float16): the rows must still be the
+    update the optimizer made, i.e. unscaled, and the loss unscaled too."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    try:
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        plugin = MixedPrecision(precision="16-mixed", device="cpu", scaler=scaler)
+    except (TypeError, RuntimeError, ValueError) as err:  # pragma: no cover - older torch/Lightning
+        pytest.skip(f"no CPU GradScaler here: {err}")
+    torch.manual_seed(0)
+    x, y = pl_data()
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False)
+    cb = LightningCallback(tmp_path / "amp.zarr", clipping=clipping)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=5, callbacks=[cb], plugins=[plugin], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(TinyModule(), dl)
+    steps, G, W, loss, _, _, _ = rows(tmp_path / "amp.zarr")
+    assert list(steps) == list(range(5))
+    assert_sgd_rows(G, W)
+    assert float(scaler.get_scale()) >= 1024.0  # the scale was in force (no skipped steps)
+    assert (loss > 0.5).all() and (loss < 5).all()  # cross-entropy of 3 classes, not 1024x that

@@ -22,7 +22,7 @@ pytest.importorskip("accelerate")
 from capture.callbacks import TrainerCallback  # noqa: E402
 
 
-def hf_fit(tmp_path, *, clipping="after", accumulate=1, clip=0.0, steps=6, name="hf.zarr", context=False):
+def hf_fit(tmp_path, *, clipping="after", accumulate=1, clip=0.0, steps=6, name="hf.zarr", context=False, **extra):
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=16, num_labels=3,
@@ -36,8 +36,8 @@ def hf_fit(tmp_path, *, clipping="after", accumulate=1, clip=0.0, steps=6, name=
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=accumulate,
         max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=clip,
-        report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
-        dataloader_num_workers=0, train_sampling_strategy="sequential", seed=0)
+        report_to="none", save_strategy="no", logging_strategy="no", use_cpu=extra.pop("use_cpu", True),
+        disable_tqdm=True, dataloader_num_workers=0, train_sampling_strategy="sequential", seed=0, **extra)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     cb = TrainerCallback(tmp_path / name, clipping=clipping)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb], optimizers=(opt, None))
@@ -127,3 +127,23 @@ def test_transformers_failure_in_context_closes_without_final(tmp_path):
     run = ga.open_run(tmp_path / "f.zarr")
     assert list(run.grad_steps) == [0, 1] and run.final_step is None and run.header.closed
     assert np.isfinite(run.ds["loss"].values).all()  # the loss came from the dict output
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("clipping", ["after", "before"])
+def test_transformers_fp16_records_the_unscaled_gradient(tmp_path, clipping):
+    """fp16 (accelerate's GradScaler, on a GPU): each finite row is the update the optimizer
+    made, so it was unscaled; a row the scaler skipped (Inf/NaN) left the weights unchanged."""
+    clip = 0.05
+    path, trainer, _ = hf_fit(tmp_path, clipping=clipping, clip=clip, steps=10, fp16=True, use_cpu=False)
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        pytest.skip("fp16 runs without a GradScaler here (accelerate uses one only on a GPU)")
+    steps, G, W, loss, *_ = rows(path)
+    assert list(steps) == list(range(10))
+    ok = np.isfinite(G).all(axis=1)
+    assert ok.sum() >= 3
+    assert np.array_equal(W[1:][~ok], W[:-1][~ok])  # skipped: no update
+    Gf, c = G[ok], (np.ones(ok.sum()) if clipping == "after" else clip_coef(G[ok], clip))
+    err = np.abs(W[1:][ok] - (W[:-1][ok] - LR * c[:, None] * Gf)).max()
+    assert err <= TOL
