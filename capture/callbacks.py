@@ -247,6 +247,7 @@ def _make_lightning_callback():
             return f"LightningCallback({self._core.path!r}, clipping={self._core.clipping!r})"
 
     LightningCallback.__module__ = __name__
+    LightningCallback.__qualname__ = "LightningCallback"  # picklable (ddp_spawn): found again through __getattr__
     return LightningCallback
 
 
@@ -374,6 +375,7 @@ def _make_trainer_callback():
             return f"TrainerCallback({self._core.path!r}, clipping={self._core.clipping!r})"
 
     TrainerCallback.__module__ = __name__
+    TrainerCallback.__qualname__ = "TrainerCallback"  # picklable (ddp_spawn): found again through __getattr__
     return TrainerCallback
 
 

@@ -162,3 +162,23 @@ def test_lightning_amp_records_the_unscaled_gradient(tmp_path, clipping):
     assert_sgd_rows(G, W)
     assert float(scaler.get_scale()) >= 1024.0  # the scale was in force (no skipped steps)
     assert (loss > 0.5).all() and (loss < 5).all()  # cross-entropy of 3 classes, not 1024x that
+
+
+@pytest.mark.slow
+def test_lightning_ddp_rank0_records_the_averaged_gradient(tmp_path):
+    """Two gloo processes, each with its own half of every batch: only rank 0 writes, and what
+    it writes is the all-reduced (averaged) gradient the optimizer applied on both ranks."""
+    torch.manual_seed(0)
+    x, y = pl_data()
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False)
+    cb = LightningCallback(tmp_path / "ddp.zarr")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, callbacks=[cb],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, use_distributed_sampler=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(TinyModule(), dl)
+    steps, G, W, _, _, _, run = rows(tmp_path / "ddp.zarr")
+    assert list(steps) == [0, 1, 2, 3]
+    assert run.header.settings["world_size"] == 2
+    assert_sgd_rows(G, W)  # a rank's own gradient would not be the update
