@@ -24,9 +24,15 @@ trainer's) and record, once per optimizer step, exactly the gradient the optimiz
 * at the weights ``w_t`` it is applied to, with the trainer's global step (optimizer steps
   taken before this one), epoch, loss and learning rate (``param_groups[0]["lr"]``).
 
-The loss stored with step t is the mean of the micro-batch losses of that step (Lightning: the
-sum of the accumulation-normalised losses passed to backward; transformers: the mean of the
-``loss`` the model's forward returned, NaN when the model returns none).
+The loss stored with step t is the objective whose gradient ``G_t`` is: the sum over the step's
+micro-batches of the losses the trainer ran backward on, before AMP's loss scaling. Lightning:
+the accumulation-normalised losses it hands ``on_before_backward`` (so the mean micro-batch
+loss). transformers: the ``loss`` of the model's forward per micro-batch, averaged over the
+micro-batches, or summed when the Trainer passed the model ``num_items_in_batch`` (it then does
+not divide by the accumulation steps: a model that uses the count returns its share of the
+step's mean; one that ignores it, such as BERT's classification head in transformers 5, gets
+the gradient of the sum, and that sum is stored); NaN when the model returns no loss. Under DDP
+it is rank 0's.
 
 The store is closed, with the final iterate, when training ends, and without it when training
 fails (Lightning's ``on_exception``). transformers has no failure event: use the callback as a
@@ -287,6 +293,8 @@ def _make_trainer_callback():
             self._hook = None
             self._scaler = None
             self._inner = None
+            self._summed = False
+            self._token_scale = 1
             self._epoch = 0
             self._max_norm = None
             self._args = None
@@ -333,15 +341,22 @@ def _make_trainer_callback():
                 self._scaler = None
             self._inner = inner
             self._core.start(model, inner, f"transformers {transformers.__version__}", scaler=self._scaler)
-            self._hook = model.register_forward_hook(self._forward_hook)
+            self._token_scale = 1
+            if getattr(args, "average_tokens_across_devices", False) and args.world_size > 1:
+                self._token_scale = int(args.world_size)  # as Trainer.compute_loss scales it
+            self._summed = False
+            self._hook = model.register_forward_hook(self._forward_hook, with_kwargs=True)
 
-        def _forward_hook(self, module, inputs, output):
+        def _forward_hook(self, module, inputs, kwargs, output):
             if not module.training:
                 return
             loss = getattr(output, "loss", None)
             if loss is None and isinstance(output, dict):
                 loss = output.get("loss")
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                # given num_items_in_batch (the step's label count), a model returns its micro-batch's
+                # share of the step's mean loss: those add up; otherwise each is a mean: average them
+                self._summed = kwargs.get("num_items_in_batch") is not None
                 self._core.add_loss(loss)
 
         def on_epoch_begin(self, args, state, control, **kwargs):
@@ -351,7 +366,10 @@ def _make_trainer_callback():
             self._core.take_loss(mean=True)  # forget forwards outside training steps (evaluation)
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            self._core.record(state.global_step, self._epoch, self._core.take_loss(mean=True))
+            loss = self._core.take_loss(mean=not self._summed)
+            if self._summed and self._token_scale != 1:
+                loss = loss * self._token_scale
+            self._core.record(state.global_step, self._epoch, loss)
             if self._max_norm is not None:
                 if self._scaler is not None and not _unscaled(self._scaler, self._inner):
                     self._scaler.unscale_(self._inner)  # as Accelerator.clip_grad_norm_ does first

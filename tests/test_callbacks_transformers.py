@@ -79,9 +79,25 @@ def test_transformers_accumulation_records_once_per_optimizer_step(tmp_path):
     steps, G, W, loss, _, _, _ = rows(path)
     assert list(steps) == list(range(5)) and trainer.state.global_step == 5
     assert_sgd_rows(G, W)
+    # The Trainer hands BERT (whose forward takes **kwargs) num_items_in_batch and then does not
+    # divide by the accumulation steps; BERT's classification loss ignores it, so the optimizer
+    # steps with the gradient of the SUM of the micro-batch losses. The stored loss is the
+    # objective whose gradient is recorded: that sum (else the mean).
+    factor = 1.0 if trainer.model_accepts_loss_kwargs else 0.5
+    import copy
+
+    m = copy.deepcopy(model).double()
+    params = [p for p in m.parameters() if p.requires_grad]
     for t in (0, 3):
-        parts = [hf_loss(model, W[t], ids, labels, slice(8 * t + 4 * k, 8 * t + 4 * k + 4)) for k in (0, 1)]
-        assert math.isclose(loss[t], sum(parts) / 2, rel_tol=1e-5)
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(W[t]), params)
+        m.zero_grad()
+        parts = [m(input_ids=ids[b], attention_mask=torch.ones_like(ids[b]), labels=labels[b]).loss
+                 for b in (slice(8 * t, 8 * t + 4), slice(8 * t + 4, 8 * t + 8))]
+        objective = factor * (parts[0] + parts[1])
+        objective.backward()
+        g = torch.cat([p.grad.reshape(-1) for p in params]).numpy()
+        assert math.isclose(loss[t], objective.item(), rel_tol=1e-5)
+        assert np.abs(G[t] - g).max() <= 1e-5 * max(1.0, np.abs(g).max())
 
 
 def test_transformers_clipping_before_and_after(tmp_path):
@@ -147,3 +163,46 @@ def test_transformers_fp16_records_the_unscaled_gradient(tmp_path, clipping):
     Gf, c = G[ok], (np.ones(ok.sum()) if clipping == "after" else clip_coef(G[ok], clip))
     err = np.abs(W[1:][ok] - (W[:-1][ok] - LR * c[:, None] * Gf)).max()
     assert err <= TOL
+
+
+def test_transformers_loss_with_num_items_in_batch(tmp_path):
+    """A model that takes loss kwargs gets num_items_in_batch and returns its micro-batch's share
+    of the step's mean loss: the stored loss is the step's mean over both micro-batches."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x, labels=None, **kwargs):
+            out = self.lin(x)
+            n = kwargs.get("num_items_in_batch")
+            loss = nn.functional.cross_entropy(out, labels, reduction="sum") / n
+            return {"loss": loss, "logits": out}
+
+    torch.manual_seed(0)
+    model = Net()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+    data = [{"x": x[i], "labels": y[i]} for i in range(32)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
+        learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none", save_strategy="no",
+        use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential", remove_unused_columns=False)
+    cb = TrainerCallback(tmp_path / "n.zarr")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb],
+                                   optimizers=(torch.optim.SGD(model.parameters(), lr=LR), None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert trainer.model_accepts_loss_kwargs
+    steps, G, W, loss, *_ = rows(tmp_path / "n.zarr")
+    assert list(steps) == [0, 1, 2]
+    assert_sgd_rows(G, W)
+    lin = nn.Linear(4, 3).double()
+    for t in range(3):
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(W[t]), lin.parameters())
+        b = slice(8 * t, 8 * t + 8)
+        with torch.no_grad():
+            want = nn.functional.cross_entropy(lin(x[b].double()), y[b]).item()
+        assert math.isclose(loss[t], want, rel_tol=1e-5), (t, loss[t], want)
