@@ -104,12 +104,12 @@ class _Core:
 
         if self.rec is not None:  # a second fit() with the same callback: close the first store
             self.close(final=True)
-        settings = dict(self.options.pop("settings", None) or {})
+        options = {k: v for k, v in self.options.items() if k != "settings"}
+        settings = dict(self.options.get("settings") or {})
         settings.setdefault("trainer", framework)
         settings.setdefault("recorded_gradient", f"{self.clipping} clipping, unscaled, accumulated, "
                                                  "once per optimizer step")
-        self.rec = Recorder(model, self.path, optimizer=optimizer, settings=settings, scaler=scaler, **self.options)
-        self.options["settings"] = settings
+        self.rec = Recorder(model, self.path, optimizer=optimizer, settings=settings, scaler=scaler, **options)
         ref = weakref.ref(self)
         self._atexit = lambda: (ref() is not None and ref().close(final=False))
         atexit.register(self._atexit)
