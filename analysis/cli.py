@@ -139,6 +139,24 @@ def _scheduler(address: str | None):
         yield client
 
 
+def check_output(out: str | None, *, directory: bool = False) -> None:
+    """Refuse a bad ``-o`` before any computation: an unknown extension, or a parent directory
+    that does not exist (it is not created: a typo would otherwise write somewhere unexpected)."""
+    if not out:
+        return
+    from analysis.io import SUFFIXES
+
+    path = Path(out)
+    if not directory and path.suffix.lower() not in SUFFIXES:
+        raise UserError(
+            f"-o {out}: unknown extension {path.suffix or '(none)'!r}; the extension picks the format: "
+            f"{', '.join(SUFFIXES)}"
+        )
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise UserError(f"-o {out}: directory {parent} does not exist; create it first (mkdir -p {parent})")
+
+
 def _save(result, out: str | None) -> None:
     if not out:
         return
@@ -568,7 +586,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     debug = os.environ.get("GRADTRACE_DEBUG")
     try:
-        return int(args.func(args) or 0)
+        output = getattr(args, "output", None)
+        if output and "://" not in output:
+            check_output(output, directory=args.command == "report")
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe (`gradtrace info ... | head`) surfaces here, not at exit
+        return code
+    except BrokenPipeError:
+        # the reader went away: say nothing, and keep Python from complaining at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("gradtrace: interrupted", file=sys.stderr)
         return 130

@@ -114,6 +114,43 @@ def sign_shift_matrix(run, steps=None, *, params=None, denominator: str = "both_
                               "zero_share": matrix(zero, sel, "zero_share", dict(attrs))}, attrs=attrs), denominator)
 
 
+def sign_shift(run, j: int, k: int, *, params=None, denominator: str = "both_nonzero", progress=None,
+               scheduler=None) -> xr.Dataset:
+    """Sign shift between two gradient steps j and k (one pass over the two rows).
+
+    Args:
+        denominator: ``"both_nonzero"`` (default) or ``"all"`` (see the module docstring).
+
+    Returns:
+        Dataset of 0-d ``sign_shift`` (percent of the coordinates whose signs differ, over the
+        coordinates non-zero at both steps or over all of them; NaN if there are none) and ``zero_share`` (percent of all coordinates
+        zero at either step), scalar coords ``step_j``, ``step_k``; NaN for a NaN/Inf gradient.
+
+    Raises:
+        StepNotFoundError: j or k is not a recorded gradient step.
+
+    Example:
+        >>> sign_shift(run, 10, 11)["sign_shift"].item()       # doctest: +SKIP
+        48.7
+    """
+    check_denominator(denominator)
+    run = as_run(run)
+    group = run.params(params)
+    j, k = int(j), int(k)
+    run.select_steps([j, k])
+    p = Pass(run, group)
+    key = p.sign_pairs(run.rows_of([j]), run.rows_of([k]))
+    counts = p.compute(progress=progress, scheduler=scheduler)[key]
+    shift, zero = percent(counts[0], counts[1], float(group.size), denominator)
+    if (nonfinite(run, np.array([j])) | nonfinite(run, np.array([k]))).any():
+        shift, zero = shift * np.nan, zero * np.nan
+    attrs = _attrs(run, group, denominator)
+    coords = {"step_j": j, "step_k": k}
+    return _label(xr.Dataset({"sign_shift": xr.DataArray(float(shift[0]), coords=coords, attrs=dict(attrs)),
+                              "zero_share": xr.DataArray(float(zero[0]), coords=coords, attrs=dict(attrs))},
+                             attrs=attrs), denominator)
+
+
 def sign_shift_window(run, step: int, h: int = 5, *, params=None, denominator: str = "both_nonzero", progress=None,
                       scheduler=None) -> xr.Dataset:
     """Sign-shift matrix of the window of training steps ``step .. step + h - 1``."""

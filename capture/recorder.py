@@ -142,7 +142,8 @@ def _run_settings(model, params, optimizer, scaler, schedule, user: dict | None,
     s: dict[str, Any] = {
         "model": {
             "class": type(module).__name__,
-            "repr": text if len(text) <= MODEL_REPR_CHARS else text[:MODEL_REPR_CHARS] + " ...",
+            # cut at a line end, never inside a name
+            "repr": text if len(text) <= MODEL_REPR_CHARS else text[:max(text.rfind("\n", 0, MODEL_REPR_CHARS), 0)] + "\n  ...",
             "n_params": int(sum(p.numel() for p in module.parameters())),
             "n_trainable": int(sum(p.numel() for _, p in params)),
             "n_tensors": len(params),

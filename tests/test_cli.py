@@ -201,3 +201,24 @@ def test_rsi_direction_flag(store, tmp_path):
     assert "direction: gradient+wd" in p.stdout
     api = ga.rsi(ga.open_run(store.path), direction="gradient+wd", weight_decay=0.01)
     np.testing.assert_allclose(_json_var(out, "gamma"), api["gamma"].values, rtol=1e-12)
+
+def test_output_checked_before_the_computation(store, tmp_path):
+    # a step that is not recorded would fail the computation: the -o error must come first
+    _one_line_error(gradtrace("corr", store.path, "--steps", "1000", "-o", tmp_path / "out.xlsx", check=False),
+                    "unknown extension '.xlsx'")
+    missing = tmp_path / "nope" / "deeper"
+    _one_line_error(gradtrace("corr", store.path, "--steps", "1000", "-o", missing / "out.json", check=False),
+                    "does not exist")
+    _one_line_error(gradtrace("report", store.path, "-o", missing / "report", check=False), "does not exist")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_closed_pipe_is_silent(store):
+    """`gradtrace info STORE | head` when head has gone: no BrokenPipeError traceback."""
+    e = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "analysis.cli", "info", str(store.path), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e, cwd=ROOT)
+    p.stdout.close()  # the reader goes away before the first line is written
+    _, err = p.communicate(timeout=240)
+    assert b"BrokenPipe" not in err and b"Traceback" not in err and b"Exception ignored" not in err, err.decode()
+    assert p.returncode == 1
