@@ -6,13 +6,14 @@ Example:
     >>> import analysis as ga
     >>> run = ga.open_run("runs/cnn.zarr")                     # doctest: +SKIP
     >>> ga.corr_matrix(run, slice(0, 99))                       # (step_i, step_j)  # doctest: +SKIP
+    >>> ga.corr(run, 10, 40)                                    # mu(10, 40)        # doctest: +SKIP
     >>> ga.mean_corr(run, h=5)                                  # zigzag eq. 3      # doctest: +SKIP
     >>> ga.sign_shift_lag(run, 1)                               # doctest: +SKIP
     >>> ga.rsi(run, reference="final", exclude_tail="epoch")    # doctest: +SKIP
     >>> ga.layer_table(run)                                     # doctest: +SKIP
 """
 
-from analysis.correlation import corr_matrix, corr_window, corr_windows, lag_series, mean_corr
+from analysis.correlation import corr, corr_matrix, corr_window, corr_windows, lag_series, mean_corr
 from analysis.errors import (
     AnalysisError,
     BadReferenceError,
@@ -27,7 +28,7 @@ from analysis.layers import balancedness, layer_table, linear_pairs
 from analysis.phases import gawu_switch, phase_labels, phases, zigzag_share
 from analysis.reference import Reference, resolve_reference
 from analysis.rsi import per_epoch, rsi
-from analysis.signs import sign_shift_lag, sign_shift_matrix, sign_shift_window
+from analysis.signs import sign_shift, sign_shift_lag, sign_shift_matrix, sign_shift_window
 from analysis.store import ParamGroup, Run, open_run
 
 __all__ = [
@@ -37,12 +38,14 @@ __all__ = [
     "ParamGroup",
     "verify_store",
     # correlation (zigzag paper)
+    "corr",
     "corr_matrix",
     "corr_window",
     "corr_windows",
     "lag_series",
     "mean_corr",
     # sign shift
+    "sign_shift",
     "sign_shift_matrix",
     "sign_shift_window",
     "sign_shift_lag",

@@ -140,6 +140,24 @@ def _scheduler(address: str | None):
         yield client
 
 
+def check_output(out: str | None, *, directory: bool = False) -> None:
+    """Refuse a bad ``-o`` before any computation: an unknown extension, or a parent directory
+    that does not exist (it is not created: a typo would otherwise write somewhere unexpected)."""
+    if not out:
+        return
+    from analysis.io import SUFFIXES
+
+    path = Path(out)
+    if not directory and path.suffix.lower() not in SUFFIXES:
+        raise UserError(
+            f"-o {out}: unknown extension {path.suffix or '(none)'!r}; the extension picks the format: "
+            f"{', '.join(SUFFIXES)}"
+        )
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise UserError(f"-o {out}: directory {parent} does not exist; create it first (mkdir -p {parent})")
+
+
 def _check_out(args) -> None:
     """Before any work: ``-o`` must not replace what exists (without --force: anything; with it:
     only a result gradtrace wrote) and must not point into the input store."""
@@ -154,9 +172,9 @@ def _check_out(args) -> None:
     if args.command == "report":
         _check_report_dir(Path(out), bool(getattr(args, "force", False)))
         return
-    from analysis.io import check_output
+    from analysis.io import check_output as check_existing
 
-    check_output(out, bool(getattr(args, "force", False)))
+    check_existing(out, bool(getattr(args, "force", False)))
 
 
 def _check_report_dir(out: Path, force: bool) -> None:
@@ -266,18 +284,22 @@ def cmd_signs(args) -> int:
     run = _open(args.store, args.storage_options)
     params = parse_params(args.params)
     with _scheduler(args.scheduler):
+        den = args.denominator
         if args.window is not None:
-            res = S.sign_shift_window(run, args.window, h=args.h, params=params, progress=args.progress)
+            res = S.sign_shift_window(run, args.window, h=args.h, params=params, denominator=den,
+                                      progress=args.progress)
         elif args.lag is not None:
-            res = S.sign_shift_lag(run, args.lag, parse_steps(args.steps), params=params, progress=args.progress)
+            res = S.sign_shift_lag(run, args.lag, parse_steps(args.steps), params=params, denominator=den,
+                                   progress=args.progress)
         else:
-            res = S.sign_shift_matrix(run, parse_steps(args.steps), params=params, progress=args.progress)
+            res = S.sign_shift_matrix(run, parse_steps(args.steps), params=params, denominator=den,
+                                      progress=args.progress)
     main = res["sign_shift"] if "sign_shift" in res else res[list(res.data_vars)[0]]
     if main.ndim == 2:
-        print("% of coordinates that flip sign (among those non-zero at both steps):")
+        print(S.LONG_NAME[den] + f" (denominator={den}):")
         _print_matrix(main, digits=1)
     else:
-        print(_summary_series(f"sign shift % at lag {args.lag}", main))
+        print(_summary_series(f"sign shift % at lag {args.lag} (denominator={den})", main))
     zero = res.get("zero_share")
     if zero is not None:
         import numpy as np
@@ -295,8 +317,10 @@ def cmd_rsi(args) -> int:
     ref = parse_ref(args.ref)
     with _scheduler(args.scheduler):
         res = rsi(run, ref, steps=parse_steps(args.steps), params=parse_params(args.params),
-                    exclude_tail=parse_tail(args.exclude_tail), progress=args.progress)
+                    exclude_tail=parse_tail(args.exclude_tail), direction=args.direction,
+                    weight_decay=args.weight_decay, progress=args.progress)
     print(f"reference: {res.attrs.get('reference')}")
+    print(f"direction: {res.attrs.get('direction')}: {res.attrs.get('direction_definition')}")
     for v in ("gamma", "rsi", "eb", "eta_star", "distance"):
         if v in res:
             print(_summary_series(v, res[v]))
@@ -318,14 +342,16 @@ def cmd_phases(args) -> int:
     run = _open(args.store, args.storage_options)
     with _scheduler(args.scheduler):
         res = phases(run, h=args.h, steps=parse_steps(args.steps), params=parse_params(args.params),
-                       statistic=args.statistic, smooth=args.smooth, zigzag=args.zigzag, progress=args.progress)
+                       statistic=args.statistic, smooth=args.smooth, zigzag=args.zigzag, share_rule=args.share_rule,
+                       progress=args.progress)
     import numpy as np
 
     labels = np.asarray(res["phase"].values).astype(str)
     counts = {k: int((labels == k).sum()) for k in sorted(set(labels))}
     print("steps per phase: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     share = res.attrs.get("zigzag_share")
-    print(f"share of the loss decrease under zigzag: {_fmt(share)}")
+    print(f"share of the loss decrease under zigzag: {_fmt(share)} (rule {res.attrs.get('zigzag_share_rule')}: "
+          f"only decreases below the previous low count; per-step net rule: {_fmt(res.attrs.get('zigzag_share_net'))})")
     gs = res.attrs.get("gawu_step", -1)
     print(f"GAWU change point (first + to - crossing): {'none' if gs is None or gs < 0 else gs}")
     _save(res, args.output, args.force)
@@ -338,7 +364,8 @@ def cmd_layers(args) -> int:
     run = _open(args.store, args.storage_options)
     with _scheduler(args.scheduler):
         res = L.layer_table(run, parse_steps(args.steps), lag=args.lag, params=parse_params(args.params),
-                            exclude_tail=parse_tail(args.exclude_tail), progress=args.progress)
+                            exclude_tail=parse_tail(args.exclude_tail), denominator=args.denominator,
+                            progress=args.progress)
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_rows", 200):
@@ -450,6 +477,12 @@ STORAGE_HELP = (
 )
 
 
+def _denominator_flag(p) -> None:
+    p.add_argument("--denominator", choices=("both_nonzero", "all"), default="both_nonzero",
+                   help="sign shift among coordinates non-zero at both steps (both_nonzero, default) or among all "
+                   "coordinates (all: the zigzag paper's '~90%% of entries')")
+
+
 def _storage_flag(p) -> None:
     p.add_argument("--storage-options", metavar="JSON", help=STORAGE_HELP)
 
@@ -525,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--window", type=int, metavar="STEP", help="the h x h window starting at STEP")
     g.add_argument("--lag", type=int, help="the lag-L series")
     p.add_argument("--h", type=int, default=5, help="window size for --window (default 5)")
+    _denominator_flag(p)
     p.set_defaults(func=cmd_signs)
 
     p = sub.add_parser("rsi", help="RSI, EB, gamma, locally optimal lr and distance against a reference point")
@@ -533,6 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference w*: final (default), step:N, mean:A:B, or a .npy / .safetensors / PyTorch checkpoint file")
     p.add_argument("--exclude-tail", metavar="N|epoch", help="drop the last N gradient steps, or the last epoch")
     p.add_argument("--per-epoch", action="store_true", help="write per-epoch mean/min/max instead of per-step values")
+    p.add_argument("--direction", choices=("gradient", "gradient+wd", "update"), default="gradient",
+                   help="D_t in place of G_t: the gradient (default), gradient + weight decay * w_t, or the update "
+                   "(w_t - w_t+1) / lr_t; eta* is the best SGD step only for the first two")
+    p.add_argument("--weight-decay", type=float, metavar="LAMBDA",
+                   help="with --direction gradient+wd: lambda for every tensor (default: the recorded optimizer groups')")
     p.set_defaults(func=cmd_rsi)
 
     p = sub.add_parser("phases", help="smooth / zigzag / random phases, zigzag share of the loss decrease, GAWU point")
@@ -541,12 +580,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statistic", choices=("mean_corr", "lag1"), default="mean_corr")
     p.add_argument("--smooth", type=float, default=0.5, help="label smooth above this (default 0.5)")
     p.add_argument("--zigzag", type=float, default=-0.5, help="label zigzag below this (default -0.5)")
+    p.add_argument("--share-rule", choices=("record_low", "net"), default="record_low",
+                   help="zigzag share: count only decreases below the previous low (record_low, default, in [0, 1]) "
+                   "or per-step net decreases (net, can leave [0, 1])")
     p.set_defaults(func=cmd_phases)
 
     p = sub.add_parser("layers", help="per-layer breakdown: correlation, sign shift, gamma per parameter tensor")
     _common(p)
     p.add_argument("--lag", type=int, default=1, help="lag of the correlation and sign shift (default 1)")
     p.add_argument("--exclude-tail", metavar="N|epoch", help="drop the last N gradient steps from gamma")
+    _denominator_flag(p)
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("report", help="every figure into a directory with an index.html")
@@ -607,8 +650,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     debug = os.environ.get("GRADTRACE_DEBUG")
     try:
+        output = getattr(args, "output", None)
+        if output and "://" not in output:
+            check_output(output, directory=args.command == "report")
         _check_out(args)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe (`gradtrace info ... | head`) surfaces here, not at exit
+        return code
+    except BrokenPipeError:
+        # the reader went away: say nothing, and keep Python from complaining at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("gradtrace: interrupted", file=sys.stderr)
         return 130

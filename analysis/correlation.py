@@ -70,6 +70,39 @@ def corr_matrix(run, steps=None, *, params=None, precision: str = "float64", pro
     return matrix(corr, sel, "correlation", attrs)
 
 
+def corr(run, j: int, k: int, *, params=None, progress=None, scheduler=None) -> xr.DataArray:
+    """The correlation ``mu(j, k) = <G_j, G_k> / (||G_j|| ||G_k||)`` of two gradient steps.
+
+    One pass that reads only the two rows (not a matrix over a selection).
+
+    Args:
+        run: a :class:`analysis.Run` or a store path.
+        j, k: recorded gradient steps (any order; ``j == k`` gives 1, or NaN for a zero gradient).
+        params: parameter group (name, glob, list); default all.
+
+    Returns:
+        0-d DataArray ``correlation`` with scalar coords ``step_j``, ``step_k``; NaN where a
+        gradient has zero norm or holds NaN/Inf. attrs: ``tier``, error bounds, ``params``.
+
+    Raises:
+        StepNotFoundError: j or k is not a recorded gradient step (the final iterate has none).
+
+    Example:
+        >>> corr(run, 10, 40).item()                           # doctest: +SKIP
+        0.12
+    """
+    run = as_run(run)
+    group = run.params(params)
+    j, k = int(j), int(k)
+    run.select_steps([j, k])  # both recorded, both with a gradient
+    mu, uniq, sq = _pair_corr(run, group, np.array([j]), np.array([k]), progress, scheduler)
+    value = float(mu[0])
+    if j == k and np.isfinite(sq[0]) and sq[0] > 0:
+        value = 1.0
+    attrs = {"metric": MU, **group_attrs(group), **tier_attrs(run, group)}
+    return xr.DataArray(value, coords={"step_j": j, "step_k": k}, name="correlation", attrs=attrs)
+
+
 def corr_window(run, step: int, h: int = 5, *, params=None, progress=None, scheduler=None) -> xr.DataArray:
     """The h x h correlation matrix of training steps ``step .. step + h - 1``.
 

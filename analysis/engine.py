@@ -250,6 +250,71 @@ class _RefDist:
         return out
 
 
+@dataclass(frozen=True)
+class _RefDir:
+    """``[||w_t - r||^2, <v_t, w_t - r>, ||v_t||^2]`` for each requested step, shape (3, n),
+    for a direction ``v_t`` other than the stored gradient (dense "param" space only):
+
+    * ``lam >= 0``: ``v_t = G_t + lam_vec * w_t`` (``lam_vec``: explicit reference ``lam``,
+      the weight decay of each column's tensor), "gradient + weight decay";
+    * ``lam < 0``: ``v_t = w_t - w_{t'}`` with ``w_{t'}`` the weight row ``w2`` (the next
+      step's weights), the update (the caller divides by the learning rate).
+
+    Everything is formed per entry in float64 (no cancellation of stored norms). Row-wise:
+    :func:`_row_blocks` may cut its rows into blocks like :class:`_RefDist`'s.
+    """
+
+    key: str
+    w: np.ndarray
+    g: np.ndarray
+    w2: np.ndarray
+    lam: int
+    ref: int
+    ref_w: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    coef: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    out: np.ndarray | None = None  # as in _PairDots
+    n_out: int = 0
+
+    def shape(self):
+        return (3, len(self.w))
+
+    def partner(self) -> tuple[np.ndarray, bool]:
+        """Positions of each item's second row and whether they are weight rows."""
+        return (self.g, False) if self.lam >= 0 else (self.w2, True)
+
+    def partial(self, data, a, b):
+        out = np.zeros(self.shape())
+        if self.ref >= 0:
+            r = data.refs[self.ref][a:b]
+        else:  # the same column chunks as _RefDist and _ref_vectors (a row block's reference)
+            r = np.empty(b - a)
+            step = max(1024, ROW_CHUNK)
+            for c0 in range(a, b, step):
+                c1 = min(b, c0 + step)
+                r[c0 - a: c1 - a] = self.coef @ _as64(data.weight[self.ref_w, c0:c1], "ref_rows")
+        # one item (row) at a time in fixed column chunks: an item's sums do not depend on
+        # which other rows share the slab (a row block gives the unblocked value)
+        step = max(1024, ROW_CHUNK)
+        for c0 in range(a, b, step):
+            c1 = min(b, c0 + step)
+            rr = r[c0 - a: c1 - a]
+            lam = data.refs[self.lam][c0:c1] if self.lam >= 0 else None
+            for k in range(len(self.w)):
+                x = _as64(data.weight[self.w[k], c0:c1], "dir_x")
+                diff = _buffer("dir_d", x.shape, np.float64)
+                np.subtract(x, rr, out=diff)
+                v = _buffer("dir_v", x.shape, np.float64)
+                if lam is not None:
+                    np.multiply(lam, x, out=v)
+                    v += data.grad[self.g[k], c0:c1]
+                else:
+                    np.subtract(x, data.weight[self.w2[k], c0:c1], out=v)
+                out[0, k] += np.dot(diff, diff)
+                out[1, k] += np.dot(v, diff)
+                out[2, k] += np.dot(v, v)
+        return out
+
+
 def _slab_task(spec: SpaceSpec, pieces, refs) -> dict:
     """Read one slab and return every op's partial result (dict key -> float64 array)."""
     data = SlabData(spec, pieces, refs)
@@ -292,7 +357,7 @@ def _combine(*parts: dict) -> dict:
     return out
 
 
-_ROW_WISE = (_PairDots, _SignPairs, _RefDist)
+_ROW_WISE = (_PairDots, _SignPairs, _RefDist, _RefDir)
 
 
 def _row_blocks(spec: SpaceSpec, max_rows: int, n_refs: int) -> tuple[list[SpaceSpec], SpaceSpec | None]:
@@ -315,6 +380,13 @@ def _row_blocks(spec: SpaceSpec, max_rows: int, n_refs: int) -> tuple[list[Space
         if isinstance(op, _RefDist):
             a, b = np.asarray(op.g, np.int64), ng + np.asarray(op.w, np.int64)
             rows = np.minimum(grows[op.g], wrows[op.w])
+            if op.ref < 0:
+                fixed[i] = n_refs + len(fixed)
+        elif isinstance(op, _RefDir):
+            other, is_w = op.partner()
+            a = ng + np.asarray(op.w, np.int64)
+            b = (ng if is_w else 0) + np.asarray(other, np.int64)
+            rows = np.minimum(wrows[op.w], (wrows if is_w else grows)[other])
             if op.ref < 0:
                 fixed[i] = n_refs + len(fixed)
         else:
@@ -366,6 +438,9 @@ def _row_blocks(spec: SpaceSpec, max_rows: int, n_refs: int) -> tuple[list[Space
             op = spec.ops[i]
             if isinstance(op, _RefDist):
                 keys += [np.asarray(op.g, np.int64)[idx], ng + np.asarray(op.w, np.int64)[idx]]
+            elif isinstance(op, _RefDir):
+                other, is_w = op.partner()
+                keys += [ng + np.asarray(op.w, np.int64)[idx], (ng if is_w else 0) + np.asarray(other, np.int64)[idx]]
             else:
                 keys += [np.asarray(op.ga, np.int64)[idx], np.asarray(op.gb, np.int64)[idx]]
         keys = np.unique(np.concatenate(keys))
@@ -378,6 +453,12 @@ def _row_blocks(spec: SpaceSpec, max_rows: int, n_refs: int) -> tuple[list[Space
                 ops.append(dataclasses.replace(
                     op, g=np.searchsorted(gpos, op.g[idx]), w=np.searchsorted(wpos, op.w[idx]),
                     out=idx, n_out=len(op.w), **ref))
+            elif isinstance(op, _RefDir):
+                ref = {"ref": fixed[i], "ref_w": np.zeros(0, np.int64), "coef": np.zeros(0)} if i in fixed else {}
+                part = ({"g": np.searchsorted(gpos, op.g[idx])} if op.lam >= 0
+                        else {"w2": np.searchsorted(wpos, op.w2[idx])})
+                ops.append(dataclasses.replace(op, w=np.searchsorted(wpos, op.w[idx]), out=idx, n_out=len(op.w),
+                                               **part, **ref))
             else:
                 ops.append(dataclasses.replace(
                     op, ga=np.searchsorted(gpos, op.ga[idx]), gb=np.searchsorted(gpos, op.gb[idx]),
@@ -501,6 +582,33 @@ class Pass:
             wrows += list(ref_rows)
         return self._add("refdist", space, rows, wrows, w=np.asarray(rows), **extra)
 
+    def ref_dir(self, rows, *, ref_vector=None, ref_rows=None, coef=None, lam=None, next_rows=None) -> str:
+        """``[||w_t - r||^2, <v_t, w_t - r>, ||v_t||^2]`` for store rows ``rows`` (3, n), dense
+        tiers only, with ``v_t = G_t + lam * w_t`` (``lam``: float64 vector of length d) or,
+        with ``next_rows``, ``v_t = w_t - w_next`` (the weights at ``next_rows``, row for row).
+        The reference is ``ref_vector`` (float64, length d) or ``coef @ weight[ref_rows]``."""
+        if (lam is None) == (next_rows is None):
+            raise ValueError("ref_dir: give exactly one of lam= (gradient + weight decay) and next_rows= (update)")
+        n_param_refs = sum(1 for sp, _ in self.refs if sp == "param")
+        extra: dict = {"w": np.asarray(rows, dtype=np.int64)}
+        wrows = list(rows)
+        if ref_vector is not None:
+            self.refs.append(("param", np.asarray(ref_vector, dtype=np.float64)))
+            extra["ref"] = n_param_refs
+            n_param_refs += 1
+        else:
+            extra.update(ref=-1, ref_rows=np.asarray(ref_rows), coef=np.asarray(coef, dtype=np.float64))
+            wrows += list(ref_rows)
+        grows = ()
+        if lam is not None:
+            self.refs.append(("param", np.asarray(lam, dtype=np.float64)))
+            extra.update(lam=n_param_refs, g=np.asarray(rows, dtype=np.int64), w2=np.zeros(0, np.int64))
+            grows = rows
+        else:
+            extra.update(lam=-1, g=np.zeros(0, np.int64), w2=np.asarray(next_rows, dtype=np.int64))
+            wrows += list(next_rows)
+        return self._add("refdir", "param", grows, wrows, **extra)
+
     # -- building and running -------------------------------------------------------------
     def _columns(self, space: str) -> list[tuple[int, int, int]]:
         """``(segment, lo, hi)`` column pieces of the group in the space, in order."""
@@ -573,6 +681,10 @@ class Pass:
                 ref_w = pos(q.extra.get("ref_rows", np.zeros(0, np.int64)), wrows)
                 ops.append(_RefDist(q.key, pos(q.grad_rows, grows), pos(q.extra["w"], wrows),
                                     int(q.extra["ref"]), ref_w, q.extra.get("coef", np.zeros(0))))
+            elif q.kind == "refdir":
+                ref_w = pos(q.extra.get("ref_rows", np.zeros(0, np.int64)), wrows)
+                ops.append(_RefDir(q.key, pos(q.extra["w"], wrows), pos(q.extra["g"], grows), pos(q.extra["w2"], wrows),
+                                   int(q.extra["lam"]), int(q.extra["ref"]), ref_w, q.extra.get("coef", np.zeros(0))))
         if space == "param":
             g, gz, w = run.array_ref("grad") if len(grows) else None, None, run.array_ref("weight") if len(wrows) else None
             chunk = run.chunk_width("grad" if len(grows) else "weight")
@@ -592,7 +704,8 @@ class Pass:
         n = 0
         for q in self.requests:
             rows = len(set(q.grad_rows))
-            n += {"gram": rows * rows, "signgram": 2 * rows * rows}.get(q.kind, 2 * len(q.grad_rows))
+            n += {"gram": rows * rows, "signgram": 2 * rows * rows,
+                  "refdir": 3 * len(q.extra.get("w", ()))}.get(q.kind, 2 * len(q.grad_rows))
         return 8 * n * (len(self.group.indices) if self.per_tensor else 1)
 
     def graph(self):

@@ -582,6 +582,25 @@ def pack_signs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.packbits(np.signbit(x) & (x != 0)), np.packbits(x != 0)
 
 
+def widen_bf16(upper: np.ndarray) -> np.ndarray:
+    """float32 values from their upper 16 bits (bfloat16 bit patterns): ``upper << 16``.
+
+    The host side of a rounded tier with ``keepbits <= 7`` shipped in 2 bytes per entry
+    (``capture.encode.round_upper16``): such rounding clears the low 16 bits, so the widened
+    row equals ``bitround(x, keepbits)`` bit for bit, but for NaN payloads' low 16 bits.
+
+    Args:
+        upper: uint16 or int16 array (any shape).
+
+    Returns:
+        float32 array of the same shape.
+    """
+    u = np.ascontiguousarray(upper)
+    if u.dtype.itemsize != 2 or u.dtype.kind not in "iu":
+        raise ValueError(f"widen_bf16 takes 16-bit integer bit patterns, got dtype {u.dtype}")
+    return (u.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
 # --------------------------------------------------------------------------------------
 # Layout: array names, shapes, chunks, codecs
 # --------------------------------------------------------------------------------------

@@ -17,12 +17,13 @@ from analysis._common import cosines, lag_pairs, nonfinite, selected
 from analysis.engine import Pass
 from analysis.errors import AnalysisError, TierError
 from analysis.reference import resolve_reference
+from analysis.signs import LONG_NAME, check_denominator, percent
 from analysis.rsi import drop_tail, reference_in_space, rsi_from_products, rsi_space
 from analysis.store import as_run
 
 
 def layer_table(run, steps=None, *, lag: int = 1, reference="final", exclude_tail=None, params=None,
-                strict: bool = True, progress=None, scheduler=None) -> xr.Dataset:
+                strict: bool = True, denominator: str = "both_nonzero", progress=None, scheduler=None) -> xr.Dataset:
     """Per-tensor breakdown of the main metrics, in one pass over the store.
 
     Args:
@@ -31,16 +32,20 @@ def layer_table(run, steps=None, *, lag: int = 1, reference="final", exclude_tai
         reference: w* for the gamma / RSI columns (see ``rsi``); ``None`` skips them.
         exclude_tail: tail excluded from the gamma / RSI columns (see ``rsi``).
         params: restrict the table to some tensors.
+        denominator: of the sign shift: ``"both_nonzero"`` (default) or ``"all"``
+            (see :mod:`analysis.signs`).
 
     Returns:
         Dataset along ``tensor`` (names) with ``size``, ``shape``, ``corr_mean`` (mean over t
         of mu(t, t+lag) restricted to the tensor), ``sign_shift_mean`` and ``zero_share_mean``
         (percent), and with a reference ``gamma_mean`` and ``rsi_mean``. NaN where a tensor's
-        gradient is zero at every step. attrs: ``lag``, ``reference``, ``tier``.
+        gradient is zero at every step. attrs: ``lag``, ``reference``, ``tier``,
+        ``denominator``.
 
     Example:
         >>> layer_table(run).to_dataframe()                      # doctest: +SKIP
     """
+    check_denominator(denominator)
     run = as_run(run)
     group = run.params(params)
     sel = selected(run, steps)
@@ -66,9 +71,7 @@ def layer_table(run, steps=None, *, lag: int = 1, reference="final", exclude_tai
     corr = cosines(dots[:, : len(a)], sq[:, ia], sq[:, ib])
     counts = res[k_sign]  # (n_tensors, 2, P)
     sizes = np.array([run.header.tensors[i].size for i in group.indices], dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        shift = np.where(counts[:, 1] > 0, 100.0 * counts[:, 0] / counts[:, 1], np.nan)
-    zero = 100.0 * (sizes[:, None] - counts[:, 1]) / sizes[:, None]
+    shift, zero = percent(counts[:, 0], counts[:, 1], sizes[:, None], denominator)
     bad = nonfinite(run, a) | nonfinite(run, b)
     shift[:, bad] = np.nan
     zero[:, bad] = np.nan
@@ -87,9 +90,11 @@ def layer_table(run, steps=None, *, lag: int = 1, reference="final", exclude_tai
         data["gamma_mean"] = ("tensor", _nanmean(m["gamma"]))
         data["rsi_mean"] = ("tensor", _nanmean(m["rsi"]))
     attrs = {"lag": int(lag), "n_pairs": len(a), "reference": "none" if ref is None else ref.label,
-             "tier": run.header.tiers["grad"].name, "params": group.label,
+             "tier": run.header.tiers["grad"].name, "params": group.label, "denominator": denominator,
              "corr_mean": "mean over t of mu(t, t+lag) on the tensor's coordinates"}
-    return xr.Dataset(data, coords={"tensor": np.array(group.names, dtype=object)}, attrs=attrs)
+    out = xr.Dataset(data, coords={"tensor": np.array(group.names, dtype=object)}, attrs=attrs)
+    out["sign_shift_mean"].attrs.update(long_name="mean " + LONG_NAME[denominator], denominator=denominator)
+    return out
 
 
 def _nanmean(x: np.ndarray) -> np.ndarray:
@@ -112,7 +117,7 @@ def linear_pairs(run, layers=None) -> list[tuple[int, int]]:
     return out
 
 
-def _balance_block(ref, rows, pieces, pairs_local, shapes):
+def _balance_block(ref, rows, pieces, pairs_local, shapes, relative=True):
     arr = ref.open()
     block = slabs.read(arr, rows, pieces).astype(np.float64)
     offsets = np.cumsum([0] + [hi - lo for _, lo, hi in pieces])
@@ -122,21 +127,32 @@ def _balance_block(ref, rows, pieces, pairs_local, shapes):
         for c, (j, k) in enumerate(pairs_local):
             wj, wk = mats[j], mats[k]
             diff = wk.T @ wk - wj @ wj.T
+            norm = np.sqrt(np.einsum("ij,ij->", diff, diff))
+            if not relative:
+                out[r, c] = norm
+                continue
             nj = np.einsum("ij,ij->", wj, wj)
-            out[r, c] = np.sqrt(np.einsum("ij,ij->", diff, diff)) / nj if nj > 0 else np.nan
+            out[r, c] = norm / nj if nj > 0 else np.nan
     return out
 
 
-def balancedness(run, steps=None, *, layers=None, progress=None, scheduler=None) -> xr.DataArray:
-    """Relative balancedness of consecutive linear layers along the trajectory (seed 002).
+def balancedness(run, steps=None, *, layers=None, form: str = "relative", progress=None,
+                 scheduler=None) -> xr.DataArray:
+    """Balancedness of consecutive linear layers along the trajectory (seed 002).
 
-    ``||W_{j+1}^T W_{j+1} - W_j W_j^T||_F / ||W_j||_F^2`` for each pair of consecutive 2-D
-    weight tensors (see :func:`linear_pairs`), at every selected recorded iterate (the final
-    iterate included), in float64.
+    For each pair of consecutive 2-D weight tensors (see :func:`linear_pairs`), at every
+    selected recorded iterate (the final iterate included), in float64:
+
+    * ``form="relative"`` (default): ``||W_{j+1}^T W_{j+1} - W_j W_j^T||_F / ||W_j||_F^2``;
+    * ``form="absolute"``: ``||W_{j+1}^T W_{j+1} - W_j W_j^T||_F``. Seed 002's statement is
+      about this one: under gradient flow on a deep linear network (no biases, no weight
+      decay) ``W_{j+1}^T W_{j+1} - W_j W_j^T`` is conserved, so the absolute form stays at its
+      initial value up to O(lr) drift, while the relative form falls as the norms grow.
 
     Args:
         steps: recorded steps (default every row, final iterate included).
         layers: restrict to some tensors (name, glob, list) before pairing.
+        form: ``"relative"`` or ``"absolute"``.
 
     Returns:
         DataArray ``balancedness`` with dims ``(step, pair)``; ``pair`` labels are
@@ -151,6 +167,8 @@ def balancedness(run, steps=None, *, layers=None, progress=None, scheduler=None)
     """
     import dask
 
+    if form not in ("relative", "absolute"):
+        raise AnalysisError(f"form={form!r}: use 'relative' (divided by ||W_j||_F^2) or 'absolute'")
     run = as_run(run)
     if not run.dense("weight"):
         raise TierError("balancedness needs the full weight matrices; this store keeps a weight sketch only")
@@ -174,13 +192,16 @@ def balancedness(run, steps=None, *, layers=None, progress=None, scheduler=None)
     chunk = max(1, int(engine.SLAB_BYTES // max(1, per_row)))
     rows = run.rows_of(sel)
     ref = run.array_ref("weight")
-    parts = [dask.delayed(_balance_block, pure=True)(ref, rows[i: i + chunk], pieces, pairs_local, shapes)
+    parts = [dask.delayed(_balance_block, pure=True)(ref, rows[i: i + chunk], pieces, pairs_local, shapes,
+                                                     form == "relative")
              for i in range(0, len(rows), chunk)]
     whole = dask.delayed(np.concatenate, pure=True)(parts, axis=0)
     vals = engine.compute(whole, progress=bool(progress), scheduler=scheduler)
     names = [f"{run.header.tensors[j].name}->{run.header.tensors[k].name}" for j, k in pairs]
     coords = {"step": sel, "pair": np.array(names, dtype=object), **run.step_coords(sel)}
     return xr.DataArray(vals, dims=("step", "pair"), coords=coords, name="balancedness",
-                        attrs={"definition": "||W_{j+1}^T W_{j+1} - W_j W_j^T||_F / ||W_j||_F^2",
+                        attrs={"definition": "||W_{j+1}^T W_{j+1} - W_j W_j^T||_F"
+                               + (" / ||W_j||_F^2" if form == "relative" else ""), "form": form,
+                               "long_name": f"{form} balancedness",
                                "tier": run.header.tiers["weight"].name,
                                "max_rel_error": run.header.tiers["weight"].max_rel_error})

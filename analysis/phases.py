@@ -56,20 +56,43 @@ def phase_labels(stat: xr.DataArray, *, smooth: float = 0.5, zigzag: float = -0.
     return out
 
 
-def zigzag_share(labels: xr.DataArray, loss: xr.DataArray | None = None) -> float:
-    """Share of the total loss decrease ``loss_0 - loss_T`` achieved at zigzag steps.
+SHARE_RULES = ("record_low", "net")
 
-    The decrease of step t is ``loss_t - loss_t'`` with t' the next step with a finite loss
-    (so sparse schedules attribute each interval to its first step).
+
+def zigzag_share(labels: xr.DataArray, loss: xr.DataArray | None = None, *, rule: str = "record_low") -> float:
+    """Share of the training progress achieved at zigzag steps (seed 000: "a substantial part
+    of the training loss decrease is attained under the zigzag geometry").
+
+    Steps are the labelled steps with a finite loss, in order; step t's interval runs to the
+    next such step t'. Two rules (``rule=``):
+
+    * ``"record_low"`` (default; always in [0, 1]): progress is counted only when the loss
+      goes below every earlier loss. With ``m_t = min(loss_0..loss_t)``, step t contributes
+      ``p_t = m_t - m_t'`` (>= 0), and the share is ``sum of p_t over zigzag steps /
+      (loss_0 - min_t loss_t)``. The rule for spikes (catapults): a rise contributes nothing
+      and the fall back to the previous low contributes nothing either; only the part of a
+      fall that breaks the previous low counts, at the step where it happens. So a spike whose
+      rise and fall carry different labels cannot make the share negative or above 1.
+    * ``"net"``: ``p_t = loss_t - loss_t'`` (negative where the loss rises) over
+      ``loss_0 - loss_T``. Rises and falls of a spike can land on differently labelled steps,
+      so this share can be negative or above 1 (it was 0.023, -0.24 and -0.21 in three re-runs
+      of one setting). Kept for comparison.
 
     Args:
         labels: from :func:`phase_labels`, along ``step``.
         loss: per-step loss along ``step``; default the ``loss`` coordinate of ``labels``.
+        rule: ``"record_low"`` or ``"net"``.
 
     Returns:
-        The share (1.0 = all of the decrease; it can leave [0, 1] when the loss rises at
-        some steps); NaN when the loss did not decrease overall.
+        The share (1.0 = all of the progress). NaN when the loss never decreased
+        (``record_low``: no loss below loss_0; ``net``: loss_T >= loss_0).
+
+    Example:
+        >>> zigzag_share(phase_labels(mean_corr(run, h=5)))         # doctest: +SKIP
     """
+    if rule not in SHARE_RULES:
+        raise AnalysisError(f"rule={rule!r}: use 'record_low' (in [0, 1]; spikes count only below the previous "
+                            "low) or 'net' (per-step differences; can leave [0, 1])")
     if loss is None:
         if "loss" not in labels.coords:
             raise AnalysisError("zigzag_share needs the loss: pass loss=, or labels with a 'loss' coordinate")
@@ -77,13 +100,18 @@ def zigzag_share(labels: xr.DataArray, loss: xr.DataArray | None = None) -> floa
     steps = np.asarray(labels["step"].values)
     lv = np.asarray(loss.sel(step=steps).values if "step" in loss.dims else loss.values, dtype=np.float64)
     ok = np.isfinite(lv)
-    s, lv, lab = steps[ok], lv[ok], np.asarray(labels.values)[ok]
+    lv, lab = lv[ok], np.asarray(labels.values)[ok]
     if len(lv) < 2:
         return float("nan")
-    total = lv[0] - lv[-1]
+    if rule == "net":
+        total = lv[0] - lv[-1]
+        dec = lv[:-1] - lv[1:]
+    else:
+        low = np.minimum.accumulate(lv)
+        total = lv[0] - low[-1]
+        dec = low[:-1] - low[1:]
     if not total > 0:
         return float("nan")
-    dec = lv[:-1] - lv[1:]
     return float(dec[lab[:-1] == "zigzag"].sum() / total)
 
 
@@ -104,17 +132,21 @@ def gawu_switch(mean_corr_series: xr.DataArray) -> int | None:
 
 
 def phases(run, h: int = 5, steps=None, *, params=None, statistic: str = "mean_corr", smooth: float = 0.5,
-           zigzag: float = -0.5, random: float | None = None, progress=None, scheduler=None) -> xr.Dataset:
+           zigzag: float = -0.5, random: float | None = None, share_rule: str = "record_low", progress=None,
+           scheduler=None) -> xr.Dataset:
     """Phase labels, the zigzag share of the loss decrease and the GAWU switch, in one pass.
 
     Args:
         statistic: ``"mean_corr"`` (eq. 3 with window h, default) or ``"lag1"`` (adjacent
             correlation mu(t, t+1)).
+        share_rule: rule of ``zigzag_share`` (see :func:`zigzag_share`): ``"record_low"``
+            (default, in [0, 1]) or ``"net"``.
 
     Returns:
         Dataset along ``step`` with the statistic (``mean_corr`` or ``lag_corr``) and
-        ``phase``; coords ``epoch``, ``lr``, ``loss``; attrs ``zigzag_share``, ``gawu_step``
-        (-1 when there is no crossing) and the thresholds.
+        ``phase``; coords ``epoch``, ``lr``, ``loss``; attrs ``zigzag_share`` (with
+        ``zigzag_share_rule``), ``zigzag_share_net`` (the "net" rule, for comparison),
+        ``gawu_step`` (-1 when there is no crossing) and the thresholds.
 
     Example:
         >>> ph = phases(run, h=5)                               # doctest: +SKIP
@@ -129,7 +161,8 @@ def phases(run, h: int = 5, steps=None, *, params=None, statistic: str = "mean_c
     labels = phase_labels(stat, smooth=smooth, zigzag=zigzag, random=random)
     switch = gawu_switch(stat)  # for "lag1": eq. 3 with h = 2 is exactly mu(k, k+1)
     ds = xr.Dataset({stat.name: stat, "phase": labels})
-    ds.attrs = {**stat.attrs, **labels.attrs, "zigzag_share": zigzag_share(labels),
+    ds.attrs = {**stat.attrs, **labels.attrs, "zigzag_share": zigzag_share(labels, rule=share_rule),
+                "zigzag_share_rule": share_rule, "zigzag_share_net": zigzag_share(labels, rule="net"),
                 "gawu_step": -1 if switch is None else int(switch)}
     return ds
 

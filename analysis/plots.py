@@ -17,7 +17,9 @@ import xarray as xr
 
 CORR_CMAP = "RdBu_r"
 SIGN_CMAP = "magma_r"
-PHASE_COLORS = {"smooth": "#4daf4a", "zigzag": "#e41a1c", "random": "#999999", "undetermined": "#ffffff"}
+PHASE_COLORS = {"smooth": "#4daf4a", "zigzag": "#e41a1c", "random": "#999999", "undetermined": "#bbbbbb"}
+# phases drawn hatched (no fill) so they stay visible on a white background and apart from "random"
+PHASE_HATCH = {"undetermined": "///"}
 
 
 def _axes(ax, figsize=(6, 4)):
@@ -197,16 +199,22 @@ def _group_key(ds: xr.Dataset | xr.DataArray, dim: str, by: str | None, n_bins: 
     steps = _step_values(ds, dim)
     if len(steps) == 0:
         return steps, "step"
-    edges = np.linspace(steps.min(), steps.max() + 1, min(n_bins, len(steps)) + 1)
-    return np.digitize(steps, edges[1:-1]), "step bin"
+    span = int(steps.max()) - int(steps.min()) + 1
+    width = max(1, -(-span // max(1, min(n_bins, len(steps)))))  # ceil: at most n_bins bins
+    key = (steps - steps.min()) // width
+    return key, ("step" if width == 1 else f"bin of {width} steps")
 
 
 def aggregate(series: xr.DataArray, by: str | None = None, n_bins: int = 50) -> xr.Dataset:
     """Mean, min and max of a per-step series per epoch (or per bin of steps).
 
+    Without epochs (or with one step per epoch) the steps are cut into at most ``n_bins``
+    bins of ``width = ceil((last - first + 1) / n_bins)`` training steps each.
+
     Returns:
         Dataset with ``mean``, ``min``, ``max`` and ``step`` (the mean step of each group)
-        along dim ``group``.
+        along dim ``group``; attr ``grouped_by`` says how ("epoch", "step", or "bin of W
+        steps").
     """
     dim = series.dims[0]
     key, kind = _group_key(series, dim, by, n_bins)
@@ -300,8 +308,33 @@ def plot_eta_star(rsi: xr.Dataset, ax=None, *, by: str | None = None, show_lr: b
         ax.legend(loc="best", fontsize=8)
         pos = lrv[np.isfinite(lrv) & (lrv > 0)]
         if pos.size:  # eta* spans decades: symmetric log keeps the lr used and negatives visible
-            ax.set_yscale("symlog", linthresh=float(pos.min()) / 10)
+            _symlog(ax, linthresh=float(pos.min()) / 10)
     return ax
+
+
+def _symlog(ax, linthresh: float) -> None:
+    """A symmetric-log y axis whose ticks are labelled on the negative side too.
+
+    Matplotlib's default symlog locator puts a tick at each decade and its formatter drops
+    the labels of minor-looking negative decades; here every decade tick (0, +-10^k) is a
+    major, labelled one, thinned to at most ~9 labels.
+    """
+    import matplotlib.ticker as mticker
+
+    ax.set_yscale("symlog", linthresh=linthresh)
+    lo, hi = ax.get_ylim()
+    k0 = int(np.floor(np.log10(linthresh)))
+    top = max(abs(lo), abs(hi), linthresh * 10)
+    decades = range(k0, int(np.ceil(np.log10(top))) + 1)
+    pos = [10.0**k for k in decades if 10.0**k <= hi * 1.0001]
+    neg = [-(10.0**k) for k in decades if -(10.0**k) >= lo * 1.0001]
+    step = max(1, int(np.ceil((len(pos) + len(neg)) / 8)))
+    ticks = [0.0] + pos[::-1][::step] + neg[::-1][::step]  # keep the outermost decades
+    ax.yaxis.set_major_locator(mticker.FixedLocator(sorted(ticks)))
+    ax.yaxis.set_major_formatter(mticker.FuncFormatter(
+        lambda v, _: "0" if v == 0 else ("-" if v < 0 else "") + f"$10^{{{int(round(np.log10(abs(v))))}}}$"))
+    ax.yaxis.set_minor_locator(mticker.NullLocator())
+    ax.set_ylim(lo, hi)
 
 
 def plot_distance(rsi: xr.Dataset, ax=None):
@@ -312,12 +345,21 @@ def plot_distance(rsi: xr.Dataset, ax=None):
     return ax
 
 
+def _phase_style(label: str, legend: bool = False) -> dict:
+    """Patch style of a phase band: a light fill, or a grey hatch for "undetermined"."""
+    color = PHASE_COLORS.get(label, "#dddddd")
+    if label in PHASE_HATCH:
+        return {"facecolor": "none", "edgecolor": color, "hatch": PHASE_HATCH[label]}
+    return {"facecolor": color, "alpha": 0.4 if legend else 0.25}
+
+
 def plot_phases(labels: xr.DataArray, loss: xr.DataArray | None = None, ax=None, *, logy: bool = True):
     """Phase bands (smooth / zigzag / random) behind the training loss.
 
     Args:
         labels: per-step DataArray of strings "smooth" / "zigzag" / "random" (or
-            "undetermined"), with step coordinates.
+            "undetermined", drawn hatched: steps without a complete window), with step
+            coordinates.
         loss: per-step training loss to draw on top (optional).
     """
     import matplotlib.patches as mpatches
@@ -332,10 +374,9 @@ def plot_phases(labels: xr.DataArray, loss: xr.DataArray | None = None, ax=None,
         start = 0
         for k in range(1, len(steps) + 1):
             if k == len(steps) or labs[k] != labs[start]:
-                color = PHASE_COLORS.get(labs[start], "#dddddd")
-                ax.axvspan(steps[start] - half, steps[k - 1] + half, color=color, alpha=0.25, lw=0)
+                ax.axvspan(steps[start] - half, steps[k - 1] + half, lw=0, **_phase_style(labs[start]))
                 start = k
-    handles = [mpatches.Patch(color=c, alpha=0.4, label=n) for n, c in PHASE_COLORS.items() if n in set(labs)]
+    handles = [mpatches.Patch(label=n, **_phase_style(n, legend=True)) for n in PHASE_COLORS if n in set(labs)]
     if loss is not None:
         plot_series(loss.where(np.isfinite(loss), drop=True), ax, ylabel="training loss", logy=logy, color="k", lw=1)
         handles.append(ax.lines[-1])

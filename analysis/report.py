@@ -67,8 +67,36 @@ def _pick_windows(mc: xr.DataArray, labels: np.ndarray, steps: np.ndarray, h: in
     return out
 
 
-def _save_fig(fig, path: Path):
-    fig.savefig(path, dpi=110)
+ZOOM_STEPS = 40  # steps in the zoomed block beside the full matrix
+PNG_DPI = 110
+
+
+def _cell_dpi(n: int, axes_inches: float, min_pixels: int = 3) -> int:
+    """A dpi at which each of n matrix cells across ``axes_inches`` gets >= ``min_pixels``."""
+    return max(PNG_DPI, int(np.ceil(min_pixels * n / (0.8 * axes_inches))))
+
+
+def _zoom_block(labels, mc, sel: np.ndarray, size: int):
+    """Positions (into ``sel``) of ``size`` consecutive steps: the middle of the longest
+    zigzag stretch, else the middle of the run; None when the run is not longer than that."""
+    n = len(sel)
+    if n <= size:
+        return None
+    centre = int(sel[n // 2])
+    if labels is not None and mc is not None:
+        zig = np.asarray(mc["step"].values)[labels == "zigzag"]
+        if len(zig):
+            gap = np.median(np.diff(np.asarray(mc["step"].values))) if len(mc) > 1 else 1
+            runs = np.split(zig, np.flatnonzero(np.diff(zig) > gap) + 1)  # stretches of consecutive steps
+            best = max(runs, key=len)
+            centre = int(best[len(best) // 2])
+    c = int(np.searchsorted(sel, centre))
+    lo = min(max(0, c - size // 2), n - size)
+    return slice(lo, lo + size)
+
+
+def _save_fig(fig, path: Path, dpi: int = PNG_DPI):
+    fig.savefig(path, dpi=dpi)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -129,7 +157,7 @@ def write_report(store, out_dir, *, h: int = 5, reference="final", exclude_tail=
         save_result(ph, res_dir / "phases.nc")
         mc = ph["mean_corr"]
         labels = np.asarray(ph["phase"].values).astype(str)
-        facts["share of the loss decrease under zigzag"] = f"{100 * float(ph.attrs['zigzag_share']):.1f}%" \
+        facts["share of the loss decrease under zigzag (new lows only; spikes add nothing)"] = f"{100 * float(ph.attrs['zigzag_share']):.1f}%" \
             if np.isfinite(ph.attrs.get("zigzag_share", np.nan)) else "n/a"
         gs = ph.attrs.get("gawu_step", -1)
         facts["GAWU change point (first + to - crossing of the mean correlation)"] = "none" if gs < 0 else f"step {gs}"
@@ -175,24 +203,36 @@ def write_report(store, out_dir, *, h: int = 5, reference="final", exclude_tail=
     _log(f"full correlation matrix over {len(sel)} steps", progress)
     full = C.corr_matrix(run, list(map(int, sel)))
     save_result(full, res_dir / "corr_full.nc")
-    fig, ax = plt.subplots(figsize=(7.5, 6.3), layout="constrained")
-    plots.plot_corr_matrix(full, ax, title=f"gradient correlation, all {len(sel)} steps"
+    # one matrix cell must cover several pixels: at one pixel a zigzag block (cells alternating
+    # +-1) is a red/blue checkerboard that reads as purple, a colour not on the colour bar
+    zoom = _zoom_block(labels, mc, sel, ZOOM_STEPS)
+    fig, axes = plt.subplots(1, 2, figsize=(13.5, 6.0), layout="constrained", width_ratios=[1.25, 1])
+    plots.plot_corr_matrix(full, axes[0], title=f"gradient correlation, all {len(sel)} steps"
                            + ("" if len(sel) == len(gsteps) else f" (evenly subsampled from {len(gsteps)})"))
-    figures.append((_save_fig(fig, out / "corr_full.png"),
-                    "The full pairwise gradient correlation matrix (one Gram pass over the store)."))
+    if zoom is not None:
+        plots.plot_corr_matrix(full.isel(step_i=zoom, step_j=zoom), axes[1], annotate=False,
+                               title=f"zoom: steps {int(sel[zoom][0])}..{int(sel[zoom][-1])}")
+    else:
+        axes[1].set_axis_off()
+    figures.append((_save_fig(fig, out / "corr_full.png", dpi=_cell_dpi(len(sel), 6.0)),
+                    "The full pairwise gradient correlation matrix (one Gram pass over the store), drawn with "
+                    "at least 3 pixels per cell (click for full size), and a zoom into "
+                    + ("the longest zigzag stretch" if zoom is not None and labels is not None and (labels == "zigzag").any()
+                       else "the middle of the run")
+                    + ": in a zigzag phase neighbouring cells alternate red (+) and blue (-)."))
 
     # -- sign shift next to correlation (Figure 8) ---------------------------------------
     if windows:
         _log("sign shift windows", progress)
-        fig, axes = plt.subplots(2, len(windows), figsize=(4.6 * len(windows), 8), layout="constrained", squeeze=False)
+        fig, axes = plt.subplots(1, len(windows), figsize=(4.6 * len(windows), 4.1), layout="constrained", squeeze=False)
         for i, w in enumerate(windows):
             sw = S.sign_shift_window(run, w, h=h)
             save_result(sw, res_dir / f"sign_window_{w}.nc")
-            plots.plot_corr_matrix(win_results[w], axes[0, i], title=f"correlation, window at step {w}")
-            plots.plot_sign_shift_matrix(sw["sign_shift"], axes[1, i], title=f"% entries flipping sign, step {w}")
+            plots.plot_sign_shift_matrix(sw["sign_shift"], axes[0, i], title=f"% entries flipping sign, step {w}")
         figures.append((_save_fig(fig, out / "sign_shift.png"),
-                        "Pairwise correlation (top) and the percentage of gradient entries with opposite signs "
-                        "(bottom), among entries non-zero at both steps (zigzag paper, Figure 8)."))
+                        f"The percentage of gradient entries with opposite signs, among entries non-zero at both "
+                        f"steps, in the same {h} x {h} windows whose correlations the first figure shows "
+                        "(zigzag paper, Figure 8)."))
     try:
         sl = S.sign_shift_lag(run, 1)
         save_result(sl, res_dir / "sign_shift_lag1.nc")
@@ -284,7 +324,8 @@ def _html(run, info, info_text, figures, facts, notes, layer_html, seconds) -> s
     e = html.escape
     rows = "".join(f"<tr><td>{e(k)}</td><td><b>{e(v)}</b></td></tr>" for k, v in facts.items())
     figs = "".join(
-        f'<figure><img src="{e(f)}" alt="{e(f)}"><figcaption>{e(c)}</figcaption></figure>' for f, c in figures
+        f'<figure><a href="{e(f)}"><img src="{e(f)}" alt="{e(f)}"></a><figcaption>{e(c)}</figcaption></figure>'
+        for f, c in figures
     )
     note_html = "".join(f'<p class="note">{e(n)}</p>' for n in notes)
     settings = json.dumps(info.get("settings") or {}, indent=1, default=str)

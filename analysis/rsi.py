@@ -22,11 +22,36 @@ digits (8 or more on the last steps of a converged run: errors far above 1e-10).
 Special cases: ``w_t == w*`` (distance 0) gives NaN for RSI, EB, gamma and eta* at that step
 and sets ``zero_distance``; an all-zero gradient gives NaN gamma and eta* (RSI and EB are
 then 0, as defined) and sets ``zero_grad``.
+
+Direction (``direction=``; the No Wrong Turns code logs more than one): every formula above
+with ``G_t`` replaced by a direction ``D_t``:
+
+* ``"gradient"`` (default): ``D_t = G_t``, the recorded loss gradient. ``eta*_t`` is the
+  plain-SGD step along ``-G_t`` that lands closest to w*; under momentum or Adam the optimizer
+  did not take that step, so it is the best *SGD* step, not a statement about the optimizer.
+* ``"gradient+wd"``: ``D_t = G_t + lambda w_t``, lambda the weight decay of each parameter's
+  optimizer group as the header records it (``settings["param_groups"]`` and
+  ``settings["param_group_of"]``), or ``weight_decay=`` (a number, or ``{tensor name or glob:
+  number}``). It is the gradient of ``loss + lambda/2 ||w||^2``: for SGD with coupled weight
+  decay, the direction plain SGD steps along, and ``eta*`` is the best SGD step on that
+  regularized objective. For decoupled decay (AdamW) it is only that gradient, not the update.
+* ``"update"``: ``D_t = (w_t - w_{t+1}) / lr_t`` from consecutive weight rows (``lr_t`` the
+  recorded learning rate of step t), what the optimizer actually did per unit learning rate; it
+  equals ``G_t`` for plain SGD without weight decay. ``eta*_t`` is then the multiple of
+  ``D_t`` (to compare with the ``lr_t`` taken) that lands closest to w*: under momentum or Adam
+  it is no longer "the best SGD step". Steps without a recorded weight row at t + 1 (sparse
+  schedules) give NaN (``no_next_weight``), said in one warning line. Needs lossless weights:
+  a difference of rounded weights is rounding noise.
+
+For the two new directions ``||D_t||^2`` and ``<D_t, w_t - w*>`` come from the same one pass
+(per entry, float64), not from stored scalars; dense tiers only.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import warnings
 
 import numpy as np
 import xarray as xr
@@ -39,6 +64,14 @@ from analysis.reference import Reference, resolve_reference
 from analysis.store import ParamGroup, Run, as_run
 
 METRICS = ("rsi", "eb", "gamma", "eta_star", "distance")
+DIRECTIONS = ("gradient", "gradient+wd", "update")
+DIRECTION_TEXT = {
+    "gradient": "D_t = G_t (recorded loss gradient); eta* = best plain-SGD step along -G_t",
+    "gradient+wd": "D_t = G_t + lambda w_t (lambda: weight decay of the tensor's optimizer group); eta* = best "
+                   "SGD step on loss + lambda/2 ||w||^2",
+    "update": "D_t = (w_t - w_{t+1}) / lr_t (what the optimizer did); eta* = multiple of D_t closest to w*, "
+              "not the best SGD step under momentum/Adam",
+}
 
 
 def rsi_space(run: Run) -> str:
@@ -89,7 +122,7 @@ def reference_in_space(run: Run, ref: Reference, space: str):
 
 
 def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, strict: bool = True,
-        progress=None, scheduler=None) -> xr.Dataset:
+        direction: str = "gradient", weight_decay=None, progress=None, scheduler=None) -> xr.Dataset:
     """RSI, EB, gamma, eta* and distance against a reference point, in one pass.
 
     Args:
@@ -102,19 +135,30 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
         exclude_tail: drop the last N gradient steps (int) or the last epoch (``"epoch"``),
             as the paper does (gamma_T = 1 is trivial on the last GD step).
         strict: refuse extra tensors in a state dict (see ``resolve_reference``).
+        direction: ``"gradient"`` (default), ``"gradient+wd"`` or ``"update"``: the vector D_t
+            that replaces G_t in every formula (see the module docstring for what eta* means
+            in each).
+        weight_decay: for ``"gradient+wd"``: lambda as a number, or ``{name or glob: number}``
+            per tensor; default the weight decay the header records for each tensor's group.
 
     Returns:
         Dataset along ``step`` with ``rsi``, ``eb``, ``gamma``, ``eta_star``, ``distance``,
         ``random_walk`` (the baseline ``(T - t)^(-1/2)``, T the reference's step, else the
         final step), flags ``zero_distance`` and ``zero_grad``; coords ``epoch``, ``lr``,
         ``loss``. Lossy tiers add ``gamma_error_bound`` (rounded) or ``gamma_stderr``
-        (sketch). attrs: ``reference``, ``tier``, ``params``, ``excluded_steps``.
+        (sketch). attrs: ``reference``, ``tier``, ``params``, ``excluded_steps``,
+        ``direction`` (and ``weight_decay`` for "gradient+wd"). ``"update"`` adds the flag
+        ``no_next_weight``.
 
     Example:
         >>> r = rsi(run, exclude_tail="epoch")                 # doctest: +SKIP
         >>> per_epoch(r)["gamma_mean"].plot()                   # doctest: +SKIP
         >>> rsi(run, reference="ckpt/epoch10.pt")               # any w*, one more pass
     """
+    if direction not in DIRECTIONS:
+        raise AnalysisError(f"direction={direction!r}: use 'gradient' (default), 'gradient+wd' or 'update'")
+    if weight_decay is not None and direction != "gradient+wd":
+        raise AnalysisError(f"weight_decay= is used by direction='gradient+wd' only (direction={direction!r})")
     run = as_run(run)
     group = run.params(params)
     space = rsi_space(run)
@@ -128,22 +172,118 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
     rows = run.rows_of(sel)
     p = Pass(run, group)
     vec = reference_in_space(run, ref, space)
-    key = p.ref_dist(rows, space, ref_vector=vec, ref_rows=ref.rows, coef=ref.coef)
-    dist2, gdiff = p.compute(progress=progress, scheduler=scheduler)[key]
-    gg = run.per_tensor_scalar("grad_sqnorm", rows, group)
+    dir_attrs: dict = {}
+    flags: dict = {}
+    if direction == "gradient":
+        key = p.ref_dist(rows, space, ref_vector=vec, ref_rows=ref.rows, coef=ref.coef)
+        dist2, gdiff = p.compute(progress=progress, scheduler=scheduler)[key]
+        gg = run.per_tensor_scalar("grad_sqnorm", rows, group)
+    else:
+        if space != "param":
+            raise TierError(f"direction={direction!r} needs dense grad and weight tiers; {run.path} is sketched. "
+                            "Use direction='gradient' or record with a dense tier.")
+        if direction == "gradient+wd":
+            lam_t = weight_decays(run, weight_decay)
+            lam = np.zeros(run.header.n_params)
+            for t, v in zip(run.header.tensors, lam_t):
+                lam[t.offset: t.offset + t.size] = v
+            key = p.ref_dir(rows, ref_vector=vec, ref_rows=ref.rows, coef=ref.coef, lam=lam)
+            dist2, gdiff, gg = p.compute(progress=progress, scheduler=scheduler)[key]
+            dir_attrs["weight_decay"] = ", ".join(f"{run.header.tensors[i].name}={lam_t[i]:g}" for i in group.indices)
+        else:
+            if run.header.tiers["weight"].name != "lossless":
+                raise TierError(f"direction='update' needs lossless weights; {run.path} stores weights as "
+                                f"{run.header.tiers['weight'].name!r}, and w_t - w_(t+1) of rounded weights is rounding "
+                                "noise. Use direction='gradient' or record weights losslessly.")
+            has_next = np.isin(sel + 1, run.steps)
+            nxt = np.where(has_next, sel + 1, sel)  # a step without a next row pairs with itself (NaN below)
+            key = p.ref_dir(rows, ref_vector=vec, ref_rows=ref.rows, coef=ref.coef, next_rows=run.rows_of(nxt))
+            dist2, udiff, uu = p.compute(progress=progress, scheduler=scheduler)[key]
+            lr = np.asarray(run.ds["lr"].values, dtype=np.float64)[rows]
+            ok_lr = np.isfinite(lr) & (lr > 0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                gdiff = np.where(has_next & ok_lr, udiff / lr, np.nan)
+                gg = np.where(has_next & ok_lr, uu / lr ** 2, np.nan)
+            flags["no_next_weight"] = ~has_next
+            if (~has_next).any():
+                warnings.warn(f"rsi(direction='update'): {int((~has_next).sum())} of {len(sel)} steps have no recorded "
+                              f"weights at t + 1 (first: step {int(sel[~has_next][0])}); their values are NaN",
+                              RuntimeWarning, stacklevel=2)
+            if (has_next & ~ok_lr).any():
+                dir_attrs["note"] = "steps with a missing or non-positive recorded lr give NaN"
+            if (run.header.settings or {}).get("lr_groups_differ"):
+                dir_attrs["lr_note"] = ("the optimizer groups had different learning rates; lr_t is group 0's, so "
+                                        "D_t of the other groups' tensors is scaled by their lr / lr_0")
     out = rsi_from_products(dist2, gdiff, gg)
+    if direction != "gradient":
+        bad = ~np.isfinite(gg)
+        for k in ("rsi", "eb", "gamma", "eta_star"):
+            out[k][bad] = np.nan
+    out.update(flags)
     t_ref = ref.step if ref.step is not None else (run.final_step if run.final_step is not None
                                                     else int(run.grad_steps[-1]) + 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         out["random_walk"] = np.where(sel < t_ref, 1.0 / np.sqrt(np.maximum(t_ref - sel, 1)), np.nan)
+    sym = "G" if direction == "gradient" else "D"
     attrs = {"reference": ref.label, "random_walk_T": int(t_ref), "excluded_steps": int(n_excluded),
-             "exclude_tail": str(exclude_tail), "definitions": "RSI = <G, w - w*>/||w - w*||^2; EB = ||G||/||w - w*||; "
-             "gamma = RSI/EB; eta_star = RSI/EB^2; distance = ||w - w*||",
+             "exclude_tail": str(exclude_tail), "definitions": f"RSI = <{sym}, w - w*>/||w - w*||^2; "
+             f"EB = ||{sym}||/||w - w*||; gamma = RSI/EB; eta_star = RSI/EB^2; distance = ||w - w*||",
+             "direction": direction, "direction_definition": DIRECTION_TEXT[direction], **dir_attrs,
+             "grad_recorded": str((run.header.settings or {}).get("grad_recorded") or "not declared (no clipping "
+                                  "declared: the gradient as .grad held at record())"),
              **group_attrs(group), **_tier_attrs(run, group)}
-    extra = _error_vars(run, group, rows, ref, out, space)
+    if direction == "gradient":
+        extra = _error_vars(run, group, rows, ref, out, space)
+    else:
+        extra = {}
+        if "rounded" in (run.header.tiers["grad"].name, run.header.tiers["weight"].name):
+            attrs["error_note"] = f"no error bound for direction={direction!r} on a rounded tier"
     ds = per_step({**out, **extra}, run, sel, attrs)
     ds["random_walk"].attrs["long_name"] = "random walk (T - t)^(-1/2)"
+    for k in ("rsi", "eb", "gamma", "eta_star"):
+        ds[k].attrs["direction"] = direction
     return ds
+
+
+def weight_decays(run: Run, weight_decay=None) -> np.ndarray:
+    """lambda per tensor of the store (float64, one per row of the parameter table).
+
+    Args:
+        weight_decay: a number (every tensor), ``{name or glob: number}`` (tensors not matched
+            get 0), or None: the header's ``settings["param_groups"][k]["weight_decay"]`` of each
+            tensor's optimizer group (``settings["param_group_of"]`` maps tensors to groups;
+            with one group every tensor is in it).
+    """
+    n = len(run.header.tensors)
+    if weight_decay is not None:
+        if isinstance(weight_decay, dict):
+            out = np.zeros(n)
+            for pat, v in weight_decay.items():
+                hit = [i for i, t in enumerate(run.header.tensors) if t.name == pat or fnmatch.fnmatchcase(t.name, pat)]
+                if not hit:
+                    raise AnalysisError(f"weight_decay: {pat!r} matches no parameter tensor of {run.path}")
+                out[hit] = float(v)
+            return out
+        return np.full(n, float(weight_decay))
+    s = run.header.settings or {}
+    groups = s.get("param_groups")
+    if not groups:
+        raise AnalysisError(f"{run.path} records no optimizer param_groups (Recorder without optimizer=?): "
+                            "pass weight_decay= to rsi(direction='gradient+wd')")
+    of = s.get("param_group_of")
+    if of is None:
+        if len(groups) > 1:
+            raise AnalysisError(f"{run.path} has {len(groups)} optimizer groups but does not record which tensor is in "
+                                "which (older recorder): pass weight_decay={name or glob: value}")
+        of = [0] * n
+    if any(k is None for k in of):
+        missing = [run.header.tensors[i].name for i, k in enumerate(of) if k is None][:4]
+        raise AnalysisError(f"tensors {missing} of {run.path} are in no recorded optimizer group: pass weight_decay= "
+                            "explicitly")
+    if len(of) != n:
+        raise AnalysisError(f"settings['param_group_of'] of {run.path} has {len(of)} entries for {n} tensors: "
+                            "pass weight_decay= explicitly")
+    return np.array([float(groups[k].get("weight_decay") or 0.0) for k in of])
 
 
 def rsi_from_products(dist2: np.ndarray, gdiff: np.ndarray, gg: np.ndarray) -> dict:

@@ -271,28 +271,38 @@ class Run:
                 f"steps={steps!r}: give step numbers (ints), a range, a slice(a, b) or None for all"
             )
         arr = np.unique(arr.astype(np.int64))
-        self.rows_of(arr)  # raises on a step not recorded at all
-        if grads:
+        if not grads:
+            self.rows_of(arr)  # raises on a step not recorded at all
+            return arr
+        missing = arr[~np.isin(arr, pool)]
+        if len(missing):
+            step = int(missing[0])
             fin = self.final_step
-            if fin is not None and fin in arr:
+            if fin is not None and step == fin:
                 raise StepNotFoundError(
                     f"step {fin} is the final iterate of {self.path}: it holds weights only, no "
                     f"gradient. Gradient steps end at {int(self.grad_steps[-1]) if len(self.grad_steps) else 'none'}."
                 )
+            raise self._missing(step, grads=True)
         return arr
 
-    def _missing(self, step: int) -> StepNotFoundError:
-        s = self.steps
+    def _missing(self, step: int, grads: bool = False) -> StepNotFoundError:
+        """The error for a step that is not recorded; with ``grads`` (a gradient query) the
+        nearest steps offered are gradient steps only, never the final iterate."""
+        s = self.grad_steps if grads else self.steps
+        what = "gradient steps" if grads else "steps"
         if len(s) == 0:
-            return StepNotFoundError(f"step {step} is not in {self.path}: the store has no committed rows yet")
+            return StepNotFoundError(f"step {step} is not in {self.path}: the store has no committed {what} yet")
         i = int(np.searchsorted(s, step))
         near = sorted(set(s[max(0, i - 3): i + 3].tolist()))
         g = self.grad_steps[:1000]
         gaps = np.unique(np.diff(g)) if len(g) > 1 else np.array([])
         every = (", every step" if gaps[0] == 1 else f", every {int(gaps[0])} steps") if len(gaps) == 1 else ""
+        fin = self.final_step
+        tail = f"; final iterate (weights only) at {fin}" if fin is not None else ""
         return StepNotFoundError(
-            f"step {step} is not recorded in {self.path}. Nearest recorded steps: "
-            f"{', '.join(map(str, near))} (recorded: {int(s[0])}..{int(s[-1])}{every}, {len(s)} rows). "
+            f"step {step} is not recorded in {self.path}. Nearest recorded {what}: "
+            f"{', '.join(map(str, near))} (recorded {what}: {int(s[0])}..{int(s[-1])}{every}, {len(s)}{tail}). "
             "Pick a recorded step, or use slice(a, b) to take every recorded step in an interval."
         )
 
@@ -355,9 +365,12 @@ class Run:
 
     def __repr__(self):
         tiers = ", ".join(f"{k}={v.name}" for k, v in self.header.tiers.items())
+        g = self.grad_steps
+        span = f" {int(g[0])}..{int(g[-1])}" if len(g) else ""
+        fin = self.final_step
+        final = f" + final iterate at {fin}" if fin is not None else " (no final iterate)"
         return (
-            f"Run({self.path!r}: {self.header.n_steps} rows, steps "
-            f"{int(self.steps[0]) if len(self.steps) else '-'}..{int(self.steps[-1]) if len(self.steps) else '-'}, "
+            f"Run({self.path!r}: {len(g)} gradient steps{span}{final}, "
             f"d={self.n_params}, {len(self.header.tensors)} tensors, {tiers})"
         )
 

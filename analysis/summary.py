@@ -100,6 +100,41 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _flat_items(v, prefix: str = ""):
+    """(name, scalar) pairs of a nested settings dict; lists and multi-line text are skipped."""
+    for k, x in v.items():
+        name = f"{prefix}{k}"
+        if isinstance(x, dict):
+            # an optimizer's "defaults" are its hyperparameters: name them plainly
+            yield from _flat_items(x, "" if k == "defaults" else f"{name}.")
+        elif isinstance(x, (list, tuple)) or (isinstance(x, str) and ("\n" in x or len(x) > 60)):
+            continue
+        else:
+            yield name, x
+
+
+def setting_text(v, limit: int = 150) -> str:
+    """One setting as one line of at most ~``limit`` characters, cut between items, never
+    inside one: a dict shows its scalar entries as ``key=value`` (nested keys dotted; long text
+    and lists left out), and what does not fit ends in ``... (+N more)``."""
+    if isinstance(v, dict):
+        parts = [f"{k}={x}" for k, x in _flat_items(v)]
+        sep = ", "
+    elif isinstance(v, (list, tuple)):
+        parts, sep = [str(x) for x in v], ", "
+    else:
+        text = str(v)
+        parts, sep = text.split(" "), " "
+    out, used = [], 0
+    for i, part in enumerate(parts):
+        cost = len(part) + (len(sep) if out else 0)
+        if out and used + cost > limit:
+            return sep.join(out) + f" ... (+{len(parts) - i} more; gradtrace info --json shows all)"
+        out.append(part)
+        used += cost
+    return sep.join(out)
+
+
 def format_info(info: dict) -> str:
     """Human-readable text of :func:`store_info`."""
     lines = [f"store:     {info['path']} (format v{info['format_version']}, "
@@ -135,9 +170,7 @@ def format_info(info: dict) -> str:
     keys = [k for k in ("optimizer", "optimizer_hparams", "lr", "weight_decay", "clip", "seed", "torch", "device", "model",
                         "n_params", "recipe") if k in s]
     for k in keys or list(s)[:12]:
-        v = s[k]
-        txt = v if isinstance(v, str) else repr(v)
-        lines.append(f"setting:   {k} = {txt[:150]}")
+        lines.append(f"setting:   {k} = {setting_text(s[k])}")
     if info.get("parent"):
         lines.append(f"parent:    {info['parent']}")
     return "\n".join(lines)

@@ -9,6 +9,10 @@ Public names (``__all__``)::
     Tier, parse_tiers, model_table                                       (tiers, tables)
     StoreWriter                                                          (numpy-level writer)
 
+Under a training framework: ``capture.callbacks.LightningCallback(path, ...)`` (a Lightning
+callback) and ``capture.callbacks.TrainerCallback(path, ...)`` (a transformers one) create the
+Recorder and record each optimizer step (extras ``lightning`` / ``transformers``).
+
 Importing :mod:`capture` stays light: the names that need torch (``Recorder``,
 ``restore_weights``, ``full_batch_gradient``, ``parse_tiers``, ``model_table``) are imported
 on first use.

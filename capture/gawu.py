@@ -1,11 +1,14 @@
 """Geometry-adapted warm-up (GAWU, seed 000 section 5) and its fixed-switch baseline (WU).
 
 Both schedules warm up exponentially, ``eta_k = exp(omega) * eta_{k-1}`` from ``eta_0``
-(METHODS.md; the paper's text prints ``exp(omega k)``, which would grow super-exponentially,
-we follow METHODS), optionally capped at ``max_lr``, then anneal with one cosine period from
-the learning rate at the switch step ``s`` down to ``eta_min`` at ``total_steps``:
+(METHODS.md, ``warmup_form="geometric"``, the default). The paper's text prints
+``eta_k = exp(omega k) * eta_{k-1}``, which grows super-exponentially,
+``eta_k = eta_0 * exp(omega * k (k + 1) / 2)``: ``warmup_form="literal"`` gives that form
+(paper values omega = 0.1, eta_0 = 0.001: lr 0.74 at k = 11 against 0.003 geometric). Either
+is optionally capped at ``max_lr``, then annealed with one cosine period from the learning
+rate at the switch step ``s`` down to ``eta_min`` at ``total_steps``:
 
-    eta_k = min(max_lr, eta_0 * exp(omega * k))                               for k <= s
+    eta_k = min(max_lr, eta_0 * exp(omega * k))           (literal: omega * k (k+1) / 2)   for k <= s
     eta_k = eta_min + (eta_s - eta_min) * (1 + cos(pi * (k - s) / (T - s))) / 2   for s < k < T
     eta_k = eta_min                                                            for k >= T
 
@@ -38,6 +41,9 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from torch import nn
+
+#: Warm-up forms: METHODS.md's per-step factor exp(omega), or the paper's printed exp(omega k).
+WARMUP_FORMS = ("geometric", "literal")
 from torch.optim.lr_scheduler import LRScheduler
 
 __all__ = ["GAWU", "FixedSwitchWU", "OnlineMeanCorrelation", "gradients_of"]
@@ -217,6 +223,8 @@ class FixedSwitchWU(LRScheduler):
         max_lr: cap of the warm-up (None: no cap).
         eta_min: learning rate at the end of the cosine.
         window: h of the mean gradient correlation tracked by :meth:`observe`.
+        warmup_form: ``"geometric"`` (``eta_k = exp(omega) eta_{k-1}``, default) or
+            ``"literal"`` (the paper's printed ``eta_k = exp(omega k) eta_{k-1}``).
         track: whether :meth:`observe` computes correlations (False makes it a no-op).
         last_epoch: PyTorch's resume argument; leave at -1.
 
@@ -241,6 +249,7 @@ class FixedSwitchWU(LRScheduler):
         window: int = 5,
         track: bool = True,
         last_epoch: int = -1,
+        warmup_form: str = "geometric",
     ):
         cls = type(self).__name__
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
@@ -258,6 +267,10 @@ class FixedSwitchWU(LRScheduler):
                              f"eta_0={eta_0}")
         if not (isinstance(eta_min, int | float) and 0 <= eta_min):
             raise ValueError(f"{cls}: eta_min={eta_min!r} must be a number >= 0")
+        if warmup_form not in WARMUP_FORMS:
+            raise ValueError(f"{cls}: warmup_form={warmup_form!r}: use 'geometric' (eta_k = exp(omega) eta_(k-1)) "
+                             "or 'literal' (the paper's printed eta_k = exp(omega k) eta_(k-1))")
+        self.warmup_form = warmup_form
         self.total_steps = total_steps
         self.switch_step = switch_step
         self.omega = float(omega)
@@ -270,8 +283,10 @@ class FixedSwitchWU(LRScheduler):
 
     # ------------------------------------------------------------------ schedule
     def warmup_lr(self, k: int) -> float:
-        """``min(max_lr, eta_0 * exp(omega * k))``; ``inf`` past float range when uncapped."""
-        log_lr = math.log(self.eta_0) + self.omega * k
+        """``min(max_lr, eta_0 * exp(omega * k))`` (literal form: ``exp(omega * k (k + 1) / 2)``);
+        ``inf`` past float range when uncapped."""
+        growth = k * (k + 1) / 2 if getattr(self, "warmup_form", "geometric") == "literal" else k
+        log_lr = math.log(self.eta_0) + self.omega * growth
         if self.max_lr is not None:
             log_lr = min(log_lr, math.log(self.max_lr))
             return min(math.exp(log_lr), self.max_lr)
@@ -354,7 +369,7 @@ class GAWU(FixedSwitchWU):
     (capped at ``max_lr``) to the end.
 
     Args:
-        optimizer, total_steps, omega, eta_0, max_lr, eta_min, window, last_epoch: as
+        optimizer, total_steps, omega, eta_0, max_lr, eta_min, window, last_epoch, warmup_form: as
             :class:`FixedSwitchWU`.
         track_after_switch: keep computing correlations after the switch (for ``history``);
             False stops the per-step cost once the switch is found.
@@ -375,12 +390,13 @@ class GAWU(FixedSwitchWU):
         window: int = 5,
         track_after_switch: bool = True,
         last_epoch: int = -1,
+        warmup_form: str = "geometric",
     ):
         self.track_after_switch = track_after_switch
         self._last_sign = 0
         super().__init__(
             optimizer, total_steps, None, omega=omega, eta_0=eta_0, max_lr=max_lr,
-            eta_min=eta_min, window=window, track=True, last_epoch=last_epoch,
+            eta_min=eta_min, window=window, track=True, last_epoch=last_epoch, warmup_form=warmup_form,
         )
 
     def observe(self, grads) -> float:

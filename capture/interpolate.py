@@ -205,7 +205,8 @@ def interpolate(
             set (with the recipe's ``n_train`` subset and standardization for "train"; the
             test split is standardized with the training statistics). None for an ALM/SM
             objective passed as ``model`` (its own full-data loss); ignored by ALM/SM.
-        loss_fn: ``loss_fn(model(x), y)`` batch mean; default cross-entropy.
+        loss_fn: ``loss_fn(model(x), y)`` batch mean; default the recipe's loss (built from
+            the store), else cross-entropy.
         n_points: number of evenly spaced alphas in [0, 1] (>= 2), ends included.
         alphas: explicit alphas instead (must start at 0 and end at 1 for the barrier).
         micro_batch: examples per forward pass.
@@ -257,7 +258,8 @@ def interpolate(
     if data is None and not callable(getattr(model, "loss", None)):
         raise ValueError("interpolate: data=None only works for the ALM/SM objectives (their own loss); "
                          "pass data=(X, y), 'train' or 'test'")
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    if loss_fn is None:  # the recipe's own loss (cross-entropy or MSE) when the store has one
+        loss_fn = built.loss_fn if built is not None and built.loss_fn is not None else nn.CrossEntropyLoss()
 
     wa, da = _endpoint(a, store, model, "a")
     wb, db = _endpoint(b, store, model, "b")

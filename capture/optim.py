@@ -122,8 +122,8 @@ _OPTIONS = {  # which keyword options each schedule uses
     "step": {"milestones", "step_size", "gamma"},
     "cosine": {"eta_min"},
     "warmup_cosine": {"warmup_steps", "eta_min"},
-    "gawu": {"omega", "eta_0", "max_lr", "eta_min", "window"},
-    "wu": {"switch_step", "omega", "eta_0", "max_lr", "eta_min", "window"},
+    "gawu": {"omega", "eta_0", "max_lr", "eta_min", "window", "warmup_form"},
+    "wu": {"switch_step", "omega", "eta_0", "max_lr", "eta_min", "window", "warmup_form"},
 }
 
 
@@ -142,6 +142,7 @@ def build_lr_schedule(
     max_lr: float | None = None,
     window: int | None = None,
     switch_step: int | None = None,
+    warmup_form: str | None = None,
 ) -> LRScheduler:
     """Builds a learning-rate schedule by name (see the module docstring for each).
 
@@ -161,6 +162,8 @@ def build_lr_schedule(
         omega, eta_0, max_lr, window: warm-up growth, start, cap and correlation window of
             gawu/wu (defaults 0.1, the optimizer's lr, no cap, 5).
         switch_step: the fixed switch step of ``"wu"`` (required there).
+        warmup_form: gawu/wu warm-up: ``"geometric"`` (default, ``eta_k = exp(omega) eta_{k-1}``)
+            or ``"literal"`` (the paper's printed ``eta_k = exp(omega k) eta_{k-1}``).
 
     Returns:
         A ``torch.optim.lr_scheduler.LRScheduler``; gawu/wu have ``observes_gradients = True``
@@ -176,7 +179,7 @@ def build_lr_schedule(
     given = {k: v for k, v in dict(
         warmup_steps=warmup_steps, eta_min=eta_min, milestones=milestones, step_size=step_size,
         gamma=gamma, omega=omega, eta_0=eta_0, max_lr=max_lr, window=window,
-        switch_step=switch_step).items() if v is not None}
+        switch_step=switch_step, warmup_form=warmup_form).items() if v is not None}
     unused = sorted(set(given) - _OPTIONS[name])
     if unused:
         raise ValueError(f"{fn}: schedule {name!r} does not use {unused}; it takes "
@@ -227,6 +230,7 @@ def build_lr_schedule(
         "max_lr": max_lr,
         "eta_min": eta_min,
         "window": 5 if window is None else window,
+        "warmup_form": "geometric" if warmup_form is None else warmup_form,
     }
     if name == "gawu":
         return GAWU(opt, total_steps, **common)

@@ -49,8 +49,11 @@ __all__ = [
 OBJECTIVES = ("alm", "sm")
 #: Devices a config may name; "auto" is CUDA when available, else CPU.
 DEVICES = ("auto", "cpu", "cuda")
-#: Losses of classifier recipes ("objective" is the ALM/SM objective's own loss).
-LOSSES = ("cross_entropy", "objective")
+#: Losses of classifier recipes ("objective" is the ALM/SM objective's own loss; "mse" is the
+#: squared error against one-hot targets, mean over examples and outputs).
+LOSSES = ("cross_entropy", "mse", "objective")
+#: Where a clipping recipe records the gradient (header ``settings["grad_recorded"]``).
+GRAD_RECORDED = ("before_clip", "after_clip")
 
 _DICT_FIELDS = ("model_kwargs", "dataset_kwargs", "lr_schedule_kwargs")
 
@@ -91,8 +94,15 @@ class RunConfig:
             training inputs actually used (statistics stored in the header). On digits
             (pixels in [0, 1]) this is ``(x - 0.305) / 0.376``. The torchvision sets are
             already normalised with their usual statistics by the loader.
-        loss: ``"cross_entropy"`` (classifiers; mean over the batch) or ``"objective"``
-            (ALM/SM). None picks the right one for the model.
+        loss: ``"cross_entropy"`` (classifiers; mean over the batch), ``"mse"`` (classifiers:
+            ``mean((f(x) - onehot(y))^2)`` over examples and outputs, torch's ``mse_loss``; seed
+            002's squared loss, and the zigzag finding on an MLP) or ``"objective"`` (ALM/SM).
+            None picks the right one for the model.
+        grad_clip: clip the global l2 norm of the gradient to this value every step
+            (``torch.nn.utils.clip_grad_norm_``, before ``optimizer.step()``); None: no clipping.
+        grad_recorded: with ``grad_clip``: record the gradient ``"before_clip"`` (default, the
+            raw gradient, what the No Wrong Turns code measures) or ``"after_clip"`` (what the
+            optimizer consumed). Stored in the header as ``settings["grad_recorded"]``.
         optimizer: ``"gd"`` (full-batch gradient descent: the exact gradient of the whole
             training set each step, accumulated over micro-batches; plain SGD, no momentum),
             ``"sgd"`` (minibatch or full-batch SGD, optional momentum/Nesterov), ``"adam"``,
@@ -110,7 +120,7 @@ class RunConfig:
         lr_schedule: a :data:`capture.optim.SCHEDULES` name: ``"constant"``, ``"step"``,
             ``"cosine"``, ``"warmup_cosine"``, ``"gawu"``, ``"wu"``.
         lr_schedule_kwargs: its options (``warmup_steps``, ``eta_min``, ``milestones``,
-            ``step_size``, ``gamma``, ``omega``, ``eta_0``, ``max_lr``, ``window``,
+            ``step_size``, ``gamma``, ``omega``, ``eta_0``, ``max_lr``, ``window``, ``warmup_form``,
             ``switch_step``); options the schedule does not use are errors.
         record: recording schedule (:func:`capture.schedules.parse_schedule` strings such as
             ``"every"``, ``"every:10"``, ``"windows:5:100"``), plus ``"epoch"`` for the first
@@ -141,6 +151,8 @@ class RunConfig:
     data_seed: int = 0
     standardize: bool = False
     loss: str | None = None
+    grad_clip: float | None = None
+    grad_recorded: str = "before_clip"
     optimizer: str = "gd"
     lr: float = 0.1
     momentum: float = 0.0
@@ -199,10 +211,14 @@ class RunConfig:
         else:
             if self.dataset not in DATASETS:
                 self._fail(f"dataset={self.dataset!r} is unknown; choose one of {sorted(DATASETS)}")
-            if self.loss != "cross_entropy":
-                self._fail(f"loss={self.loss!r}: classifier recipes use loss='cross_entropy'")
+            if self.loss not in ("cross_entropy", "mse"):
+                self._fail(f"loss={self.loss!r}: classifier recipes use loss='cross_entropy' or 'mse'")
         if self.loss not in LOSSES:
             self._fail(f"loss={self.loss!r} is not one of {LOSSES}")
+        if self.grad_clip is not None and (not _is_number(self.grad_clip) or self.grad_clip <= 0):
+            self._fail(f"grad_clip={self.grad_clip!r} must be a number > 0 (max gradient norm) or None")
+        if self.grad_recorded not in GRAD_RECORDED:
+            self._fail(f"grad_recorded={self.grad_recorded!r} must be one of {GRAD_RECORDED}")
         if self.n_train is not None and (not _is_int(self.n_train) or self.n_train < 1):
             self._fail(f"n_train={self.n_train!r} must be a positive int or None (whole split)")
         if objective and self.n_train is not None:

@@ -142,7 +142,8 @@ def _run_settings(model, params, optimizer, scaler, schedule, user: dict | None,
     s: dict[str, Any] = {
         "model": {
             "class": type(module).__name__,
-            "repr": text if len(text) <= MODEL_REPR_CHARS else text[:MODEL_REPR_CHARS] + " ...",
+            # cut at a line end, never inside a name
+            "repr": text if len(text) <= MODEL_REPR_CHARS else text[:max(text.rfind("\n", 0, MODEL_REPR_CHARS), 0)] + "\n  ...",
             "n_params": int(sum(p.numel() for p in module.parameters())),
             "n_trainable": int(sum(p.numel() for _, p in params)),
             "n_tensors": len(params),
@@ -154,6 +155,7 @@ def _run_settings(model, params, optimizer, scaler, schedule, user: dict | None,
         "world_size": int(world),
         "schedule": schedule.describe() if isinstance(schedule, Schedule) else repr(schedule),
         "grad_clip": None,
+        "grad_recorded": None,  # "before_clip" / "after_clip" when the loop clips (Recorder(grad_recorded=))
     }
     if optimizer is not None:
         groups = [_hyper(g) for g in optimizer.param_groups]
@@ -163,6 +165,8 @@ def _run_settings(model, params, optimizer, scaler, schedule, user: dict | None,
             "param_groups": groups,
         }
         s["param_groups"] = groups
+        where = {id(q): k for k, g in enumerate(optimizer.param_groups) for q in g["params"]}
+        s["param_group_of"] = [where.get(id(p)) for _, p in params]  # group of each recorded tensor
         s["weight_decay"] = [g.get("weight_decay") for g in groups] if len(groups) > 1 else groups[0].get("weight_decay")
         lrs = [g.get("lr") for g in groups]
         s["lr_groups_differ"] = len({repr(x) for x in lrs}) > 1
@@ -197,6 +201,7 @@ class _Slot:
         self.stage: dict = {}
         self.refs: list[torch.Tensor] | None = None  # gradients held by reference (CPU)
         self.versions: list[int] | None = None
+        self.prefetch: list | None = None  # parameter state when the weights were read ahead
 
 
 _THREADS_WARNED = False
@@ -284,6 +289,12 @@ class Recorder:
             counter is checked after the writer has read it, and a gradient changed in place
             in between is not stored (the row is flagged ``FLAG_SKIPPED``, with a warning, and
             the recorder copies from then on). ``False`` always copies.
+        grad_recorded: for a loop that clips gradients, where ``record()`` is called:
+            ``"before_clip"`` (record() before ``clip_grad_norm_``: the raw gradient, what the
+            No Wrong Turns code measures) or ``"after_clip"``; stored in the header as
+            ``settings["grad_recorded"]`` (None: not declared). Put the threshold in
+            ``settings={"grad_clip": ...}``. What is stored is ``.grad`` as record() saw it: an
+            in-place clip afterwards does not change it (the recorder then copies gradients).
         durable: fsync each committed step (chunks, then the commit marker) so that it survives
             a power cut; without it a kill loses nothing committed, a power cut may (README,
             "Crash safety").
@@ -322,6 +333,7 @@ class Recorder:
         on_full: str = "block",
         commit_interval: float = 1.0,
         grads_by_reference: "bool | str" = "auto",
+        grad_recorded: str | None = None,
         durable: bool = False,
     ):
         if resume and overwrite:
@@ -332,6 +344,11 @@ class Recorder:
             raise ValueError(f"Recorder: queue_size={queue_size} must be >= 1")
         if settings is not None and not isinstance(settings, Mapping):
             raise TypeError(f"Recorder: settings must be a dict, got {type(settings).__name__}")
+        if grad_recorded not in (None, "before_clip", "after_clip"):
+            raise ValueError(f"Recorder: grad_recorded={grad_recorded!r}: use 'before_clip' (record() called before "
+                             "clip_grad_norm_), 'after_clip', or None when the loop does not clip")
+        if grad_recorded is not None:
+            settings = {**(settings or {}), "grad_recorded": grad_recorded}
         self.path = Path(path)
         self.model = _unwrap(model)
         self.optimizer = optimizer
@@ -379,6 +396,9 @@ class Recorder:
         self._n_skipped = 0
         self._n_grad_changed = 0
         self._warned_changed = False
+        self._grad_ids: tuple = ()  # id() of each parameter's .grad at the last record() call
+        self._pf_hook = None  # optimizer hook of the weights read ahead (rank 0, CPU)
+        self._n_prefetched = 0
         _warn_threads(self._cuda)
         self._steps_per_epoch = getattr(self.schedule, "steps_per_epoch", None)
 
@@ -428,6 +448,19 @@ class Recorder:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._writer_loop, name=f"gradtrace-writer:{self.path.name}", daemon=True)
         self._thread.start()
+        # weights read ahead: after each optimizer step a helper thread copies the new weights
+        # into a free buffer while the next forward/backward runs; record() uses them when no
+        # parameter changed since (version counters and storage pointers)
+        self._pf_lock = threading.Condition()
+        self._pf_slot: _Slot | None = None
+        self._pf_running = False
+        self._pf_go = threading.Event()
+        if (grads_by_reference == "auto" and not self._cuda and self._fast_cat and optimizer is not None
+                and hasattr(optimizer, "register_step_post_hook")):
+            self._pf_hook = optimizer.register_step_post_hook(lambda *_: self._pf_go.set())
+            self._pf_thread = threading.Thread(target=self._prefetch_loop, name=f"gradtrace-weights:{self.path.name}",
+                                               daemon=True)
+            self._pf_thread.start()
 
     # ------------------------------------------------------------------ context manager
 
@@ -472,6 +505,8 @@ class Recorder:
             self._raise_writer_error()
         if not self.active:
             return False
+        if self._by_ref:
+            self._grad_ids = tuple(id(p.grad) for _, p in self._params)
         self._stepped.set()
         if self._n_grad_changed and not self._warned_changed:
             self._warn_changed()
@@ -516,7 +551,9 @@ class Recorder:
         if not with_weights:
             flags |= FLAG_NO_WEIGHT
 
-        slot = self._take_slot()
+        slot, have_weights = self._take_prefetched(with_weights)
+        if slot is None:
+            slot = self._take_slot()
         if slot is None:  # on_full="skip": the writer is behind; store the step as skipped
             self._jobs.put((step, None, int(epoch), flags | FLAG_SKIPPED | FLAG_NO_WEIGHT,
                             (_scalar(loss), _scalar(lr_value))))
@@ -525,7 +562,7 @@ class Recorder:
             self._record_s += time.perf_counter() - t0
             return False
         try:
-            self._fill(slot, grads, n_missing, loss, lr_value, with_weights)
+            self._fill(slot, grads, n_missing, loss, lr_value, with_weights and not have_weights)
         except BaseException:
             self._free.put(slot)
             raise
@@ -544,14 +581,22 @@ class Recorder:
         self._record_s += time.perf_counter() - t0
         return True
 
-    def _take_slot(self) -> _Slot | None:
+    def _new_slot(self) -> _Slot | None:
+        """A free buffer without waiting, allocating one while the pool is not full."""
         try:
             return self._free.get_nowait()
         except queue.Empty:
             pass
-        if self._n_slots < self._pool_size:
+        with self._pf_lock:
+            if self._n_slots >= self._pool_size:
+                return None
             self._n_slots += 1
-            return _Slot(self.d, self._cuda)
+        return _Slot(self.d, self._cuda)
+
+    def _take_slot(self) -> _Slot | None:
+        slot = self._new_slot()
+        if slot is not None:
+            return slot
         if self.on_full == "skip":
             if self._error is not None:
                 self._raise_writer_error()
@@ -589,15 +634,17 @@ class Recorder:
             if self._by_ref and not n_missing:
                 # no copy on the training thread: the writer flattens them, then checks that
                 # no version counter moved (see grads_by_reference)
-                slot.refs = [g.detach() for g in grads]
+                # the .grad tensors themselves (not detached views): their ids identify them
+                slot.refs = list(grads)
                 slot.versions = [g._version for g in grads]
+                self._grad_ids = tuple(id(g) for g in grads)
             else:
                 # a copy that is multiplied afterwards must have landed first (blocking copy)
                 self._flat(grads, slot.grad, non_blocking=inv_scale is None)
                 if inv_scale is not None:
                     slot.grad.mul_(inv_scale.to(slot.grad.device))
                 if self._by_ref_allowed and not n_missing:
-                    self._ref_probe = [[g.detach() for g in grads], [g._version for g in grads]]
+                    self._ref_probe = [list(grads), [g._version for g in grads]]
             if with_weights:
                 self._flat(weights, slot.weight, non_blocking=True)
         for i, v in enumerate((loss, lr)):
@@ -623,6 +670,70 @@ class Recorder:
                 ev = torch.cuda.Event()
                 ev.record(self._side_stream(dev))
                 slot.events.append(ev)
+
+    # ------------------------------------------------------------------ weights read ahead
+
+    def _param_state(self) -> list:
+        return [(p._version, p.data_ptr()) for _, p in self._params]
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            self._pf_go.wait()
+            self._pf_go.clear()
+            if self._closed:
+                return
+            nxt = (self._last_seen + 1) if self._last_seen is not None else None
+            if nxt is not None and not (self.schedule(nxt) and (self.weight_schedule is None
+                                                                or self.weight_schedule(nxt))):
+                continue  # the next step is not recorded (or without weights): nothing to read
+            with self._pf_lock:
+                # _quiet: flush/close wait for every buffer; no read-ahead may take one then
+                if self._pf_running or self._closed or self._quiet.is_set():
+                    continue
+                slot, self._pf_slot = self._pf_slot, None
+                self._pf_running = True
+            try:
+                if slot is None:
+                    slot = self._new_slot()
+                if slot is not None:
+                    before = self._param_state()
+                    torch.cat([p.detach().reshape(-1) for _, p in self._params], out=slot.weight)
+                    slot.prefetch = before if self._param_state() == before else None
+            except BaseException:  # noqa: BLE001 - record() then copies the weights itself
+                if slot is not None:
+                    slot.prefetch = None
+            finally:
+                with self._pf_lock:
+                    self._pf_slot = slot
+                    self._pf_running = False
+                    self._pf_lock.notify_all()
+
+    def _take_prefetched(self, with_weights: bool) -> tuple[_Slot | None, bool]:
+        """The read-ahead buffer, and whether its weights are this step's (no parameter
+        changed since they were read)."""
+        if self._pf_hook is None:
+            return None, False
+        with self._pf_lock:
+            while self._pf_running:
+                self._pf_lock.wait()
+            slot, self._pf_slot = self._pf_slot, None
+        if slot is None:
+            return None, False
+        ok = with_weights and slot.prefetch is not None and slot.prefetch == self._param_state()
+        slot.prefetch = None
+        self._n_prefetched += ok
+        return slot, ok
+
+    def _release_prefetched(self) -> None:
+        """Give the read-ahead buffer back to the pool (flush and close wait for every buffer)."""
+        if self._pf_hook is None:
+            return
+        with self._pf_lock:
+            while self._pf_running:
+                self._pf_lock.wait()
+            slot, self._pf_slot = self._pf_slot, None
+        if slot is not None:
+            self._free.put(slot)
 
     # ------------------------------------------------------------------ CUDA
 
@@ -803,9 +914,12 @@ class Recorder:
         """After the writer read the referenced gradients: wait until the training thread can
         no longer change them (each has been dropped from its parameter, or the training
         thread waits in flush/close), then compare their version counters."""
-        params = self._params
+        # never read p.grad here: backward assigns it without the GIL (a segfault when read
+        # from this thread); the training thread publishes the ids of the current .grad
+        # tensors at every record() call (ids of live objects are unique: we hold refs)
+        ids = [id(r) for r in slot.refs]
         while not self._quiet.is_set():
-            if not any(p.grad is r for (_, p), r in zip(params, slot.refs)):
+            if not any(a == b for a, b in zip(self._grad_ids, ids)):
                 break
             self._stepped.wait(0.05)
             self._stepped.clear()
@@ -832,6 +946,7 @@ class Recorder:
         if not self.active or self._closed:
             return
         self._quiet.set()  # the training thread changes no gradient while it waits here
+        self._release_prefetched()
         try:
             while (self._n_slots and self._free.qsize() < self._n_slots) or not self._jobs.empty():
                 if self._error is not None:
@@ -865,6 +980,11 @@ class Recorder:
             return
         self._closed = True
         self._quiet.set()  # training is over: referenced gradients can no longer change
+        if self._pf_hook is not None:
+            self._pf_hook.remove()
+            self._pf_go.set()
+            self._pf_thread.join()
+            self._release_prefetched()
         self._jobs.put(None)
         self._thread.join()
         if self._nonfinite_steps and not self._warned_nonfinite:
@@ -909,6 +1029,7 @@ class Recorder:
             "n_skipped_steps": int(self._n_skipped),
             "n_grad_changed_steps": int(self._n_grad_changed),
             "grads_by_reference": bool(self._by_ref),
+            "n_weights_read_ahead": int(self._n_prefetched),
             "record_seconds": round(self._record_s, 6),
             "wait_seconds": round(self._wait_s, 6),
             "writer_seconds": round(self._writer_s, 6),

@@ -5,7 +5,9 @@
 
     G_k = gradient of the step's loss at w_k        (full batch: exact, over micro-batches)
     sched.observe(model)                            (gawu / wu only)
+    [clip_grad_norm_ if grad_clip and grad_recorded == "after_clip"]
     recorder.record(k, loss, epoch, lr)             (if the record schedule selects k)
+    [clip_grad_norm_ if grad_clip and grad_recorded == "before_clip"]
     optimizer.step(); sched.step()                  (w_{k+1})
 
 and :class:`capture.Recorder` records the final iterate ``w_T`` when it closes. Minibatch
@@ -159,7 +161,24 @@ def build(config: RunConfig, *, device: "torch.device | str | None" = None) -> B
         info["standardization"] = {"mean": mean, "std": std}
     torch.manual_seed(config.seed)
     model = build_model(config.model, **DATASETS[config.dataset].model_kwargs(), **config.model_kwargs)
-    return Built(model.to(dev), X.to(dev), y.to(dev), nn.CrossEntropyLoss(), dev, info)
+    loss_fn = OneHotMSE(int(y.max()) + 1) if config.loss == "mse" else nn.CrossEntropyLoss()
+    return Built(model.to(dev), X.to(dev), y.to(dev), loss_fn, dev, info)
+
+
+class OneHotMSE(nn.Module):
+    """``mean((out - onehot(y))^2)`` over the batch and the C outputs (torch's ``mse_loss``).
+
+    A mean over examples (of the per-example mean over outputs), so micro-batch accumulation
+    weighted by examples gives the full-batch value.
+    """
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = int(num_classes)
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        target = nn.functional.one_hot(y, out.shape[-1]).to(out.dtype)
+        return nn.functional.mse_loss(out, target)
 
 
 def minibatch_indices(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -357,16 +376,24 @@ def train_config(
                   f" -> {path}")
         t0 = time.perf_counter()
         loss = math.nan
+        clip = config.grad_clip
+        if clip is not None:
+            settings["grad_clip"] = clip
         with Recorder(model, path, optimizer=opt, schedule=_record_schedule(config), tiers=tiers,
                       overwrite=overwrite, resume=resume, resume_step=first if resume else None,
-                      settings=settings, expected_steps=total + 1, parent=parent) as rec:
+                      settings=settings, expected_steps=total + 1, parent=parent,
+                      grad_recorded=config.grad_recorded if clip is not None else None) as rec:
             for i, step in enumerate(range(first, start_step + total)):
                 batch = built.batch(batches.indices(step))
                 loss = built.step_loss_and_grad(batch, config.micro_batch)
                 if observes:
                     sched.observe(model)
                 lr = float(opt.param_groups[0]["lr"])
+                if clip is not None and config.grad_recorded == "after_clip":
+                    nn.utils.clip_grad_norm_(model.parameters(), clip)
                 rec.record(step, loss=loss, epoch=batches.epoch_of(step), lr=lr)
+                if clip is not None and config.grad_recorded == "before_clip":
+                    nn.utils.clip_grad_norm_(model.parameters(), clip)  # record() already copied .grad
                 opt.step()
                 sched.step()
                 prog.step(i, step, loss, lr)

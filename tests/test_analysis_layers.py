@@ -57,6 +57,14 @@ def test_balancedness(stores):
         w2 = allw[k, d.tensor_slice("fc2.weight")].reshape(3, 6)
         want = np.linalg.norm(w2.T @ w2 - w1 @ w1.T) / np.linalg.norm(w1) ** 2
         assert b.values[k, 0] == pytest.approx(want, rel=1e-12)
+    a = ga.balancedness(d.path, form="absolute")
+    assert a.attrs["form"] == "absolute" and b.attrs["form"] == "relative" and "/" not in a.attrs["definition"]
+    for k in range(9):
+        w1 = allw[k, d.tensor_slice("fc1.weight")].reshape(6, 9)
+        w2 = allw[k, d.tensor_slice("fc2.weight")].reshape(3, 6)
+        assert a.values[k, 0] == pytest.approx(np.linalg.norm(w2.T @ w2 - w1 @ w1.T), rel=1e-12)
+    with pytest.raises(ga.AnalysisError, match="form='abs'"):
+        ga.balancedness(d.path, form="abs")
     with pytest.raises(ga.AnalysisError, match="no consecutive linear layers"):
         ga.balancedness(d.path, layers="conv*")
     with pytest.raises(ga.TierError):

@@ -220,3 +220,147 @@ def test_many_steps_cut_rows_not_chunks(data, monkeypatch):
     r = ga.rsi(run, reference=vec, params="fc*")
     cols = np.r_[data.tensor_slice("fc1.weight"), data.tensor_slice("fc1.bias"), data.tensor_slice("fc2.weight")]
     check(r, data.grads[:, cols], data.weights[:, cols], vec[cols], range(12))
+
+
+# ---------------------------------------------------------------- direction= (NWT code's variants)
+
+def check_dir(ds, D, W, ref, steps):
+    """``D`` (T, d) float64 directions: the metrics of every step against slow_rsi."""
+    for k, t in enumerate(steps):
+        want = slow_rsi(D[t], W[t], ref)
+        for m in METRICS:
+            got = ds[m].values[k]
+            if np.isnan(want[m]):
+                assert np.isnan(got), (m, t)
+            else:
+                assert abs(got - want[m]) <= TOL * max(1.0, abs(want[m])), (m, t, got, want[m])
+
+
+def lam_vector(data, per_name):
+    lam = np.zeros(data.weights.shape[1])
+    for t in data.tensors:
+        lam[t.offset: t.offset + t.size] = per_name.get(t.name, 0.0)
+    return lam
+
+
+@pytest.mark.parametrize("slab", [None, 1])
+def test_direction_gradient_plus_wd(data, slab, monkeypatch):
+    if slab:
+        monkeypatch.setattr(engine, "SLAB_BYTES", slab)  # many slabs, reference rows read per slab
+    W, G = data.weights.astype(np.float64), data.grads.astype(np.float64)
+    r = ga.rsi(data.path, direction="gradient+wd", weight_decay=5e-4)
+    check_dir(r, G + 5e-4 * W, W, data.final_weight, range(12))
+    assert r.attrs["direction"] == "gradient+wd" and "lambda w_t" in r.attrs["direction_definition"]
+    assert r.gamma.attrs["direction"] == "gradient+wd"
+    per = {"conv.weight": 0.3, "fc1.weight": 0.05}  # large and per tensor, so a wrong mapping shows
+    r = ga.rsi(data.path, 3, direction="gradient+wd", weight_decay={"conv.weight": 0.3, "fc1.w*": 0.05})
+    check_dir(r, G + lam_vector(data, per) * W, W, data.weights[3], range(12))
+    assert np.isnan(r.gamma.values[3]) and r.zero_distance.values[3]
+    ref = np.random.default_rng(0).standard_normal(W.shape[1])
+    r = ga.rsi(data.path, ref, params="fc*", direction="gradient+wd", weight_decay=0.1)
+    cols = np.concatenate([np.arange(t.offset, t.offset + t.size) for t in data.tensors if t.name.startswith("fc")])
+    check_dir(r, (G + 0.1 * W)[:, cols], W[:, cols], ref[cols], range(12))
+    # lambda = 0 is the plain gradient direction (stored ||G||^2 vs the pass's own: float64 rounding)
+    r0, rg = ga.rsi(data.path, direction="gradient+wd", weight_decay=0.0), ga.rsi(data.path)
+    for m in METRICS:
+        np.testing.assert_allclose(r0[m].values, rg[m].values, rtol=1e-12)
+
+
+@pytest.mark.parametrize("slab", [None, 1])
+def test_direction_update(data, slab, monkeypatch):
+    if slab:
+        monkeypatch.setattr(engine, "SLAB_BYTES", slab)
+    W = np.vstack([data.weights, data.final_weight[None]]).astype(np.float64)
+    D = (W[:-1] - W[1:]) / data.lrs[:, None]  # w_12 is the final iterate
+    r = ga.rsi(data.path, slice(8, 11), direction="update")
+    check_dir(r, D, W, W[8:12].mean(axis=0), range(12))
+    assert r.attrs["direction"] == "update" and not r.no_next_weight.values.any()
+    # plain SGD: the update direction is the gradient up to float32 rounding of the weights
+    rg = ga.rsi(data.path, slice(8, 11))
+    np.testing.assert_allclose(r.gamma.values, rg.gamma.values, atol=1e-3)
+
+
+def test_direction_update_sparse_and_bad_input(tmp_path):
+    d = make_store(tmp_path / "sparse.zarr", steps=[0, 1, 2, 5, 6], seed=2)
+    with pytest.warns(RuntimeWarning, match="1 of 5 steps have no recorded weights at t \\+ 1 \\(first: step 2\\)"):
+        r = ga.rsi(d.path, direction="update")
+    assert list(r.no_next_weight.values) == [False, False, True, False, False]  # 2 -> 3 missing; 6 -> 7 final
+    assert np.isnan(r.gamma.values[2]) and np.isfinite(r.gamma.values[[0, 1, 3, 4]]).all()
+    W = d.weights.astype(np.float64)
+    want = slow_rsi((W[0] - W[1]) / 0.1, W[0], d.final_weight)
+    assert abs(r.rsi.values[0] - want["rsi"]) <= TOL * abs(want["rsi"])
+    with pytest.raises(ga.AnalysisError, match="direction='grad'"):
+        ga.rsi(d.path, direction="grad")
+    with pytest.raises(ga.AnalysisError, match="weight_decay= is used by direction='gradient\\+wd' only"):
+        ga.rsi(d.path, weight_decay=0.1)
+    with pytest.raises(ga.AnalysisError, match="records no optimizer param_groups.*pass weight_decay="):
+        ga.rsi(d.path, direction="gradient+wd")
+    with pytest.raises(ga.AnalysisError, match="'nope' matches no parameter tensor"):
+        ga.rsi(d.path, direction="gradient+wd", weight_decay={"nope": 1.0})
+    rd = make_store(tmp_path / "rounded.zarr", steps=4, tiers="rounded:7", seed=2)
+    with pytest.raises(ga.TierError, match="needs lossless weights"):
+        ga.rsi(rd.path, direction="update")
+    sk = make_store(tmp_path / "sketch.zarr", steps=4, tiers="sketch:64", seed=2)
+    with pytest.raises(ga.TierError, match="needs dense grad and weight tiers"):
+        ga.rsi(sk.path, direction="gradient+wd", weight_decay=0.1)
+
+
+def test_directions_cut_rows_not_chunks(data, monkeypatch):
+    """The direction passes are row-wise too: with many steps their rows are cut into blocks
+    of whole chunks (each chunk decoded at most twice: a block's partner row), and every value
+    equals the unblocked pass's."""
+    run = ga.open_run(data.path)
+    whole = {d: ga.rsi(run, direction=d, **kw) for d, kw in
+             (("gradient+wd", {"weight_decay": 0.05}), ("update", {}))}
+    whole_ref = ga.rsi(run, slice(2, 5), direction="update")
+    cw = run.chunk_width("grad")
+    monkeypatch.setattr(engine, "SLAB_BYTES", 4 * cw * 4)
+    monkeypatch.setattr(engine, "CHUNK_SLAB_BYTES", 4 * cw * 4)
+    monkeypatch.setattr(engine, "MIN_SLAB_COLS", 2)
+    decodes, reads = count_decodes(monkeypatch)
+    n_chunks = -(-data.d // cw)
+    W = np.vstack([data.weights, data.final_weight[None]]).astype(np.float64)
+    for d, kw in (("gradient+wd", {"weight_decay": 0.05}), ("update", {})):
+        decodes.clear()
+        r = ga.rsi(run, direction=d, **kw)
+        for m in METRICS:
+            np.testing.assert_allclose(r[m].values, whole[d][m].values, rtol=1e-13)
+        D = data.grads + 0.05 * W[:-1] if d == "gradient+wd" else (W[:-1] - W[1:]) / data.lrs[:, None]
+        check_dir(r, D, W, W[-1], range(12))
+        assert all(lo % cw == 0 for _, _, lo, _ in reads) and max(decodes.values()) <= 2
+        assert max(n for _, n, _, _ in reads) <= 4  # row blocks of whole chunks, not all 13 rows
+        reads.clear()
+        assert {c for (_, _, c) in decodes} == set(range(n_chunks))
+    r = ga.rsi(run, slice(2, 5), direction="update")  # a reference of store rows, formed once per slab
+    for m in METRICS:
+        np.testing.assert_allclose(r[m].values, whole_ref[m].values, rtol=1e-13)
+
+
+def test_weight_decay_from_the_header(tmp_path):
+    """settings["param_groups"] + settings["param_group_of"] give each tensor its lambda."""
+    from analysis import format as fmt
+    from capture.writer import StoreWriter
+
+    d = make_store(tmp_path / "h.zarr", steps=4, seed=1)
+    names = [t.name for t in d.tensors]
+    of = [0 if n.endswith("weight") else 1 for n in names]
+    for settings, match in (({"param_groups": [{"weight_decay": 0.2}, {"weight_decay": 0.0}], "param_group_of": of},
+                             None),
+                            ({"param_groups": [{"weight_decay": 0.2}, {"weight_decay": 0.0}]}, "does not record which"),
+                            ({"param_groups": [{"weight_decay": 0.2}], "param_group_of": [0, None, 0, 0, 0]},
+                             "in no recorded optimizer group")):
+        path = tmp_path / f"s{len(settings)}{match is None}.zarr"
+        w = StoreWriter(path, d.tensors, d.tiers, mode="overwrite", param_chunk=16, settings=settings)
+        for k in range(4):
+            w.append(k, d.raw_grads[k], d.raw_weights[k], loss=1.0, lr=0.1, epoch=0)
+        w.close(final_weight=d.final_weight)
+        if match:
+            with pytest.raises(ga.AnalysisError, match=match):
+                ga.rsi(path, direction="gradient+wd")
+            continue
+        r = ga.rsi(path, direction="gradient+wd")
+        lam = lam_vector(d, {n: 0.2 for n in names if n.endswith("weight")})
+        W = d.weights.astype(np.float64)
+        check_dir(r, d.grads + lam * W, W, d.final_weight, range(4))
+        assert "conv.weight=0.2" in r.attrs["weight_decay"] and "conv.bias=0" in r.attrs["weight_decay"]
+    assert fmt.read_header(tmp_path / "s2True.zarr").settings["param_group_of"] == of

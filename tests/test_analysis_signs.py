@@ -108,3 +108,56 @@ def test_lag_cuts_rows_not_chunks(stores, tier, monkeypatch):
     assert set(decodes) == {(a, r, c) for a in names for r in range(9) for c in range(n_chunks)}
     # blocks of first rows 0-1, 2-3, 4-5, 6-8: rows 2, 4, 6 also end the previous block's last pair
     assert {r for (_, r, _), k in decodes.items() if k == 2} == {2, 4, 6} and max(decodes.values()) == 2
+
+
+def slow_flip_share_all(x, y) -> float:
+    """Percent of ALL coordinates with opposite signs (zeros count as no flip)."""
+    flips = sum((a < 0 < b) or (b < 0 < a) for a, b in zip(np.asarray(x).tolist(), np.asarray(y).tolist()))
+    return 100.0 * flips / len(x)
+
+
+@pytest.mark.parametrize("tier", ["lossless", "sketch:64"])
+def test_denominator_all_matches_slow(stores, tier):
+    d = stores[tier]
+    G = d.raw_grads
+    m = ga.sign_shift_matrix(d.path, denominator="all")
+    want = np.array([[slow_flip_share_all(G[i], G[j]) for j in range(len(G))] for i in range(len(G))])
+    np.testing.assert_allclose(m.sign_shift.values, want, atol=1e-12)
+    np.testing.assert_allclose(m.zero_share.values, slow_matrix(G)[1], atol=1e-12)
+    assert m.attrs["denominator"] == "all" and "n (all coordinates)" in m.attrs["definition"]
+    assert m.sign_shift.attrs["long_name"] == "% of all coordinates flipping sign"
+    lag = ga.sign_shift_lag(d.path, 1, denominator="all")
+    np.testing.assert_allclose(lag.sign_shift.values, [slow_flip_share_all(G[t], G[t + 1]) for t in range(8)],
+                               atol=1e-12)
+    assert lag.attrs["denominator"] == "all" and lag.sign_shift.attrs["denominator"] == "all"
+    both = ga.sign_shift_lag(d.path, 1)  # the default, labelled too
+    assert both.attrs["denominator"] == "both_nonzero" and "non-zero at both" in both.sign_shift.attrs["long_name"]
+    # all = both_nonzero * (share of coordinates non-zero at both): strictly lower where zeros exist
+    np.testing.assert_allclose(lag.sign_shift.values, both.sign_shift.values * (1 - both.zero_share.values / 100),
+                               rtol=1e-12)
+    win = ga.sign_shift_window(d.path, 3, h=4, denominator="all")
+    np.testing.assert_allclose(win.sign_shift.values, want[3:7, 3:7], atol=1e-12)
+    assert win.attrs["denominator"] == "all"
+
+
+def test_denominator_all_on_zero_and_bad_input(stores):
+    d = stores["special"]  # step 2 all-zero: 0% of all entries flip (not NaN), step 4 non-finite: NaN
+    m = ga.sign_shift_matrix(d.path, denominator="all")
+    assert (np.delete(m.sign_shift.values[2], 4) == 0).all() and np.isnan(m.sign_shift.values[4]).all()
+    with pytest.raises(ga.AnalysisError, match="denominator='most'.*'both_nonzero'.*'all'"):
+        ga.sign_shift_lag(d.path, 1, denominator="most")
+
+
+def test_layer_table_denominator(stores):
+    d = stores["lossless"]
+    G = d.raw_grads
+    for den in ("both_nonzero", "all"):
+        tab = ga.layer_table(d.path, reference=None, denominator=den)
+        assert tab.attrs["denominator"] == den
+        for name in ("big", "c"):
+            cols = d.tensor_slice(name)
+            if den == "all":
+                per = [slow_flip_share_all(G[t, cols], G[t + 1, cols]) for t in range(8)]
+            else:
+                per = [slow_sign_shift(G[t, cols], G[t + 1, cols])[0] for t in range(8)]
+            np.testing.assert_allclose(tab.sign_shift_mean.sel(tensor=name).item(), np.nanmean(per), rtol=1e-12)

@@ -113,7 +113,9 @@ def test_rsi_json_matches_api(store, tmp_path):
 
 def test_phases_and_layers(store, tmp_path):
     p = gradtrace("phases", store.path, "--h", "3")
-    assert "steps per phase" in p.stdout and "GAWU" in p.stdout
+    assert "steps per phase" in p.stdout and "GAWU" in p.stdout and "rule record_low" in p.stdout
+    p = gradtrace("phases", store.path, "--h", "3", "--share-rule", "net")
+    assert "rule net" in p.stdout
     p = gradtrace("layers", store.path, "-o", tmp_path / "layers.csv")
     assert "conv.weight" in p.stdout and (tmp_path / "layers.csv").exists()
 
@@ -182,3 +184,41 @@ def test_analysis_commands_do_not_import_torch(store, tmp_path):
     for args in (("info", store.path), ("corr", store.path, "--lag", "1"), ("signs", store.path),
                  ("rsi", store.path), ("phases", store.path)):
         gradtrace(*args, env=env)
+
+
+def test_signs_denominator_flag(store, tmp_path):
+    out = tmp_path / "signs_all.json"
+    p = gradtrace("signs", store.path, "--lag", "1", "--denominator", "all", "-o", out)
+    assert "denominator=all" in p.stdout
+    api = ga.sign_shift_lag(ga.open_run(store.path), 1, denominator="all")
+    np.testing.assert_allclose(_json_var(out, "sign_shift"), api["sign_shift"].values, atol=1e-12)
+    assert json.loads(out.read_text())["attrs"]["denominator"] == "all"
+
+
+def test_rsi_direction_flag(store, tmp_path):
+    out = tmp_path / "rsi_wd.json"
+    p = gradtrace("rsi", store.path, "--direction", "gradient+wd", "--weight-decay", "0.01", "-o", out)
+    assert "direction: gradient+wd" in p.stdout
+    api = ga.rsi(ga.open_run(store.path), direction="gradient+wd", weight_decay=0.01)
+    np.testing.assert_allclose(_json_var(out, "gamma"), api["gamma"].values, rtol=1e-12)
+
+def test_output_checked_before_the_computation(store, tmp_path):
+    # a step that is not recorded would fail the computation: the -o error must come first
+    _one_line_error(gradtrace("corr", store.path, "--steps", "1000", "-o", tmp_path / "out.xlsx", check=False),
+                    "unknown extension '.xlsx'")
+    missing = tmp_path / "nope" / "deeper"
+    _one_line_error(gradtrace("corr", store.path, "--steps", "1000", "-o", missing / "out.json", check=False),
+                    "does not exist")
+    _one_line_error(gradtrace("report", store.path, "-o", missing / "report", check=False), "does not exist")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_closed_pipe_is_silent(store):
+    """`gradtrace info STORE | head` when head has gone: no BrokenPipeError traceback."""
+    e = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "analysis.cli", "info", str(store.path), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e, cwd=ROOT)
+    p.stdout.close()  # the reader goes away before the first line is written
+    _, err = p.communicate(timeout=240)
+    assert b"BrokenPipe" not in err and b"Traceback" not in err and b"Exception ignored" not in err, err.decode()
+    assert p.returncode == 1

@@ -34,3 +34,14 @@ def test_demo_quick_writes_store_and_report(tmp_path):
     assert np.nanmean(lag1[:20]) > 0.8   # smooth at the start
     assert np.nanmean(lag1[-30:]) < -0.8  # zigzag at the end
     assert "zigzag" in html
+    # the zigzag share on the demo run: the record_low rule, in [0, 1], equals a loop over the losses
+    ph = ga.phases(run, h=5)
+    lab, loss = ph.phase.values.tolist(), ph["loss"].values.tolist()
+    low, total, zz = loss[0], 0.0, 0.0
+    for t in range(len(loss) - 1):
+        gain = max(0.0, low - loss[t + 1])
+        low = min(low, loss[t + 1])
+        total += gain
+        zz += gain if lab[t] == "zigzag" else 0.0
+    assert 0 <= ph.attrs["zigzag_share"] <= 1
+    assert abs(ph.attrs["zigzag_share"] - zz / total) <= 1e-12

@@ -257,3 +257,28 @@ def test_real_full_batch_training_finds_a_reproducible_switch():
     assert a.history[s] < 0 < a.history[s - 1]  # detected at the crossing
     assert lrs[s] == pytest.approx(0.01 * math.exp(0.15 * s)) and lrs[s + 1] < lrs[s]
     assert losses[-1] < losses[0]
+
+
+def test_literal_warmup_form_is_the_papers_printed_recursion():
+    """warmup_form='literal': eta_k = exp(omega k) eta_{k-1} (the paper's text), step by step."""
+    from capture.optim import build_lr_schedule
+
+    T, s, eta0, omega = 30, 11, 1e-3, 0.1
+    opt = _dummy_opt()
+    sched = FixedSwitchWU(opt, T, s, eta_0=eta0, omega=omega, warmup_form="literal")
+    lrs = _run(sched, opt, [None] * T)
+    rec = [eta0]
+    for k in range(1, s + 1):
+        rec.append(math.exp(omega * k) * rec[-1])
+    np.testing.assert_allclose(lrs[: s + 1], rec, rtol=1e-12)
+    assert lrs[11] == pytest.approx(0.735, abs=1e-3)  # against 0.003 in the geometric form
+    geo = FixedSwitchWU(_dummy_opt(), T, s, eta_0=eta0, omega=omega)
+    assert geo.lr_at(11) == pytest.approx(eta0 * math.exp(1.1), rel=1e-12)
+    peak = rec[-1]
+    assert lrs[s + 1] == pytest.approx(peak * (1 + math.cos(math.pi / (T - s))) / 2, rel=1e-12)
+    opt = _dummy_opt()
+    built = build_lr_schedule("gawu", opt, 20, omega=0.1, eta_0=1e-3, warmup_form="literal")
+    assert isinstance(built, GAWU) and built.warmup_form == "literal"
+    assert built.lr_at(3) == pytest.approx(1e-3 * math.exp(0.6), rel=1e-12)
+    with pytest.raises(ValueError, match="warmup_form='printed'"):
+        FixedSwitchWU(_dummy_opt(), T, s, warmup_form="printed")
