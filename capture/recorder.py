@@ -207,12 +207,17 @@ class _Slot:
 _THREADS_WARNED = False
 
 
-def _warn_threads(cuda: bool) -> None:
-    """Warn once per process when CPU training lets torch use every core (the writer then
+#: Below this many parameters a row costs the writer well under a millisecond: no warning.
+THREADS_WARNING_MIN_PARAMS = 100_000
+
+
+def _warn_threads(cuda: bool, d: int) -> None:
+    """Warn once per process when CPU training of a model of at least
+    :data:`THREADS_WARNING_MIN_PARAMS` parameters lets torch use every core (the writer then
     takes a core from torch's threads, whose barrier waits multiply the step time)."""
     global _THREADS_WARNED
     cores = os.cpu_count() or 1
-    if cuda or _THREADS_WARNED or cores < 2 or torch.get_num_threads() < cores:
+    if cuda or _THREADS_WARNED or cores < 2 or d < THREADS_WARNING_MIN_PARAMS or torch.get_num_threads() < cores:
         return
     _THREADS_WARNED = True
     warnings.warn(
@@ -390,7 +395,7 @@ class Recorder:
         self._grad_ids: tuple = ()  # id() of each parameter's .grad at the last record() call
         self._pf_hook = None  # optimizer hook of the weights read ahead (rank 0, CPU)
         self._n_prefetched = 0
-        _warn_threads(self._cuda)
+        _warn_threads(self._cuda, self.d)
         self._steps_per_epoch = getattr(self.schedule, "steps_per_epoch", None)
 
         # counters (training thread unless noted)
