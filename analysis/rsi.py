@@ -19,6 +19,21 @@ and that formula loses ``log10((||w_t||^2 + ||w*||^2) / ||w_t - w*||^2)`` of flo
 digits (8 or more on the last steps of a converged run: errors far above 1e-10). Forming
 ``w_t - w*`` in float64 per entry has no cancellation and costs the same single pass.
 
+With a query index (``gradtrace index``, :mod:`analysis.index`), a reference made of recorded
+iterates (a step, a mean of steps, ``"final"``: ``w* = sum_k c_k w_{s_k}``) needs no pass::
+
+    ||w_t - w*||^2  = WW_tt - 2 sum_k c_k WW_{t s_k} + sum_{k,m} c_k c_m WW_{s_k s_m}
+    <G_t, w_t - w*> = GW_tt - sum_k c_k GW_{t s_k}
+
+This is the expanded form above, so it carries the same cancellation: its relative error is
+about ``K eps S_t / ||w_t - w*||^2`` with ``S_t`` the same sum taken over absolute values
+(``analysis.index.cancellation``; K measured, see the README). The index answers the steps
+where that estimate (and the matching bound on gamma) is below ``RSI_INDEX_RTOL`` = 1e-11, and
+one pass over only the other steps (those close to the reference) computes them directly, as
+without an index. ``answered_by`` is ``"index"``, ``"index+pass"`` (attribute
+``pass_steps``: how many) or ``"pass"``; ``index=False`` forces the pass. Arrays and files as
+references always run the pass.
+
 Special cases: ``w_t == w*`` (distance 0) gives NaN for RSI, EB, gamma and eta* at that step
 and sets ``zero_distance``; an all-zero gradient gives NaN gamma and eta* (RSI and EB are
 then 0, as defined) and sets ``zero_grad``.
@@ -35,6 +50,7 @@ from analysis import format as fmt
 from analysis._common import group_attrs, per_step, selected, sketch_k
 from analysis.engine import Pass
 from analysis.errors import AnalysisError, TierError
+from analysis.index import RSI_INDEX_RTOL, cancellation, index_for, require
 from analysis.reference import Reference, resolve_reference
 from analysis.store import ParamGroup, Run, as_run
 
@@ -89,7 +105,7 @@ def reference_in_space(run: Run, ref: Reference, space: str):
 
 
 def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, strict: bool = True,
-        progress=None, scheduler=None) -> xr.Dataset:
+        progress=None, scheduler=None, index=None) -> xr.Dataset:
     """RSI, EB, gamma, eta* and distance against a reference point, in one pass.
 
     Args:
@@ -102,6 +118,8 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
         exclude_tail: drop the last N gradient steps (int) or the last epoch (``"epoch"``),
             as the paper does (gamma_T = 1 is trivial on the last GD step).
         strict: refuse extra tensors in a state dict (see ``resolve_reference``).
+        index: ``None`` (use the query index for references made of recorded iterates when it
+            covers them), ``False`` (always a pass) or ``True`` (the index must answer).
 
     Returns:
         Dataset along ``step`` with ``rsi``, ``eb``, ``gamma``, ``eta_star``, ``distance``,
@@ -121,11 +139,21 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
     sel, n_excluded = drop_tail(run, selected(run, steps), exclude_tail)
     ref = resolve_reference(run, reference, strict=strict)
     rows = run.rows_of(sel)
-    p = Pass(run, group)
-    vec = reference_in_space(run, ref, space)
-    key = p.ref_dist(rows, space, ref_vector=vec, ref_rows=ref.rows, coef=ref.coef)
-    dist2, gdiff = p.compute(progress=progress, scheduler=scheduler)[key]
     gg = run.per_tensor_scalar("grad_sqnorm", rows, group)
+    idx = index_for(run, group, index)
+    ok = (idx is not None and ref.rows is not None and idx.has("gw")
+          and idx.covers(np.repeat(rows, len(ref.rows)), np.tile(ref.rows, len(rows)))
+          and idx.covers_block(ref.rows))
+    idx = require(idx, index, ok, f"the reference {ref.label} against {len(rows)} steps")
+    todo = np.ones(len(rows), bool)
+    dist2, gdiff = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
+    if idx is not None:
+        dist2, gdiff, todo = rsi_products_from_index(idx, rows, ref.rows, ref.coef, gg)
+    if todo.any():
+        p = Pass(run, group)
+        vec = reference_in_space(run, ref, space)
+        key = p.ref_dist(rows[todo], space, ref_vector=vec, ref_rows=ref.rows, coef=ref.coef)
+        dist2[todo], gdiff[todo] = p.compute(progress=progress, scheduler=scheduler)[key]
     out = rsi_from_products(dist2, gdiff, gg)
     t_ref = ref.step if ref.step is not None else (run.final_step if run.final_step is not None
                                                     else int(run.grad_steps[-1]) + 1)
@@ -134,11 +162,47 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
     attrs = {"reference": ref.label, "random_walk_T": int(t_ref), "excluded_steps": int(n_excluded),
              "exclude_tail": str(exclude_tail), "definitions": "RSI = <G, w - w*>/||w - w*||^2; EB = ||G||/||w - w*||; "
              "gamma = RSI/EB; eta_star = RSI/EB^2; distance = ||w - w*||",
-             **group_attrs(group), **_tier_attrs(run, group)}
+             **group_attrs(group), **_tier_attrs(run, group),
+             "answered_by": "pass" if idx is None else ("index+pass" if todo.any() else "index")}
+    if idx is not None:
+        attrs["pass_steps"] = int(todo.sum())
     extra = _error_vars(run, group, rows, ref, out, space)
     ds = per_step({**out, **extra}, run, sel, attrs)
     ds["random_walk"].attrs["long_name"] = "random walk (T - t)^(-1/2)"
     return ds
+
+
+def rsi_products_from_index(idx, rows, ref_rows, coef, gg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(||w_t - w*||^2, <G_t, w_t - w*>, needs_pass)`` from the query index, for store rows
+    ``rows`` and ``w* = coef @ W[ref_rows]``.
+
+    ``needs_pass`` marks the steps whose expanded form may have lost digits: predicted relative
+    error of the distance ``K eps S_t / dist2_t`` or predicted absolute error of gamma
+    ``K eps (|GW_tt| + |c| . |GW_ts|) / (||G_t|| dist_t)`` above ``RSI_INDEX_RTOL``, or a
+    distance that is not positive. A step that is the reference itself (one row, coefficient
+    1) gets the exact 0.
+    """
+    rows = np.asarray(rows, np.int64)
+    R = np.asarray(ref_rows, np.int64)
+    c = np.asarray(coef, np.float64)
+    gw_tt, ww_tt = idx.pairs("gw", rows, rows), idx.pairs("ww", rows, rows)
+    gw_tr, ww_tr = idx.block("gw", rows, R), idx.block("ww", rows, R)
+    ww_rr = idx.block("ww", R)
+    ww_rr = (ww_rr + ww_rr.T) / 2.0
+    ac = np.abs(c)
+    dist2 = ww_tt - 2.0 * (ww_tr @ c) + c @ ww_rr @ c
+    gdiff = gw_tt - gw_tr @ c
+    s = np.abs(ww_tt) + 2.0 * (np.abs(ww_tr) @ ac) + ac @ np.abs(ww_rr) @ ac
+    sg = np.abs(gw_tt) + np.abs(gw_tr) @ ac
+    rel = cancellation(s, dist2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gg = np.asarray(gg, np.float64)
+        gamma_err = np.where(gg > 0, cancellation(sg, np.sqrt(gg * np.maximum(dist2, 0.0))), 0.0) + rel
+    todo = (dist2 <= 0) | (rel > RSI_INDEX_RTOL) | (gamma_err > RSI_INDEX_RTOL)
+    if len(R) == 1 and c[0] == 1.0:
+        same = rows == R[0]
+        dist2[same], gdiff[same], todo[same] = 0.0, 0.0, False
+    return dist2, gdiff, todo
 
 
 def rsi_from_products(dist2: np.ndarray, gdiff: np.ndarray, gg: np.ndarray) -> dict:

@@ -10,6 +10,10 @@ Counts are exact on every tier: dense tiers keep signs and zeros exactly (roundi
 changes them), and the sketch tier stores exact packed sign and nonzero bits. The counts come
 from float32 BLAS products of {-1, 0, 1} matrices (exact integers, ../shared/STORAGE.md).
 Steps whose gradient holds NaN/Inf give NaN.
+
+With a query index (``gradtrace index``) that covers the steps, the two counts are read from
+it (``index/sign_disagree``, ``index/sign_both``: the same exact integers) and the result says
+``answered_by="index"``; ``index=False`` forces the pass.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import xarray as xr
 from analysis._common import group_attrs, lag_pairs, matrix, nonfinite, per_step, selected
 from analysis.engine import Pass
 from analysis.errors import AnalysisError, StepNotFoundError
+from analysis.index import index_for, require
 from analysis.store import as_run
 
 DEFINITION = ("sign_shift = 100 * #{G_j[i] G_k[i] < 0} / #{G_j[i] != 0 and G_k[i] != 0}; "
@@ -40,7 +45,7 @@ def _percent(disagree, both, n):
     return shift, zero
 
 
-def sign_shift_matrix(run, steps=None, *, params=None, progress=None, scheduler=None) -> xr.Dataset:
+def sign_shift_matrix(run, steps=None, *, params=None, progress=None, scheduler=None, index=None) -> xr.Dataset:
     """Sign-shift percentages between every pair of selected steps, in one pass.
 
     Returns:
@@ -55,20 +60,27 @@ def sign_shift_matrix(run, steps=None, *, params=None, progress=None, scheduler=
     run = as_run(run)
     group = run.params(params)
     sel = selected(run, steps)
-    p = Pass(run, group)
-    key = p.sign_gram(run.rows_of(sel))
-    counts = p.compute(progress=progress, scheduler=scheduler)[key]
+    rows = run.rows_of(sel)
+    idx = index_for(run, group, index)
+    idx = require(idx, index, idx is not None and idx.covers_block(rows), f"the {len(rows)} selected steps")
+    if idx is not None:
+        counts = np.stack([idx.block("sign_disagree", rows), idx.block("sign_both", rows)])
+    else:
+        p = Pass(run, group)
+        key = p.sign_gram(rows)
+        counts = p.compute(progress=progress, scheduler=scheduler)[key]
     shift, zero = _percent(counts[0], counts[1], float(group.size))
     bad = nonfinite(run, sel)
     for arr in (shift, zero):
         arr[bad, :] = np.nan
         arr[:, bad] = np.nan
-    attrs = _attrs(run, group)
+    attrs = {**_attrs(run, group), "answered_by": "pass" if idx is None else "index"}
     return xr.Dataset({"sign_shift": matrix(shift, sel, "sign_shift", attrs),
                        "zero_share": matrix(zero, sel, "zero_share", attrs)}, attrs=attrs)
 
 
-def sign_shift_window(run, step: int, h: int = 5, *, params=None, progress=None, scheduler=None) -> xr.Dataset:
+def sign_shift_window(run, step: int, h: int = 5, *, params=None, progress=None, scheduler=None,
+                      index=None) -> xr.Dataset:
     """Sign-shift matrix of the window of training steps ``step .. step + h - 1``."""
     run = as_run(run)
     if int(h) < 1:
@@ -80,12 +92,13 @@ def sign_shift_window(run, step: int, h: int = 5, *, params=None, progress=None,
             f"the h={h} window at step {step} needs training steps {step}..{int(step) + int(h) - 1}: {err}"
         ) from err
     out = sign_shift_matrix(run, range(int(step), int(step) + int(h)), params=params, progress=progress,
-                            scheduler=scheduler)
+                            scheduler=scheduler, index=index)
     out.attrs.update(h=int(h), window_start=int(step))
     return out
 
 
-def sign_shift_lag(run, lag: int = 1, steps=None, *, params=None, progress=None, scheduler=None) -> xr.Dataset:
+def sign_shift_lag(run, lag: int = 1, steps=None, *, params=None, progress=None, scheduler=None,
+                   index=None) -> xr.Dataset:
     """Sign shift between t and t + lag (training steps) for every selected t.
 
     Returns:
@@ -101,11 +114,18 @@ def sign_shift_lag(run, lag: int = 1, steps=None, *, params=None, progress=None,
     run = as_run(run)
     group = run.params(params)
     a, b = lag_pairs(run, selected(run, steps), lag)
-    p = Pass(run, group)
-    key = p.sign_pairs(run.rows_of(a), run.rows_of(b))
-    counts = p.compute(progress=progress, scheduler=scheduler)[key]
+    ra, rb = run.rows_of(a), run.rows_of(b)
+    idx = index_for(run, group, index)
+    idx = require(idx, index, idx is not None and idx.covers(ra, rb), f"{len(a)} step pairs at lag {lag}")
+    if idx is not None:
+        counts = np.stack([idx.pairs("sign_disagree", ra, rb), idx.pairs("sign_both", ra, rb)])
+    else:
+        p = Pass(run, group)
+        key = p.sign_pairs(ra, rb)
+        counts = p.compute(progress=progress, scheduler=scheduler)[key]
     shift, zero = _percent(counts[0], counts[1], float(group.size))
     bad = nonfinite(run, a) | nonfinite(run, b)
     shift[bad] = np.nan
     zero[bad] = np.nan
-    return per_step({"sign_shift": shift, "zero_share": zero}, run, a, {**_attrs(run, group), "lag": int(lag)})
+    return per_step({"sign_shift": shift, "zero_share": zero}, run, a,
+                    {**_attrs(run, group), "lag": int(lag), "answered_by": "pass" if idx is None else "index"})
