@@ -476,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("index", help="build the query index: T x T products that answer later queries instantly",
-                       description="One pass over the store computes <G_i, G_j>, <G_i, W_j>, <W_i, W_j> and the sign "
-                       "counts for every pair of rows (or lags 0..L with --band) and stores them in the store's 'index' "
+                       description="One pass over the store computes <G_i, G_j>, <G_i, V_j>, <V_i, V_j> (V: the weights "
+                       "minus a fixed anchor) and the sign counts for every pair of rows (or lags 0..L with --band) and stores them in the store's 'index' "
                        "group. corr, signs and rsi then answer from it. Run it again after a run grew: only the new "
                        "rows are computed.")
     p.add_argument("store", help="path (or fsspec URL) of a gradtrace run store")

@@ -251,17 +251,20 @@ class _RefDist:
 
 @dataclass(frozen=True)
 class _IndexGram:
-    """Products of the stacked rows ``X = [G_g; W_w]`` (float64): ``X X[cols]^T``, shape
+    """Products of the stacked rows ``X = [G_g; W_w - a]`` (float64): ``X X[cols]^T``, shape
     ``(n, len(cols))`` with ``n = len(g) + len(w)``; ``cols=None`` gives the symmetric ``X X^T``.
 
     One product yields the three blocks of the query index (``analysis.index``): ``G G^T``,
-    ``G W^T`` and ``W W^T``, each float32 value cast to float64 (exact) before the product.
+    ``G V^T`` and ``V V^T`` with ``V = W - a``, ``a`` the explicit reference ``anchor`` (or 0
+    when -1). Each float32 value is cast to float64 (exact), and ``w - a`` of a float32 weight
+    and the float64 anchor (itself a float32 row) is formed in float64.
     """
 
     key: str
     g: np.ndarray
     w: np.ndarray
     cols: np.ndarray | None = None
+    anchor: int = -1
 
     def shape(self):
         n = len(self.g) + len(self.w)
@@ -277,6 +280,8 @@ class _IndexGram:
                 np.copyto(x[:ng], data.grad[gi, c0:c1])
             if n > ng:
                 np.copyto(x[ng:], data.weight[wi, c0:c1])
+                if self.anchor >= 0:
+                    x[ng:] -= data.refs[self.anchor][c0:c1]
             out += x @ x.T if self.cols is None else x @ x[self.cols].T
         return out
 
@@ -331,10 +336,11 @@ def _band_blocks(m: int, first: int, band: int):
 
 @dataclass(frozen=True)
 class _IndexBand:
-    """The banded index: ``out[k, i, l] = <X_i, Y_{i-l}>`` for the pairs (X, Y) = (G, G), (G, W),
-    (W, G), (W, W) (k = 0..3), rows i = first..m-1 of the positions ``p`` (store rows in order,
-    each with a grad and a weight row), lags l = 0..band; shape ``(4, m - first, band + 1)``,
-    0 where ``i - l < 0``. ``with_weight=False``: only k = 0 is computed (the rest stay 0)."""
+    """The banded index: ``out[k, i, l] = <X_i, Y_{i-l}>`` for the pairs (X, Y) = (G, G), (G, V),
+    (V, G), (V, V) (k = 0..3; ``V = W - a`` as in :class:`_IndexGram`), rows i = first..m-1 of
+    the positions ``p`` (store rows in order, each with a grad and a weight row), lags
+    l = 0..band; shape ``(4, m - first, band + 1)``, 0 where ``i - l < 0``. Without grad
+    (weight) rows only k = 3 (k = 0) is computed."""
 
     key: str
     p: np.ndarray
@@ -342,6 +348,7 @@ class _IndexBand:
     band: int
     with_grad: bool = True
     with_weight: bool = True
+    anchor: int = -1
 
     def shape(self):
         return (4, len(self.p) - self.first, self.band + 1)
@@ -352,6 +359,8 @@ class _IndexBand:
         for c0, c1 in _col_blocks(a, b, 2 * m, 8):
             g = _as64(data.grad[rows, c0:c1], "band_g") if self.with_grad else None
             w = _as64(data.weight[rows, c0:c1], "band_w") if self.with_weight else None
+            if w is not None and self.anchor >= 0:
+                w -= data.refs[self.anchor][c0:c1]
             for i0, i1, j0, dst, src in _band_blocks(m, self.first, self.band):
                 for k, x, y in ((0, g, g), (1, g, w), (2, w, g), (3, w, w)):
                     if x is None or y is None:
@@ -637,21 +646,33 @@ class Pass:
             wrows += list(ref_rows)
         return self._add("refdist", space, rows, wrows, w=np.asarray(rows), **extra)
 
-    def index_gram(self, space: str, grad_rows=(), weight_rows=(), cols=None) -> str:
+    def _anchor(self, space: str, anchor) -> int:
+        """Register an anchor vector; its position among the space's explicit references."""
+        if anchor is None:
+            return -1
+        pos = sum(1 for s, _ in self.refs if s == space)
+        self.refs.append((space, np.asarray(anchor, np.float64)))
+        return pos
+
+    def index_gram(self, space: str, grad_rows=(), weight_rows=(), cols=None, anchor=None) -> str:
         """Query-index products ``X X[cols]^T`` of the stacked rows ``X = [G_grad_rows;
-        W_weight_rows]`` in ``space`` ("param" or "sketch"), float64 ``(n, n)`` or ``(n, len(cols))``."""
+        W_weight_rows - anchor]`` in ``space`` ("param" or "sketch"), float64 ``(n, n)`` or
+        ``(n, len(cols))``; ``anchor``: a float64 vector over the space (None: 0)."""
         return self._add("igram", space, grad_rows, weight_rows,
-                         cols=None if cols is None else np.asarray(cols, np.int64))
+                         cols=None if cols is None else np.asarray(cols, np.int64),
+                         anchor=self._anchor(space, anchor) if len(weight_rows) else -1)
 
     def index_signs(self, rows, cols=None) -> str:
         """Query-index sign counts ``[disagree, both_nonzero]`` of ``rows`` against ``rows[cols]``."""
         space = "param" if self.run.dense("grad") else "bits"
         return self._add("isigns", space, rows, cols=None if cols is None else np.asarray(cols, np.int64))
 
-    def index_band(self, space: str, rows, first: int, band: int, grad: bool = True, weight: bool = True) -> str:
+    def index_band(self, space: str, rows, first: int, band: int, grad: bool = True, weight: bool = True,
+                   anchor=None) -> str:
         """Banded index products of consecutive store ``rows`` (see :class:`_IndexBand`)."""
         return self._add("iband", space, rows if grad else (), rows if weight else (), rows=np.asarray(rows),
-                         first=int(first), band=int(band), grad=bool(grad), weight=bool(weight))
+                         first=int(first), band=int(band), grad=bool(grad), weight=bool(weight),
+                         anchor=self._anchor(space, anchor) if weight else -1)
 
     def index_sign_band(self, rows, first: int, band: int) -> str:
         """Banded sign counts of consecutive store ``rows`` (see :class:`_IndexSignBand`)."""
@@ -727,7 +748,8 @@ class Pass:
             elif q.kind == "signpairs":
                 ops.append(_SignPairs(q.key, pos(q.extra["a"], grows), pos(q.extra["b"], grows)))
             elif q.kind == "igram":
-                ops.append(_IndexGram(q.key, pos(q.grad_rows, grows), pos(q.weight_rows, wrows), q.extra["cols"]))
+                ops.append(_IndexGram(q.key, pos(q.grad_rows, grows), pos(q.weight_rows, wrows), q.extra["cols"],
+                                      q.extra["anchor"]))
             elif q.kind == "isigns":
                 ops.append(_IndexSigns(q.key, pos(q.grad_rows, grows), q.extra["cols"]))
             elif q.kind == "iband":
@@ -735,7 +757,8 @@ class Pass:
                 pool = grows if e["grad"] else wrows
                 if e["grad"] and e["weight"] and not np.array_equal(grows, wrows):
                     raise ValueError("a banded index pass holds one row set for grad and weight")
-                ops.append(_IndexBand(q.key, pos(e["rows"], pool), e["first"], e["band"], e["grad"], e["weight"]))
+                ops.append(_IndexBand(q.key, pos(e["rows"], pool), e["first"], e["band"], e["grad"], e["weight"],
+                                      e["anchor"]))
             elif q.kind == "isband":
                 ops.append(_IndexSignBand(q.key, pos(q.grad_rows, grows), q.extra["first"], q.extra["band"]))
             elif q.kind == "refdist":

@@ -76,40 +76,46 @@ Query index (optional, derived; ``gradtrace index`` / :func:`analysis.index.buil
 a sub-group ``index`` of T x T matrices from which every correlation, sign shift and
 RSI/EB/gamma against a recorded iterate follows without reading the data again. It indexes
 store rows 0..n-1 (the final iterate included: its gradient entries are NaN, its sign counts
--1). Plain ``xarray.open_zarr(store)`` ignores it; ``xarray.open_zarr(store, group="index")``
-reads it. Layout ``full`` (dims ``index_row``, ``index_col``: entry [i, j] is rows i and j) or
-``band`` (dims ``index_row``, ``index_lag``: entry [i, l] is rows i and i - l, l = 0..L;
-NaN / -1 where i - l < 0):
+-1). Weights enter as ``V_j = W_j - a``, their difference from a fixed anchor ``a`` (the last
+weight row when the index was first built, stored in ``index/anchor``): RSI needs only
+differences ``w_t - w_s = V_t - V_s``, and products of the small V lose far fewer digits to
+cancellation than products of W (``analysis.rsi``). Plain ``xarray.open_zarr(store)`` ignores
+the sub-group; ``xarray.open_zarr(store, group="index")`` reads it. Layout ``full`` (dims
+``index_row``, ``index_col``: entry [i, j] is rows i and j) or ``band`` (dims ``index_row``,
+``index_lag``: entry [i, l] is rows i and i - l, l = 0..L; NaN / -1 where i - l < 0):
 
-=====================  ===========================  =======  =======================================
-name                   dims                         dtype    meaning
-=====================  ===========================  =======  =======================================
-``index/step``         (index_row,)                 int64    step of each indexed row
-``index/check``        (index_row, index_check)     float64  step, flags, grad_sqnorm, weight_sqnorm,
-                                                             grad_dot_weight of the row when indexed
-``index/gg``           (index_row, index_col|lag)   float64  <G_i, G_j>
-``index/gw``           (index_row, index_col|lag)   float64  <G_i, W_j>
-``index/wg``           (index_row, index_lag)       float64  band only: <W_i, G_{i-l}>
-``index/ww``           (index_row, index_col|lag)   float64  <W_i, W_j>
-``index/sign_disagree`` (index_row, index_col|lag)  int64    #{k: G_i[k] G_j[k] < 0}
-``index/sign_both``    (index_row, index_col|lag)   int64    #{k: G_i[k] != 0 and G_j[k] != 0}
-=====================  ===========================  =======  =======================================
+======================  ============================  =======  ======================================
+name                    dims                          dtype    meaning
+======================  ============================  =======  ======================================
+``index/step``          (index_row,)                  int64    step of each indexed row
+``index/check``         (index_row, index_check)      float64  step, flags, grad_sqnorm,
+                                                               weight_sqnorm, grad_dot_weight of the
+                                                               row when indexed
+``index/anchor``        (index_anchor,)               float64  the anchor a (length d, or the sketch
+                                                               dimension for the sketch tier)
+``index/gg``            (index_row, index_col|lag)    float64  <G_i, G_j>
+``index/gv``            (index_row, index_col|lag)    float64  <G_i, V_j>
+``index/vg``            (index_row, index_lag)        float64  band only: <V_i, G_{i-l}>
+``index/vv``            (index_row, index_col|lag)    float64  <V_i, V_j>
+``index/sign_disagree`` (index_row, index_col|lag)    int64    #{k: G_i[k] G_j[k] < 0}
+``index/sign_both``     (index_row, index_col|lag)    int64    #{k: G_i[k] != 0 and G_j[k] != 0}
+======================  ============================  =======  ======================================
 
-Products are float64 sums of the stored float32 values (each cast exactly), in the space the
-direct pass uses: the stored values for lossless and rounded tiers, the sketches for the
-sketch tier (``grad_sketch``, ``weight_sketch``), the packed bit planes for the sketch tier's
-sign counts. The other sign counts follow from these two and the diagonal (``sign_both[i, i]``
-is the number of non-zero entries n_i): entries where one is zero and the other not,
-``n_i + n_j - 2 both``; entries where the signs differ counting zero as a sign (sign(a) !=
-sign(b) in {-1, 0, 1}), ``disagree + n_i + n_j - 2 both``; entries zero at either step,
-``d - both``. Chunks: ``(INDEX_CHUNK, INDEX_CHUNK)`` (full) or ``(INDEX_BAND_CHUNK_ROWS, L+1)``
-(band), Blosc lz4 + shuffle, then a CRC32C checksum per chunk (Zarr's ``crc32c`` codec: a
-damaged chunk fails to decode instead of giving wrong numbers). The group attribute
-``gradtrace_index`` holds ``version``, ``layout``, ``band``, ``n_rows`` (the rows written;
-written last, so an interrupted build leaves the old rows valid), the ``spaces`` of the
-products and the build's timings. A reader uses a row only while its ``check`` matches the
-store (a resumed run rewrites its final-iterate row), so an index never answers for data it
-was not built from.
+Products are float64 sums of the stored float32 values (each cast exactly; ``w - a`` formed in
+float64), in the space the direct pass uses: the stored values for lossless and rounded
+tiers, the sketches for the sketch tier (``grad_sketch``, ``weight_sketch``), the packed bit
+planes for the sketch tier's sign counts. The other sign counts follow from these two and the
+diagonal (``sign_both[i, i]`` is the number of non-zero entries n_i): entries where one is
+zero and the other not, ``n_i + n_j - 2 both``; entries where the signs differ counting zero as
+a sign (sign(a) != sign(b) in {-1, 0, 1}), ``disagree + n_i + n_j - 2 both``; entries zero at
+either step, ``d - both``. Chunks: ``(INDEX_CHUNK, INDEX_CHUNK)`` (full) or
+``(INDEX_BAND_CHUNK_ROWS, L+1)`` (band), Blosc lz4 + shuffle, then a CRC32C checksum per chunk
+(Zarr's ``crc32c`` codec: a damaged chunk fails to decode instead of giving wrong numbers).
+The group attribute ``gradtrace_index`` holds ``version``, ``layout``, ``band``, ``n_rows``
+(the rows written; written last, so an interrupted build leaves the old rows valid),
+``anchor_step``, the ``spaces`` of the products and the build's timings. A reader uses a row
+only while its ``check`` matches the store (a resumed run rewrites its final-iterate row), so
+an index never answers for data it was not built from.
 
 Tiers (per array, ``grad`` and ``weight`` independently):
 
@@ -659,12 +665,13 @@ INDEX_ROW_DIM = "index_row"
 INDEX_COL_DIM = "index_col"
 INDEX_LAG_DIM = "index_lag"
 INDEX_CHECK_DIM = "index_check"
+INDEX_ANCHOR_DIM = "index_anchor"
 #: columns of ``index/check``: the per-row values a row is recognised by
 INDEX_CHECK_FIELDS = ("step", "flags", "grad_sqnorm", "weight_sqnorm", "grad_dot_weight")
 INDEX_CHUNK = 512  # full layout: 512 x 512 float64 = 2 MiB per chunk
 INDEX_BAND_CHUNK_ROWS = 4096
-INDEX_PRODUCTS = ("gg", "gw", "ww")
-INDEX_BAND_PRODUCTS = ("gg", "gw", "wg", "ww")
+INDEX_PRODUCTS = ("gg", "gv", "vv")
+INDEX_BAND_PRODUCTS = ("gg", "gv", "vg", "vv")
 INDEX_SIGNS = ("sign_disagree", "sign_both")
 
 
@@ -679,7 +686,9 @@ class IndexArraySpec:
     chunks: tuple[int, ...]
     meaning: str
 
-    def shape(self, rows: int, band: int | None) -> tuple[int, ...]:
+    def shape(self, rows: int, band: int | None, anchor_len: int = 0) -> tuple[int, ...]:
+        if self.dims == (INDEX_ANCHOR_DIM,):
+            return (int(anchor_len),)
         if len(self.dims) == 1:
             return (int(rows),)
         if self.dims[1] == INDEX_CHECK_DIM:
@@ -697,12 +706,14 @@ def index_specs(band: int | None = None) -> list[IndexArraySpec]:
         IndexArraySpec("check", (INDEX_ROW_DIM, INDEX_CHECK_DIM), "float64", float("nan"),
                        (INDEX_BAND_CHUNK_ROWS, len(INDEX_CHECK_FIELDS)),
                        "the row's " + ", ".join(INDEX_CHECK_FIELDS) + " when it was indexed"),
+        IndexArraySpec("anchor", (INDEX_ANCHOR_DIM,), "float64", float("nan"), (DEFAULT_PARAM_CHUNK,),
+                       "the anchor a: the weights V = W - a are taken relative to (float64)"),
     ]
     names = INDEX_PRODUCTS if band is None else INDEX_BAND_PRODUCTS
     for name in names:
         x, y = name[0].upper(), name[1].upper()
         out.append(IndexArraySpec(name, (INDEX_ROW_DIM, col), "float64", float("nan"), chunks,
-                                  f"<{x}, {y}> of {pair} (float64)"))
+                                  f"<{x}, {y}> of {pair} (float64; V = W - anchor)"))
     out.append(IndexArraySpec("sign_disagree", (INDEX_ROW_DIM, col), "int64", -1, chunks,
                               f"entries where the gradients of {pair} have opposite non-zero signs (-1: no gradient)"))
     out.append(IndexArraySpec("sign_both", (INDEX_ROW_DIM, col), "int64", -1, chunks,
@@ -717,12 +728,13 @@ def index_codecs():
     return [BloscCodec(cname="lz4", clevel=1, shuffle="shuffle", typesize=8), Crc32cCodec()]
 
 
-def index_bytes(n_rows: int, band: int | None = None) -> int:
-    """Uncompressed bytes of a query index over ``n_rows`` store rows (full or banded)."""
+def index_bytes(n_rows: int, band: int | None = None, anchor_len: int = 0) -> int:
+    """Uncompressed bytes of a query index over ``n_rows`` store rows (full or banded), plus
+    ``8 * anchor_len`` for the anchor vector (d, or the sketch dimension)."""
     n = int(n_rows)
     cols = n if band is None else int(band) + 1
     mats = len(INDEX_PRODUCTS if band is None else INDEX_BAND_PRODUCTS) + len(INDEX_SIGNS)
-    return 8 * n * (1 + len(INDEX_CHECK_FIELDS)) + 8 * mats * n * cols
+    return 8 * n * (1 + len(INDEX_CHECK_FIELDS)) + 8 * mats * n * cols + 8 * int(anchor_len)
 
 
 # --------------------------------------------------------------------------------------

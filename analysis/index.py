@@ -1,8 +1,11 @@
 """The query index: a few T x T matrices in the store that answer later questions instantly.
 
 Every correlation is a ratio of entries of ``GG = G G^T``; RSI, EB and gamma against a
-recorded iterate (or a mean of recorded iterates) follow from ``GW = G W^T`` and
-``WW = W W^T``; a sign shift is a ratio of two integer counts. :func:`build_index` computes
+recorded iterate (or a mean of recorded iterates) follow from ``GV = G V^T`` and
+``VV = V V^T``, ``V = W - a`` the iterates relative to a fixed anchor ``a`` (the last weight
+row when the index is first built: differences ``w_t - w_s = V_t - V_s`` are all RSI needs, and
+the small V lose fewer digits to cancellation than W); a sign shift is a ratio of two integer
+counts. :func:`build_index` computes
 them in one out-of-core pass of the analysis engine (slabs of the parameter axis, summed in a
 tree; the local threads or a ``dask.distributed`` cluster) and stores them in the run store
 (sub-group ``index``, layout in :mod:`analysis.format`). The analysis functions then answer
@@ -115,20 +118,20 @@ class QueryIndex:
         return self.covers(r) and (self.band is None or int(r.max() - r.min()) <= self.band)
 
     def pairs(self, name: str, rows_a, rows_b) -> np.ndarray:
-        """Entries ``name[rows_a[k], rows_b[k]]`` (``gg``, ``gw``, ``ww``, ``sign_*``) as float64."""
+        """Entries ``name[rows_a[k], rows_b[k]]`` (``gg``, ``gv``, ``vv``, ``sign_*``) as float64."""
         a = np.asarray(rows_a, np.int64)
         b = np.asarray(rows_b, np.int64)
         if not a.size:
             return np.zeros(0)
         if self.band is None:
             return np.asarray(self.group[name].vindex[a, b], np.float64)
-        if name == "gw":  # <G_a, W_b>: gw[a, a - b] for a >= b, else wg[b, b - a]
+        if name == "gv":  # <G_a, V_b>: gv[a, a - b] for a >= b, else vg[b, b - a]
             out = np.empty(len(a))
             lo = a >= b
             if lo.any():
-                out[lo] = self.group["gw"].vindex[a[lo], (a - b)[lo]]
+                out[lo] = self.group["gv"].vindex[a[lo], (a - b)[lo]]
             if (~lo).any():
-                out[~lo] = self.group["wg"].vindex[b[~lo], (b - a)[~lo]]
+                out[~lo] = self.group["vg"].vindex[b[~lo], (b - a)[~lo]]
             return out
         hi, lo = np.maximum(a, b), np.minimum(a, b)
         return np.asarray(self.group[name].vindex[hi, hi - lo], np.float64)
@@ -151,7 +154,7 @@ class QueryIndex:
                "up_to_date": self.n_valid == self.run.header.n_steps}
         if self.n_valid:
             out["steps"] = [int(self.run.steps[0]), int(self.run.steps[self.n_valid - 1])]
-        for k in ("built_seconds", "rows_computed"):
+        for k in ("built_seconds", "rows_computed", "anchor_step"):
             if k in self.attrs:
                 out[k] = self.attrs[k]
         return out
@@ -218,10 +221,10 @@ def require(idx: QueryIndex | None, index, ok: bool, what: str) -> QueryIndex | 
 def _spaces(run: Run) -> dict:
     g = "param" if run.dense("grad") else "sketch"
     w = "param" if run.dense("weight") else "sketch"
-    out = {"gg": g, "ww": w, "sign_disagree": "param" if run.dense("grad") else "bits"}
+    out = {"gg": g, "vv": w, "sign_disagree": "param" if run.dense("grad") else "bits"}
     out["sign_both"] = out["sign_disagree"]
     if g == w:
-        out["gw"] = g
+        out["gv"] = g
     return out
 
 
@@ -264,16 +267,26 @@ def build_index(run, band: int | None = None, rebuild: bool = False, *, progress
         band = old.band
     band = None if band is None else int(band)
     first = 0 if old is None else old.n_valid
+    if first == 0:
+        old = None  # nothing to keep: a fresh index (with a fresh anchor)
     spaces = _spaces(run)
     if first >= n:
         return {"layout": old.layout, "band": band, "n_rows": n, "rows_computed": 0, "seconds": 0.0,
-                "bytes": fmt.index_bytes(n, band), "up_to_date": True}
-    if band is None:
-        parts = _build_full(run, first, n, spaces, progress, scheduler)
+                "bytes": fmt.index_bytes(n, band, old.group["anchor"].shape[0]), "up_to_date": True}
+    if old is None:
+        anchor_row = n - 1
+        anchor = _weight_row(run, anchor_row)
+        anchor_step = int(run.steps[anchor_row])
     else:
-        parts = _build_band(run, first, n, band, spaces, progress, scheduler)
+        anchor = np.asarray(old.group["anchor"][:], np.float64)
+        anchor_step = int(old.attrs.get("anchor_step", -1))
+    if band is None:
+        parts = _build_full(run, first, n, spaces, anchor, progress, scheduler)
+    else:
+        parts = _build_band(run, first, n, band, spaces, anchor, progress, scheduler)
     seconds = time.perf_counter() - t0
-    _write(run, parts, first, n, band, spaces, fresh=old is None, seconds=seconds)
+    _write(run, parts, first, n, band, spaces, fresh=old is None, seconds=seconds, anchor=anchor,
+           anchor_step=anchor_step)
     if run.header.closed:  # plain xarray readers use the consolidated metadata of a closed store
         try:
             import warnings
@@ -284,10 +297,17 @@ def build_index(run, band: int | None = None, rebuild: bool = False, *, progress
         except Exception:  # noqa: BLE001 - remote stores without listing: the index still works
             pass
     return {"layout": "full" if band is None else "band", "band": band, "n_rows": n, "rows_computed": n - first,
-            "seconds": time.perf_counter() - t0, "bytes": fmt.index_bytes(n, band), "up_to_date": True}
+            "seconds": time.perf_counter() - t0, "bytes": fmt.index_bytes(n, band, len(anchor)), "up_to_date": True,
+            "anchor_step": anchor_step}
 
 
-def _build_full(run: Run, first: int, n: int, spaces: dict, progress, scheduler) -> dict:
+def _weight_row(run: Run, row: int) -> np.ndarray:
+    """The weights of store row ``row`` in the weight space (d values, or the sketch), float64."""
+    name = "weight" if run.dense("weight") else "weight_sketch"
+    return np.asarray(run.array_ref(name).open()[int(row)], np.float64)
+
+
+def _build_full(run: Run, first: int, n: int, spaces: dict, anchor, progress, scheduler) -> dict:
     """Rows ``first..n-1`` against every row: ``{name: (n, n - first) array}`` (columns = new rows)."""
     import dask
 
@@ -295,7 +315,7 @@ def _build_full(run: Run, first: int, n: int, spaces: dict, progress, scheduler)
 
     rows = np.arange(n, dtype=np.int64)
     new = np.arange(first, n, dtype=np.int64)
-    same = "gw" in spaces
+    same = "gv" in spaces
     stacked = 2 * n if same else n
     per_new_row = 8 * stacked * (2 if same else 1) + 16 * n  # partial bytes per new row (products, signs)
     tile = max(1, int(MAX_PARTIAL_BYTES // max(1, per_new_row)))
@@ -307,10 +327,10 @@ def _build_full(run: Run, first: int, n: int, spaces: dict, progress, scheduler)
         keys = {}
         if same:
             sel = None if full else np.concatenate([cols, n + cols])
-            keys["x"] = p.index_gram(spaces["gg"], rows, rows, cols=sel)
+            keys["x"] = p.index_gram(spaces["gg"], rows, rows, cols=sel, anchor=anchor)
         else:
             keys["g"] = p.index_gram(spaces["gg"], rows, (), cols=None if full else cols)
-            keys["w"] = p.index_gram(spaces["ww"], (), rows, cols=None if full else cols)
+            keys["w"] = p.index_gram(spaces["vv"], (), rows, cols=None if full else cols, anchor=anchor)
         keys["s"] = p.index_signs(rows, cols=None if full else cols)
         graphs.append(p.graph()[0])
         layout.append((cols, keys))
@@ -319,24 +339,24 @@ def _build_full(run: Run, first: int, n: int, spaces: dict, progress, scheduler)
 
         progress = sys.stderr.isatty() and n * n >= 10**6
     results = compute(dask.delayed(_pack, pure=True)(*graphs), progress=bool(progress), scheduler=scheduler)
-    out = {name: np.full((n, len(new)), np.nan) for name in ("gg", "ww", "gw", "gw_t", "sign_disagree", "sign_both")}
+    out = {name: np.full((n, len(new)), np.nan) for name in ("gg", "vv", "gv", "gv_t", "sign_disagree", "sign_both")}
     for (cols, keys), res in zip(layout, results):
         j = cols - first
         if "x" in keys:
             x = res[keys["x"]]
             m = len(cols)
             out["gg"][:, j] = x[:n, :m]
-            out["gw"][:, j] = x[:n, m:]  # <G_i, W_new>
-            out["gw_t"][:, j] = x[n:, :m]  # <W_i, G_new> = gw[new, i]
-            out["ww"][:, j] = x[n:, m:]
+            out["gv"][:, j] = x[:n, m:]  # <G_i, V_new>
+            out["gv_t"][:, j] = x[n:, :m]  # <V_i, G_new> = gv[new, i]
+            out["vv"][:, j] = x[n:, m:]
         else:
             out["gg"][:, j] = res[keys["g"]]
-            out["ww"][:, j] = res[keys["w"]]
+            out["vv"][:, j] = res[keys["w"]]
         s = res[keys["s"]]
         out["sign_disagree"][:, j] = s[0]
         out["sign_both"][:, j] = s[1]
     if not same:
-        del out["gw"], out["gw_t"]
+        del out["gv"], out["gv_t"]
     return out
 
 
@@ -344,13 +364,13 @@ def _pack(*parts):
     return parts
 
 
-def _build_band(run: Run, first: int, n: int, band: int, spaces: dict, progress, scheduler) -> dict:
+def _build_band(run: Run, first: int, n: int, band: int, spaces: dict, anchor, progress, scheduler) -> dict:
     """Rows ``first..n-1`` against the ``band`` rows before each: ``{name: (n - first, band + 1)}``."""
     import dask
 
     from analysis.engine import Pass, compute
 
-    same = "gw" in spaces
+    same = "gv" in spaces
     step = max(1, BAND_PASS_ROWS - band)
     graphs, layout = [], []
     for r0 in range(first, n, step):
@@ -360,10 +380,10 @@ def _build_band(run: Run, first: int, n: int, band: int, spaces: dict, progress,
         p = Pass(run, run.params())
         keys = {}
         if same:
-            keys["x"] = p.index_band(spaces["gg"], rows, r0 - p0, band)
+            keys["x"] = p.index_band(spaces["gg"], rows, r0 - p0, band, anchor=anchor)
         else:
             keys["g"] = p.index_band(spaces["gg"], rows, r0 - p0, band, weight=False)
-            keys["w"] = p.index_band(spaces["ww"], rows, r0 - p0, band, grad=False)
+            keys["w"] = p.index_band(spaces["vv"], rows, r0 - p0, band, grad=False, anchor=anchor)
         keys["s"] = p.index_sign_band(rows, r0 - p0, band)
         graphs.append(p.graph()[0])
         layout.append((r0, r1, keys))
@@ -372,17 +392,17 @@ def _build_band(run: Run, first: int, n: int, band: int, spaces: dict, progress,
 
         progress = sys.stderr.isatty() and (n - first) * (band + 1) >= 10**6
     results = compute(dask.delayed(_pack, pure=True)(*graphs), progress=bool(progress), scheduler=scheduler)
-    names = ("gg", "gw", "wg", "ww", "sign_disagree", "sign_both")
+    names = ("gg", "gv", "vg", "vv", "sign_disagree", "sign_both")
     out = {name: np.full((n - first, band + 1), np.nan) for name in names}
     for (r0, r1, keys), res in zip(layout, results):
         i = slice(r0 - first, r1 - first)
         if "x" in keys:
             x = res[keys["x"]]
-            for k, name in enumerate(("gg", "gw", "wg", "ww")):
+            for k, name in enumerate(("gg", "gv", "vg", "vv")):
                 out[name][i] = x[k]
         else:
             out["gg"][i] = res[keys["g"]][0]
-            out["ww"][i] = res[keys["w"]][3]
+            out["vv"][i] = res[keys["w"]][3]
         s = res[keys["s"]]
         out["sign_disagree"][i] = s[0]
         out["sign_both"][i] = s[1]
@@ -391,12 +411,12 @@ def _build_band(run: Run, first: int, n: int, band: int, spaces: dict, progress,
     for name in names:
         out[name][before] = np.nan
     if not same:
-        del out["gw"], out["wg"]
+        del out["gv"], out["vg"]
     return out
 
 
 def _write(run: Run, parts: dict, first: int, n: int, band: int | None, spaces: dict, *, fresh: bool,
-           seconds: float) -> None:
+           seconds: float, anchor: np.ndarray, anchor_step: int) -> None:
     """Write the new rows (and, full layout, columns) and then the attribute that commits them."""
     import zarr
 
@@ -409,9 +429,9 @@ def _write(run: Run, parts: dict, first: int, n: int, band: int | None, spaces: 
             del root[fmt.INDEX_GROUP]
         group = root.create_group(fmt.INDEX_GROUP)
         for spec in specs:
-            if spec.name in ("gw", "wg") and "gw" not in spaces:
+            if spec.name in ("gv", "vg") and "gv" not in spaces:
                 continue
-            group.create_array(spec.name, shape=spec.shape(n, band), chunks=spec.chunks, dtype=spec.dtype,
+            group.create_array(spec.name, shape=spec.shape(n, band, len(anchor)), chunks=spec.chunks, dtype=spec.dtype,
                                fill_value=spec.fill_value, compressors=fmt.index_codecs(),
                                dimension_names=list(spec.dims), attributes={"meaning": spec.meaning})
     else:
@@ -420,23 +440,25 @@ def _write(run: Run, parts: dict, first: int, n: int, band: int | None, spaces: 
         attrs["n_rows"] = first  # rows past `first` are being rewritten
         group.attrs[fmt.INDEX_ATTR] = attrs
         for spec in specs:
-            if spec.name in group:
+            if spec.name in group and spec.name != "anchor":
                 group[spec.name].resize(spec.shape(n, band))
     no_grad = _no_grad(run, n)
+    if fresh:
+        group["anchor"][:] = anchor
     group["step"][first:n] = run.steps[first:n]
     group["check"][first:n] = _check_table(run, n)[first:n]
     new = np.arange(first, n)
     for name, vals in parts.items():
-        if name == "gw_t":
+        if name == "gv_t":
             continue
         v = vals
-        if name in ("gg", "gw", "wg", "sign_disagree", "sign_both"):
+        if name in ("gg", "gv", "vg", "sign_disagree", "sign_both"):
             v = vals.copy()
             if band is None:
                 if name in ("gg", "sign_disagree", "sign_both"):
                     v[no_grad, :] = np.nan
                     v[:, no_grad[first:]] = np.nan
-                elif name == "gw":
+                elif name == "gv":
                     v[no_grad, :] = np.nan
             else:
                 rows_ng = no_grad[first:]
@@ -444,7 +466,7 @@ def _write(run: Run, parts: dict, first: int, n: int, band: int | None, spaces: 
                 if name in ("gg", "sign_disagree", "sign_both"):
                     v[rows_ng, :] = np.nan
                     v[lag_ng] = np.nan
-                elif name == "gw":
+                elif name == "gv":
                     v[rows_ng, :] = np.nan
                 else:  # wg: the gradient is the partner's (row i - l)
                     v[lag_ng] = np.nan
@@ -457,18 +479,19 @@ def _write(run: Run, parts: dict, first: int, n: int, band: int | None, spaces: 
         # full layout: columns new (all rows), and their mirror rows new (old columns)
         arr[:, first:n] = v
         if first:
-            if name == "gw":
-                mirror = parts["gw_t"][:first].T.copy()  # gw[new, old] = <G_new, W_old>
+            if name == "gv":
+                mirror = parts["gv_t"][:first].T.copy()  # gv[new, old] = <G_new, V_old>
                 mirror[no_grad[first:], :] = np.nan
             else:
                 mirror = v[:first].T
             arr[first:n, :first] = mirror
     group.attrs[fmt.INDEX_ATTR] = {
         "version": fmt.INDEX_VERSION, "layout": "full" if band is None else "band", "band": band,
-        "n_rows": int(n), "spaces": spaces, "built_seconds": round(float(seconds), 3),
+        "n_rows": int(n), "spaces": spaces, "built_seconds": round(float(seconds), 3), "anchor_step": anchor_step,
         "rows_computed": int(n - first),
-        "definitions": "gg[i,j] = <G_i, G_j>, gw[i,j] = <G_i, W_j>, ww[i,j] = <W_i, W_j> (full); band: "
-                       "[i, l] pairs rows i and i - l, wg[i, l] = <W_i, G_{i-l}>; sign_disagree = #{G_i G_j < 0}, "
+        "definitions": "V_j = W_j - anchor; gg[i,j] = <G_i, G_j>, gv[i,j] = <G_i, V_j>, vv[i,j] = <V_i, V_j> "
+                       "(full); band: [i, l] pairs rows i and i - l, vg[i, l] = <V_i, G_{i-l}>; "
+                       "sign_disagree = #{G_i G_j < 0}, "
                        "sign_both = #{G_i != 0 and G_j != 0}; NaN / -1 where a row has no gradient",
     }
 

@@ -20,19 +20,22 @@ digits (8 or more on the last steps of a converged run: errors far above 1e-10).
 ``w_t - w*`` in float64 per entry has no cancellation and costs the same single pass.
 
 With a query index (``gradtrace index``, :mod:`analysis.index`), a reference made of recorded
-iterates (a step, a mean of steps, ``"final"``: ``w* = sum_k c_k w_{s_k}``) needs no pass::
+iterates (a step, a mean of steps, ``"final"``: ``w* = sum_k c_k w_{s_k}``, ``sum_k c_k = 1``)
+needs no pass. The index holds the iterates relative to a fixed anchor a (``V = W - a``; then
+``w_t - w* = V_t - sum_k c_k V_{s_k}``)::
 
-    ||w_t - w*||^2  = WW_tt - 2 sum_k c_k WW_{t s_k} + sum_{k,m} c_k c_m WW_{s_k s_m}
-    <G_t, w_t - w*> = GW_tt - sum_k c_k GW_{t s_k}
+    ||w_t - w*||^2  = VV_tt - 2 sum_k c_k VV_{t s_k} + sum_{k,m} c_k c_m VV_{s_k s_m}
+    <G_t, w_t - w*> = GV_tt - sum_k c_k GV_{t s_k}
 
-This is the expanded form above, so it carries the same cancellation: its relative error is
-about ``K eps S_t / ||w_t - w*||^2`` with ``S_t`` the same sum taken over absolute values
-(``analysis.index.cancellation``; K measured, see the README). The index answers the steps
-where that estimate (and the matching bound on gamma) is below ``RSI_INDEX_RTOL`` = 1e-11, and
-one pass over only the other steps (those close to the reference) computes them directly, as
-without an index. ``answered_by`` is ``"index"``, ``"index+pass"`` (attribute
-``pass_steps``: how many) or ``"pass"``; ``index=False`` forces the pass. Arrays and files as
-references always run the pass.
+This is an expanded form like the one above, with the same kind of cancellation, only
+relative to ``||V||`` (distances to the anchor, the last iterate) instead of ``||w||``: its
+relative error is about ``K eps S_t / ||w_t - w*||^2`` with ``S_t`` the same sum taken over
+absolute values (``analysis.index.cancellation``; K measured, see the README). The index
+answers the steps where that estimate (and the matching bound on gamma) is below
+``RSI_INDEX_RTOL`` = 1e-11, and one pass over only the other steps (those very close to the
+reference) computes them directly, as without an index. ``answered_by`` is ``"index"``,
+``"index+pass"`` (attribute ``pass_steps``: how many) or ``"pass"``; ``index=False`` forces
+the pass. Arrays and files as references always run the pass.
 
 Special cases: ``w_t == w*`` (distance 0) gives NaN for RSI, EB, gamma and eta* at that step
 and sets ``zero_distance``; an all-zero gradient gives NaN gamma and eta* (RSI and EB are
@@ -141,7 +144,7 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
     rows = run.rows_of(sel)
     gg = run.per_tensor_scalar("grad_sqnorm", rows, group)
     idx = index_for(run, group, index)
-    ok = (idx is not None and ref.rows is not None and idx.has("gw")
+    ok = (idx is not None and ref.rows is not None and idx.has("gv")
           and idx.covers(np.repeat(rows, len(ref.rows)), np.tile(ref.rows, len(rows)))
           and idx.covers_block(ref.rows))
     idx = require(idx, index, ok, f"the reference {ref.label} against {len(rows)} steps")
@@ -178,22 +181,22 @@ def rsi_products_from_index(idx, rows, ref_rows, coef, gg) -> tuple[np.ndarray, 
 
     ``needs_pass`` marks the steps whose expanded form may have lost digits: predicted relative
     error of the distance ``K eps S_t / dist2_t`` or predicted absolute error of gamma
-    ``K eps (|GW_tt| + |c| . |GW_ts|) / (||G_t|| dist_t)`` above ``RSI_INDEX_RTOL``, or a
+    ``K eps (|GV_tt| + |c| . |GV_ts|) / (||G_t|| dist_t)`` above ``RSI_INDEX_RTOL``, or a
     distance that is not positive. A step that is the reference itself (one row, coefficient
     1) gets the exact 0.
     """
     rows = np.asarray(rows, np.int64)
     R = np.asarray(ref_rows, np.int64)
     c = np.asarray(coef, np.float64)
-    gw_tt, ww_tt = idx.pairs("gw", rows, rows), idx.pairs("ww", rows, rows)
-    gw_tr, ww_tr = idx.block("gw", rows, R), idx.block("ww", rows, R)
-    ww_rr = idx.block("ww", R)
-    ww_rr = (ww_rr + ww_rr.T) / 2.0
+    gv_tt, vv_tt = idx.pairs("gv", rows, rows), idx.pairs("vv", rows, rows)
+    gv_tr, vv_tr = idx.block("gv", rows, R), idx.block("vv", rows, R)
+    vv_rr = idx.block("vv", R)
+    vv_rr = (vv_rr + vv_rr.T) / 2.0
     ac = np.abs(c)
-    dist2 = ww_tt - 2.0 * (ww_tr @ c) + c @ ww_rr @ c
-    gdiff = gw_tt - gw_tr @ c
-    s = np.abs(ww_tt) + 2.0 * (np.abs(ww_tr) @ ac) + ac @ np.abs(ww_rr) @ ac
-    sg = np.abs(gw_tt) + np.abs(gw_tr) @ ac
+    dist2 = vv_tt - 2.0 * (vv_tr @ c) + c @ vv_rr @ c
+    gdiff = gv_tt - gv_tr @ c
+    s = np.abs(vv_tt) + 2.0 * (np.abs(vv_tr) @ ac) + ac @ np.abs(vv_rr) @ ac
+    sg = np.abs(gv_tt) + np.abs(gv_tr) @ ac
     rel = cancellation(s, dist2)
     with np.errstate(divide="ignore", invalid="ignore"):
         gg = np.asarray(gg, np.float64)

@@ -3,9 +3,10 @@
 The No Wrong Turns protocol (seeds 001/004; ../shared/METHODS.md) asks, for a reference point
 w*, whether the path ever turns away from it: ``RSI(t, w*) = <G_t, w_t - w*> / ||w_t - w*||^2
 <= 0`` at some step t before it reaches w*. With the query index (``gradtrace index``) every
-recorded iterate ``w_s`` is such a reference for free::
+recorded iterate ``w_s`` is such a reference for free (``V = W - a``, the iterates relative to
+the index's anchor)::
 
-    ||w_t - w_s||^2 = WW_tt - 2 WW_ts + WW_ss,      <G_t, w_t - w_s> = GW_tt - GW_ts
+    ||w_t - w_s||^2 = VV_tt - 2 VV_ts + VV_ss,      <G_t, w_t - w_s> = GV_tt - GV_ts
 
 for all (t, s) at once (T x (T + 1) numbers from three reads of the index).
 :func:`rsi_all_references` returns them as a labelled Dataset and :func:`never_turns_away`
@@ -73,20 +74,20 @@ def rsi_all_references(run, steps=None, references=None, *, fallback: bool = Tru
         raise AnalysisError(f"references={references!r} selects no recorded iterate of {run.path}")
     rows, R = run.rows_of(sel), run.rows_of(refs)
     idx = index_for(run, group, None)
-    if idx is None or idx.band is not None or not idx.has("gw") or not idx.covers(np.r_[rows, R]):
+    if idx is None or idx.band is not None or not idx.has("gv") or not idx.covers(np.r_[rows, R]):
         have = ("no query index" if idx is None else
                 f"a banded index (lags 0..{idx.band})" if idx.band is not None else
-                f"an index of {idx.n_valid} valid rows of {run.header.n_steps}" if idx.has("gw") else
-                "an index without <G, W> (grad and weight are stored in different spaces)")
+                f"an index of {idx.n_valid} valid rows of {run.header.n_steps}" if idx.has("gv") else
+                "an index without <G, V> (grad and weight are stored in different spaces)")
         raise AnalysisError(f"rsi_all_references needs a full query index of {run.path}, which has {have}. "
                             f"Run `gradtrace index {run.path}` (with --rebuild to replace a banded one).")
-    gw_tt, ww_tt = idx.pairs("gw", rows, rows), idx.pairs("ww", rows, rows)
-    gw_ts, ww_ts = idx.block("gw", rows, R), idx.block("ww", rows, R)
-    ww_ss = idx.pairs("ww", R, R)
-    dist2 = ww_tt[:, None] - 2.0 * ww_ts + ww_ss[None, :]
-    gdiff = gw_tt[:, None] - gw_ts
-    s = np.abs(ww_tt)[:, None] + 2.0 * np.abs(ww_ts) + np.abs(ww_ss)[None, :]
-    sg = np.abs(gw_tt)[:, None] + np.abs(gw_ts)
+    gv_tt, vv_tt = idx.pairs("gv", rows, rows), idx.pairs("vv", rows, rows)
+    gv_ts, vv_ts = idx.block("gv", rows, R), idx.block("vv", rows, R)
+    vv_ss = idx.pairs("vv", R, R)
+    dist2 = vv_tt[:, None] - 2.0 * vv_ts + vv_ss[None, :]
+    gdiff = gv_tt[:, None] - gv_ts
+    s = np.abs(vv_tt)[:, None] + 2.0 * np.abs(vv_ts) + np.abs(vv_ss)[None, :]
+    sg = np.abs(gv_tt)[:, None] + np.abs(gv_ts)
     gg = np.broadcast_to(run.per_tensor_scalar("grad_sqnorm", rows, group)[:, None], dist2.shape).copy()
     rel = cancellation(s, dist2)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -33,17 +33,19 @@ def _rows(data):
     return np.vstack([g, np.full((1, g.shape[1]), np.nan)]), w
 
 
-def _slow_products(data):
-    """gg, gw, ww, disagree, both (n x n) with slow loops (fsum dots, coordinate counts)."""
+def _slow_products(data, anchor=None):
+    """gg, gv, vv, disagree, both (n x n) with slow loops (fsum dots, coordinate counts);
+    V = W - anchor (default the last weight row, as a fresh index takes it)."""
     G, W = _rows(data)
+    W = W - (W[-1] if anchor is None else np.asarray(anchor, np.float64))
     signs = np.vstack([data.grads, np.zeros((1, data.d))])
     n = len(W)
-    out = {k: np.full((n, n), np.nan) for k in ("gg", "gw", "ww", "sign_disagree", "sign_both")}
+    out = {k: np.full((n, n), np.nan) for k in ("gg", "gv", "vv", "sign_disagree", "sign_both")}
     for i in range(n):
         for j in range(n):
-            out["ww"][i, j] = dot(W[i], W[j])
+            out["vv"][i, j] = dot(W[i], W[j])
             if i < n - 1:
-                out["gw"][i, j] = dot(G[i], W[j])
+                out["gv"][i, j] = dot(G[i], W[j])
             if i < n - 1 and j < n - 1:
                 out["gg"][i, j] = dot(G[i], G[j])
                 a, b = signs[i].tolist(), signs[j].tolist()
@@ -165,17 +167,18 @@ def test_vector_reference_runs_the_pass(indexed):
     assert ga.rsi(data.path, vec).attrs["answered_by"] == "pass"
 
 
-def _close_weights(tmp_path, T=8, d_scale=(1e-1, 1e-7)):
-    """A store whose iterates approach the final one geometrically: the expanded form of
-    ||w_t - w_T||^2 loses up to ~12 digits on the last steps."""
+def _close_weights(tmp_path, T=8):
+    """A store whose iterates approach w_7 geometrically while the final iterate (the index's
+    anchor) lies far away: the expanded form of ||w_t - w_7||^2 loses up to ~12 digits."""
     shapes = (("a", (40,)), ("b", (24,)))
     d = 64
     rng = np.random.default_rng(7)
-    wT = rng.standard_normal(d).astype(np.float32) * 100
-    scales = np.logspace(np.log10(d_scale[0]), np.log10(d_scale[1]), T)
-    W = np.stack([wT + (s * 100 * rng.standard_normal(d)).astype(np.float32) for s in scales]).astype(np.float32)
+    c = rng.standard_normal(d).astype(np.float32)
+    scales = np.r_[np.logspace(0, -6, T - 1), 0.0]
+    W = np.stack([c + (s * rng.standard_normal(d)).astype(np.float32) for s in scales]).astype(np.float32)
     G = rng.standard_normal((T, d)).astype(np.float32)
-    return make_store(tmp_path / "close.zarr", steps=T, shapes=shapes, grads=G, weights=W, final_weight=wT)
+    far = (c + 10 * rng.standard_normal(d)).astype(np.float32)
+    return make_store(tmp_path / "close.zarr", steps=T, shapes=shapes, grads=G, weights=W, final_weight=far)
 
 
 def test_rsi_falls_back_to_the_pass_where_the_expanded_form_loses_digits(tmp_path):
@@ -183,31 +186,32 @@ def test_rsi_falls_back_to_the_pass_where_the_expanded_form_loses_digits(tmp_pat
     build_index(data.path)
     run = ga.open_run(data.path)
     idx = open_index(run)
-    rows = np.arange(8)
-    # the expanded form alone is wrong by far more than the tolerance on the last steps...
-    ww = idx.block("ww", np.arange(9))
-    expanded = np.diag(ww)[:8] - 2 * ww[:8, 8] + ww[8, 8]
-    direct = np.array([dot(data.weights[t] - data.final_weight.astype(np.float64),
-                           data.weights[t] - data.final_weight.astype(np.float64)) for t in rows])
+    rows = np.arange(7)
+    ref = data.weights[7].astype(np.float64)
+    # the expanded form alone is wrong by far more than the tolerance on the steps near w_7...
+    vv = idx.block("vv", np.arange(8))
+    expanded = np.diag(vv)[:7] - 2 * vv[:7, 7] + vv[7, 7]
+    direct = np.array([dot(data.weights[t] - ref, data.weights[t] - ref) for t in rows])
     rel = np.abs(expanded - direct) / direct
     assert rel.max() > 1e-8
     # ... and the cancellation estimate (K eps S / dist2) bounds the error that is there
-    s = np.diag(ww)[:8] + 2 * np.abs(ww[:8, 8]) + ww[8, 8]
+    s = np.diag(vv)[:7] + 2 * np.abs(vv[:7, 7]) + vv[7, 7]
     assert np.all(rel <= cancellation(s, direct))
-    r = ga.rsi(run)
-    assert r.attrs["answered_by"] == "index+pass" and 0 < r.attrs["pass_steps"] < 8
+    r = ga.rsi(run, 7)
+    assert r.attrs["answered_by"] == "index+pass" and 0 < r.attrs["pass_steps"] < 7
     for t in rows:
-        want = slow_rsi(data.grads[t], data.weights[t], data.final_weight)
+        want = slow_rsi(data.grads[t], data.weights[t], ref)
         for m in ("rsi", "gamma", "distance"):
             assert abs(float(r[m].values[t]) - want[m]) <= RSI_TOL * max(1.0, abs(want[m]))
+    assert np.isnan(r["rsi"].values[7]) and r["zero_distance"].values[7]  # the reference itself
     # the steps the index answered are accurate; the flagged ones are the close ones
     from analysis.rsi import rsi_products_from_index
 
     gg = run.per_tensor_scalar("grad_sqnorm", rows, run.params())
-    d2, _, todo = rsi_products_from_index(idx, rows, np.array([8]), np.ones(1), gg)
+    d2, _, todo = rsi_products_from_index(idx, rows, np.array([7]), np.ones(1), gg)
     assert todo.sum() == r.attrs["pass_steps"] and todo[-1] and not todo[0]
     assert np.all(np.abs(d2[~todo] - direct[~todo]) <= RSI_INDEX_RTOL * direct[~todo])
-    assert ga.rsi(run, index=False).attrs["answered_by"] == "pass"
+    assert ga.rsi(run, 7, index=False).attrs["answered_by"] == "pass"
 
 
 def test_band_index(tmp_path):
@@ -222,7 +226,8 @@ def test_band_index(tmp_path):
     for name in want:
         _close(idx.pairs(name, i[near], j[near]), want[name][near])
     ix = xr.open_zarr(data.path, group="index")
-    assert ix["gg"].shape == (13, 4) and ix["gg"].dims == ("index_row", "index_lag") and "wg" in ix
+    assert ix["gg"].shape == (13, 4) and ix["gg"].dims == ("index_row", "index_lag") and "vg" in ix
+    np.testing.assert_array_equal(ix["anchor"].values, data.final_weight.astype(np.float64))
     run = ga.open_run(data.path)
     for lag in (1, 3):
         a, b = _both(ga.lag_series, run, lag)
@@ -270,6 +275,7 @@ def _grow(data, tmp_path, T2, band=None):
 def test_incremental_growth(tmp_path, band):
     data = make_store(tmp_path / "run.zarr", steps=6, seed=9)
     build_index(data.path, band=band)
+    anchor = data.final_weight.copy()  # the last row when the index was first built
     data = _grow(data, tmp_path, 10)
     run = ga.open_run(data.path)
     idx = open_index(run)
@@ -280,8 +286,8 @@ def test_incremental_growth(tmp_path, band):
     res = build_index(run)  # keeps the layout, computes only rows 6..10
     assert res["rows_computed"] == 5 and res["band"] == band
     idx = open_index(data.path)
-    assert idx.n_valid == 11
-    want = _slow_products(data)
+    assert idx.n_valid == 11 and idx.attrs["anchor_step"] == 6
+    want = _slow_products(data, anchor)
     i, j = np.meshgrid(np.arange(11), np.arange(11), indexing="ij")
     keep = np.ones_like(i, bool) if band is None else np.abs(i - j) <= band
     for name in want:
