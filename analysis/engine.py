@@ -601,6 +601,10 @@ class Pass:
         self.per_tensor = per_tensor
         self.requests: list[_Request] = []
         self.refs: list[tuple[str, np.ndarray]] = []  # (space, vector over that space)
+        #: a slab one storage chunk wide may hold this many bytes (see CHUNK_SLAB_BYTES); the
+        #: query index raises it a little so that T = 512 stacked [G; W] rows (1026 x 1 MiB
+        #: chunks, 0.2% over 1 GiB) still decode each chunk once
+        self.chunk_slab_bytes = CHUNK_SLAB_BYTES
 
     # -- request builders (rows are store row indices) -----------------------------------
     def _space(self, array: str = "grad") -> str:
@@ -714,10 +718,10 @@ class Pass:
         width = int(SLAB_BYTES // per_col)
         if width >= chunk:
             width = min(MAX_SLAB_COLS, (width // chunk) * chunk)
-        elif whole_chunks or chunk * per_col <= max(CHUNK_SLAB_BYTES, SLAB_BYTES):
+        elif whole_chunks or chunk * per_col <= max(self.chunk_slab_bytes, SLAB_BYTES):
             width = chunk  # one chunk is over the budget: still decode each chunk once
         else:  # a power-of-two fraction of the chunk, so pieces never straddle chunks
-            width = int(max(CHUNK_SLAB_BYTES, SLAB_BYTES) // per_col)
+            width = int(max(self.chunk_slab_bytes, SLAB_BYTES) // per_col)
             width = chunk // 2 ** math.ceil(math.log2(chunk / max(width, min(chunk, MIN_SLAB_COLS))))
         slabs: dict[int, list] = {}
         for seg, lo, hi in self._columns(space):

@@ -47,6 +47,9 @@ from analysis.store import Run, as_run
 #: Partial results of one index pass up to this many bytes; larger indexes are built in
 #: column tiles (each tile one more read of the store).
 MAX_PARTIAL_BYTES = 256 * 2**20
+#: Bytes of a one-chunk-wide slab an index pass may hold (engine.CHUNK_SLAB_BYTES is 1 GiB):
+#: T = 512 steps, their weights and the final iterate are 1026 rows of 1 MiB chunks.
+INDEX_CHUNK_SLAB_BYTES = 5 * 2**28
 #: Store rows per pass of a banded build (with the L rows before them): keeps a slab one
 #: storage chunk wide (analysis.engine.CHUNK_SLAB_BYTES) at the default chunk width.
 BAND_PASS_ROWS = 448
@@ -324,6 +327,7 @@ def _build_full(run: Run, first: int, n: int, spaces: dict, anchor, progress, sc
         cols = new[c0: c0 + tile]
         full = first == 0 and len(cols) == n  # one symmetric product (syrk)
         p = Pass(run, run.params())
+        p.chunk_slab_bytes = INDEX_CHUNK_SLAB_BYTES
         keys = {}
         if same:
             sel = None if full else np.concatenate([cols, n + cols])
@@ -503,15 +507,26 @@ def index_sizes(rows=(10**3, 10**4, 10**5), band: int = 16) -> list[dict]:
 
 
 def cancellation(s: np.ndarray, dist2: np.ndarray) -> np.ndarray:
-    """Predicted relative error of ``||w_t - w*||^2`` from the expanded form (see rsi.py)."""
+    """Predicted relative error of ``||w_t - w*||^2`` from the expanded form:
+    ``eps (K S / dist2 + F)``.
+
+    ``S`` is the expanded sum taken over absolute values (``|VV_tt| + 2 |c|.|VV_ts| + ...``):
+    each index entry is a float64 sum of d products with an error of a few ``eps`` times the
+    size of its terms, and the subtraction turns that into a relative error ``S / dist2`` times
+    larger. ``F`` is the floor that summation order alone leaves (index and pass sum the same
+    products in different orders). K and F are measured (``benchmarks/index.py``; README).
+    """
     with np.errstate(divide="ignore", invalid="ignore"):
-        return RSI_ERROR_FACTOR * np.finfo(np.float64).eps * s / dist2
+        return np.finfo(np.float64).eps * (RSI_ERROR_FACTOR * s / dist2 + RSI_ERROR_FLOOR)
 
 
-#: Measured factor K of the cancellation estimate K * eps * S / ||w_t - w*||^2 (README, tests):
-#: the largest observed |error| / (eps * S / dist2) over the benchmark's runs was below 1.
+#: K of :func:`cancellation`: the largest measured ratio of the error of the expanded form to
+#: ``eps S / dist2`` was 2.9 (d = 2^20, distances 1e-1..1e-7 of ||w||, where the cancellation
+#: dominates); K is about 3x that.
 RSI_ERROR_FACTOR = 8.0
+#: F of :func:`cancellation`: where nothing cancels (S / dist2 ~ 1) the index and the pass
+#: still differ by up to 260 eps (d = 2^20, summation order); F is about 4x that.
+RSI_ERROR_FLOOR = 1024.0
 #: The index answers a step's RSI/EB/gamma when the predicted relative error of its distance
 #: (and gamma's absolute error) is below this; other steps are computed by a pass.
 RSI_INDEX_RTOL = 1e-11
-
