@@ -261,6 +261,8 @@ def build_index(run, band: int | None = None, rebuild: bool = False, *, progress
     if band is not None and int(band) < 0:
         raise AnalysisError(f"band={band}: give the largest lag to keep (>= 0), or None for every pair")
     n = int(run.header.n_steps)
+    if n == 0:
+        raise AnalysisError(f"{run.path} has no committed rows yet: record some steps before indexing it")
     old = None if rebuild else open_index(run)
     if old is not None and band is not None and (old.band != int(band)):
         have = "every pair" if old.band is None else f"lags 0..{old.band}"

@@ -409,3 +409,22 @@ def test_cli_index_output(tmp_path, capsys):
 def test_index_sizes():
     assert fmt.index_bytes(1000) == 8 * 1000 * 6 + 40 * 1000**2
     assert fmt.index_bytes(10**5, band=16) == 8 * 10**5 * 6 + 48 * 10**5 * 17
+
+
+def test_mixed_tiers_index_correlations_and_signs(tmp_path):
+    """grad lossless, weight sketched: G products and signs in parameter space, V V^T in sketch
+    space, no <G, V> (RSI needs both in one space and says so)."""
+    data = make_store(tmp_path / "run.zarr", steps=6, seed=17, tiers={"grad": "lossless", "weight": "sketch:32"})
+    build_index(data.path)
+    idx = open_index(data.path)
+    assert idx.spaces == {"gg": "param", "vv": "sketch", "sign_disagree": "param", "sign_both": "param"}
+    assert not idx.has("gv") and "gv" not in xr.open_zarr(data.path, group="index")
+    run = ga.open_run(data.path)
+    a, b = _both(ga.corr_matrix, run)
+    _close(a.values, b.values)
+    a, b = _both(ga.sign_shift_lag, run, 1)
+    _close(a.sign_shift.values, b.sign_shift.values)
+    V = data.weight_sketch.astype(np.float64) - data.weight_sketch[-1].astype(np.float64)
+    _close(idx.block("vv", np.arange(7)), np.array([[dot(x, y) for y in V] for x in V]))
+    with pytest.raises(ga.TierError):
+        ga.rsi(run)
