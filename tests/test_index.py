@@ -428,3 +428,30 @@ def test_mixed_tiers_index_correlations_and_signs(tmp_path):
     _close(idx.block("vv", np.arange(7)), np.array([[dot(x, y) for y in V] for x in V]))
     with pytest.raises(ga.TierError):
         ga.rsi(run)
+
+
+@pytest.mark.slow
+def test_build_on_a_localcluster_matches_threads(tmp_path, monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    from analysis import engine
+
+    monkeypatch.setattr(engine, "SLAB_BYTES", 1)  # one storage chunk per task: many tasks
+    dense = make_store(tmp_path / "dense.zarr", steps=8, seed=18)
+    sketch = make_store(tmp_path / "sketch.zarr", steps=6, tiers="sketch:64", seed=19,
+                        shapes=(("big", (300,)), ("small", (9,))))
+    local = {}
+    for data in (dense, sketch):
+        for band in (None, 2):
+            build_index(data.path, band=band, rebuild=True)
+            ix = xr.open_zarr(data.path, group="index").load()
+            local[(str(data.path), band)] = ix
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, \
+            distributed.Client(cl):
+        for data in (dense, sketch):
+            for band in (None, 2):
+                build_index(data.path, band=band, rebuild=True)
+                ix = xr.open_zarr(data.path, group="index").load()
+                want = local[(str(data.path), band)]
+                for name in want.data_vars:
+                    np.testing.assert_allclose(ix[name].values, want[name].values, rtol=1e-12, atol=1e-12,
+                                               err_msg=name)
