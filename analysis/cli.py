@@ -289,6 +289,9 @@ def cmd_rsi(args) -> int:
         res = rsi(run, ref, steps=parse_steps(args.steps), params=parse_params(args.params),
                     exclude_tail=parse_tail(args.exclude_tail), progress=args.progress)
     print(f"reference: {res.attrs.get('reference')}")
+    if res.attrs.get("answered_by", "pass") != "pass":
+        extra = f", {res.attrs['pass_steps']} steps by a pass" if res.attrs.get("pass_steps") else ""
+        print(f"answered from the query index{extra}")
     for v in ("gamma", "rsi", "eb", "eta_star", "distance"):
         if v in res:
             print(_summary_series(v, res[v]))
@@ -597,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_tier(res) -> None:
+    if res.attrs.get("answered_by", "pass") != "pass":
+        print(f"answered from the query index ({res.attrs['answered_by']})")
     tier = res.attrs.get("tier")
     if tier and tier != "lossless":
         bound = {k: v for k, v in res.attrs.items() if "bound" in k or "stderr" in k or "error" in k}

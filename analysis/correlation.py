@@ -139,6 +139,8 @@ def lag_series(run, lag=1, steps=None, *, params=None, progress=None, scheduler=
     Args:
         lag: a lag in training steps, or a list of lags (computed in the same pass).
         steps: selection of the first steps t (default all).
+        index: ``None`` (read the query index when it holds every pair), ``False`` (a pass),
+            ``True`` (the index must answer); see the module docstring.
 
     Returns:
         For one lag: DataArray ``lag_corr`` along ``step`` (= t; only t whose partner is
@@ -187,9 +189,13 @@ def mean_corr(run, h: int = 5, steps=None, *, params=None, progress=None, schedu
     the window of training steps k .. k+h-1. NaN where a step of the window is not recorded
     (or a gradient has zero norm).
 
+    Args:
+        index: ``None`` (read the query index when it holds the adjacent pairs), ``False`` (a
+            pass), ``True`` (the index must answer).
+
     Returns:
         DataArray ``mean_corr`` along ``step`` (= k) with coords ``epoch``, ``lr``, ``loss``;
-        attrs ``h``, tier and error bound.
+        attrs ``h``, tier and error bound, ``answered_by``.
 
     Raises:
         LagNotAvailableError: no window of h consecutive training steps is recorded.

@@ -48,9 +48,14 @@ def _percent(disagree, both, n):
 def sign_shift_matrix(run, steps=None, *, params=None, progress=None, scheduler=None, index=None) -> xr.Dataset:
     """Sign-shift percentages between every pair of selected steps, in one pass.
 
+    Args:
+        index: ``None`` (read the counts from the query index when it covers the steps),
+            ``False`` (a pass), ``True`` (the index must answer).
+
     Returns:
         Dataset with ``sign_shift`` and ``zero_share``, both (step_i, step_j) percent in
         [0, 100]; ``sign_shift`` is 0 on the diagonal (NaN for an all-zero gradient).
+        attrs ``answered_by``: ``"index"`` or ``"pass"``.
 
     Example:
         >>> s = sign_shift_matrix(run, range(200, 205))        # doctest: +SKIP

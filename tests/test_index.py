@@ -404,6 +404,10 @@ def test_cli_index_output(tmp_path, capsys):
     assert "up to date" in capsys.readouterr().out
     main(["info", str(data.path)])
     assert "index:     every pair of rows, up to date" in capsys.readouterr().out
+    main(["corr", str(data.path), "--lag", "1"])
+    assert "answered from the query index (index)" in capsys.readouterr().out
+    main(["rsi", str(data.path), "--ref", "step:2"])
+    assert "answered from the query index" in capsys.readouterr().out
 
 
 def test_index_sizes():
@@ -455,3 +459,20 @@ def test_build_on_a_localcluster_matches_threads(tmp_path, monkeypatch):
                 for name in want.data_vars:
                     np.testing.assert_allclose(ix[name].values, want[name].values, rtol=1e-12, atol=1e-12,
                                                err_msg=name)
+
+
+@pytest.mark.parametrize("band", [None, 2])
+def test_build_in_tiles_equals_one_pass(tmp_path, monkeypatch, band):
+    """Large indexes are built in column tiles (full) or row groups (band), one pass each."""
+    from analysis import index as index_mod
+
+    data = make_store(tmp_path / "run.zarr", steps=7, seed=20)
+    monkeypatch.setattr(index_mod, "MAX_PARTIAL_BYTES", 1)  # one new row per tile
+    monkeypatch.setattr(index_mod, "BAND_PASS_ROWS", 3)  # band 2: one row per pass
+    build_index(data.path, band=band)
+    idx = open_index(data.path)
+    want = _slow_products(data)
+    i, j = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    keep = np.ones_like(i, bool) if band is None else np.abs(i - j) <= band
+    for name in want:
+        _close(idx.pairs(name, i[keep], j[keep]), want[name][keep])
