@@ -224,7 +224,7 @@ def _index_answers(band) -> str:
     if band is None:
         return ("instant: corr (matrix, --window, --lag, --mean), signs (all), rsi --ref final|step:N|mean:A:B, "
                 "analysis.rsi_all_references")
-    return (f"instant: corr --lag L and signs --lag L for L <= {band}, corr --mean H for H <= {band + 1}, "
+    return (f"instant: corr --lag L and signs --lag L for L <= {band}, corr --mean H (any H: lag-1 pairs), "
             f"--window with --h <= {band + 1}; everything else runs a pass (rebuild without --band for all pairs)")
 
 

@@ -20,8 +20,9 @@ Layouts:
   or the final iterate, and :func:`analysis.rsi_pairs.rsi_all_references`.
 * ``band`` L: lags 0..L in store rows only: 6 arrays of n x (L + 1), for long runs. Answers lag
   series and sign shifts at lags <= L (in rows: lags in training steps when every step is
-  recorded), mean correlations with h <= L + 1, windows of h <= L + 1 steps, and RSI for the
-  steps within L rows of the reference (in practice: nothing useful for RSI; the pass answers).
+  recorded), mean correlations for every h (adjacent pairs), windows of h <= L + 1 steps, and
+  RSI for the steps within L rows of the reference (in practice: nothing useful for RSI; the
+  pass answers).
 
 Incremental: a row is used only while the store still holds what was indexed (``index/check``:
 step, flags and the exact per-step norms the capture stored). After a resumed run grew (or
