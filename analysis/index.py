@@ -299,7 +299,9 @@ def build_index(run, band: int | None = None, rebuild: bool = False, *, progress
 
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-                zarr.consolidate_metadata(run.location)
+                kw = {"storage_options": run.storage_options} if run.storage_options else {}
+                root = zarr.open_group(run.location, mode="r+", use_consolidated=False, **kw)
+                zarr.consolidate_metadata(root.store)
         except Exception:  # noqa: BLE001 - remote stores without listing: the index still works
             pass
     return {"layout": "full" if band is None else "band", "band": band, "n_rows": n, "rows_computed": n - first,

@@ -6,6 +6,7 @@ Everything is checked against slow float64 numpy on stores from ``make_store`` (
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -94,6 +95,8 @@ def test_plain_xarray_reads_store_and_index(indexed):
     assert ix["gg"].dims == ("index_row", "index_col") and ix["sign_both"].dtype == np.int64
     assert list(ix["step"].values) == list(ds["step"].values)
     assert ix.attrs[fmt.INDEX_ATTR]["layout"] == "full"
+    meta = json.loads((data.path / "zarr.json").read_text())  # the closed store was reconsolidated
+    assert "index/gg" in meta["consolidated_metadata"]["metadata"]
     info = ga.open_run(data.path)
     from analysis.summary import format_info, store_info
 
@@ -476,3 +479,39 @@ def test_build_in_tiles_equals_one_pass(tmp_path, monkeypatch, band):
     keep = np.ones_like(i, bool) if band is None else np.abs(i - j) <= band
     for name in want:
         _close(idx.pairs(name, i[keep], j[keep]), want[name][keep])
+
+
+def test_index_on_object_storage(tmp_path):
+    """An S3 store (moto server) is indexed in place and queried through the URL."""
+    s3fs = pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        opts = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+        fs = s3fs.S3FileSystem(**opts)
+        fs.mkdir("runs")
+        data = make_store(tmp_path / "run.zarr", steps=6, seed=23, param_chunk=64)
+        fs.put(str(data.path), "runs/run.zarr", recursive=True)
+        fs.invalidate_cache()
+        run = ga.open_run("s3://runs/run.zarr", storage_options=opts)
+        assert ga.lag_series(run, 1).attrs["answered_by"] == "pass"
+        res = build_index(run)
+        assert res["rows_computed"] == 7
+        fs.invalidate_cache()
+        # the closed store's consolidated metadata now lists the index too (plain readers)
+        meta = json.loads(fs.cat("runs/run.zarr/zarr.json"))
+        assert "index/gg" in meta["consolidated_metadata"]["metadata"]
+        run = ga.open_run("s3://runs/run.zarr", storage_options=opts)
+        a = ga.lag_series(run, 1)
+        assert a.attrs["answered_by"] == "index"
+        _close(a.values, ga.lag_series(data.path, 1, index=False).values)
+        r = ga.rsi(run, 3)
+        assert r.attrs["answered_by"].startswith("index")
+        _close(r.gamma.values, ga.rsi(data.path, 3, index=False).gamma.values, RSI_TOL)
+    finally:
+        server.stop()
