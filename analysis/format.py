@@ -76,7 +76,7 @@ Query index (optional, derived; ``gradtrace index`` / :func:`analysis.index.buil
 a sub-group ``index`` of T x T matrices from which every correlation, sign shift and
 RSI/EB/gamma against a recorded iterate follows without reading the data again. It indexes
 store rows 0..n-1 (the final iterate included: its gradient entries are NaN, its sign counts
--1). Weights enter as ``V_j = W_j - a``, their difference from a fixed anchor ``a`` (the last
+-1, as for a gradient holding NaN/Inf). Weights enter as ``V_j = W_j - a``, their difference from a fixed anchor ``a`` (the last
 weight row when the index was first built, stored in ``index/anchor``): RSI needs only
 differences ``w_t - w_s = V_t - V_s``, and products of the small V lose far fewer digits to
 cancellation than products of W (``analysis.rsi``). Plain ``xarray.open_zarr(store)`` ignores
@@ -715,9 +715,10 @@ def index_specs(band: int | None = None) -> list[IndexArraySpec]:
         out.append(IndexArraySpec(name, (INDEX_ROW_DIM, col), "float64", float("nan"), chunks,
                                   f"<{x}, {y}> of {pair} (float64; V = W - anchor)"))
     out.append(IndexArraySpec("sign_disagree", (INDEX_ROW_DIM, col), "int64", -1, chunks,
-                              f"entries where the gradients of {pair} have opposite non-zero signs (-1: no gradient)"))
+                              f"entries where the gradients of {pair} have opposite non-zero signs (-1: no gradient, "
+                              "or a non-finite one)"))
     out.append(IndexArraySpec("sign_both", (INDEX_ROW_DIM, col), "int64", -1, chunks,
-                              f"entries where the gradients of {pair} are both non-zero (-1: no gradient)"))
+                              f"entries where the gradients of {pair} are both non-zero (-1: no gradient, or a non-finite one)"))
     return out
 
 

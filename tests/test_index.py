@@ -515,3 +515,24 @@ def test_index_on_object_storage(tmp_path):
         _close(r.gamma.values, ga.rsi(data.path, 3, index=False).gamma.values, RSI_TOL)
     finally:
         server.stop()
+
+
+def test_nonfinite_gradient_row(tmp_path):
+    """A gradient holding NaN gives NaN from the index exactly where the pass gives NaN."""
+    rng = np.random.default_rng(24)
+    G = rng.standard_normal((6, 20)).astype(np.float32)
+    G[3, 5] = np.nan
+    W = np.cumsum(rng.standard_normal((6, 20)), 0).astype(np.float32)
+    data = make_store(tmp_path / "run.zarr", steps=6, shapes=(("a", (20,)),), grads=G, weights=W)
+    build_index(data.path)
+    run = ga.open_run(data.path)
+    assert open_index(run).pairs("sign_both", [3], [1])[0] == -1
+    for f, args in ((ga.corr_matrix, ()), (ga.lag_series, (1,)), (ga.mean_corr, ()), (ga.sign_shift_matrix, ()),
+                    (ga.sign_shift_lag, (1,)), (ga.rsi, (2,))):
+        a, b = f(run, *args), f(run, *args, index=False)
+        assert a.attrs["answered_by"].startswith("index")
+        xs = a if isinstance(a, xr.Dataset) else a.to_dataset(name="v")
+        ys = b if isinstance(b, xr.Dataset) else b.to_dataset(name="v")
+        for v in ys.data_vars:
+            if ys[v].dtype.kind == "f":
+                _close(xs[v].values, ys[v].values, RSI_TOL)
