@@ -494,25 +494,26 @@ def test_index_on_object_storage(tmp_path):
         host, port = server.get_host_and_port()
         opts = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
         fs = s3fs.S3FileSystem(**opts)
-        fs.mkdir("runs")
+        fs.mkdir("index-runs")  # moto's state is per process: a bucket of its own (test_remote uses "runs")
         data = make_store(tmp_path / "run.zarr", steps=6, seed=23, param_chunk=64)
-        fs.put(str(data.path), "runs/run.zarr", recursive=True)
+        fs.put(str(data.path), "index-runs/run.zarr", recursive=True)
         fs.invalidate_cache()
-        run = ga.open_run("s3://runs/run.zarr", storage_options=opts)
+        run = ga.open_run("s3://index-runs/run.zarr", storage_options=opts)
         assert ga.lag_series(run, 1).attrs["answered_by"] == "pass"
         res = build_index(run)
         assert res["rows_computed"] == 7
         fs.invalidate_cache()
         # the closed store's consolidated metadata now lists the index too (plain readers)
-        meta = json.loads(fs.cat("runs/run.zarr/zarr.json"))
+        meta = json.loads(fs.cat("index-runs/run.zarr/zarr.json"))
         assert "index/gg" in meta["consolidated_metadata"]["metadata"]
-        run = ga.open_run("s3://runs/run.zarr", storage_options=opts)
+        run = ga.open_run("s3://index-runs/run.zarr", storage_options=opts)
         a = ga.lag_series(run, 1)
         assert a.attrs["answered_by"] == "index"
         _close(a.values, ga.lag_series(data.path, 1, index=False).values)
         r = ga.rsi(run, 3)
         assert r.attrs["answered_by"].startswith("index")
         _close(r.gamma.values, ga.rsi(data.path, 3, index=False).gamma.values, RSI_TOL)
+        fs.rm("index-runs", recursive=True)
     finally:
         server.stop()
 
