@@ -11,6 +11,8 @@ Example:
     >>> ga.sign_shift_lag(run, 1)                               # doctest: +SKIP
     >>> ga.rsi(run, reference="final", exclude_tail="epoch")    # doctest: +SKIP
     >>> ga.layer_table(run)                                     # doctest: +SKIP
+    >>> ga.build_index(run)           # T x T matrices: later queries read no data  # doctest: +SKIP
+    >>> ga.never_turns_away(run).attrs["steps"]                 # doctest: +SKIP
 """
 
 from analysis.correlation import corr, corr_matrix, corr_window, corr_windows, lag_series, mean_corr
@@ -24,10 +26,12 @@ from analysis.errors import (
 )
 from analysis.format import DamagedStoreError, FormatVersionError, NotAStoreError, StoreError
 from analysis.integrity import verify_store
+from analysis.index import build_index, open_index
 from analysis.layers import balancedness, layer_table, linear_pairs
 from analysis.phases import gawu_switch, phase_labels, phases, zigzag_share
 from analysis.reference import Reference, resolve_reference
 from analysis.rsi import per_epoch, rsi
+from analysis.rsi_pairs import never_turns_away, rsi_all_references
 from analysis.signs import sign_shift, sign_shift_lag, sign_shift_matrix, sign_shift_window
 from analysis.store import ParamGroup, Run, open_run
 
@@ -54,6 +58,11 @@ __all__ = [
     "per_epoch",
     "resolve_reference",
     "Reference",
+    "rsi_all_references",
+    "never_turns_away",
+    # query index
+    "build_index",
+    "open_index",
     # phases
     "phases",
     "phase_labels",

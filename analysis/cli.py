@@ -1,6 +1,6 @@
 """The ``gradtrace`` command.
 
-Analysis subcommands (``info``, ``corr``, ``signs``, ``rsi``, ``phases``, ``layers``,
+Analysis subcommands (``info``, ``index``, ``corr``, ``signs``, ``rsi``, ``phases``, ``layers``,
 ``report``) never import torch, so they start fast and run on cluster nodes without it.
 ``record`` and ``demo`` import the capture stage (torch) only when they run.
 
@@ -254,6 +254,32 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from analysis.index import build_index, open_index
+
+    run = _open(args.store, args.storage_options)
+    with _scheduler(args.scheduler):
+        res = build_index(run, band=args.band, rebuild=args.rebuild, progress=args.progress)
+    what = "every pair of rows" if res["band"] is None else f"lags 0..{res['band']} (rows)"
+    if res["rows_computed"] == 0:
+        print(f"index of {args.store} is up to date: {res['n_rows']} rows, {what}")
+    else:
+        print(f"indexed {res['rows_computed']} new rows of {res['n_rows']} ({what}) in {res['seconds']:.2f} s; "
+              f"{res['bytes'] / 2**20:.1f} MiB uncompressed")
+    idx = open_index(args.store if "://" in args.store else run.path)
+    if idx is not None:
+        print(_index_answers(idx.band))
+    return 0
+
+
+def _index_answers(band) -> str:
+    if band is None:
+        return ("instant: corr (matrix, --window, --lag, --mean), signs (all), rsi --ref final|step:N|mean:A:B, "
+                "analysis.rsi_all_references")
+    return (f"instant: corr --lag L and signs --lag L for L <= {band}, corr --mean H (any H: lag-1 pairs), "
+            f"--window with --h <= {band + 1}; everything else runs a pass (rebuild without --band for all pairs)")
+
+
 def cmd_corr(args) -> int:
     import analysis.correlation as C
 
@@ -306,6 +332,8 @@ def cmd_signs(args) -> int:
 
         z = np.asarray(zero.values, dtype=float)
         print(f"share of coordinates zero at either step: mean {np.nanmean(z):.3f}% (max {np.nanmax(z):.3f}%)")
+    if res.attrs.get("answered_by", "pass") != "pass":
+        print("answered from the query index")
     _save(res, args.output, args.force)
     return 0
 
@@ -321,6 +349,9 @@ def cmd_rsi(args) -> int:
                     weight_decay=args.weight_decay, progress=args.progress)
     print(f"reference: {res.attrs.get('reference')}")
     print(f"direction: {res.attrs.get('direction')}: {res.attrs.get('direction_definition')}")
+    if res.attrs.get("answered_by", "pass") != "pass":
+        extra = f", {res.attrs['pass_steps']} steps by a pass" if res.attrs.get("pass_steps") else ""
+        print(f"answered from the query index{extra}")
     for v in ("gamma", "rsi", "eb", "eta_star", "distance"):
         if v in res:
             print(_summary_series(v, res[v]))
@@ -537,6 +568,19 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_flag(p)
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("index", help="build the query index: T x T products that answer later queries instantly",
+                       description="One pass over the store computes <G_i, G_j>, <G_i, V_j>, <V_i, V_j> (V: the weights "
+                       "minus a fixed anchor) and the sign counts for every pair of rows (or lags 0..L with --band) and stores them in the store's 'index' "
+                       "group. corr, signs and rsi then answer from it. Run it again after a run grew: only the new "
+                       "rows are computed.")
+    p.add_argument("store", help="path (or fsspec URL) of a gradtrace run store")
+    p.add_argument("--rebuild", action="store_true", help="recompute every row (needed to change --band)")
+    p.add_argument("--band", type=int, metavar="L", help="store only lags 0..L (rows): for long runs")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask cluster: scheduler address")
+    p.add_argument("--progress", action="store_true", default=None, help="show a progress bar")
+    _storage_flag(p)
+    p.set_defaults(func=cmd_index)
+
     p = sub.add_parser("corr", help="gradient correlations: full matrix, window, lag series, mean correlation",
                        description="Pairwise gradient correlation mu(j,k) = <G_j,G_k>/(||G_j|| ||G_k||). Default: the "
                        "full matrix over --steps. Lags and windows count training steps.")
@@ -688,6 +732,8 @@ def _one_line(msg: str) -> str:
 
 
 def _print_tier(res) -> None:
+    if res.attrs.get("answered_by", "pass") != "pass":
+        print(f"answered from the query index ({res.attrs['answered_by']})")
     tier = res.attrs.get("tier")
     if tier and tier != "lossless":
         bound = {k: v for k, v in res.attrs.items() if "bound" in k or "stderr" in k or "error" in k}

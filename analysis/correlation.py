@@ -6,7 +6,12 @@ norm (or holds NaN/Inf). Lags and windows count *training steps*: on a run that 
 
 Every function reads the store once (one :class:`analysis.engine.Pass`), restricted to a
 parameter group when ``params`` is given, and returns a labelled xarray object whose attrs
-carry the tier and its error bound.
+carry the tier and its error bound. When the store has a query index (``gradtrace index``,
+:mod:`analysis.index`) that covers the request, the function reads the few entries of
+``G G^T`` it needs instead (same values to float64 rounding: both sum the same float64
+products, in another order) and says so: ``answered_by="index"`` (else ``"pass"``).
+``index=False`` forces the pass; ``index=True`` makes a request the index cannot answer an
+error.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ from analysis._common import available_lags, cosines, group_attrs, lag_pairs, ma
 from analysis import integrity
 from analysis.engine import Pass
 from analysis.errors import AnalysisError, LagNotAvailableError, StepNotFoundError
+from analysis.index import index_for, require
 from analysis.store import as_run
 
 MU = "mu(j,k) = <G_j, G_k> / (||G_j|| ||G_k||)"
 
 
 def corr_matrix(run, steps=None, *, params=None, precision: str = "float64", progress=None,
-                scheduler=None) -> xr.DataArray:
+                scheduler=None, index=None) -> xr.DataArray:
     """Full pairwise correlation matrix over a step selection, from one Gram pass.
 
     The Gram matrix ``G_S G_S^T`` is accumulated in float64 over parameter slabs (symmetric
@@ -39,6 +45,9 @@ def corr_matrix(run, steps=None, *, params=None, precision: str = "float64", pro
             float64 across blocks: faster, relative error about 1e-7).
         progress: show a progress bar (``None``: only for long passes).
         scheduler: dask scheduler; default the active distributed client, else threads.
+        index: ``None`` (use the query index when it covers the steps), ``False`` (always
+            a pass) or ``True`` (the index must answer). The index holds float64 products,
+            so ``precision="float32"`` answered by the index is float64.
 
     Returns:
         DataArray ``correlation`` with dims ``(step_i, step_j)`` (both |S| long, labelled
@@ -54,9 +63,16 @@ def corr_matrix(run, steps=None, *, params=None, precision: str = "float64", pro
     run = as_run(run)
     group = run.params(params)
     sel = selected(run, steps)
-    p = Pass(run, group)
-    key = p.gram(run.rows_of(sel), precision=precision)
-    gram = p.compute(progress=progress, scheduler=scheduler)[key]
+    rows = run.rows_of(sel)
+    idx = index_for(run, group, index)
+    idx = require(idx, index, idx is not None and idx.covers_block(rows), f"the {len(rows)} selected steps")
+    if idx is not None:
+        gram = idx.block("gg", rows)
+        precision = "float64"
+    else:
+        p = Pass(run, group)
+        key = p.gram(rows, precision=precision)
+        gram = p.compute(progress=progress, scheduler=scheduler)[key]
     gram = (gram + gram.T) / 2.0  # exact symmetry
     sq = np.diag(gram).copy()
     integrity.check_norms(run, run.rows_of(sel), sq, p.group, precision)  # free: the pass computed sq
@@ -64,13 +80,14 @@ def corr_matrix(run, steps=None, *, params=None, precision: str = "float64", pro
     corr = cosines(gram, sq[:, None], sq[None, :])
     ok = np.isfinite(sq) & (sq > 0)
     corr[np.diag_indices_from(corr)] = np.where(ok, 1.0, np.nan)
-    attrs = {"metric": MU, "precision": precision, **group_attrs(group), **tier_attrs(run, group)}
+    attrs = {"metric": MU, "precision": precision, **group_attrs(group), **tier_attrs(run, group),
+             "answered_by": "pass" if idx is None else "index"}
     if precision == "float32":
         attrs["precision_note"] = "float32 products per block, float64 across blocks (~1e-7 relative error)"
     return matrix(corr, sel, "correlation", attrs)
 
 
-def corr(run, j: int, k: int, *, params=None, progress=None, scheduler=None) -> xr.DataArray:
+def corr(run, j: int, k: int, *, params=None, progress=None, scheduler=None, index=None) -> xr.DataArray:
     """The correlation ``mu(j, k) = <G_j, G_k> / (||G_j|| ||G_k||)`` of two gradient steps.
 
     One pass that reads only the two rows (not a matrix over a selection).
@@ -95,15 +112,16 @@ def corr(run, j: int, k: int, *, params=None, progress=None, scheduler=None) -> 
     group = run.params(params)
     j, k = int(j), int(k)
     run.select_steps([j, k])  # both recorded, both with a gradient
-    mu, uniq, sq = _pair_corr(run, group, np.array([j]), np.array([k]), progress, scheduler)
+    mu, uniq, sq, by = _pair_corr(run, group, np.array([j]), np.array([k]), progress, scheduler, index=index)
     value = float(mu[0])
     if j == k and np.isfinite(sq[0]) and sq[0] > 0:
         value = 1.0
-    attrs = {"metric": MU, **group_attrs(group), **tier_attrs(run, group)}
+    attrs = {"metric": MU, **group_attrs(group), **tier_attrs(run, group), "answered_by": by}
     return xr.DataArray(value, coords={"step_j": j, "step_k": k}, name="correlation", attrs=attrs)
 
 
-def corr_window(run, step: int, h: int = 5, *, params=None, progress=None, scheduler=None) -> xr.DataArray:
+def corr_window(run, step: int, h: int = 5, *, params=None, progress=None, scheduler=None,
+                index=None) -> xr.DataArray:
     """The h x h correlation matrix of training steps ``step .. step + h - 1``.
 
     Example:
@@ -120,34 +138,44 @@ def corr_window(run, step: int, h: int = 5, *, params=None, progress=None, sched
             f"all recorded with a gradient: {err}"
         ) from err
     out = corr_matrix(run, range(int(step), int(step) + int(h)), params=params, progress=progress,
-                      scheduler=scheduler)
+                      scheduler=scheduler, index=index)
     out.attrs.update(h=int(h), window_start=int(step))
     return out
 
 
-def _pair_corr(run, group, a: np.ndarray, b: np.ndarray, progress, scheduler, also=()):
-    """Correlations of step pairs (a_i, b_i) in one pass (pair dots and the norms).
+def _pair_corr(run, group, a: np.ndarray, b: np.ndarray, progress, scheduler, also=(), index=None):
+    """Correlations of step pairs (a_i, b_i) in one pass (pair dots and the norms), or from
+    the query index when it holds every pair.
 
-    Returns ``(mu, steps, sq)``: the P correlations and the squared norms ``sq`` of the
-    gradients at ``steps`` (every step of a pair, plus ``also``), NaN where not finite.
+    Returns ``(mu, steps, sq, by)``: the P correlations, the squared norms ``sq`` of the
+    gradients at ``steps`` (every step of a pair, plus ``also``), NaN where not finite, and
+    ``"index"`` or ``"pass"``.
     """
     uniq = np.unique(np.concatenate([a, b, np.asarray(also, dtype=np.int64)]))
-    p = Pass(run, group)
     ra, rb, ru = run.rows_of(a), run.rows_of(b), run.rows_of(uniq)
-    key = p.pair_dots(np.concatenate([ra, ru]), np.concatenate([rb, ru]))
-    dots = p.compute(progress=progress, scheduler=scheduler)[key]
+    ia_, ib_ = np.concatenate([ra, ru]), np.concatenate([rb, ru])
+    idx = index_for(run, group, index)
+    idx = require(idx, index, idx is not None and idx.covers(ia_, ib_), f"{len(a)} step pairs")
+    if idx is not None:
+        dots = idx.pairs("gg", ia_, ib_)
+    else:
+        p = Pass(run, group)
+        key = p.pair_dots(ia_, ib_)
+        dots = p.compute(progress=progress, scheduler=scheduler)[key]
     sq = dots[len(a):]
     sq[nonfinite(run, uniq)] = np.nan
     ia, ib = np.searchsorted(uniq, a), np.searchsorted(uniq, b)
-    return cosines(dots[: len(a)], sq[ia], sq[ib]), uniq, sq
+    return cosines(dots[: len(a)], sq[ia], sq[ib]), uniq, sq, "pass" if idx is None else "index"
 
 
-def lag_series(run, lag=1, steps=None, *, params=None, progress=None, scheduler=None):
+def lag_series(run, lag=1, steps=None, *, params=None, progress=None, scheduler=None, index=None):
     """Lag-l correlation series ``mu(t, t + l)`` for every selected t with t + l recorded.
 
     Args:
         lag: a lag in training steps, or a list of lags (computed in the same pass).
         steps: selection of the first steps t (default all).
+        index: ``None`` (read the query index when it holds every pair), ``False`` (a pass),
+            ``True`` (the index must answer); see the module docstring.
 
     Returns:
         For one lag: DataArray ``lag_corr`` along ``step`` (= t; only t whose partner is
@@ -170,8 +198,8 @@ def lag_series(run, lag=1, steps=None, *, params=None, progress=None, scheduler=
     pairs = [lag_pairs(run, starts, lg) for lg in lags]
     a = np.concatenate([p[0] for p in pairs])
     b = np.concatenate([p[1] for p in pairs])
-    mu = _pair_corr(run, group, a, b, progress, scheduler)[0]
-    attrs = {"metric": "mu(t, t+lag), " + MU, **group_attrs(group), **tier_attrs(run, group)}
+    mu, _, _, by = _pair_corr(run, group, a, b, progress, scheduler, index=index)
+    attrs = {"metric": "mu(t, t+lag), " + MU, **group_attrs(group), **tier_attrs(run, group), "answered_by": by}
     if not many:
         ds = per_step({"lag_corr": mu}, run, a, attrs)
         out = ds["lag_corr"]
@@ -188,16 +216,21 @@ def lag_series(run, lag=1, steps=None, *, params=None, progress=None, scheduler=
     return out
 
 
-def mean_corr(run, h: int = 5, steps=None, *, params=None, progress=None, scheduler=None) -> xr.DataArray:
+def mean_corr(run, h: int = 5, steps=None, *, params=None, progress=None, scheduler=None,
+              index=None) -> xr.DataArray:
     """Mean gradient correlation, zigzag paper eq. 3, at every selected step k.
 
     ``mu_k = 1/(h-1) * sum_{m=1}^{h-1} mu(k+m-1, k+m)``: the mean adjacent correlation over
     the window of training steps k .. k+h-1. NaN where a step of the window is not recorded
     (or a gradient has zero norm).
 
+    Args:
+        index: ``None`` (read the query index when it holds the adjacent pairs), ``False`` (a
+            pass), ``True`` (the index must answer).
+
     Returns:
         DataArray ``mean_corr`` along ``step`` (= k) with coords ``epoch``, ``lr``, ``loss``;
-        attrs ``h``, tier and error bound.
+        attrs ``h``, tier and error bound, ``answered_by``.
 
     Raises:
         LagNotAvailableError: no window of h consecutive training steps is recorded.
@@ -224,19 +257,20 @@ def mean_corr(run, h: int = 5, steps=None, *, params=None, progress=None, schedu
         )
     ks = starts[full]
     adj = np.unique(np.concatenate([ks + m for m in range(h - 1)]))
-    mu_adj = _pair_corr(run, group, adj, adj + 1, progress, scheduler)[0]
+    mu_adj, _, _, by = _pair_corr(run, group, adj, adj + 1, progress, scheduler, index=index)
     idx = np.searchsorted(adj, ks[:, None] + np.arange(h - 1)[None, :])
     vals = np.full(len(starts), np.nan)
     vals[full] = mu_adj[idx].mean(axis=1)
     attrs = {"metric": "mean gradient correlation (zigzag eq. 3)", "equation":
              "mu_k = 1/(h-1) sum_{m=1}^{h-1} mu(k+m-1, k+m)", "h": h,
-             **group_attrs(group), **tier_attrs(run, group)}
+             **group_attrs(group), **tier_attrs(run, group), "answered_by": by}
     out = per_step({"mean_corr": vals}, run, starts, attrs)["mean_corr"]
     out.attrs.update(attrs)
     return out
 
 
-def corr_windows(run, h: int = 5, steps=None, *, params=None, progress=None, scheduler=None) -> xr.DataArray:
+def corr_windows(run, h: int = 5, steps=None, *, params=None, progress=None, scheduler=None,
+                 index=None) -> xr.DataArray:
     """h x h windows ``mu(k+i, k+j)`` at every selected start k, all in one pass.
 
     Returns:
@@ -261,7 +295,8 @@ def corr_windows(run, h: int = 5, steps=None, *, params=None, progress=None, sch
     members = starts[:, None] + np.arange(h)[None, :]
     present = np.isin(members, pool)
     pairs, inv = np.unique(np.stack([a[ok], b[ok]], 1), axis=0, return_inverse=True)
-    mu, uniq, sq = _pair_corr(run, group, pairs[:, 0], pairs[:, 1], progress, scheduler, also=members[present])
+    mu, uniq, sq, by = _pair_corr(run, group, pairs[:, 0], pairs[:, 1], progress, scheduler, also=members[present],
+                                  index=index)
     vals = np.full(len(a), np.nan)
     vals[ok] = mu[inv.ravel()]
     vals = vals.reshape(len(starts), -1)
@@ -272,5 +307,6 @@ def corr_windows(run, h: int = 5, steps=None, *, params=None, progress=None, sch
     norm_ok[present] = (sq > 0)[np.searchsorted(uniq, members[present])]  # NaN compares False
     out[:, np.arange(h), np.arange(h)] = np.where(norm_ok, 1.0, np.nan)
     coords = {"step": starts, "offset_i": np.arange(h), "offset_j": np.arange(h), **run.step_coords(starts)}
-    attrs = {"metric": "mu(k+i, k+j), " + MU, "h": h, **group_attrs(group), **tier_attrs(run, group)}
+    attrs = {"metric": "mu(k+i, k+j), " + MU, "h": h, **group_attrs(group), **tier_attrs(run, group),
+             "answered_by": by}
     return xr.DataArray(out, dims=("step", "offset_i", "offset_j"), coords=coords, name="window_corr", attrs=attrs)

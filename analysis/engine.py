@@ -315,6 +315,152 @@ class _RefDir:
         return out
 
 
+@dataclass(frozen=True)
+class _IndexGram:
+    """Products of the stacked rows ``X = [G_g; W_w - a]`` (float64): ``X X[cols]^T``, shape
+    ``(n, len(cols))`` with ``n = len(g) + len(w)``; ``cols=None`` gives the symmetric ``X X^T``.
+
+    One product yields the three blocks of the query index (``analysis.index``): ``G G^T``,
+    ``G V^T`` and ``V V^T`` with ``V = W - a``, ``a`` the explicit reference ``anchor`` (or 0
+    when -1). Each float32 value is cast to float64 (exact), and ``w - a`` of a float32 weight
+    and the float64 anchor (itself a float32 row) is formed in float64.
+    """
+
+    key: str
+    g: np.ndarray
+    w: np.ndarray
+    cols: np.ndarray | None = None
+    anchor: int = -1
+
+    def shape(self):
+        n = len(self.g) + len(self.w)
+        return (n, n if self.cols is None else len(self.cols))
+
+    def partial(self, data, a, b):
+        ng, n = len(self.g), len(self.g) + len(self.w)
+        out = np.zeros(self.shape())
+        gi, wi = as_index(self.g), as_index(self.w)
+        for c0, c1 in _col_blocks(a, b, n, 8):
+            x = _buffer("igram", (n, c1 - c0), np.float64)
+            if ng:
+                np.copyto(x[:ng], data.grad[gi, c0:c1])
+            if n > ng:
+                np.copyto(x[ng:], data.weight[wi, c0:c1])
+                if self.anchor >= 0:
+                    x[ng:] -= data.refs[self.anchor][c0:c1]
+            out += x @ x.T if self.cols is None else x @ x[self.cols].T
+        return out
+
+
+@dataclass(frozen=True)
+class _IndexSigns:
+    """``[disagree, both_nonzero]`` counts of the rows ``g`` against the rows ``g[cols]``,
+    shape ``(2, n, len(cols))`` (``cols=None``: all, as :class:`_SignGram`)."""
+
+    key: str
+    g: np.ndarray
+    cols: np.ndarray | None = None
+
+    def shape(self):
+        n = len(self.g)
+        return (2, n, n if self.cols is None else len(self.cols))
+
+    def partial(self, data, a, b):
+        out = np.zeros(self.shape())
+        rows = as_index(self.g)
+        for c0, c1 in _col_blocks(a, b, 2 * len(self.g), 4):
+            s, n = _signs(data, rows, c0, c1)
+            sc, nc = (s, n) if self.cols is None else (s[self.cols], n[self.cols])
+            ss = (s @ sc.T).astype(np.float64)  # agree - disagree, exact integers < 2**24
+            nn = (n @ nc.T).astype(np.float64)  # both nonzero
+            out[0] += (nn - ss) / 2.0
+            out[1] += nn
+        return out
+
+
+#: Rows per block of the banded index products (a block is multiplied with itself and the
+#: ``band`` rows before it).
+BAND_BLOCK = 64
+
+
+def _band_blocks(m: int, first: int, band: int):
+    """Row blocks of rows ``first..m-1`` for banded products: ``(i0, i1, j0, dst, src)`` where
+    the block's product ``P = X[i0:i1] @ Y[j0:i1].T`` gives ``out[dst] = P[src]``, ``dst`` and
+    ``src`` index pairs for every row i of the block and lag l = 0..band with ``i - l >= 0``."""
+    blk = max(BAND_BLOCK, band)
+    lags = np.arange(band + 1)[None, :]
+    for i0 in range(first, m, blk):
+        i1 = min(m, i0 + blk)
+        j0 = max(0, i0 - band)
+        ii = np.arange(i0, i1)[:, None] + 0 * lags
+        jj = ii - lags
+        ok = jj >= 0
+        dst = ((ii - first)[ok], (lags + 0 * ii)[ok])
+        src = ((ii - i0)[ok], (jj - j0)[ok])
+        yield i0, i1, j0, dst, src
+
+
+@dataclass(frozen=True)
+class _IndexBand:
+    """The banded index: ``out[k, i, l] = <X_i, Y_{i-l}>`` for the pairs (X, Y) = (G, G), (G, V),
+    (V, G), (V, V) (k = 0..3; ``V = W - a`` as in :class:`_IndexGram`), rows i = first..m-1 of
+    the positions ``p`` (store rows in order, each with a grad and a weight row), lags
+    l = 0..band; shape ``(4, m - first, band + 1)``, 0 where ``i - l < 0``. Without grad
+    (weight) rows only k = 3 (k = 0) is computed."""
+
+    key: str
+    p: np.ndarray
+    first: int
+    band: int
+    with_grad: bool = True
+    with_weight: bool = True
+    anchor: int = -1
+
+    def shape(self):
+        return (4, len(self.p) - self.first, self.band + 1)
+
+    def partial(self, data, a, b):
+        out = np.zeros(self.shape())
+        m, rows = len(self.p), as_index(self.p)
+        for c0, c1 in _col_blocks(a, b, 2 * m, 8):
+            g = _as64(data.grad[rows, c0:c1], "band_g") if self.with_grad else None
+            w = _as64(data.weight[rows, c0:c1], "band_w") if self.with_weight else None
+            if w is not None and self.anchor >= 0:
+                w -= data.refs[self.anchor][c0:c1]
+            for i0, i1, j0, dst, src in _band_blocks(m, self.first, self.band):
+                for k, x, y in ((0, g, g), (1, g, w), (2, w, g), (3, w, w)):
+                    if x is None or y is None:
+                        continue
+                    out[k][dst] += (x[i0:i1] @ y[j0:i1].T)[src]
+        return out
+
+
+@dataclass(frozen=True)
+class _IndexSignBand:
+    """Banded ``[disagree, both_nonzero]`` counts: ``out[:, i, l]`` for rows ``g[i]`` and
+    ``g[i - l]``, i = first..m-1, l = 0..band; shape ``(2, m - first, band + 1)``."""
+
+    key: str
+    g: np.ndarray
+    first: int
+    band: int
+
+    def shape(self):
+        return (2, len(self.g) - self.first, self.band + 1)
+
+    def partial(self, data, a, b):
+        out = np.zeros(self.shape())
+        m, rows = len(self.g), as_index(self.g)
+        for c0, c1 in _col_blocks(a, b, 2 * m, 4):
+            s, n = _signs(data, rows, c0, c1)
+            for i0, i1, j0, dst, src in _band_blocks(m, self.first, self.band):
+                ss = (s[i0:i1] @ s[j0:i1].T).astype(np.float64)  # exact integers < 2**24
+                nn = (n[i0:i1] @ n[j0:i1].T).astype(np.float64)
+                out[0][dst] += ((nn - ss) / 2.0)[src]
+                out[1][dst] += nn[src]
+        return out
+
+
 def _slab_task(spec: SpaceSpec, pieces, refs) -> dict:
     """Read one slab and return every op's partial result (dict key -> float64 array)."""
     data = SlabData(spec, pieces, refs)
@@ -537,6 +683,10 @@ class Pass:
         self.per_tensor = per_tensor
         self.requests: list[_Request] = []
         self.refs: list[tuple[str, np.ndarray]] = []  # (space, vector over that space)
+        #: a slab one storage chunk wide may hold this many bytes (see CHUNK_SLAB_BYTES); the
+        #: query index raises it a little so that T = 512 stacked [G; W] rows (1026 x 1 MiB
+        #: chunks, 0.2% over 1 GiB) still decode each chunk once
+        self.chunk_slab_bytes = CHUNK_SLAB_BYTES
 
     # -- request builders (rows are store row indices) -----------------------------------
     def _space(self, array: str = "grad") -> str:
@@ -575,8 +725,8 @@ class Pass:
         extra = {}
         wrows = list(rows)
         if ref_vector is not None:
+            extra["ref"] = sum(1 for s, _ in self.refs if s == space)  # position within the space's refs
             self.refs.append((space, ref_vector))
-            extra["ref"] = len(self.refs) - 1
         else:
             extra.update(ref=-1, ref_rows=np.asarray(ref_rows), coef=np.asarray(coef, dtype=np.float64))
             wrows += list(ref_rows)
@@ -608,6 +758,39 @@ class Pass:
             extra.update(lam=-1, g=np.zeros(0, np.int64), w2=np.asarray(next_rows, dtype=np.int64))
             wrows += list(next_rows)
         return self._add("refdir", "param", grows, wrows, **extra)
+
+    def _anchor(self, space: str, anchor) -> int:
+        """Register an anchor vector; its position among the space's explicit references."""
+        if anchor is None:
+            return -1
+        pos = sum(1 for s, _ in self.refs if s == space)
+        self.refs.append((space, np.asarray(anchor, np.float64)))
+        return pos
+
+    def index_gram(self, space: str, grad_rows=(), weight_rows=(), cols=None, anchor=None) -> str:
+        """Query-index products ``X X[cols]^T`` of the stacked rows ``X = [G_grad_rows;
+        W_weight_rows - anchor]`` in ``space`` ("param" or "sketch"), float64 ``(n, n)`` or
+        ``(n, len(cols))``; ``anchor``: a float64 vector over the space (None: 0)."""
+        return self._add("igram", space, grad_rows, weight_rows,
+                         cols=None if cols is None else np.asarray(cols, np.int64),
+                         anchor=self._anchor(space, anchor) if len(weight_rows) else -1)
+
+    def index_signs(self, rows, cols=None) -> str:
+        """Query-index sign counts ``[disagree, both_nonzero]`` of ``rows`` against ``rows[cols]``."""
+        space = "param" if self.run.dense("grad") else "bits"
+        return self._add("isigns", space, rows, cols=None if cols is None else np.asarray(cols, np.int64))
+
+    def index_band(self, space: str, rows, first: int, band: int, grad: bool = True, weight: bool = True,
+                   anchor=None) -> str:
+        """Banded index products of consecutive store ``rows`` (see :class:`_IndexBand`)."""
+        return self._add("iband", space, rows if grad else (), rows if weight else (), rows=np.asarray(rows),
+                         first=int(first), band=int(band), grad=bool(grad), weight=bool(weight),
+                         anchor=self._anchor(space, anchor) if weight else -1)
+
+    def index_sign_band(self, rows, first: int, band: int) -> str:
+        """Banded sign counts of consecutive store ``rows`` (see :class:`_IndexSignBand`)."""
+        space = "param" if self.run.dense("grad") else "bits"
+        return self._add("isband", space, rows, first=int(first), band=int(band))
 
     # -- building and running -------------------------------------------------------------
     def _columns(self, space: str) -> list[tuple[int, int, int]]:
@@ -644,10 +827,10 @@ class Pass:
         width = int(SLAB_BYTES // per_col)
         if width >= chunk:
             width = min(MAX_SLAB_COLS, (width // chunk) * chunk)
-        elif whole_chunks or chunk * per_col <= max(CHUNK_SLAB_BYTES, SLAB_BYTES):
+        elif whole_chunks or chunk * per_col <= max(self.chunk_slab_bytes, SLAB_BYTES):
             width = chunk  # one chunk is over the budget: still decode each chunk once
         else:  # a power-of-two fraction of the chunk, so pieces never straddle chunks
-            width = int(max(CHUNK_SLAB_BYTES, SLAB_BYTES) // per_col)
+            width = int(max(self.chunk_slab_bytes, SLAB_BYTES) // per_col)
             width = chunk // 2 ** math.ceil(math.log2(chunk / max(width, min(chunk, MIN_SLAB_COLS))))
         slabs: dict[int, list] = {}
         for seg, lo, hi in self._columns(space):
@@ -677,6 +860,20 @@ class Pass:
                 ops.append(_SignGram(q.key, pos(q.grad_rows, grows)))
             elif q.kind == "signpairs":
                 ops.append(_SignPairs(q.key, pos(q.extra["a"], grows), pos(q.extra["b"], grows)))
+            elif q.kind == "igram":
+                ops.append(_IndexGram(q.key, pos(q.grad_rows, grows), pos(q.weight_rows, wrows), q.extra["cols"],
+                                      q.extra["anchor"]))
+            elif q.kind == "isigns":
+                ops.append(_IndexSigns(q.key, pos(q.grad_rows, grows), q.extra["cols"]))
+            elif q.kind == "iband":
+                e = q.extra
+                pool = grows if e["grad"] else wrows
+                if e["grad"] and e["weight"] and not np.array_equal(grows, wrows):
+                    raise ValueError("a banded index pass holds one row set for grad and weight")
+                ops.append(_IndexBand(q.key, pos(e["rows"], pool), e["first"], e["band"], e["grad"], e["weight"],
+                                      e["anchor"]))
+            elif q.kind == "isband":
+                ops.append(_IndexSignBand(q.key, pos(q.grad_rows, grows), q.extra["first"], q.extra["band"]))
             elif q.kind == "refdist":
                 ref_w = pos(q.extra.get("ref_rows", np.zeros(0, np.int64)), wrows)
                 ops.append(_RefDist(q.key, pos(q.grad_rows, grows), pos(q.extra["w"], wrows),
@@ -704,7 +901,13 @@ class Pass:
         n = 0
         for q in self.requests:
             rows = len(set(q.grad_rows))
-            n += {"gram": rows * rows, "signgram": 2 * rows * rows,
+            stacked = rows + len(set(q.weight_rows))
+            cols = q.extra.get("cols")
+            ncols = stacked if cols is None else len(cols)
+            n += {"gram": rows * rows, "signgram": 2 * rows * rows, "igram": stacked * ncols,
+                  "isigns": 2 * rows * (rows if cols is None else len(cols)),
+                  "iband": 4 * max(rows, stacked - rows) * (q.extra.get("band", 0) + 1),
+                  "isband": 2 * rows * (q.extra.get("band", 0) + 1),
                   "refdir": 3 * len(q.extra.get("w", ()))}.get(q.kind, 2 * len(q.grad_rows))
         return 8 * n * (len(self.group.indices) if self.per_tensor else 1)
 

@@ -72,6 +72,54 @@ Changes inside format version 1 (all additive; readers of the first v1 stores st
 * header field ``source_dtype``: dtype(s) of the recorded parameters before the float32 cast
   (e.g. ``"float32"``, ``"bfloat16"``), checked on resume. Absent in older stores (None).
 
+Query index (optional, derived; ``gradtrace index`` / :func:`analysis.index.build_index`):
+a sub-group ``index`` of T x T matrices from which every correlation, sign shift and
+RSI/EB/gamma against a recorded iterate follows without reading the data again. It indexes
+store rows 0..n-1 (the final iterate included: its gradient entries are NaN, its sign counts
+-1, as for a gradient holding NaN/Inf). Weights enter as ``V_j = W_j - a``, their difference from a fixed anchor ``a`` (the last
+row with weights when the index was first built, not one a weight schedule skipped; stored
+in ``index/anchor``): RSI needs only
+differences ``w_t - w_s = V_t - V_s``, and products of the small V lose far fewer digits to
+cancellation than products of W (``analysis.rsi``). Plain ``xarray.open_zarr(store)`` ignores
+the sub-group; ``xarray.open_zarr(store, group="index")`` reads it. Layout ``full`` (dims
+``index_row``, ``index_col``: entry [i, j] is rows i and j) or ``band`` (dims ``index_row``,
+``index_lag``: entry [i, l] is rows i and i - l, l = 0..L; NaN / -1 where i - l < 0):
+
+======================  ============================  =======  ======================================
+name                    dims                          dtype    meaning
+======================  ============================  =======  ======================================
+``index/step``          (index_row,)                  int64    step of each indexed row
+``index/check``         (index_row, index_check)      float64  step, flags, grad_sqnorm,
+                                                               weight_sqnorm, grad_dot_weight of the
+                                                               row when indexed
+``index/anchor``        (index_anchor,)               float64  the anchor a (length d, or the sketch
+                                                               dimension for the sketch tier)
+``index/gg``            (index_row, index_col|lag)    float64  <G_i, G_j>
+``index/gv``            (index_row, index_col|lag)    float64  <G_i, V_j>
+``index/vg``            (index_row, index_lag)        float64  band only: <V_i, G_{i-l}>
+``index/vv``            (index_row, index_col|lag)    float64  <V_i, V_j>
+``index/sign_disagree`` (index_row, index_col|lag)    int64    #{k: G_i[k] G_j[k] < 0}
+``index/sign_both``     (index_row, index_col|lag)    int64    #{k: G_i[k] != 0 and G_j[k] != 0}
+======================  ============================  =======  ======================================
+
+Products are float64 sums of the stored float32 values (each cast exactly; ``w - a`` formed in
+float64), in the space the direct pass uses: the stored values for lossless and rounded
+tiers, the sketches for the sketch tier (``grad_sketch``, ``weight_sketch``), the packed bit
+planes for the sketch tier's sign counts. The other sign counts follow from these two and the
+diagonal (``sign_both[i, i]`` is the number of non-zero entries n_i): entries where one is
+zero and the other not, ``n_i + n_j - 2 both``; entries where the signs differ counting zero as
+a sign (sign(a) != sign(b) in {-1, 0, 1}), ``disagree + n_i + n_j - 2 both``; entries zero at
+either step, ``d - both``. The sign-shift percentages (``analysis.signs``) use
+``disagree / both`` (``denominator="both_nonzero"``) or ``disagree / d`` (``denominator="all"``:
+a zero at either step counts as no flip, not the zero-as-a-sign count above). Chunks: ``(INDEX_CHUNK, INDEX_CHUNK)`` (full) or
+``(INDEX_BAND_CHUNK_ROWS, L+1)`` (band), Blosc lz4 + shuffle, then a CRC32C checksum per chunk
+(Zarr's ``crc32c`` codec: a damaged chunk fails to decode instead of giving wrong numbers).
+The group attribute ``gradtrace_index`` holds ``version``, ``layout``, ``band``, ``n_rows``
+(the rows written; written last, so an interrupted build leaves the old rows valid),
+``anchor_step``, the ``spaces`` of the products and the build's timings. A reader uses a row
+only while its ``check`` matches the store (a resumed run rewrites its final-iterate row), so
+an index never answers for data it was not built from.
+
 Tiers (per array, ``grad`` and ``weight`` independently):
 
 * ``lossless``: float32 exactly as training saw it.
@@ -758,6 +806,91 @@ def codecs_for(kind: str):
         "bits": _bits_codecs,
         "scalar": _scalar_codecs,
     }[kind]()
+
+
+# --------------------------------------------------------------------------------------
+# Query index (derived arrays in the sub-group "index"; see the module docstring)
+# --------------------------------------------------------------------------------------
+
+INDEX_GROUP = "index"
+INDEX_ATTR = "gradtrace_index"
+INDEX_VERSION = 1
+INDEX_LAYOUTS = ("full", "band")
+INDEX_ROW_DIM = "index_row"
+INDEX_COL_DIM = "index_col"
+INDEX_LAG_DIM = "index_lag"
+INDEX_CHECK_DIM = "index_check"
+INDEX_ANCHOR_DIM = "index_anchor"
+#: columns of ``index/check``: the per-row values a row is recognised by
+INDEX_CHECK_FIELDS = ("step", "flags", "grad_sqnorm", "weight_sqnorm", "grad_dot_weight")
+INDEX_CHUNK = 512  # full layout: 512 x 512 float64 = 2 MiB per chunk
+INDEX_BAND_CHUNK_ROWS = 4096
+INDEX_PRODUCTS = ("gg", "gv", "vv")
+INDEX_BAND_PRODUCTS = ("gg", "gv", "vg", "vv")
+INDEX_SIGNS = ("sign_disagree", "sign_both")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexArraySpec:
+    """One array of the query index: name, dims, dtype, fill value, chunks and meaning."""
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str
+    fill_value: Any
+    chunks: tuple[int, ...]
+    meaning: str
+
+    def shape(self, rows: int, band: int | None, anchor_len: int = 0) -> tuple[int, ...]:
+        if self.dims == (INDEX_ANCHOR_DIM,):
+            return (int(anchor_len),)
+        if len(self.dims) == 1:
+            return (int(rows),)
+        if self.dims[1] == INDEX_CHECK_DIM:
+            return (int(rows), len(INDEX_CHECK_FIELDS))
+        return (int(rows), int(rows) if band is None else int(band) + 1)
+
+
+def index_specs(band: int | None = None) -> list[IndexArraySpec]:
+    """Arrays of a query index: the full layout (``band=None``) or lags 0..band."""
+    col = INDEX_COL_DIM if band is None else INDEX_LAG_DIM
+    chunks = (INDEX_CHUNK, INDEX_CHUNK) if band is None else (INDEX_BAND_CHUNK_ROWS, int(band) + 1)
+    pair = "rows i and j" if band is None else "rows i and i - l"
+    out = [
+        IndexArraySpec("step", (INDEX_ROW_DIM,), "int64", -1, (INDEX_BAND_CHUNK_ROWS,), "step of the indexed row"),
+        IndexArraySpec("check", (INDEX_ROW_DIM, INDEX_CHECK_DIM), "float64", float("nan"),
+                       (INDEX_BAND_CHUNK_ROWS, len(INDEX_CHECK_FIELDS)),
+                       "the row's " + ", ".join(INDEX_CHECK_FIELDS) + " when it was indexed"),
+        IndexArraySpec("anchor", (INDEX_ANCHOR_DIM,), "float64", float("nan"), (DEFAULT_PARAM_CHUNK,),
+                       "the anchor a: the weights V = W - a are taken relative to (float64)"),
+    ]
+    names = INDEX_PRODUCTS if band is None else INDEX_BAND_PRODUCTS
+    for name in names:
+        x, y = name[0].upper(), name[1].upper()
+        out.append(IndexArraySpec(name, (INDEX_ROW_DIM, col), "float64", float("nan"), chunks,
+                                  f"<{x}, {y}> of {pair} (float64; V = W - anchor)"))
+    out.append(IndexArraySpec("sign_disagree", (INDEX_ROW_DIM, col), "int64", -1, chunks,
+                              f"entries where the gradients of {pair} have opposite non-zero signs (-1: no gradient, "
+                              "or a non-finite one)"))
+    out.append(IndexArraySpec("sign_both", (INDEX_ROW_DIM, col), "int64", -1, chunks,
+                              f"entries where the gradients of {pair} are both non-zero (-1: no gradient, or a non-finite one)"))
+    return out
+
+
+def index_codecs():
+    """Blosc lz4 with byte shuffle, then a CRC32C checksum of every chunk."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    return [BloscCodec(cname="lz4", clevel=1, shuffle="shuffle", typesize=8), Crc32cCodec()]
+
+
+def index_bytes(n_rows: int, band: int | None = None, anchor_len: int = 0) -> int:
+    """Uncompressed bytes of a query index over ``n_rows`` store rows (full or banded), plus
+    ``8 * anchor_len`` for the anchor vector (d, or the sketch dimension)."""
+    n = int(n_rows)
+    cols = n if band is None else int(band) + 1
+    mats = len(INDEX_PRODUCTS if band is None else INDEX_BAND_PRODUCTS) + len(INDEX_SIGNS)
+    return 8 * n * (1 + len(INDEX_CHECK_FIELDS)) + 8 * mats * n * cols + 8 * int(anchor_len)
 
 
 # --------------------------------------------------------------------------------------

@@ -385,3 +385,53 @@ def plot_phases(labels: xr.DataArray, loss: xr.DataArray | None = None, ax=None,
     ax.set_title("optimization geometry phases")
     ax.legend(handles=handles, loc="best", fontsize=8)
     return ax
+
+
+def plot_rsi_all_references(pairs: xr.Dataset, ax=None, *, var: str = "gamma", never: xr.Dataset | None = None,
+                            title: str | None = None):
+    """Heatmap of gamma (or ``var``) for every (step t, reference iterate s) pair.
+
+    Args:
+        pairs: the Dataset of :func:`analysis.rsi_pairs.rsi_all_references`.
+        var: ``"gamma"`` (default; diverging map on [-1, 1]), ``"rsi"`` (diverging, symmetric
+            about 0 at the 99th percentile of |RSI|), or ``"eb"`` / ``"distance"`` (log colour).
+        never: the result of :func:`analysis.rsi_pairs.never_turns_away`: its reference steps are
+            marked with a tick above the map.
+
+    The diagonal t = s separates the pairs where s lies ahead of t (above it, t < s: the No
+    Wrong Turns question) from those where the path already passed s.
+    """
+    import matplotlib.colors as mcolors
+
+    ax = _axes(ax, (6, 4.8))
+    da = pairs[var]
+    vals = np.asarray(da.values, dtype=float)
+    t = np.asarray(pairs["step"].values)
+    s = np.asarray(pairs["reference"].values)
+    norm = None
+    if var == "gamma":
+        kw = {"cmap": CORR_CMAP, "vmin": -1, "vmax": 1}
+    elif var == "rsi":
+        fin = np.abs(vals[np.isfinite(vals)])
+        m = float(np.quantile(fin, 0.99)) if fin.size else 1.0
+        kw = {"cmap": CORR_CMAP, "vmin": -m, "vmax": m}
+    else:
+        fin = vals[np.isfinite(vals) & (vals > 0)]
+        norm = mcolors.LogNorm(vmin=float(fin.min()), vmax=float(fin.max())) if fin.size else None
+        kw = {"cmap": "viridis"}
+    extent = (s[0] - 0.5, s[-1] + 0.5, t[-1] + 0.5, t[0] - 0.5) if len(s) and len(t) else None
+    im = ax.imshow(vals, interpolation="nearest", aspect="auto", extent=extent, norm=norm, **kw)
+    cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cb.set_label({"gamma": "gamma = cos(G_t, w_t - w_s)", "rsi": "RSI(t, s)"}.get(var, var))
+    if len(s) and len(t):
+        lo, hi = max(s[0], t[0]), min(s[-1], t[-1])
+        ax.plot([lo, hi], [lo, hi], color="k", lw=0.6)
+    if never is not None and len(np.asarray(never.attrs.get("steps", []))):
+        marks = np.asarray(never.attrs["steps"])
+        ax.plot(marks, np.full(len(marks), t[0] - 0.5), "v", color="k", ms=4, clip_on=False,
+                label="never turned away from")
+        ax.legend(loc="lower left", fontsize=8)
+    ax.set_xlabel("reference iterate s (step)")
+    ax.set_ylabel("gradient step t")
+    ax.set_title(title or f"{var} against every recorded iterate")
+    return ax

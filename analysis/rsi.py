@@ -19,6 +19,25 @@ and that formula loses ``log10((||w_t||^2 + ||w*||^2) / ||w_t - w*||^2)`` of flo
 digits (8 or more on the last steps of a converged run: errors far above 1e-10). Forming
 ``w_t - w*`` in float64 per entry has no cancellation and costs the same single pass.
 
+With a query index (``gradtrace index``, :mod:`analysis.index`), a reference made of recorded
+iterates (a step, a mean of steps, ``"final"``: ``w* = sum_k c_k w_{s_k}``, ``sum_k c_k = 1``)
+needs no pass. The index holds the iterates relative to a fixed anchor a (``V = W - a``; then
+``w_t - w* = V_t - sum_k c_k V_{s_k}``)::
+
+    ||w_t - w*||^2  = VV_tt - 2 sum_k c_k VV_{t s_k} + sum_{k,m} c_k c_m VV_{s_k s_m}
+    <G_t, w_t - w*> = GV_tt - sum_k c_k GV_{t s_k}
+
+This is an expanded form like the one above, with the same kind of cancellation, only
+relative to ``||V||`` (distances to the anchor, the last iterate with weights) instead of ``||w||``: its
+relative error is about ``K eps S_t / ||w_t - w*||^2`` with ``S_t`` the same sum taken over
+absolute values (``analysis.index.cancellation``; K measured, see the README). The index
+answers the steps where that estimate (and the matching bound on gamma) is below
+``RSI_INDEX_RTOL`` = 1e-11, and one pass over only the other steps (those very close to the
+reference) computes them directly, as without an index. ``answered_by`` is ``"index"``,
+``"index+pass"`` (attribute ``pass_steps``: how many) or ``"pass"``; ``index=False`` forces
+the pass. Arrays and files as references always run the pass, and so do the directions
+other than ``"gradient"`` (below): the index holds no weight-decay or update products.
+
 Special cases: ``w_t == w*`` (distance 0) gives NaN for RSI, EB, gamma and eta* at that step
 and sets ``zero_distance``; an all-zero gradient gives NaN gamma and eta* (RSI and EB are
 then 0, as defined) and sets ``zero_grad``.
@@ -60,6 +79,7 @@ from analysis import format as fmt
 from analysis._common import group_attrs, per_step, selected, sketch_k
 from analysis.engine import Pass
 from analysis.errors import AnalysisError, TierError
+from analysis.index import RSI_INDEX_RTOL, cancellation, index_for, require
 from analysis.reference import Reference, resolve_reference
 from analysis.store import ParamGroup, Run, as_run
 
@@ -122,7 +142,7 @@ def reference_in_space(run: Run, ref: Reference, space: str):
 
 
 def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, strict: bool = True,
-        direction: str = "gradient", weight_decay=None, progress=None, scheduler=None) -> xr.Dataset:
+        direction: str = "gradient", weight_decay=None, progress=None, scheduler=None, index=None) -> xr.Dataset:
     """RSI, EB, gamma, eta* and distance against a reference point, in one pass.
 
     Args:
@@ -140,6 +160,8 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
             in each).
         weight_decay: for ``"gradient+wd"``: lambda as a number, or ``{name or glob: number}``
             per tensor; default the weight decay the header records for each tensor's group.
+        index: ``None`` (use the query index for references made of recorded iterates when it
+            covers them; direction='gradient' only, the index holds no update or weight-decay terms), ``False`` (always a pass) or ``True`` (the index must answer).
 
     Returns:
         Dataset along ``step`` with ``rsi``, ``eb``, ``gamma``, ``eta_star``, ``distance``,
@@ -170,18 +192,34 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
     if ref.rows is not None:
         run.require_weights(run.steps[ref.rows], f"the reference {ref.label!r}")
     rows = run.rows_of(sel)
-    p = Pass(run, group)
-    vec = reference_in_space(run, ref, space)
+    gg = run.per_tensor_scalar("grad_sqnorm", rows, group) if direction == "gradient" else None
+    idx = index_for(run, group, index) if direction == "gradient" else None
+    if index is True and direction != "gradient":
+        raise AnalysisError(f"index=True, but the query index answers direction='gradient' only (direction={direction!r} "
+                            "needs the update or weight-decay term per entry): pass index=None or index=False")
+    todo = np.ones(len(rows), bool)
+    if direction == "gradient":
+        ok = (idx is not None and ref.rows is not None and idx.has("gv")
+              and idx.covers(np.repeat(rows, len(ref.rows)), np.tile(ref.rows, len(rows)))
+              and idx.covers_block(ref.rows))
+        idx = require(idx, index, ok, f"the reference {ref.label} against {len(rows)} steps")
     dir_attrs: dict = {}
     flags: dict = {}
     if direction == "gradient":
-        key = p.ref_dist(rows, space, ref_vector=vec, ref_rows=ref.rows, coef=ref.coef)
-        dist2, gdiff = p.compute(progress=progress, scheduler=scheduler)[key]
-        gg = run.per_tensor_scalar("grad_sqnorm", rows, group)
+        dist2, gdiff = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
+        if idx is not None:
+            dist2, gdiff, todo = rsi_products_from_index(idx, rows, ref.rows, ref.coef, gg)
+        if todo.any():
+            p = Pass(run, group)
+            vec = reference_in_space(run, ref, space)
+            key = p.ref_dist(rows[todo], space, ref_vector=vec, ref_rows=ref.rows, coef=ref.coef)
+            dist2[todo], gdiff[todo] = p.compute(progress=progress, scheduler=scheduler)[key]
     else:
         if space != "param":
             raise TierError(f"direction={direction!r} needs dense grad and weight tiers; {run.path} is sketched. "
                             "Use direction='gradient' or record with a dense tier.")
+        p = Pass(run, group)
+        vec = reference_in_space(run, ref, space)
         if direction == "gradient+wd":
             lam_t = weight_decays(run, weight_decay)
             lam = np.zeros(run.header.n_params)
@@ -231,7 +269,10 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
              "direction": direction, "direction_definition": DIRECTION_TEXT[direction], **dir_attrs,
              "grad_recorded": str((run.header.settings or {}).get("grad_recorded") or "not declared (no clipping "
                                   "declared: the gradient as .grad held at record())"),
-             **group_attrs(group), **_tier_attrs(run, group)}
+             **group_attrs(group), **_tier_attrs(run, group),
+             "answered_by": "pass" if idx is None else ("index+pass" if todo.any() else "index")}
+    if idx is not None:
+        attrs["pass_steps"] = int(todo.sum())
     if direction == "gradient":
         extra = _error_vars(run, group, rows, ref, out, space)
     else:
@@ -284,6 +325,39 @@ def weight_decays(run: Run, weight_decay=None) -> np.ndarray:
         raise AnalysisError(f"settings['param_group_of'] of {run.path} has {len(of)} entries for {n} tensors: "
                             "pass weight_decay= explicitly")
     return np.array([float(groups[k].get("weight_decay") or 0.0) for k in of])
+
+
+def rsi_products_from_index(idx, rows, ref_rows, coef, gg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(||w_t - w*||^2, <G_t, w_t - w*>, needs_pass)`` from the query index, for store rows
+    ``rows`` and ``w* = coef @ W[ref_rows]``.
+
+    ``needs_pass`` marks the steps whose expanded form may have lost digits: predicted relative
+    error of the distance ``K eps S_t / dist2_t`` or predicted absolute error of gamma
+    ``K eps (|GV_tt| + |c| . |GV_ts|) / (||G_t|| dist_t)`` above ``RSI_INDEX_RTOL``, or a
+    distance that is not positive. A step that is the reference itself (one row, coefficient
+    1) gets the exact 0.
+    """
+    rows = np.asarray(rows, np.int64)
+    R = np.asarray(ref_rows, np.int64)
+    c = np.asarray(coef, np.float64)
+    gv_tt, vv_tt = idx.pairs("gv", rows, rows), idx.pairs("vv", rows, rows)
+    gv_tr, vv_tr = idx.block("gv", rows, R), idx.block("vv", rows, R)
+    vv_rr = idx.block("vv", R)
+    vv_rr = (vv_rr + vv_rr.T) / 2.0
+    ac = np.abs(c)
+    dist2 = vv_tt - 2.0 * (vv_tr @ c) + c @ vv_rr @ c
+    gdiff = gv_tt - gv_tr @ c
+    s = np.abs(vv_tt) + 2.0 * (np.abs(vv_tr) @ ac) + ac @ np.abs(vv_rr) @ ac
+    sg = np.abs(gv_tt) + np.abs(gv_tr) @ ac
+    rel = cancellation(s, dist2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gg = np.asarray(gg, np.float64)
+        gamma_err = np.where(gg > 0, cancellation(sg, np.sqrt(gg * np.maximum(dist2, 0.0))), 0.0) + rel
+    todo = (dist2 <= 0) | (rel > RSI_INDEX_RTOL) | (gamma_err > RSI_INDEX_RTOL)
+    if len(R) == 1 and c[0] == 1.0:
+        same = rows == R[0]
+        dist2[same], gdiff[same], todo[same] = 0.0, 0.0, False
+    return dist2, gdiff, todo
 
 
 def rsi_from_products(dist2: np.ndarray, gdiff: np.ndarray, gg: np.ndarray) -> dict:

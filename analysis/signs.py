@@ -20,6 +20,10 @@ Counts are exact on every tier: dense tiers keep signs and zeros exactly (roundi
 changes them), and the sketch tier stores exact packed sign and nonzero bits. The counts come
 from float32 BLAS products of {-1, 0, 1} matrices (exact integers, ../shared/STORAGE.md).
 Steps whose gradient holds NaN/Inf give NaN.
+
+With a query index (``gradtrace index``) that covers the steps, the two counts are read from
+it (``index/sign_disagree``, ``index/sign_both``: the same exact integers) and the result says
+``answered_by="index"``; ``index=False`` forces the pass.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import xarray as xr
 from analysis._common import group_attrs, lag_pairs, matrix, nonfinite, per_step, selected
 from analysis.engine import Pass
 from analysis.errors import AnalysisError, StepNotFoundError
+from analysis.index import index_for, require
 from analysis.store import as_run
 
 DENOMINATORS = ("both_nonzero", "all")
@@ -82,15 +87,19 @@ def _label(ds: xr.Dataset, denominator: str) -> xr.Dataset:
 
 
 def sign_shift_matrix(run, steps=None, *, params=None, denominator: str = "both_nonzero", progress=None,
-                      scheduler=None) -> xr.Dataset:
+                      scheduler=None, index=None) -> xr.Dataset:
     """Sign-shift percentages between every pair of selected steps, in one pass.
 
     Args:
         denominator: ``"both_nonzero"`` (default) or ``"all"`` (see the module docstring).
+        index: ``None`` (read the counts from the query index when it covers the steps),
+            ``False`` (a pass), ``True`` (the index must answer). Both denominators come
+            from the index: "all" divides its ``sign_disagree`` count by the group size n.
 
     Returns:
         Dataset with ``sign_shift`` and ``zero_share``, both (step_i, step_j) percent in
         [0, 100]; ``sign_shift`` is 0 on the diagonal (NaN for an all-zero gradient).
+        attrs ``answered_by``: ``"index"`` or ``"pass"``.
 
     Example:
         >>> s = sign_shift_matrix(run, range(200, 205))        # doctest: +SKIP
@@ -101,15 +110,21 @@ def sign_shift_matrix(run, steps=None, *, params=None, denominator: str = "both_
     run = as_run(run)
     group = run.params(params)
     sel = selected(run, steps)
-    p = Pass(run, group)
-    key = p.sign_gram(run.rows_of(sel))
-    counts = p.compute(progress=progress, scheduler=scheduler)[key]
+    rows = run.rows_of(sel)
+    idx = index_for(run, group, index)
+    idx = require(idx, index, idx is not None and idx.covers_block(rows), f"the {len(rows)} selected steps")
+    if idx is not None:
+        counts = np.stack([idx.block("sign_disagree", rows), idx.block("sign_both", rows)])
+    else:
+        p = Pass(run, group)
+        key = p.sign_gram(rows)
+        counts = p.compute(progress=progress, scheduler=scheduler)[key]
     shift, zero = percent(counts[0], counts[1], float(group.size), denominator)
     bad = nonfinite(run, sel)
     for arr in (shift, zero):
         arr[bad, :] = np.nan
         arr[:, bad] = np.nan
-    attrs = _attrs(run, group, denominator)
+    attrs = {**_attrs(run, group, denominator), "answered_by": "pass" if idx is None else "index"}
     return _label(xr.Dataset({"sign_shift": matrix(shift, sel, "sign_shift", dict(attrs)),
                               "zero_share": matrix(zero, sel, "zero_share", dict(attrs))}, attrs=attrs), denominator)
 
@@ -152,7 +167,7 @@ def sign_shift(run, j: int, k: int, *, params=None, denominator: str = "both_non
 
 
 def sign_shift_window(run, step: int, h: int = 5, *, params=None, denominator: str = "both_nonzero", progress=None,
-                      scheduler=None) -> xr.Dataset:
+                      scheduler=None, index=None) -> xr.Dataset:
     """Sign-shift matrix of the window of training steps ``step .. step + h - 1``."""
     run = as_run(run)
     if int(h) < 1:
@@ -164,17 +179,18 @@ def sign_shift_window(run, step: int, h: int = 5, *, params=None, denominator: s
             f"the h={h} window at step {step} needs training steps {step}..{int(step) + int(h) - 1}: {err}"
         ) from err
     out = sign_shift_matrix(run, range(int(step), int(step) + int(h)), params=params, denominator=denominator,
-                            progress=progress, scheduler=scheduler)
+                            progress=progress, scheduler=scheduler, index=index)
     out.attrs.update(h=int(h), window_start=int(step))
     return out
 
 
 def sign_shift_lag(run, lag: int = 1, steps=None, *, params=None, denominator: str = "both_nonzero", progress=None,
-                   scheduler=None) -> xr.Dataset:
+                   scheduler=None, index=None) -> xr.Dataset:
     """Sign shift between t and t + lag (training steps) for every selected t.
 
     Args:
         denominator: ``"both_nonzero"`` (default) or ``"all"`` (see the module docstring).
+        index: as for :func:`sign_shift_matrix`.
 
     Returns:
         Dataset along ``step`` (= t, only where t + lag is recorded) with ``sign_shift`` and
@@ -191,13 +207,20 @@ def sign_shift_lag(run, lag: int = 1, steps=None, *, params=None, denominator: s
     run = as_run(run)
     group = run.params(params)
     a, b = lag_pairs(run, selected(run, steps), lag)
-    p = Pass(run, group)
-    key = p.sign_pairs(run.rows_of(a), run.rows_of(b))
-    counts = p.compute(progress=progress, scheduler=scheduler)[key]
+    ra, rb = run.rows_of(a), run.rows_of(b)
+    idx = index_for(run, group, index)
+    idx = require(idx, index, idx is not None and idx.covers(ra, rb), f"{len(a)} step pairs at lag {lag}")
+    if idx is not None:
+        counts = np.stack([idx.pairs("sign_disagree", ra, rb), idx.pairs("sign_both", ra, rb)])
+    else:
+        p = Pass(run, group)
+        key = p.sign_pairs(ra, rb)
+        counts = p.compute(progress=progress, scheduler=scheduler)[key]
     shift, zero = percent(counts[0], counts[1], float(group.size), denominator)
     bad = nonfinite(run, a) | nonfinite(run, b)
     shift[bad] = np.nan
     zero[bad] = np.nan
     ds = per_step({"sign_shift": shift, "zero_share": zero}, run, a,
-                  {**_attrs(run, group, denominator), "lag": int(lag)})
+                  {**_attrs(run, group, denominator), "lag": int(lag),
+                   "answered_by": "pass" if idx is None else "index"})
     return _label(ds, denominator)

@@ -89,7 +89,20 @@ def store_info(path, storage_options: dict | None = None) -> dict:
         "n_nonfinite_steps": int(((flags & fmt.FLAG_NONFINITE_GRAD) != 0).sum()),
         "settings": h.settings,
         "parent": h.parent,
+        "index": _index_info(run, sizes),
     }
+
+
+def _index_info(run, sizes: dict) -> dict | None:
+    """The query index: layout, rows covered, whether it is up to date (None: no index)."""
+    from analysis.index import open_index
+
+    idx = open_index(run)
+    if idx is None:
+        return None
+    out = idx.describe()
+    out["bytes_on_disk"] = int(sizes.get(fmt.INDEX_GROUP, 0))
+    return out
 
 
 def _human(n: float) -> str:
@@ -171,6 +184,14 @@ def format_info(info: dict) -> str:
                         "n_params", "recipe") if k in s]
     for k in keys or list(s)[:12]:
         lines.append(f"setting:   {k} = {setting_text(s[k])}")
+    idx = info.get("index")
+    if idx is None:
+        lines.append("index:     none (`gradtrace index STORE` makes correlations, sign shifts and RSI instant)")
+    else:
+        what = "every pair of rows" if idx["band"] is None else f"lags 0..{idx['band']} (rows)"
+        state = ("up to date" if idx["up_to_date"] else
+                 f"covers {idx['valid_rows']} of {idx['store_rows']} rows: run `gradtrace index` to update")
+        lines.append(f"index:     {what}, {state}; {_human(idx['bytes_on_disk'])} on disk")
     if info.get("parent"):
         lines.append(f"parent:    {info['parent']}")
     return "\n".join(lines)

@@ -82,7 +82,32 @@ def small_cnn(hw: int, widths=(32, 64, 128, 256), n_classes: int = 10) -> nn.Seq
     return nn.Sequential(*layers)
 
 
+class TinyLM(nn.Module):
+    """A decoder-only transformer language model from ``torch.nn`` parts (no downloads):
+    ``layers`` pre-norm blocks of width ``width``, a causal mask, untied embedding and head.
+    The defaults (12 x 1024, vocabulary 16384) have 185M parameters. ``forward`` returns the
+    logits flattened to (batch * seq, vocab), so ``CrossEntropyLoss`` takes flattened targets."""
+
+    def __init__(self, vocab: int = 16384, width: int = 1024, layers: int = 12, heads: int = 16, seq: int = 256):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.zeros(seq, width))
+        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+
+    def forward(self, tokens):
+        s = tokens.shape[1]
+        h = self.embed(tokens) + self.pos[:s]
+        h = self.blocks(h, mask=self.mask[:s, :s], is_causal=True)
+        return self.head(self.norm(h)).flatten(0, 1)
+
+
 def build(name: str, hw: int) -> nn.Module:
+    if name == "transformer":
+        return TinyLM()
     if name == "mlp":
         return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(),
                              nn.Linear(256, 10))
@@ -98,9 +123,14 @@ def build(name: str, hw: int) -> nn.Module:
 
 def mnist_like(batch: int, n_batches: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of 28x28 digit images: scikit-learn's 8x8 digits scaled to 20x20, zero border."""
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:  # a GPU host without scikit-learn: smooth random blobs in the same frame
+        print("mnist_like: scikit-learn is missing; random 8x8 images stand in for the digits", file=sys.stderr)
+        gen = torch.Generator().manual_seed(1)
+        X, y = torch.rand(1797, 64, generator=gen).numpy(), torch.randint(0, 10, (1797,), generator=gen).numpy()
+    else:
+        X, y = load_digits(return_X_y=True)
     X = torch.tensor(X, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
     X = nn.functional.pad(nn.functional.interpolate(X, size=(20, 20), mode="bilinear"), (4, 4, 4, 4))
     y = torch.tensor(y)
@@ -112,7 +142,11 @@ def mnist_like(batch: int, n_batches: int, device) -> list[tuple[torch.Tensor, t
     return out
 
 
-def _median_s(f, n: int = 7) -> float:
+FLOOR_REPEATS = 7
+
+
+def _median_s(f, n: int | None = None) -> float:
+    n = FLOOR_REPEATS if n is None else n
     f()
     ts = []
     for _ in range(n):
@@ -247,6 +281,13 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
     if name == "mlp":
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         batches = mnist_like(batch, 4, device)
+    elif name == "transformer":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+        batches = []
+        for _ in range(4):
+            tok = torch.randint(0, 16384, (batch, 257), generator=g)
+            batches.append((tok[:, :-1].to(device), tok[:, 1:].reshape(-1).to(device)))
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         batches = [
@@ -296,7 +337,7 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
     med = statistics.median
     return [
         {
-            "model": f"{name} {hw}x{hw}",
+            "model": {"mlp": "MLP 784-1024-256-10", "transformer": f"transformer LM, seq {hw}"}.get(name, f"{name} {hw}x{hw}"),
             "params": n_params,
             "batch": batch,
             "tier": t,
@@ -318,8 +359,9 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", nargs="+", default=["cnn"], choices=["mlp", "cnn", "resnet18"],
-                    help="one or more models (default: cnn); mlp is the fast-step case")
+    ap.add_argument("--model", nargs="+", default=["cnn"], choices=["mlp", "cnn", "resnet18", "transformer"],
+                    help="one or more models (default: cnn); mlp is the fast-step case, transformer a 185M "
+                         "decoder-only language model (for a GPU host)")
     ap.add_argument("--hw", type=int, nargs="*", default=None, help="input sizes (default: 8 32 for cnn, 32 for resnet18)")
     ap.add_argument("--batch", type=int, nargs="*", default=None, help="batch sizes (default: 256 at 8x8, 64 at 32x32)")
     ap.add_argument("--steps", type=int, default=None, help="steps per phase (default 30; --quick 5)")
@@ -332,6 +374,7 @@ def main(argv=None) -> list[dict]:
                     help="torch.set_num_threads for the training (default: torch's own, = cores); on a "
                          "small CPU host, cores - 1 leaves the writer thread a core")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--floor-repeats", type=int, default=7, help="timings per floor (median; default 7)")
     ap.add_argument("--param-chunk", type=int, default=None, help="chunk width along param (default: the format's)")
     ap.add_argument("--dir", default=None, help="where to write the stores (default: a temp dir)")
     ap.add_argument("--quick", action="store_true",
@@ -340,6 +383,8 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global FLOOR_REPEATS
+    FLOOR_REPEATS = max(1, args.floor_repeats)
     steps = args.steps or (5 if args.quick else 30)
     repeats = args.repeats or (2 if args.quick else 5)
     device = torch.device(args.device)
@@ -348,9 +393,9 @@ def main(argv=None) -> list[dict]:
     rows = []
     try:
         for model in args.model:
-            default_hw = ([8] if args.quick else [8, 32]) if model == "cnn" else ([28] if model == "mlp" else [32])
+            default_hw = {"cnn": [8] if args.quick else [8, 32], "mlp": [28], "transformer": [256]}.get(model, [32])
             for hw in args.hw or default_hw:
-                default_batch = [256 if model == "mlp" else (64 if args.quick or hw > 8 else 256)]
+                default_batch = [{"mlp": 256, "transformer": 8}.get(model, 64 if args.quick or hw > 8 else 256)]
                 for batch in args.batch or default_batch:
                     rows += bench(model, hw, batch, steps, repeats, args.tiers, device, root,
                                   args.param_chunk, args.writer_threads)

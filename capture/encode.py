@@ -638,3 +638,27 @@ def _bench(d: int = 1 << 20, repeat: int = 7) -> dict[str, float]:  # pragma: no
 if __name__ == "__main__":  # pragma: no cover
     for k, v in _bench().items():
         print(f"{k:34s} {v:6.2f} ns/entry")
+
+
+def writer_rows(host: Mapping[str, np.ndarray], tiers: Mapping) -> tuple[tuple, dict]:
+    """``(scalars, encoded)`` for ``StoreWriter.append`` from the host copies of
+    :meth:`DeviceEncoder.encode`'s output (numpy arrays under the same names).
+
+    Rounded rows shipped in 2 bytes are widened here (:func:`decode_rounded`); the sign planes
+    are split into their two arrays. Arrays absent from ``host`` (the final iterate's
+    gradient, weights a weight schedule skipped) are left out.
+    """
+    sc = np.asarray(host["scalars"], dtype=np.float64)
+    encoded: dict[str, dict[str, np.ndarray]] = {}
+    for a in fmt.DATA_ARRAYS:
+        tier = fmt.Tier.parse(tiers.get(a, "lossless"))
+        if tier.name == "sketch":
+            if f"{a}_sketch" not in host:
+                continue
+            bits = np.asarray(host[f"{a}_bits"])
+            encoded[a] = {f"{a}_sketch": np.asarray(host[f"{a}_sketch"]), f"{a}_signbits": bits[0],
+                          f"{a}_nonzero": bits[1]}
+        elif a in host:
+            row = np.asarray(host[a])
+            encoded[a] = {a: decode_rounded(row) if tier.name == "rounded" else row}
+    return (sc[0], sc[1], sc[2]), encoded

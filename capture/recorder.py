@@ -189,30 +189,38 @@ class _Slot:
     and one event per device, recorded on that device's side stream after its copies.
     """
 
-    def __init__(self, d: int, cuda: bool):
+    def __init__(self, d: int, cuda: bool, dense: bool = True):
         kw = {"dtype": torch.float32, "pin_memory": cuda}
-        self.grad = torch.empty(d, **kw)
-        self.weight = torch.empty(d, **kw)
+        # dense=False: encoded on the device, the host receives only the encoded payload
+        self.grad = torch.empty(d, **kw) if dense else None
+        self.weight = torch.empty(d, **kw) if dense else None
         self.scalars = torch.full((2,), math.nan, dtype=torch.float64, pin_memory=cuda)
-        self.grad_np = self.grad.numpy()
-        self.weight_np = self.weight.numpy()
+        self.grad_np = self.grad.numpy() if dense else None
+        self.weight_np = self.weight.numpy() if dense else None
         self.scalars_np = self.scalars.numpy()
         self.events: list = []
         self.stage: dict = {}
         self.refs: list[torch.Tensor] | None = None  # gradients held by reference (CPU)
         self.versions: list[int] | None = None
         self.prefetch: list | None = None  # parameter state when the weights were read ahead
+        self.host: dict | None = None  # pinned host copies of the device encoder's output
+        self.host_np: dict | None = None
 
 
 _THREADS_WARNED = False
 
 
-def _warn_threads(cuda: bool) -> None:
-    """Warn once per process when CPU training lets torch use every core (the writer then
+#: Below this many parameters a row costs the writer well under a millisecond: no warning.
+THREADS_WARNING_MIN_PARAMS = 100_000
+
+
+def _warn_threads(cuda: bool, d: int) -> None:
+    """Warn once per process when CPU training of a model of at least
+    :data:`THREADS_WARNING_MIN_PARAMS` parameters lets torch use every core (the writer then
     takes a core from torch's threads, whose barrier waits multiply the step time)."""
     global _THREADS_WARNED
     cores = os.cpu_count() or 1
-    if cuda or _THREADS_WARNED or cores < 2 or torch.get_num_threads() < cores:
+    if cuda or _THREADS_WARNED or cores < 2 or d < THREADS_WARNING_MIN_PARAMS or torch.get_num_threads() < cores:
         return
     _THREADS_WARNED = True
     warnings.warn(
@@ -399,7 +407,7 @@ class Recorder:
         self._grad_ids: tuple = ()  # id() of each parameter's .grad at the last record() call
         self._pf_hook = None  # optimizer hook of the weights read ahead (rank 0, CPU)
         self._n_prefetched = 0
-        _warn_threads(self._cuda)
+        _warn_threads(self._cuda, self.d)
         self._steps_per_epoch = getattr(self.schedule, "steps_per_epoch", None)
 
         # counters (training thread unless noted)
@@ -591,7 +599,7 @@ class Recorder:
             if self._n_slots >= self._pool_size:
                 return None
             self._n_slots += 1
-        return _Slot(self.d, self._cuda)
+        return _Slot(self.d, self._cuda, dense=self._encoder is None)
 
     def _take_slot(self) -> _Slot | None:
         slot = self._new_slot()
@@ -745,14 +753,29 @@ class Recorder:
             streams[key] = torch.cuda.Stream(device=device)
         return streams[key]
 
+    @functools.cached_property
+    def _encoder(self):
+        """The device encoder (``capture.encode``) when every parameter is on one CUDA device,
+        else None (parameters over several devices ship float32 and are encoded on the host)."""
+        if not self._cuda or len(self._device_groups) != 1:
+            return None
+        from capture.encode import DeviceEncoder
+
+        return DeviceEncoder(self.tensors, self.tiers, next(iter(self._device_groups)))
+
     def _fill_cuda(self, slot: _Slot, grads, weights, inv_scale, with_weights: bool) -> None:
-        """Flatten on each device (training stream), then copy to the slot's pinned buffers on
+        """Flatten on each device (training stream), then encode (one device: scalars, rounding,
+        sketch and sign bits in ``capture.encode``) and copy to the slot's pinned buffers on
         that device's side stream, which first waits for the flatten: record() never blocks on
         the device, and the training stream's next kernels never queue behind the copy.
 
         The staging vectors belong to the slot; a slot is reused only after the writer has
         synchronized its events, so a staging vector is never overwritten mid-copy.
         """
+        enc = self._encoder
+        if enc is not None:
+            self._fill_encoded(slot, enc, grads, weights, inv_scale, with_weights)
+            return
         for dev, members in self._device_groups.items():
             idx, lo, hi = members
             stage = slot.stage.get(dev)
@@ -793,6 +816,33 @@ class Recorder:
                             slot.grad[t.offset:t.offset + t.size].copy_(sg[a:b], non_blocking=True)
                             if with_weights:
                                 slot.weight[t.offset:t.offset + t.size].copy_(sw[a:b], non_blocking=True)
+
+    def _fill_encoded(self, slot: _Slot, enc, grads, weights, inv_scale, with_weights: bool) -> None:
+        dev = enc.device
+        stage = slot.stage.get(dev)
+        if stage is None:
+            stage = slot.stage[dev] = (torch.empty(self.d, dtype=torch.float32, device=dev),
+                                       torch.empty(self.d, dtype=torch.float32, device=dev))
+            slot.host = {k: torch.empty(shape, dtype=dtype, pin_memory=True) for k, (dtype, shape) in enc.payload().items()}
+            slot.host_np = {k: v.numpy() for k, v in slot.host.items()}
+        sg, sw = stage
+        with torch.cuda.device(dev):
+            torch.cat([g.reshape(-1).float() for g in grads], out=sg)
+            if inv_scale is not None:
+                sg.mul_(inv_scale.to(dev))
+            # the weights are flattened even when the weight schedule skips them: the per-tensor
+            # scalars need them (a device copy); only what is stored crosses to the host
+            torch.cat([w.reshape(-1).float() for w in weights], out=sw)
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(dev))
+            side = self._side_stream(dev)
+            side.wait_event(ready)
+            with torch.cuda.stream(side):
+                out = enc.encode(sg, sw)
+                for k, t in out.items():
+                    if k.startswith("weight") and not with_weights:
+                        continue
+                    slot.host[k].copy_(t, non_blocking=True)
 
     @property
     def _devices(self) -> list:
@@ -870,8 +920,17 @@ class Recorder:
                         torch.cat([r.reshape(-1) for r in slot.refs], out=slot.grad)
                     loss, lr = float(slot.scalars_np[0]), float(slot.scalars_np[1])
                     weight = None if flags & FLAG_NO_WEIGHT else slot.weight_np
-                    stored = writer.append(step, slot.grad_np, weight, loss=loss, lr=lr, epoch=epoch, flags=flags,
-                                           commit=False)
+                    if slot.host_np is not None:  # encoded on the device
+                        from capture.encode import writer_rows
+
+                        host = {k: v for k, v in slot.host_np.items()
+                                if not (k.startswith("weight") and flags & FLAG_NO_WEIGHT)}
+                        scalars, encoded = writer_rows(host, self.tiers)
+                        stored = writer.append(step, None, None, loss=loss, lr=lr, epoch=epoch, flags=flags,
+                                               commit=False, scalars=scalars, encoded=encoded)
+                    else:
+                        stored = writer.append(step, slot.grad_np, weight, loss=loss, lr=lr, epoch=epoch,
+                                               flags=flags, commit=False)
                     if slot.refs is not None and not self._references_unchanged(slot):
                         # the gradient changed in place while (or before) the writer read it:
                         # what was read may be wrong, so the step is stored without it

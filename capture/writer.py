@@ -865,6 +865,8 @@ class StoreWriter:
         epoch: int = -1,
         flags: int = 0,
         commit: bool = True,
+        scalars: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        encoded: dict[str, dict[str, np.ndarray]] | None = None,
     ) -> int:
         """Write one row and, with ``commit``, commit it (and every row written before it).
 
@@ -879,6 +881,14 @@ class StoreWriter:
                 but uncommitted (a kill loses it) until the next :meth:`commit`; the Recorder
                 batches commits this way while its writer is behind (the marker is a file
                 rename, the costliest small write of a row).
+            scalars: the per-tensor float64 ``(||G||^2, ||w||^2, <G, w>)`` computed elsewhere
+                (on the GPU, ``capture.encode``), each of shape (n_tensors,); NaN where the row
+                has no gradient or no weights. None: computed here from ``grad`` and ``weight``.
+            encoded: rows already encoded for their tier (on the GPU), instead of ``grad`` /
+                ``weight``: ``{"grad": {"grad": row}}`` for a dense tier (float32, already
+                rounded for ``rounded``), ``{"grad": {"grad_sketch": s, "grad_signbits": b,
+                "grad_nonzero": z}}`` for a sketch tier; likewise for ``"weight"``. Needs
+                ``scalars``.
 
         Returns:
             The flags stored for the row.
@@ -893,19 +903,21 @@ class StoreWriter:
                 "When resuming from a checkpoint, pass resume_step=<checkpoint step>."
             )
         skipped = bool(flags & fmt.FLAG_SKIPPED)
-        if grad is None and weight is None and not skipped:
+        pre = self._check_encoded(encoded or {}, scalars)
+        has_g, has_w = grad is not None or "grad" in pre, weight is not None or "weight" in pre
+        if not has_g and not has_w and not skipped:
             raise ValueError(f"step {step}: a row needs a gradient, weights or both (or FLAG_SKIPPED)")
         if weight is not None:
             weight = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1)
             if weight.shape[0] != self.d:
                 raise ValueError(f"weight has {weight.shape[0]} entries, the parameter table {self.d}")
-        else:
+        elif not has_w:
             flags |= FLAG_NO_WEIGHT
         if grad is not None:
             grad = np.ascontiguousarray(grad, dtype=np.float32).reshape(-1)
             if grad.shape[0] != self.d:
                 raise ValueError(f"grad has {grad.shape[0]} entries, the parameter table {self.d}")
-        elif not skipped:
+        elif not has_g and not skipped:
             flags |= FLAG_FINAL
         flags &= ~(FLAG_NONFINITE_GRAD | FLAG_NONFINITE_WEIGHT)  # set below from the data only
         n = self._n
@@ -913,7 +925,14 @@ class StoreWriter:
         self._ensure_capacity(n)
         n_t = len(self.tensors)
         gg, ww, gw = np.full(n_t, np.nan), np.full(n_t, np.nan), np.full(n_t, np.nan)
-        if weight is not None:
+        if scalars is not None:
+            gg[:], ww[:], gw[:] = (np.asarray(x, dtype=np.float64) for x in scalars)
+            if not has_g:
+                gg[:] = gw[:] = np.nan
+            if not has_w:
+                ww[:] = gw[:] = np.nan
+            tasks = []
+        elif weight is not None:
             tasks = scalar_tasks(self.tensors, grad, weight, gg, ww, gw, self._scalar_plan)
         elif grad is not None:  # ||G||^2 alone: the same kernel with the gradient in the weights' place
             tasks = scalar_tasks(self.tensors, None, grad, np.empty(n_t), gg, np.empty(n_t), self._scalar_plan)
@@ -921,6 +940,10 @@ class StoreWriter:
             tasks = []
         W = self._w
         for name, vec in (("grad", grad), ("weight", weight)):
+            if name in pre:
+                for arr, row in pre[name].items():
+                    tasks.extend(W[arr].row_tasks(n, row))
+                continue
             tier = self.tiers[name]
             if tier.name == "sketch":
                 targets = (f"{name}_sketch", f"{name}_signbits", f"{name}_nonzero")
@@ -937,9 +960,9 @@ class StoreWriter:
                 tasks.extend(W[name].row_tasks(n, vec))
         self._run(tasks)
         gg_sum, ww_sum, gw_sum = float(gg.sum()), float(ww.sum()), float(gw.sum())
-        if grad is not None and not math.isfinite(gg_sum):
+        if has_g and not math.isfinite(gg_sum):
             flags |= FLAG_NONFINITE_GRAD
-        if weight is not None and not math.isfinite(ww_sum):
+        if has_w and not math.isfinite(ww_sum):
             flags |= FLAG_NONFINITE_WEIGHT
         values = {
             "step": int(step),
@@ -964,6 +987,29 @@ class StoreWriter:
         if commit:
             self.commit()  # the commit marker last
         return flags
+
+    def _check_encoded(self, encoded: dict, scalars) -> dict:
+        """Validate pre-encoded rows: the arrays of each one's tier, each of its width."""
+        if encoded and scalars is None:
+            raise ValueError("append(encoded=...) needs scalars=: the per-tensor sums of the unencoded rows")
+        out = {}
+        for a, parts in encoded.items():
+            if a not in fmt.DATA_ARRAYS:
+                raise ValueError(f"encoded: unknown array {a!r}; give 'grad' and/or 'weight'")
+            tier = self.tiers[a]
+            want = {f"{a}_sketch", f"{a}_signbits", f"{a}_nonzero"} if tier.name == "sketch" else {a}
+            if set(parts) != want:
+                raise ValueError(f"encoded[{a!r}] has {sorted(parts)}; the {tier.name} tier stores {sorted(want)}")
+            rows = {}
+            for arr, row in parts.items():
+                spec_dtype = self._w[arr].dtype
+                row = np.ascontiguousarray(row).reshape(-1)
+                if row.dtype != spec_dtype or row.shape[0] != self._w[arr].width:
+                    raise ValueError(f"encoded[{a!r}][{arr!r}]: {row.dtype} of {row.shape[0]} entries, the store "
+                                     f"holds {spec_dtype} rows of {self._w[arr].width}")
+                rows[arr] = row
+            out[a] = rows
+        return out
 
     def rewind(self) -> None:
         """Forget the last row written, which must not be committed yet; the next append

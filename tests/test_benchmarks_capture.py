@@ -71,3 +71,23 @@ def test_tiers_tiny_with_baselines(tmp_path):
     assert rows[0]["bpp"] == pytest.approx(4.0, rel=0.01)  # a .npy is raw float32 plus a small header
     assert rows[1]["bpp"] == pytest.approx(4.0, rel=0.05)
     assert rows[2]["cos"] < 1e-12 and rows[2]["rel"] == 0  # 1 - cos of identical rows: rounding
+
+
+def test_capture_overhead_fast_mlp_prints_ns_beside_floors(tmp_path, capsys):
+    rows = capture_overhead.main(["--model", "mlp", "--batch", "16", "--steps", "3", "--repeats", "1", "--threads", "1",
+                                  "--floor-repeats", "1", "--tiers", "lossless", "rounded:7", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "ns per parameter-step" in out and "floor: memcpy" in out
+    for r in rows:
+        ns = r["ns"]
+        assert r["params"] == 784 * 1024 + 1024 + 1024 * 256 + 256 + 256 * 10 + 10
+        assert all(v > 0 for v in ns.values())
+        assert ns["codec"] > 0 and ns["write"] > 0 and ns["memcpy"] < ns["codec"]
+
+
+def test_transformer_benchmark_model_shapes():
+    import torch
+
+    m = capture_overhead.TinyLM(vocab=64, width=32, layers=2, heads=4, seq=8)
+    assert m(torch.randint(0, 64, (3, 8))).shape == (24, 64)
+    assert abs(sum(p.numel() for p in capture_overhead.TinyLM().parameters()) - 185e6) < 1e6

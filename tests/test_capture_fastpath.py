@@ -222,6 +222,13 @@ def test_record_refuses_bad_steps_at_once(tmp_path, bad):
 
 def test_warns_once_when_torch_takes_every_core(tmp_path, monkeypatch):
     monkeypatch.setattr(rmod, "_THREADS_WARNED", False)
+    monkeypatch.setattr(rmod, "THREADS_WARNING_MIN_PARAMS", 100)
+    with warnings.catch_warnings():  # a model below the threshold: no warning
+        warnings.simplefilter("error")
+        small = nn.Linear(2, 2)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        monkeypatch.setattr(rmod.os, "cpu_count", lambda: 2)
+        Recorder(small, tmp_path / "s.zarr").close(record_final=False)
     monkeypatch.setattr(rmod.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     model = mlp()
