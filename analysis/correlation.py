@@ -75,7 +75,7 @@ def corr_matrix(run, steps=None, *, params=None, precision: str = "float64", pro
         gram = p.compute(progress=progress, scheduler=scheduler)[key]
     gram = (gram + gram.T) / 2.0  # exact symmetry
     sq = np.diag(gram).copy()
-    integrity.check_norms(run, run.rows_of(sel), sq, p.group, precision)  # free: the pass computed sq
+    integrity.check_norms(run, rows, sq, group, precision)  # free: the pass (or the index) computed sq
     sq[nonfinite(run, sel)] = np.nan
     corr = cosines(gram, sq[:, None], sq[None, :])
     ok = np.isfinite(sq) & (sq > 0)

@@ -144,8 +144,10 @@ Tiers (per array, ``grad`` and ``weight`` independently):
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -1080,3 +1082,65 @@ def check_header(header: Header, raw: dict, path) -> None:
         raise damaged(path, None, f"n_steps = {header.n_steps} is outside 0..capacity ({header.capacity})")
     if header.param_chunk < 1:
         raise damaged(path, None, f"param_chunk = {header.param_chunk} is not a positive chunk width")
+
+
+# --------------------------------------------------------------------------------------
+# Writer lock
+# --------------------------------------------------------------------------------------
+
+
+#: The writer lock file inside a store (holds the writer's pid; plain zarr readers ignore it).
+#: Every process that writes a store (``capture.writer.StoreWriter``, ``analysis.build_index``)
+#: holds an exclusive ``fcntl.flock`` on it while it writes.
+LOCK_NAME = ".gradtrace.lock"
+
+
+#: The lock file of query-index builders (``analysis.build_index``): one builder at a time. It
+#: is not the writer lock: an index may be built while a recording appends (a live store).
+INDEX_LOCK_NAME = ".gradtrace-index.lock"
+
+
+def acquire_lock(store: Path, shown, name: str = LOCK_NAME) -> int:
+    """An exclusive non-blocking ``flock`` on ``store/name``; StoreLockedError naming the
+    holder's pid when another process (or another writer of this one) holds it."""
+    lock = store / name
+    for _ in range(100):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise StoreLockedError(
+                f"{shown} is being written by another writer (process {holder}, which holds "
+                f"{Path(str(shown)) / name}); wait for it to close, or stop it (a dead process releases the lock "
+                "by itself)"
+            ) from None
+        try:  # the holder before us may have removed the file after we opened it: retry
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+    raise StoreLockedError(f"{shown}: cannot take the writer lock {lock} (it keeps changing)")
+
+
+def release_lock(fd: int, lock: Path | None = None) -> None:
+    """Release the writer lock; with ``lock``, remove the lock file first (while still holding
+    it: a writer that opened the old file sees it is gone and retries), so a closed store holds
+    no file that plain zarr readers would warn about."""
+    try:
+        if lock is not None:
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    os.unlink(lock)
+            except OSError:
+                pass
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

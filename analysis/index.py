@@ -292,27 +292,54 @@ def build_index(run, band: int | None = None, rebuild: bool = False, *, progress
     else:
         anchor = np.asarray(old.group["anchor"][:], np.float64)
         anchor_step = int(old.attrs.get("anchor_step", -1))
-    if band is None:
-        parts = _build_full(run, first, n, spaces, anchor, progress, scheduler)
-    else:
-        parts = _build_band(run, first, n, band, spaces, anchor, progress, scheduler)
+    try:
+        if band is None:
+            parts = _build_full(run, first, n, spaces, anchor, progress, scheduler)
+        else:
+            parts = _build_band(run, first, n, band, spaces, anchor, progress, scheduler)
+    except fmt.DamagedStoreError as err:  # a damaged chunk: name the store and the steps
+        raise err.with_steps(run.path, run.steps) from None
     seconds = time.perf_counter() - t0
-    _write(run, parts, first, n, band, spaces, fresh=old is None, seconds=seconds, anchor=anchor,
-           anchor_step=anchor_step)
+    # one index builder at a time (its own lock file: a recording may be appending meanwhile)
+    from pathlib import Path
+
+    loc, _ = _local_path(run)
+    lock_fd = fmt.acquire_lock(Path(loc), run.path, fmt.INDEX_LOCK_NAME) if loc is not None else None
+    try:
+        _write(run, parts, first, n, band, spaces, fresh=old is None, seconds=seconds, anchor=anchor,
+               anchor_step=anchor_step)
+        _consolidate(run)
+    finally:
+        if lock_fd is not None:
+            fmt.release_lock(lock_fd, Path(loc) / fmt.INDEX_LOCK_NAME)
+    return {"layout": "full" if band is None else "band", "band": band, "n_rows": n, "rows_computed": n - first,
+            "seconds": time.perf_counter() - t0, "bytes": fmt.index_bytes(n, band, len(anchor)), "up_to_date": True,
+            "anchor_step": anchor_step}
+
+
+def _local_path(run):
+    """``(directory, True)`` of a local store, ``(None, False)`` of a remote one."""
+    loc = str(run.location)
+    if loc.startswith("file://"):
+        loc = loc[len("file://"):]
+    return (None, False) if "://" in loc else (loc, True)
+
+
+def _consolidate(run) -> None:
+    import zarr
+
     if run.header.closed:  # plain xarray readers use the consolidated metadata of a closed store
         try:
             import warnings
 
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+                warnings.filterwarnings("ignore", message="Object at .* is not recognized")  # the lock file
                 kw = {"storage_options": run.storage_options} if run.storage_options else {}
                 root = zarr.open_group(run.location, mode="r+", use_consolidated=False, **kw)
                 zarr.consolidate_metadata(root.store)
         except Exception:  # noqa: BLE001 - remote stores without listing: the index still works
             pass
-    return {"layout": "full" if band is None else "band", "band": band, "n_rows": n, "rows_computed": n - first,
-            "seconds": time.perf_counter() - t0, "bytes": fmt.index_bytes(n, band, len(anchor)), "up_to_date": True,
-            "anchor_step": anchor_step}
 
 
 def _weight_row(run: Run, row: int) -> np.ndarray:

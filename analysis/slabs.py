@@ -107,13 +107,16 @@ class SlabData:
         self.grad = self.weight = self.neg = self.nz = None
         if spec.space == "bits":
             if self.n_grad:
-                self.neg = read_bits(spec.grad.open(), spec.grad_rows, pieces, buf="neg")
-                self.nz = read_bits(spec.grad_nz.open(), spec.grad_rows, pieces, buf="nz")
+                self.neg = read_bits(spec.grad.open(), spec.grad_rows, pieces, buf="neg",
+                                     absent=spec.grad.absent_rows())
+                self.nz = read_bits(spec.grad_nz.open(), spec.grad_rows, pieces, buf="nz",
+                                    absent=spec.grad_nz.absent_rows())
         else:  # valid for this slab task only (the next slab of the thread reuses the buffers)
             if self.n_grad:
-                self.grad = read(spec.grad.open(), spec.grad_rows, pieces, buf="grad")
+                self.grad = read(spec.grad.open(), spec.grad_rows, pieces, buf="grad", absent=spec.grad.absent_rows())
             if self.n_weight:
-                self.weight = read(spec.weight.open(), spec.weight_rows, pieces, buf="weight")
+                self.weight = read(spec.weight.open(), spec.weight_rows, pieces, buf="weight",
+                                   absent=spec.weight.absent_rows())
 
 
 def covers(pieces, chunk: int) -> list[tuple[int, int]]:
@@ -128,7 +131,7 @@ def covers(pieces, chunk: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in out]
 
 
-def read_rows(arr, rows: np.ndarray, a: int, b: int, buf: str | None = None) -> np.ndarray:
+def read_rows(arr, rows: np.ndarray, a: int, b: int, buf: str | None = None, absent=None) -> np.ndarray:
     """``arr[rows, a:b]``; decoded into this thread's reusable buffer ``buf`` when given."""
     b = min(b, arr.shape[1])
     sel = as_index(rows)
@@ -149,16 +152,16 @@ def read_rows(arr, rows: np.ndarray, a: int, b: int, buf: str | None = None) -> 
     except Exception as err:  # noqa: BLE001 - a checksum or decode failure: name the chunks
         raise integrity.read_failed(arr, rows, a, b, err) from None
     if b > a:  # a missing chunk would read as the fill value: an error, never a number
-        integrity.check_present(arr, rows, a, b, out)
+        integrity.check_present(arr, rows, a, b, out, absent)
         integrity.check_partial_crc(arr, rows, a, b)
     return out
 
 
-def read(arr, rows: np.ndarray, pieces, buf: str | None = None) -> np.ndarray:
+def read(arr, rows: np.ndarray, pieces, buf: str | None = None, absent=None) -> np.ndarray:
     """Rows x (concatenated piece columns) of a 2-D zarr array. With ``buf``, the result may be
     (a view of) this thread's buffer ``buf``: use it before the thread's next such read."""
     covers_ = covers(pieces, int(arr.chunks[1]))
-    blocks = [(a, read_rows(arr, rows, a, b, buf=None if buf is None else f"{buf}{i}"))
+    blocks = [(a, read_rows(arr, rows, a, b, buf=None if buf is None else f"{buf}{i}", absent=absent))
               for i, (a, b) in enumerate(covers_)]
     if len(pieces) == 1 and len(blocks) == 1:
         (_, lo, hi), (a, blk) = pieces[0], blocks[0]
@@ -172,11 +175,11 @@ def read(arr, rows: np.ndarray, pieces, buf: str | None = None) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def read_bits(arr, rows: np.ndarray, pieces, buf: str | None = None) -> np.ndarray:
+def read_bits(arr, rows: np.ndarray, pieces, buf: str | None = None, absent=None) -> np.ndarray:
     """Rows x (concatenated piece columns) of packed bits, unpacked to uint8 0/1."""
     byte_pieces = [(s, lo // 8, -(-hi // 8)) for s, lo, hi in pieces]
     covers_ = covers(byte_pieces, int(arr.chunks[1]))
-    blocks = [(a, read_rows(arr, rows, a, b, buf=None if buf is None else f"{buf}{i}"))
+    blocks = [(a, read_rows(arr, rows, a, b, buf=None if buf is None else f"{buf}{i}", absent=absent))
               for i, (a, b) in enumerate(covers_)]
     parts = []
     for _, lo, hi in pieces:

@@ -72,6 +72,15 @@ class ArrayRef:
     storage_options: str = "null"  # JSON, so the dataclass stays hashable
     zarrs: bool = True
     token: str = ""  # identifies the header the Run was opened with (a rewritten store is reopened)
+    #: rows whose chunks the writer removed on purpose (np.packbits of a row mask; see
+    #: ``analysis.integrity.absent_rows``): a missing chunk there is not damage
+    absent: bytes = b""
+
+    def absent_rows(self) -> np.ndarray:
+        """Store rows whose chunks of this array are absent on purpose (read as the fill value)."""
+        if not self.absent:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(np.unpackbits(np.frombuffer(self.absent, dtype=np.uint8)))
 
     def open(self):
         import zarr
@@ -198,7 +207,13 @@ class Run:
                 f"{self.path} has no array '{name}' (tiers: grad={self.header.tiers['grad'].name}, "
                 f"weight={self.header.tiers['weight'].name})."
             )
-        return ArrayRef(self.location, name, json.dumps(self.storage_options), self.use_zarrs, self._token)
+        rows = integrity.absent_rows(self.flags, name)
+        mask = b""
+        if len(rows):
+            m = np.zeros(self.header.n_steps, dtype=bool)
+            m[rows] = True
+            mask = np.packbits(m).tobytes()
+        return ArrayRef(self.location, name, json.dumps(self.storage_options), self.use_zarrs, self._token, mask)
 
     def chunk_width(self, name: str) -> int:
         return int(self._arrays[name].chunks[1])

@@ -1143,54 +1143,10 @@ def _fsync_path(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-#: The writer lock file inside a store (holds the writer's pid; plain zarr readers ignore it).
-LOCK_NAME = ".gradtrace.lock"
-
-
-def _acquire_lock(store: Path, shown: Path) -> int:
-    """An exclusive non-blocking ``flock`` on ``store/LOCK_NAME``; StoreLockedError naming the
-    holder's pid when another process (or another writer of this one) holds it."""
-    lock = store / LOCK_NAME
-    for _ in range(100):
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            finally:
-                os.close(fd)
-            raise fmt.StoreLockedError(
-                f"{shown} is being written by another writer (process {holder}, which holds "
-                f"{shown / LOCK_NAME}); wait for it to close, or stop it (a dead process releases the lock "
-                "by itself)"
-            ) from None
-        try:  # the holder before us may have removed the file after we opened it: retry
-            same = os.path.samestat(os.fstat(fd), os.stat(lock))
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            return fd
-        os.close(fd)
-    raise fmt.StoreLockedError(f"{shown}: cannot take the writer lock {lock} (it keeps changing)")
-
-
-def _release_lock(fd: int, lock: Path | None = None) -> None:
-    """Release the writer lock; with ``lock``, remove the lock file first (while still holding
-    it: a writer that opened the old file sees it is gone and retries), so a closed store holds
-    no file that plain zarr readers would warn about."""
-    try:
-        if lock is not None:
-            try:
-                if os.path.samestat(os.fstat(fd), os.stat(lock)):
-                    os.unlink(lock)
-            except OSError:
-                pass
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+#: The writer lock file inside a store (defined in analysis.format: the query index takes it too).
+LOCK_NAME = fmt.LOCK_NAME
+_acquire_lock = fmt.acquire_lock
+_release_lock = fmt.release_lock
 
 
 def _remove_stale_temps(path: Path) -> None:
