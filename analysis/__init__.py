@@ -24,7 +24,8 @@ from analysis.errors import (
     StepNotFoundError,
     TierError,
 )
-from analysis.format import FormatVersionError, NotAStoreError, StoreError
+from analysis.format import DamagedStoreError, FormatVersionError, NotAStoreError, StoreError
+from analysis.integrity import verify_store
 from analysis.index import build_index, open_index
 from analysis.layers import balancedness, layer_table, linear_pairs
 from analysis.phases import gawu_switch, phase_labels, phases, zigzag_share
@@ -39,6 +40,7 @@ __all__ = [
     "open_run",
     "Run",
     "ParamGroup",
+    "verify_store",
     # correlation (zigzag paper)
     "corr",
     "corr_matrix",
@@ -74,6 +76,7 @@ __all__ = [
     "StoreError",
     "NotAStoreError",
     "FormatVersionError",
+    "DamagedStoreError",
     "AnalysisError",
     "StepNotFoundError",
     "LagNotAvailableError",

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_DAMAGED = 1  # `gradtrace verify` found damage (the check itself ran)
 
 STEPS_HELP = (
     "steps to use: 'all' (default), 'A:B' (every recorded step with A <= step <= B), "
@@ -157,12 +158,45 @@ def check_output(out: str | None, *, directory: bool = False) -> None:
         raise UserError(f"-o {out}: directory {parent} does not exist; create it first (mkdir -p {parent})")
 
 
-def _save(result, out: str | None) -> None:
+def _check_out(args) -> None:
+    """Before any work: ``-o`` must not replace what exists (without --force: anything; with it:
+    only a result gradtrace wrote) and must not point into the input store."""
+    out = getattr(args, "output", None)
+    if not out:
+        return
+    store = getattr(args, "store", None)
+    if store and "://" not in store:
+        o, st = Path(out).resolve(), Path(store).resolve()
+        if o == st or st in o.parents:
+            raise UserError(f"-o {out} is the input store {store} or inside it: write the result elsewhere")
+    if args.command == "report":
+        _check_report_dir(Path(out), bool(getattr(args, "force", False)))
+        return
+    from analysis.io import check_output as check_existing
+
+    check_existing(out, bool(getattr(args, "force", False)))
+
+
+def _check_report_dir(out: Path, force: bool) -> None:
+    from analysis.report import REPORT_MARK
+
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise UserError(f"{out} exists and is not a report directory: choose another -o")
+    if not force and any(out.iterdir()):
+        raise UserError(f"{out} already exists: choose another -o, or pass --force to replace a report written before")
+    if any(out.iterdir()) and not (out / REPORT_MARK).exists():
+        raise UserError(f"{out} is a directory that `gradtrace report` did not write: refusing to write into it, "
+                        "even with --force")
+
+
+def _save(result, out: str | None, force: bool = False) -> None:
     if not out:
         return
     from analysis.io import save_result
 
-    path = save_result(result, out)
+    path = save_result(result, out, force=force)
     print(f"wrote {path}")
 
 
@@ -266,7 +300,7 @@ def cmd_corr(args) -> int:
                                 progress=args.progress)
             _print_matrix(res)
     _print_tier(res)
-    _save(res, args.output)
+    _save(res, args.output, args.force)
     return 0
 
 
@@ -300,7 +334,7 @@ def cmd_signs(args) -> int:
         print(f"share of coordinates zero at either step: mean {np.nanmean(z):.3f}% (max {np.nanmax(z):.3f}%)")
     if res.attrs.get("answered_by", "pass") != "pass":
         print("answered from the query index")
-    _save(res, args.output)
+    _save(res, args.output, args.force)
     return 0
 
 
@@ -329,7 +363,7 @@ def cmd_rsi(args) -> int:
         print(f"gamma > 0 on {100.0 * (fin > 0).mean():.1f}% of {fin.size} steps")
     if args.per_epoch:
         res = per_epoch(res)
-    _save(res, args.output)
+    _save(res, args.output, args.force)
     return 0
 
 
@@ -351,7 +385,7 @@ def cmd_phases(args) -> int:
           f"only decreases below the previous low count; per-step net rule: {_fmt(res.attrs.get('zigzag_share_net'))})")
     gs = res.attrs.get("gawu_step", -1)
     print(f"GAWU change point (first + to - crossing): {'none' if gs is None or gs < 0 else gs}")
-    _save(res, args.output)
+    _save(res, args.output, args.force)
     return 0
 
 
@@ -367,7 +401,7 @@ def cmd_layers(args) -> int:
 
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_rows", 200):
         print(res.to_dataframe() if hasattr(res, "to_dataframe") else res)
-    _save(res, args.output)
+    _save(res, args.output, args.force)
     return 0
 
 
@@ -378,10 +412,29 @@ def cmd_report(args) -> int:
     if "://" in args.store:  # a URL: the report goes to the current directory
         base = Path(base.name)
     out = args.output or (str(base.with_suffix("")) + "-report")
+    if not args.output:
+        _check_report_dir(Path(out), args.force)
     with _scheduler(args.scheduler):
         index = write_report(_open(args.store, args.storage_options), out, h=args.h, reference=parse_ref(args.ref),
                              exclude_tail=parse_tail(args.exclude_tail), progress=True)
     print(f"report: {index}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from analysis.integrity import verify_store
+
+    store = args.store
+    if "://" not in store and not Path(store).exists():
+        raise UserError(f"no store at {store}: check the path")
+    problems = verify_store(store, storage_options=parse_storage_options(args.storage_options))
+    if problems:
+        for line in problems:
+            print(f"{store}: {line}")
+        print(f"gradtrace: {store} is damaged: {len(problems)} problem(s) above; the other steps read as recorded",
+              file=sys.stderr)
+        return EXIT_DAMAGED
+    print(f"{store}: every committed chunk decodes and matches its checksum and the recorded norms")
     return 0
 
 
@@ -442,6 +495,8 @@ def _common(p, *, steps=True, params=True, output=True):
         p.add_argument("--params", help=PARAMS_HELP)
     if output:
         p.add_argument("-o", "--output", metavar="FILE", help=OUT_HELP)
+        p.add_argument("--force", action="store_true",
+                       help="replace an existing -o file or a .zarr result written before (never a run store)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask cluster: scheduler address, e.g. tcp://10.0.0.5:8786")
     p.add_argument("--progress", action="store_true", default=None, help="show a progress bar")
     _storage_flag(p)
@@ -588,9 +643,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", default="final", help="reference for RSI/EB/gamma (see `gradtrace rsi --help`)")
     p.add_argument("--exclude-tail", metavar="N|epoch", default="1",
                    help="drop the last N gradient steps from RSI/EB/gamma (default 1: gamma_T = 1 is trivial)")
+    p.add_argument("--force", action="store_true", help="replace a report directory written before")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask cluster")
     _storage_flag(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("verify", help="check every committed chunk of a store: checksums, missing chunks, norms",
+                       description="Decode every committed chunk of every array (crc32c checksums, sizes), report "
+                       "missing chunks, check flags and the parameter table, and recompute each dense row's squared "
+                       "norm against the recorded one. Prints one line per damaged step; exit 1 on damage.")
+    p.add_argument("store", help="path (or fsspec URL) of a gradtrace run store")
+    _storage_flag(p)
+    p.set_defaults(func=cmd_verify)
     return parser
 
 
@@ -633,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         output = getattr(args, "output", None)
         if output and "://" not in output:
             check_output(output, directory=args.command == "report")
+        _check_out(args)
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe (`gradtrace info ... | head`) surfaces here, not at exit
         return code
@@ -650,8 +715,20 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(err).strip() or type(err).__name__
         if isinstance(err, KeyError):
             msg = f"unknown name {msg}"
-        print(f"gradtrace: error: {msg.splitlines()[0] if len(msg) > 2000 else msg}", file=sys.stderr)
+        print(f"gradtrace: error: {_one_line(msg)}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as err:  # noqa: BLE001 - every failure is one line; GRADTRACE_DEBUG=1 shows the traceback
+        if debug:
+            raise
+        where = f" (store {args.store})" if getattr(args, "store", None) else ""
+        print(f"gradtrace: error: {type(err).__name__}: {_one_line(str(err))}{where}. "
+              "Set GRADTRACE_DEBUG=1 for the traceback.", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _one_line(msg: str) -> str:
+    lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
+    return " ".join(lines)[:2000] if lines else ""
 
 
 def _print_tier(res) -> None:

@@ -22,6 +22,7 @@ import xarray as xr
 from analysis import format as fmt
 
 from analysis._common import available_lags, cosines, group_attrs, lag_pairs, matrix, nonfinite, per_step, selected, tier_attrs
+from analysis import integrity
 from analysis.engine import Pass
 from analysis.errors import AnalysisError, LagNotAvailableError, StepNotFoundError
 from analysis.index import index_for, require
@@ -76,6 +77,7 @@ def corr_matrix(run, steps=None, *, params=None, precision: str = "float64", pro
         gram = p.compute(progress=progress, scheduler=scheduler)[key]
     gram = (gram + gram.T) / 2.0  # exact symmetry
     sq = np.diag(gram).copy()
+    integrity.check_norms(run, run.rows_of(sel), sq, p.group, precision)  # free: the pass computed sq
     sq[nonfinite(run, sel)] = np.nan
     corr = cosines(gram, sq[:, None], sq[None, :])
     ok = np.isfinite(sq) & (sq > 0)

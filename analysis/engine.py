@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from analysis import format as fmt
 from analysis import kernels
 from analysis.slabs import SlabData, SpaceSpec, as_index
 from analysis.store import ParamGroup, Run
@@ -989,7 +990,10 @@ class Pass:
         obj, nbytes = self.graph()
         if progress is None:
             progress = nbytes > AUTO_PROGRESS_BYTES and sys.stderr.isatty()
-        return compute(obj, progress=progress, scheduler=scheduler)
+        try:
+            return compute(obj, progress=progress, scheduler=scheduler)
+        except fmt.DamagedStoreError as err:  # a slab hit a damaged chunk: name its steps
+            raise err.with_steps(self.run.path, self.run.steps) from None
 
 
 def _client():

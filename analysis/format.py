@@ -220,6 +220,86 @@ class StoreMismatchError(StoreError):
     """An existing store does not match what the caller wants to append."""
 
 
+class StoreLockedError(StoreError):
+    """Another process is writing the store (it holds the store's lock file)."""
+
+
+class DamagedStoreError(StoreError):
+    """Committed data of a store fails a check: a checksum, a missing chunk, an implausible value.
+
+    Attributes:
+        array: name of the damaged array (None when the metadata itself is damaged).
+        rows: store rows affected (indices into the committed rows; may be empty).
+        files: the files (chunk keys) that failed.
+        steps: the training steps of ``rows`` once known (filled in by the reader that knows
+            the step column), else None.
+    """
+
+    def __init__(self, message: str, *, array: str | None = None, rows=(), files=(), reason: str = "",
+                 path: str = "", steps=None):
+        super().__init__(message)
+        self.array = array
+        self.rows = tuple(int(r) for r in rows)
+        self.files = tuple(str(f) for f in files)
+        self.reason = reason
+        self.path = path
+        self.steps = None if steps is None else tuple(int(s) for s in steps)
+
+    def __reduce__(self):  # keeps the attributes across processes (dask.distributed workers)
+        return (_damaged, (str(self), self.array, self.rows, self.files, self.reason, self.path, self.steps))
+
+    def with_steps(self, path: str, steps: "np.ndarray | None" = None) -> "DamagedStoreError":
+        """The same error with the store's path and, given its step column, step numbers."""
+        if self.steps is not None or steps is None:
+            return damaged(path or self.path, self.array, self.reason, rows=self.rows, files=self.files,
+                           steps=self.steps)
+        rows = [r for r in self.rows if 0 <= r < len(steps)]
+        named = [int(steps[r]) for r in rows]
+        return damaged(path or self.path, self.array, self.reason, rows=rows, files=self.files, steps=named)
+
+
+def _damaged(msg, array, rows, files, reason, path, steps):
+    return DamagedStoreError(msg, array=array, rows=rows, files=files, reason=reason, path=path, steps=steps)
+
+
+def _short_list(vals, most: int = 6) -> str:
+    vals = list(vals)
+    s = ", ".join(str(v) for v in vals[:most])
+    return s + (f", ... ({len(vals)} in all)" if len(vals) > most else "")
+
+
+def damaged(path, array, reason, *, rows=(), files=(), steps=None) -> DamagedStoreError:
+    """A :class:`DamagedStoreError` with the one-line message every reader uses."""
+    where = ""
+    if steps is not None and len(steps):
+        where = f" at step{'s' if len(steps) > 1 else ''} {_short_list(steps)}"
+    elif len(rows):
+        where = f" at row{'s' if len(rows) > 1 else ''} {_short_list(rows)}"
+    what = f"array '{array}'" if array else "the metadata"
+    fl = f" (file {_short_list(files, 2)})" if files else ""
+    msg = (f"{path}: {what} is damaged{where}{fl}: {reason}. No number is read from damaged data; "
+           f"`gradtrace verify {path}` lists every damaged step.")
+    return DamagedStoreError(msg, array=array, rows=rows, files=files, reason=reason, path=str(path), steps=steps)
+
+
+#: Largest step number a store holds (the ``step`` column is int64).
+MAX_STEP = 2**63 - 1
+
+
+def check_step(step, what: str = "step", final: bool = False) -> int:
+    """``step`` as an int, or ValueError at once: a recorded step is an int in 0..2**63-2 (not a
+    bool, float or tensor: pass ``int(step)``); the final iterate (``final``) may be 2**63-1."""
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise ValueError(
+            f"{what}={step!r} ({type(step).__name__}): a step must be an int (pass int(step), the global "
+            "training step counter)"
+        )
+    s = int(step)
+    if s < 0 or s > MAX_STEP - (0 if final else 1):
+        raise ValueError(f"{what}={s}: a step must be in 0..2**63-2 (the final iterate takes the step after the last)")
+    return s
+
+
 # --------------------------------------------------------------------------------------
 # Parameter table and tiers
 # --------------------------------------------------------------------------------------
@@ -588,19 +668,27 @@ def scalar_chunk_rows(width: int | None, itemsize: int = 8) -> int:
     return int(min(SCALAR_CHUNK, max(16, rows)))
 
 
+def _crc():
+    # zarr v3's standard crc32c codec (4 bytes after each chunk; plain zarr and zarrs check it
+    # on every read). Needs the google-crc32c package (a zarr dependency).
+    from zarr.codecs import Crc32cCodec
+
+    return Crc32cCodec()
+
+
 def _lossless_codecs():
     from zarr.codecs import BloscCodec
 
     # lz4-1 without shuffle: blosc stores incompressible blocks as they are (0.5 ns per entry)
     # and lz4 finds the runs of exact zeros of ReLU gradients at ~1 ns per entry; bit-shuffle
     # first costs 3-4 ns per entry (benchmarks/tiers.py, benchmarks/capture_overhead.py)
-    return [BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle", typesize=4)]
+    return [BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle", typesize=4), _crc()]
 
 
 def _lossless_bitshuffle_codecs():
     from zarr.codecs import BloscCodec
 
-    return [BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle", typesize=4)]
+    return [BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle", typesize=4), _crc()]
 
 
 def _rounded_codecs():
@@ -608,19 +696,20 @@ def _rounded_codecs():
 
     # byte-shuffle puts the zeroed low mantissa bytes of a rounded float32 in planes of their
     # own, which lz4 skips: smaller and 2x faster than bit-shuffle at clevel 5
-    return [BloscCodec(cname="lz4", clevel=1, shuffle="shuffle", typesize=4)]
+    return [BloscCodec(cname="lz4", clevel=1, shuffle="shuffle", typesize=4), _crc()]
 
 
 def _bits_codecs():
     from zarr.codecs import BloscCodec
 
-    return [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1)]
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1), _crc()]
 
 
 def _scalar_codecs():
     # Uncompressed on purpose: the writer updates a step's row in place (a pwrite of the row's
-    # bytes into its chunk file), which needs a fixed byte layout. 8 bytes per step and array.
-    return None
+    # bytes into its chunk file, then of the chunk's crc32c), which needs a fixed byte layout.
+    # 8 bytes per step and array, plus 4 bytes of checksum per chunk.
+    return [_crc()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -932,6 +1021,17 @@ def read_header(path: "str | Path", storage_options: dict | None = None) -> Head
     """
     import zarr
 
+    local = "://" not in str(path) or str(path).startswith("file://")
+    root_meta = Path(str(path)[len("file://"):] if str(path).startswith("file://") else str(path)) / "zarr.json"
+    if local and root_meta.is_file():
+        # the root metadata is there: if it does not parse, the store is damaged (not a wrong path)
+        try:
+            doc = json.loads(root_meta.read_bytes())
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise damaged(path, None, f"its root metadata {root_meta} is not valid JSON ({err}); it was "
+                          "truncated or overwritten") from err
     try:
         group = zarr.open_group(str(path), mode="r", storage_options=storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError) as err:
@@ -950,12 +1050,45 @@ def header_of_group(group, path="the store") -> Header:
             "Record one with capture.Recorder or `gradtrace record`."
         )
     raw = attrs[ATTR_KEY]
+    if not isinstance(raw, dict):
+        raise damaged(path, None, f"the '{ATTR_KEY}' attribute is not a JSON object")
     version = raw.get("format_version")
     if not isinstance(version, int):
-        raise NotAStoreError(f"{path}: the '{ATTR_KEY}' attribute has no integer format_version ({version!r})")
+        raise damaged(path, None, f"the '{ATTR_KEY}' attribute has no integer format_version ({version!r})")
     if version > FORMAT_VERSION:
         raise FormatVersionError(
             f"{path} uses run-store format version {version}, newer than the {FORMAT_VERSION} this "
             "gradtrace reads. Upgrade gradtrace (pip install -U gradtrace)."
         )
-    return Header.from_json(raw)
+    try:
+        header = Header.from_json(raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise damaged(path, None, f"the '{ATTR_KEY}' header cannot be read ({type(err).__name__}: {err})") from err
+    check_header(header, raw, path)
+    return header
+
+
+def check_header(header: Header, raw: dict, path) -> None:
+    """Plausibility of the header's own numbers (free: no data is read).
+
+    The parameter table must tile the flat vector: offsets start at 0 and each follows the
+    previous tensor's end, sizes equal the products of the shapes, and ``n_params`` their sum;
+    ``0 <= n_steps <= capacity``. Raises :class:`DamagedStoreError` naming what disagrees.
+    """
+    off = 0
+    for i, (t, rt) in enumerate(zip(header.tensors, raw.get("tensors", []))):
+        if any(s < 0 for s in t.shape):
+            raise damaged(path, None, f"parameter table entry {i} ({t.name!r}) has a negative shape {t.shape}")
+        if t.offset != off:
+            raise damaged(path, None, f"parameter table entry {i} ({t.name!r}) starts at offset {t.offset}, "
+                          f"but the tensors before it end at {off}")
+        if "size" in rt and int(rt["size"]) != t.size:
+            raise damaged(path, None, f"parameter table entry {i} ({t.name!r}) has size {rt['size']}, but its "
+                          f"shape {list(t.shape)} holds {t.size} entries")
+        off += t.size
+    if "n_params" in raw and int(raw["n_params"]) != off:
+        raise damaged(path, None, f"the header says n_params = {raw['n_params']}, the parameter table sums to {off}")
+    if header.n_steps < 0 or (header.capacity and header.n_steps > header.capacity):
+        raise damaged(path, None, f"n_steps = {header.n_steps} is outside 0..capacity ({header.capacity})")
+    if header.param_chunk < 1:
+        raise damaged(path, None, f"param_chunk = {header.param_chunk} is not a positive chunk width")

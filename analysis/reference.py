@@ -66,14 +66,14 @@ def resolve_reference(run: Run, reference="final", *, strict: bool = True) -> Re
                 f"{run.path} has no final iterate (the run was not closed with its final weights), so "
                 "reference='final' is unavailable. Pass reference=<step>, reference=slice(a, b) or an array."
             )
-        return Reference(f"final iterate (step {fin})", rows=run.rows_of([fin]), coef=np.ones(1), step=fin)
+        return _finite(run, Reference(f"final iterate (step {fin})", rows=run.rows_of([fin]), coef=np.ones(1), step=fin))
     if isinstance(reference, str) and not os.path.exists(reference):
         parsed = _parse_text(reference)
         if parsed is not None:
             reference = parsed
     if isinstance(reference, (int, np.integer)) and not isinstance(reference, bool):
         step = int(reference)
-        return Reference(f"weights at step {step}", rows=run.rows_of([step]), coef=np.ones(1), step=step)
+        return _finite(run, Reference(f"weights at step {step}", rows=run.rows_of([step]), coef=np.ones(1), step=step))
     if isinstance(reference, slice):
         steps = run.select_steps(reference, grads=False)
         if len(steps) == 0:
@@ -82,8 +82,8 @@ def resolve_reference(run: Run, reference="final", *, strict: bool = True) -> Re
                 f"(recorded: {int(run.steps[0])}..{int(run.steps[-1])})"
             )
         n = len(steps)
-        return Reference(f"mean of the weights at {n} steps {int(steps[0])}..{int(steps[-1])}",
-                         rows=run.rows_of(steps), coef=np.full(n, 1.0 / n))
+        return _finite(run, Reference(f"mean of the weights at {n} steps {int(steps[0])}..{int(steps[-1])}",
+                                      rows=run.rows_of(steps), coef=np.full(n, 1.0 / n)))
     if isinstance(reference, (str, os.PathLike)):
         return _from_file(run, Path(reference), strict)
     if isinstance(reference, dict):
@@ -94,6 +94,24 @@ def resolve_reference(run: Run, reference="final", *, strict: bool = True) -> Re
         f"reference={reference!r} ({type(reference).__name__}) is not understood: use 'final', a step, "
         "slice(a, b), an array of length d, a state dict, or a .npy / .safetensors / checkpoint path"
     )
+
+
+def _finite(run: Run, ref: Reference) -> Reference:
+    """A reference made of store rows must have finite weights (the writer flags rows whose
+    weights hold NaN or Inf: ``FLAG_NONFINITE_WEIGHT``); else every result would be NaN."""
+    from analysis import format as fmt
+
+    flags = run.flags[ref.rows]
+    bad = (flags & fmt.FLAG_NONFINITE_WEIGHT) != 0
+    if bad.any():
+        steps = run.steps[ref.rows[bad]]
+        raise BadReferenceError(
+            f"reference {ref.label}: the weights recorded at step {int(steps[0])}"
+            + (f" (and {len(steps) - 1} more)" if len(steps) > 1 else "")
+            + f" in {run.path} hold NaN or Inf (flag nonfinite_weight), so gamma, RSI and EB against it are "
+            "undefined. Choose a step whose weights are finite (e.g. --ref step:N before the divergence)."
+        )
+    return ref
 
 
 def _parse_text(text: str):

@@ -17,7 +17,15 @@ import xarray as xr
 
 from analysis import plots
 from analysis.errors import AnalysisError
-from analysis.io import save_result
+from analysis.io import save_result as _save_result
+
+#: Marker file of a report directory (``gradtrace report -o DIR --force`` replaces only these).
+REPORT_MARK = ".gradtrace-report"
+
+
+def save_result(result, path):
+    """The report's results live in its own directory: a rerun replaces them."""
+    return _save_result(result, path, force=True)
 
 MAX_FULL_MATRIX = 600  # steps drawn in the full T x T heatmap (evenly subsampled beyond this)
 
@@ -123,9 +131,14 @@ def write_report(store, out_dir, *, h: int = 5, reference="final", exclude_tail=
 
     t0 = time.perf_counter()
     run = as_run(store)
+    if not (reference is None or (isinstance(reference, str) and reference.strip().lower() == "final")):
+        from analysis.reference import resolve_reference
+
+        resolve_reference(run, reference)  # an explicit reference that does not resolve is an error, not a note
     out = Path(out_dir)
     res_dir = out / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_MARK).write_text(f"written by gradtrace report from {run.path}\n")
     figures: list[tuple[str, str]] = []  # (file, caption)
     notes: list[str] = []
     facts: dict[str, str] = {}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from analysis import integrity
 from analysis.store import ArrayRef
 
 #: Decoded slabs up to this many bytes land in a per-thread buffer that the thread's next slab
@@ -131,18 +132,25 @@ def read_rows(arr, rows: np.ndarray, a: int, b: int, buf: str | None = None) -> 
     """``arr[rows, a:b]``; decoded into this thread's reusable buffer ``buf`` when given."""
     b = min(b, arr.shape[1])
     sel = as_index(rows)
-    if buf is None:
-        return arr[sel, a:b] if isinstance(sel, slice) else arr.oindex[sel, a:b]
-    from zarr.core.buffer.cpu import NDBuffer
-
-    n = sel.stop - sel.start if isinstance(sel, slice) else len(sel)
-    out = _out(buf, (n, b - a), arr.dtype)
-    if out.size:
-        nd = NDBuffer.from_numpy_array(out)
-        if isinstance(sel, slice):
-            arr.get_basic_selection((sel, slice(a, b)), out=nd)
+    try:
+        if buf is None:
+            out = arr[sel, a:b] if isinstance(sel, slice) else arr.oindex[sel, a:b]
         else:
-            arr.get_orthogonal_selection((sel, slice(a, b)), out=nd)
+            from zarr.core.buffer.cpu import NDBuffer
+
+            n = sel.stop - sel.start if isinstance(sel, slice) else len(sel)
+            out = _out(buf, (n, b - a), arr.dtype)
+            if out.size:
+                nd = NDBuffer.from_numpy_array(out)
+                if isinstance(sel, slice):
+                    arr.get_basic_selection((sel, slice(a, b)), out=nd)
+                else:
+                    arr.get_orthogonal_selection((sel, slice(a, b)), out=nd)
+    except Exception as err:  # noqa: BLE001 - a checksum or decode failure: name the chunks
+        raise integrity.read_failed(arr, rows, a, b, err) from None
+    if b > a:  # a missing chunk would read as the fill value: an error, never a number
+        integrity.check_present(arr, rows, a, b, out)
+        integrity.check_partial_crc(arr, rows, a, b)
     return out
 
 

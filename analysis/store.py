@@ -26,6 +26,7 @@ import numpy as np
 import xarray as xr
 
 from analysis import format as fmt
+from analysis import integrity
 from analysis.errors import ParamSelectionError, StepNotFoundError, TierError
 
 #: Bytes per dask chunk of ``Run.ds`` big arrays (the engine picks its own slab width).
@@ -209,7 +210,11 @@ class Run:
         if len(rows) == 0:
             return np.zeros((0, len(group.indices)))
         sel = (rows, np.asarray(group.indices, dtype=np.int64))
-        return np.asarray(self._arrays[f"{name}_tensor"].get_orthogonal_selection(sel), dtype=np.float64)
+        arr = integrity.CheckedScalarArray(self._arrays[f"{name}_tensor"], self.header.n_steps)
+        try:
+            return np.asarray(arr.get_orthogonal_selection(sel), dtype=np.float64)
+        except fmt.DamagedStoreError as err:
+            raise err.with_steps(self.path, self.steps) from None
 
     def per_tensor_scalar(self, name: str, rows: np.ndarray, group: ParamGroup) -> np.ndarray:
         """Stored per-step scalar ``name`` over a group: the whole-vector value when the group
@@ -431,12 +436,16 @@ def open_run(path, *, chunks: int | None = None, storage_options: dict | None = 
                 "the store is damaged (rows were removed after they were committed)."
             )
         arrays[spec.name] = arr
+    integrity.check_table_arrays(path, header, group)
     run = Run(
         path=str(path), header=header, ds=xr.Dataset(), location=loc,
         storage_options=None if local else storage_options, use_zarrs=use_zarrs, _arrays=arrays,
     )
     run._token = hashlib.sha1(json.dumps(header.to_json(), sort_keys=True, default=str).encode()).hexdigest()[:16]
-    run.ds = _build_dataset(run, group, specs, n, chunks)
+    try:
+        run.ds = _build_dataset(run, group, specs, n, chunks)
+    except fmt.DamagedStoreError as err:
+        raise err.with_steps(str(path)) from None
     return run
 
 
@@ -445,10 +454,22 @@ def _build_dataset(run: Run, group, specs, n: int, chunks: int | None) -> xr.Dat
     from dask.base import tokenize
 
     header = run.header
-    per_step = {name: np.asarray(run._arrays[name][:n]) for name in fmt.PER_STEP_ARRAYS}
+    # every committed chunk checked (checksums, missing chunks), the step column first so that
+    # damage elsewhere can name steps
+    per_step = {"step": integrity.read_scalar(run._arrays["step"], n)}
     steps = per_step["step"].astype(np.int64)
     if n > 1 and not (np.diff(steps) > 0).all():
-        raise fmt.StoreError(f"{run.path}: the step column is not strictly increasing; the store is damaged")
+        bad = np.flatnonzero(np.diff(steps) <= 0) + 1
+        raise fmt.damaged(run.path, "step", "the step column is not strictly increasing", rows=bad, steps=steps[bad])
+    if n and steps[0] < 0:
+        raise fmt.damaged(run.path, "step", "the step column holds a negative step", rows=[0], steps=steps[:1])
+    for name in fmt.PER_STEP_ARRAYS:
+        if name != "step":
+            try:
+                per_step[name] = integrity.read_scalar(run._arrays[name], n)
+            except fmt.DamagedStoreError as err:
+                raise err.with_steps(run.path, steps) from None
+    integrity.check_flags(run.path, per_step["flags"], per_step["grad_sqnorm"], per_step["weight_sqnorm"], steps)
     tensors = header.tensors
     coords = {
         "step": ("step", steps),
@@ -469,15 +490,19 @@ def _build_dataset(run: Run, group, specs, n: int, chunks: int | None) -> xr.Dat
         if spec.width is None or spec.name in fmt.PER_STEP_ARRAYS:
             continue
         arr = run._arrays[spec.name]
-        if spec.codecs == "scalar":  # (step, tensor) float64: lazy, it can be large
-            darr = da.from_array(arr, chunks=(fmt.SCALAR_CHUNK, arr.shape[1]), name=f"gradtrace-{spec.name}-{token}")
-            data[spec.name] = (spec.dims, darr[:n])
+        if spec.codecs == "scalar":  # (step, tensor) float64: lazy, it can be large; reads checked
+            checked = integrity.CheckedScalarArray(arr, n)
+            darr = da.from_array(checked, chunks=(max(1, min(fmt.SCALAR_CHUNK, n)), arr.shape[1]),
+                                 name=f"gradtrace-{spec.name}-{token}", asarray=True)
+            data[spec.name] = (spec.dims, darr)
             continue
         cw = int(arr.chunks[1])
         itemsize = np.dtype(spec.dtype).itemsize
         want = chunks if chunks else DS_CHUNK_BYTES // max(1, n * itemsize)
         width = max(cw, -(-int(want) // cw) * cw)
-        darr = da.from_array(arr, chunks=(max(n, 1), width), name=f"gradtrace-{spec.name}-{token}")[:n]
+        cleared = integrity.absent_rows(per_step["flags"], spec.name)
+        darr = da.from_array(integrity.CheckedRows(arr, run.path, steps, cleared), chunks=(max(n, 1), width),
+                             name=f"gradtrace-{spec.name}-{token}", asarray=True)[:n]
         data[spec.name] = (spec.dims, darr, dict(arr.attrs))
     attrs = {
         "gradtrace_path": run.path,

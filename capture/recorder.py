@@ -15,7 +15,7 @@ The training thread only does cheap work:
    device staging buffer, then one non-blocking copy to pinned host memory and a CUDA event;
    no ``.item()`` sync; the loss travels the same way);
 4. the buffer is queued to a writer thread that runs :class:`capture.writer.StoreWriter`
-   (float64 scalars, encoding, atomic chunk writes, commit marker).
+   (float64 scalars, encoding, chunk writes with crc32c, commit marker).
 
 An error in the writer thread (disk full, unwritable path) is raised to the training loop at
 the next ``record()`` or ``close()`` as :class:`RecorderWriteError`; the store then holds every
@@ -276,7 +276,8 @@ class Recorder:
         resume: append to an existing store (the parameter table, dtype and tiers must match).
         resume_step: with ``resume``, drop stored rows whose step is >= this (restart from a
             checkpoint taken at that step).
-        overwrite: replace an existing store at ``path``.
+        overwrite: replace an existing gradtrace store at ``path`` (an empty directory too;
+            anything else, a file or a foreign directory, is refused).
         scaler: a ``torch.amp.GradScaler``: gradients are recorded unscaled (divided by the
             loss scale unless ``scaler.unscale_(optimizer)`` was already called this step).
         settings: extra settings to store in the header (e.g. ``{"grad_clip": 1.0}``).
@@ -319,6 +320,12 @@ class Recorder:
             ``settings["grad_recorded"]`` (None: not declared). Put the threshold in
             ``settings={"grad_clip": ...}``. What is stored is ``.grad`` as record() saw it: an
             in-place clip afterwards does not change it (the recorder then copies gradients).
+        durable: fsync each committed step (chunks, then the commit marker) so that it survives
+            a power cut; without it a kill loses nothing committed, a power cut may (README,
+            "Crash safety").
+
+    One writer per store: the recorder holds the store's lock file until ``close`` (a dead
+    process releases it); a second writer gets ``analysis.format.StoreLockedError``.
 
     Under ``torch.distributed`` only rank 0 writes; on other ranks ``record`` is a no-op.
 
@@ -326,6 +333,7 @@ class Recorder:
         ValueError: no trainable parameters, bad arguments.
         FileExistsError: ``path`` exists and neither ``resume`` nor ``overwrite`` was given.
         analysis.format.StoreMismatchError: resuming a store that does not match.
+        analysis.format.StoreLockedError: another writer holds the store.
     """
 
     def __init__(
@@ -352,6 +360,7 @@ class Recorder:
         grads_by_reference: "bool | str" = "auto",
         grad_recorded: str | None = None,
         lag_band: int = 0,
+        durable: bool = False,
     ):
         if resume and overwrite:
             raise ValueError("Recorder: resume=True and overwrite=True contradict each other; pick one")
@@ -457,6 +466,7 @@ class Recorder:
             source_dtype=self.source_dtype,
             threads=writer_threads,
             lag_band=lag_band,
+            durable=durable,
         )
         self.lag_band = int(lag_band)
         self._dev_ring: list = []  # device path: the last lag_band gradients (None: no gradient)
@@ -1202,9 +1212,14 @@ def restore_weights(model: torch.nn.Module, path: "str | os.PathLike", step: int
             "signs), from which the weights cannot be rebuilt. Record weights with the lossless or "
             "rounded tier to branch off a run."
         )
-    group = zarr.open_group(str(path), mode="r")
+    from analysis import integrity
+
+    group = zarr.open_group(str(path), mode="r", use_consolidated=False)
     n = header.n_steps
-    steps = np.asarray(group["step"][:n])
+    try:  # checked reads: a damaged chunk is an error naming it, never weights
+        steps = integrity.read_scalar(group["step"], n)
+    except fmt.DamagedStoreError as err:
+        raise err.with_steps(str(path)) from None
     idx = np.flatnonzero(steps == int(step))
     if idx.size == 0:
         pos = int(np.searchsorted(steps, int(step)))
@@ -1213,7 +1228,8 @@ def restore_weights(model: torch.nn.Module, path: "str | os.PathLike", step: int
             f"step {step} is not recorded in {path} ({n} rows, steps {steps[0] if n else '-'}.."
             f"{steps[-1] if n else '-'}); nearest recorded steps: {near}"
         )
-    row = np.asarray(group["weight"][int(idx[0]), :], dtype=np.float32)
+    wrow = integrity.CheckedRows(group["weight"], str(path), steps)
+    row = np.asarray(wrow[int(idx[0]), :], dtype=np.float32)
     if not np.isfinite(row).all():
         warnings.warn(f"gradtrace: the weights recorded at step {step} hold NaN or Inf", RuntimeWarning, stacklevel=2)
     if tier.name == "rounded":

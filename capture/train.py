@@ -452,7 +452,14 @@ def _load_checkpoint(path: Path, ckpt: Path, config: RunConfig) -> dict:
                              "nothing to resume. Record to a new path, or branch from it with capture.zoom")
         raise ValueError(f"resume: no checkpoint {ckpt} to resume {path} from (checkpoints are written "
                          "every ~10% of the steps); start again with overwrite=True")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    try:  # weights_only: a checkpoint is tensors, numbers and strings; never unpickle code from a file
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - UnpicklingError, a truncated zip, ...
+        raise ValueError(f"resume: cannot load the checkpoint {ckpt} with torch.load(weights_only=True) "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); it is damaged or "
+                         "not a gradtrace checkpoint. Start again with overwrite=True") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"resume: {ckpt} is not a gradtrace checkpoint (a {type(state).__name__}, not a dict)")
     if state.get("recipe") != config.to_dict():
         theirs, ours = state.get("recipe") or {}, config.to_dict()
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))

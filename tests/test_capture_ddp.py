@@ -71,7 +71,7 @@ def test_rank0_records_the_allreduced_gradient(tmp_path):
     header = fmt.read_header(store)
     assert header.settings["world_size"] == 2
     assert [t.name for t in header.tensors] == ["0.weight", "0.bias", "2.weight", "2.bias"]  # no "module."
-    data = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    data = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
     for t in range(STEPS):
         restore_weights(model, store, t)

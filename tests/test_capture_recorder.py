@@ -239,11 +239,11 @@ def _fail_after(monkeypatch, n_ok):
     calls = {"n": 0}
     real = cw._put_direct
 
-    def flaky(path, data):
+    def flaky(path, data, *rest):
         calls["n"] += 1
         if calls["n"] > n_ok:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(path, data)
+        real(path, data, *rest)
 
     monkeypatch.setattr(cw, "_put_direct", flaky)
 

@@ -227,7 +227,7 @@ def test_refusals(tmp_path):
         StoreWriter(tmp_path / "e.zarr", [])
     (tmp_path / "notzarr").mkdir()
     (tmp_path / "notzarr" / "precious.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a Zarr store"):
+    with pytest.raises(FileExistsError, match="not a gradtrace run store"):
         StoreWriter(tmp_path / "notzarr", tensors, mode="overwrite")
     assert (tmp_path / "notzarr" / "precious.txt").exists()
 

@@ -191,3 +191,24 @@ def test_cli_bad_storage_options():
     for bad in ("{anon: true}", "[1, 2]"):
         with pytest.raises(UserError, match="--storage-options"):
             parse_storage_options(bad)
+
+
+def test_damaged_remote_chunks_are_errors(s3):
+    """A missing or flipped chunk in object storage is an error naming it, as on a local disk
+    (the missing-chunk check asks the store only about spans that read as the fill value)."""
+    fs, opts = s3["fs"], s3["opts"]
+    for name, data in (("dmg.zarr", s3["lossless"]), ("dmgsk.zarr", s3["sketch"])):
+        fs.put(str(data.path), f"{BUCKET}/{name}", recursive=True)
+    fs.rm(f"{BUCKET}/dmg.zarr/grad/c/3/1")
+    fs.invalidate_cache()
+    with pytest.raises(ga.DamagedStoreError, match=r"'grad' is damaged at step 3.*missing"):
+        ga.corr_matrix(ga.open_run(url("dmg.zarr"), storage_options=opts))
+    key = f"{BUCKET}/dmgsk.zarr/grad_signbits/c/2/0"
+    raw = bytearray(fs.cat(key))
+    raw[len(raw) // 2] ^= 0x20
+    fs.pipe(key, bytes(raw))
+    fs.rm(f"{BUCKET}/dmgsk.zarr/grad_nonzero/c/4/0")
+    fs.invalidate_cache()
+    run = ga.open_run(url("dmgsk.zarr"), storage_options=opts)
+    with pytest.raises(ga.DamagedStoreError, match=r"'grad_(signbits|nonzero)' is damaged at step [24]"):
+        ga.sign_shift_matrix(run)
