@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from analysis import format as fmt
+
 from analysis._common import available_lags, cosines, group_attrs, lag_pairs, matrix, nonfinite, per_step, selected, tier_attrs
 from analysis import integrity
 from analysis.engine import Pass
@@ -116,7 +118,7 @@ def corr(run, j: int, k: int, *, params=None, progress=None, scheduler=None, ind
     value = float(mu[0])
     if j == k and np.isfinite(sq[0]) and sq[0] > 0:
         value = 1.0
-    attrs = {"metric": MU, **group_attrs(group), **tier_attrs(run, group), "answered_by": by}
+    attrs = {"metric": MU, **group_attrs(group), **_answer_attrs(run, group, by)}
     return xr.DataArray(value, coords={"step_j": j, "step_k": k}, name="correlation", attrs=attrs)
 
 
@@ -156,6 +158,12 @@ def _pair_corr(run, group, a: np.ndarray, b: np.ndarray, progress, scheduler, al
     ia_, ib_ = np.concatenate([ra, ru]), np.concatenate([rb, ru])
     idx = index_for(run, group, index)
     idx = require(idx, index, idx is not None and idx.covers(ia_, ib_), f"{len(a)} step pairs")
+    band = None if (idx is not None or index is False) else lag_band_dots(run, group, ra, rb)
+    if band is not None:  # exact dots kept at capture, norms from grad_sqnorm: no pass
+        sq = np.asarray(run.ds["grad_sqnorm"].values, dtype=np.float64)[ru]
+        sq[nonfinite(run, uniq)] = np.nan
+        ia, ib = np.searchsorted(uniq, a), np.searchsorted(uniq, b)
+        return cosines(band, sq[ia], sq[ib]), uniq, sq, "lag_band"
     if idx is not None:
         dots = idx.pairs("gg", ia_, ib_)
     else:
@@ -166,6 +174,32 @@ def _pair_corr(run, group, a: np.ndarray, b: np.ndarray, progress, scheduler, al
     sq[nonfinite(run, uniq)] = np.nan
     ia, ib = np.searchsorted(uniq, a), np.searchsorted(uniq, b)
     return cosines(dots[: len(a)], sq[ia], sq[ib]), uniq, sq, "pass" if idx is None else "index"
+
+
+def _answer_attrs(run, group, by: str) -> dict:
+    """The tier's error attrs, or, when the lag band answered, the exact source instead."""
+    if by != "lag_band":
+        return {**tier_attrs(run, group), "answered_by": by}
+    return {"tier": run.header.tiers["grad"].name, "grad_tier": run.header.tiers["grad"].name, "max_rel_error": 0.0,
+            "cosine_error_bound": 0.0, "answered_by": by,
+            "source": "grad_lag_dot: <G_t, G_s> in float64 from the full-precision gradients, kept while "
+                      "recording (Recorder(lag_band=)), and grad_sqnorm: exact whatever the tier"}
+
+
+def lag_band_dots(run, group, ra: np.ndarray, rb: np.ndarray) -> np.ndarray | None:
+    """``<G_a, G_b>`` of row pairs from the lag band the recorder kept (``grad_lag_dot``), or
+    None when the store has none, the group is not every tensor, or a pair is further apart
+    than the band or holds a NaN there (a row without a gradient, or a resume in between)."""
+    L = int(run.header.extra.get("lag_band", 0))
+    if not L or len(group.indices) != len(run.header.tensors) or len(ra) == 0:
+        return None
+    lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
+    k = hi - lo
+    if (k < 1).any() or (k > L).any():
+        return None
+    band = np.asarray(run.ds[fmt.LAG_DOT_ARRAY].values, dtype=np.float64)
+    dots = band[hi, k - 1]
+    return None if not np.isfinite(dots).all() else dots
 
 
 def lag_series(run, lag=1, steps=None, *, params=None, progress=None, scheduler=None, index=None):
@@ -199,7 +233,7 @@ def lag_series(run, lag=1, steps=None, *, params=None, progress=None, scheduler=
     a = np.concatenate([p[0] for p in pairs])
     b = np.concatenate([p[1] for p in pairs])
     mu, _, _, by = _pair_corr(run, group, a, b, progress, scheduler, index=index)
-    attrs = {"metric": "mu(t, t+lag), " + MU, **group_attrs(group), **tier_attrs(run, group), "answered_by": by}
+    attrs = {"metric": "mu(t, t+lag), " + MU, **group_attrs(group), **_answer_attrs(run, group, by)}
     if not many:
         ds = per_step({"lag_corr": mu}, run, a, attrs)
         out = ds["lag_corr"]
@@ -263,7 +297,7 @@ def mean_corr(run, h: int = 5, steps=None, *, params=None, progress=None, schedu
     vals[full] = mu_adj[idx].mean(axis=1)
     attrs = {"metric": "mean gradient correlation (zigzag eq. 3)", "equation":
              "mu_k = 1/(h-1) sum_{m=1}^{h-1} mu(k+m-1, k+m)", "h": h,
-             **group_attrs(group), **tier_attrs(run, group), "answered_by": by}
+             **group_attrs(group), **_answer_attrs(run, group, by)}
     out = per_step({"mean_corr": vals}, run, starts, attrs)["mean_corr"]
     out.attrs.update(attrs)
     return out
@@ -307,6 +341,5 @@ def corr_windows(run, h: int = 5, steps=None, *, params=None, progress=None, sch
     norm_ok[present] = (sq > 0)[np.searchsorted(uniq, members[present])]  # NaN compares False
     out[:, np.arange(h), np.arange(h)] = np.where(norm_ok, 1.0, np.nan)
     coords = {"step": starts, "offset_i": np.arange(h), "offset_j": np.arange(h), **run.step_coords(starts)}
-    attrs = {"metric": "mu(k+i, k+j), " + MU, "h": h, **group_attrs(group), **tier_attrs(run, group),
-             "answered_by": by}
+    attrs = {"metric": "mu(k+i, k+j), " + MU, "h": h, **group_attrs(group), **_answer_attrs(run, group, by)}
     return xr.DataArray(out, dims=("step", "offset_i", "offset_j"), coords=coords, name="window_corr", attrs=attrs)

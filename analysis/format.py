@@ -765,12 +765,19 @@ def param_chunk_width(d: int, param_chunk: int = DEFAULT_PARAM_CHUNK) -> int:
     return int(min(width, pc - pc % 8))
 
 
+#: Dimension of ``grad_lag_dot``: k = 1..lag_band gradient rows back.
+ROW_LAG_DIM = "row_lag"
+LAG_DOT_ARRAY = "grad_lag_dot"
+
+
 def array_specs(
     tensors: Sequence[TensorInfo],
     tiers: dict[str, Tier],
     param_chunk: int = DEFAULT_PARAM_CHUNK,
+    lag_band: int = 0,
 ) -> list[ArraySpec]:
-    """Every step-indexed array of a store with this parameter table and these tiers."""
+    """Every step-indexed array of a store with this parameter table and these tiers
+    (and ``grad_lag_dot`` when the recorder kept a lag band, ``Header.extra["lag_band"]``)."""
     d = sum(t.size for t in tensors)
     n_t = len(tensors)
     specs = []
@@ -778,6 +785,11 @@ def array_specs(
         specs.append(ArraySpec(name, (STEP_DIM,), dtype, fill, None, None, "scalar", {}))
     for name in PER_STEP_TENSOR_ARRAYS:
         specs.append(ArraySpec(name, (STEP_DIM, TENSOR_DIM), "float64", float("nan"), n_t, n_t, "scalar", {}))
+    if int(lag_band) > 0:
+        # <G_r, G_(r-k)> of gradient row r and the k-th gradient row before it, k = 1..L, in
+        # float64 from the float32 gradients before any tier's encoding (exact for every tier)
+        specs.append(ArraySpec(LAG_DOT_ARRAY, (STEP_DIM, ROW_LAG_DIM), "float64", float("nan"), int(lag_band),
+                               int(lag_band), "scalar", {"lag_band": int(lag_band)}))
     pc = param_chunk_width(d, param_chunk)
     for a in DATA_ARRAYS:
         tier = tiers[a]

@@ -434,7 +434,7 @@ def open_run(path, *, chunks: int | None = None, storage_options: dict | None = 
             group = zarr.open_group(loc, mode="r", use_consolidated=False, **kw)
     except Exception as err:  # noqa: BLE001 - any zarr failure here means "not readable"
         raise fmt.NotAStoreError(f"{path}: cannot open the Zarr group ({err})") from err
-    specs = fmt.array_specs(header.tensors, header.tiers, header.param_chunk)
+    specs = fmt.array_specs(header.tensors, header.tiers, header.param_chunk, header.extra.get("lag_band", 0))
     n = header.n_steps
     arrays = {}
     for spec in specs:

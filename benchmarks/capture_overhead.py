@@ -273,7 +273,7 @@ def phase_order(phases: list[str], r: int) -> list[str]:
 
 
 def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[str], device, root: Path,
-          param_chunk: int | None = None, writer_threads: int = 1) -> list[dict]:
+          param_chunk: int | None = None, writer_threads: int = 1, lag_band: int = 0) -> list[dict]:
     """One row per tier; every repeat runs one bare phase and one recorded phase per tier."""
     torch.manual_seed(0)
     model = build(name, hw).to(device)
@@ -318,7 +318,7 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
                 path = root / f"{name}-{hw}-{batch}-{phase.replace(':', '-')}-{r}.zarr"
                 kw = {"param_chunk": param_chunk} if param_chunk else {}
                 rec = Recorder(model, path, opt, tiers=phase, overwrite=True, expected_steps=steps,
-                               writer_threads=writer_threads, **kw)
+                               writer_threads=writer_threads, lag_band=lag_band, **kw)
                 times[phase] = run_phase(model, opt, batches, steps, step, rec, device)
                 s = rec.summary()
                 rec.close()
@@ -370,6 +370,7 @@ def main(argv=None) -> list[dict]:
                     help="tiers to record with, one row each (e.g. lossless rounded:7 sketch:4096); "
                          "--tier is an alias")
     ap.add_argument("--writer-threads", type=int, default=1, help="Recorder(writer_threads=N) (default 1)")
+    ap.add_argument("--lag-band", type=int, default=0, help="Recorder(lag_band=L) (default 0)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for the training (default: torch's own, = cores); on a "
                          "small CPU host, cores - 1 leaves the writer thread a core")
@@ -398,13 +399,14 @@ def main(argv=None) -> list[dict]:
                 default_batch = [{"mlp": 256, "transformer": 8}.get(model, 64 if args.quick or hw > 8 else 256)]
                 for batch in args.batch or default_batch:
                     rows += bench(model, hw, batch, steps, repeats, args.tiers, device, root,
-                                  args.param_chunk, args.writer_threads)
+                                  args.param_chunk, args.writer_threads, args.lag_band)
                     print(f"done: {rows[-1]['model']} batch {batch}", file=sys.stderr, flush=True)
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
     print(
         f"\nevery-step recording, {steps} steps x {repeats} repeats, writer_threads {args.writer_threads}, "
+        f"lag_band {args.lag_band}, "
         f"device {device}, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores\n"
     )
     print("| model | params | batch | tier | bare ms/step | recorded ms/step | ratio (min-max) | writer ms/row | record() ms | blocked ms | MB/step |")

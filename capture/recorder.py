@@ -118,6 +118,18 @@ def _scalar(v) -> float:
     return float(v.detach().reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
 
 
+def lag_dots(g: torch.Tensor, ring: list, band: int) -> torch.Tensor:
+    """float64 ``<g, ring[-k]>`` for k = 1..band where the gradients live (NaN where the ring
+    holds no gradient k rows back): float64 products of the float32 entries."""
+    out = torch.full((band,), math.nan, dtype=torch.float64, device=g.device)
+    g64 = None
+    for k, prev in enumerate(reversed(ring), start=1):
+        if prev is not None:
+            g64 = g.double() if g64 is None else g64
+            out[k - 1] = torch.dot(g64, prev.double())
+    return out
+
+
 def _dist_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -290,6 +302,11 @@ class Recorder:
         commit_interval: while the writer is behind, rows are committed (the marker that
             readers and a resume trust) at most every this many seconds; whenever the writer
             catches up, at once. A kill loses the uncommitted rows besides the queued ones.
+        lag_band: keep the last L recorded gradients (float32, where they live: on the GPU when
+            training there) and store ``grad_lag_dot`` = <G_r, G_(r-k)> for k = 1..L rows back,
+            in float64 from the full-precision gradient: lag series and mean correlations for
+            lags up to L are then exact and instant for every tier, sketch and rounded
+            included. Costs L dot products and one copy per step (README: lag band).
         grads_by_reference: on CPU, hand the ``.grad`` tensors to the writer instead of copying
             them on the training thread. ``"auto"`` (default) does so once two recorded steps
             have shown that the loop drops its gradients (``zero_grad(set_to_none=True)``) and
@@ -342,6 +359,7 @@ class Recorder:
         commit_interval: float = 1.0,
         grads_by_reference: "bool | str" = "auto",
         grad_recorded: str | None = None,
+        lag_band: int = 0,
         durable: bool = False,
     ):
         if resume and overwrite:
@@ -447,8 +465,11 @@ class Recorder:
             parent=parent,
             source_dtype=self.source_dtype,
             threads=writer_threads,
+            lag_band=lag_band,
             durable=durable,
         )
+        self.lag_band = int(lag_band)
+        self._dev_ring: list = []  # device path: the last lag_band gradients (None: no gradient)
         self._last_queued = self.writer.last_step
         self._pool_size = int(queue_size) + 1
         self._n_slots = 0
@@ -566,6 +587,8 @@ class Recorder:
             self._jobs.put((step, None, int(epoch), flags | FLAG_SKIPPED | FLAG_NO_WEIGHT,
                             (_scalar(loss), _scalar(lr_value))))
             self._n_skipped += 1
+            if self.lag_band and self._cuda:
+                self._push_dev_ring(None)
             self._last_queued = self._last_seen = step
             self._record_s += time.perf_counter() - t0
             return False
@@ -823,7 +846,10 @@ class Recorder:
         if stage is None:
             stage = slot.stage[dev] = (torch.empty(self.d, dtype=torch.float32, device=dev),
                                        torch.empty(self.d, dtype=torch.float32, device=dev))
-            slot.host = {k: torch.empty(shape, dtype=dtype, pin_memory=True) for k, (dtype, shape) in enc.payload().items()}
+            payload = dict(enc.payload())
+            if self.lag_band:
+                payload["lag_dots"] = (torch.float64, (self.lag_band,))
+            slot.host = {k: torch.empty(shape, dtype=dtype, pin_memory=True) for k, (dtype, shape) in payload.items()}
             slot.host_np = {k: v.numpy() for k, v in slot.host.items()}
         sg, sw = stage
         with torch.cuda.device(dev):
@@ -839,10 +865,24 @@ class Recorder:
             side.wait_event(ready)
             with torch.cuda.stream(side):
                 out = enc.encode(sg, sw)
+                if self.lag_band:
+                    out["lag_dots"] = lag_dots(sg, self._dev_ring, self.lag_band)
+                    self._push_dev_ring(sg)
                 for k, t in out.items():
                     if k.startswith("weight") and not with_weights:
                         continue
                     slot.host[k].copy_(t, non_blocking=True)
+
+    def _push_dev_ring(self, g) -> None:
+        """Append a gradient (a copy, on the current stream) or None to the device ring."""
+        ring = self._dev_ring
+        buf = ring.pop(0) if len(ring) >= self.lag_band else None
+        if g is not None:
+            buf = torch.empty_like(g) if buf is None else buf
+            buf.copy_(g)
+        else:
+            buf = None
+        ring.append(buf)
 
     @property
     def _devices(self) -> list:
@@ -927,7 +967,8 @@ class Recorder:
                                 if not (k.startswith("weight") and flags & FLAG_NO_WEIGHT)}
                         scalars, encoded = writer_rows(host, self.tiers)
                         stored = writer.append(step, None, None, loss=loss, lr=lr, epoch=epoch, flags=flags,
-                                               commit=False, scalars=scalars, encoded=encoded)
+                                               commit=False, scalars=scalars, encoded=encoded,
+                                               lag_dots=host.get("lag_dots"))
                     else:
                         stored = writer.append(step, slot.grad_np, weight, loss=loss, lr=lr, epoch=epoch,
                                                flags=flags, commit=False)

@@ -581,9 +581,13 @@ class StoreWriter:
         parent: dict | None = None,
         source_dtype: str | None = None,
         threads: int = 1,
+        lag_band: int = 0,
         durable: bool = False,
     ):
         self.path = Path(path)
+        if int(lag_band) < 0:
+            raise ValueError(f"lag_band={lag_band} must be >= 0 (gradient rows back)")
+        self.lag_band = int(lag_band)
         self.durable = bool(durable)
         self._lock_fd: weakref.finalize | None = None
         if int(threads) < 1:
@@ -706,6 +710,8 @@ class StoreWriter:
             source_dtype=source_dtype,
         )
         self.header.extra["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if self.lag_band:
+            self.header.extra["lag_band"] = self.lag_band
         g = zarr.open_group(str(self.path), mode="a", zarr_format=3)  # our fresh temporary directory
         self.group = g
         n_t = len(self.tensors)
@@ -722,7 +728,7 @@ class StoreWriter:
                                 compressors=crc)
         shapes[:] = np.array([json.dumps(list(t.shape)) for t in self.tensors])
         arrays = {}
-        for spec in fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk):
+        for spec in fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk, self.lag_band):
             arrays[spec.name] = g.create_array(
                 spec.name,
                 shape=spec.shape(cap),
@@ -766,7 +772,12 @@ class StoreWriter:
             )
         self.group = g
         arrays = {}
-        for spec in fmt.array_specs(self.tensors, self.tiers, header.param_chunk):
+        if int(header.extra.get("lag_band", 0)) != self.lag_band:
+            raise StoreMismatchError(
+                f"cannot resume {self.path}: it keeps a lag band of {header.extra.get('lag_band', 0)} rows, this "
+                f"recorder asks for {self.lag_band}. Resume with lag_band={header.extra.get('lag_band', 0)}."
+            )
+        for spec in fmt.array_specs(self.tensors, self.tiers, header.param_chunk, self.lag_band):
             try:
                 arr = g[spec.name]
             except KeyError as err:
@@ -809,7 +820,11 @@ class StoreWriter:
 
     def _setup_writers(self, arrays: dict):
         self.arrays = arrays
-        specs = {s.name: s for s in fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk)}
+        specs = {s.name: s for s in fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk, self.lag_band)}
+        # the last lag_band rows' float32 gradients (None: a row without one), newest last;
+        # empty after a resume: lags reaching before it read NaN
+        self._ring: list = []
+        self._ring_free: list = []
         self._w = {name: _ArrayWriter(arr, self.path, specs[name]) for name, arr in arrays.items()}
         for aw in self._w.values():
             aw.durable = self.durable
@@ -867,6 +882,7 @@ class StoreWriter:
         commit: bool = True,
         scalars: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
         encoded: dict[str, dict[str, np.ndarray]] | None = None,
+        lag_dots: np.ndarray | None = None,
     ) -> int:
         """Write one row and, with ``commit``, commit it (and every row written before it).
 
@@ -889,6 +905,9 @@ class StoreWriter:
                 rounded for ``rounded``), ``{"grad": {"grad_sketch": s, "grad_signbits": b,
                 "grad_nonzero": z}}`` for a sketch tier; likewise for ``"weight"``. Needs
                 ``scalars``.
+            lag_dots: with a lag band of L rows and an encoded gradient, the float64
+                ``<G_r, G_(r-k)>``, k = 1..L, computed where the float32 gradient is (NaN for
+                rows without one). Computed here from ``grad`` otherwise.
 
         Returns:
             The flags stored for the row.
@@ -921,7 +940,8 @@ class StoreWriter:
             flags |= FLAG_FINAL
         flags &= ~(FLAG_NONFINITE_GRAD | FLAG_NONFINITE_WEIGHT)  # set below from the data only
         n = self._n
-        self._before = (self._last_step, self._has_final, self.n_nonfinite)
+        self._before = (self._last_step, self._has_final, self.n_nonfinite, list(self._ring))
+        self._ring_pushed = False
         self._ensure_capacity(n)
         n_t = len(self.tensors)
         gg, ww, gw = np.full(n_t, np.nan), np.full(n_t, np.nan), np.full(n_t, np.nan)
@@ -977,6 +997,8 @@ class StoreWriter:
             "weight_sqnorm_tensor": ww,
             "grad_dot_weight_tensor": gw,
         }
+        if self.lag_band:
+            values[fmt.LAG_DOT_ARRAY] = self._lag_dots(grad, lag_dots)
         for name in self._scalar_names:
             W[name].set(n, values[name])
         self._n = n + 1
@@ -987,6 +1009,34 @@ class StoreWriter:
         if commit:
             self.commit()  # the commit marker last
         return flags
+
+    def _lag_dots(self, grad: np.ndarray | None, given) -> np.ndarray:
+        """``<G_r, G_(r-k)>`` for k = 1..L (float64 sums of float64 products of the float32
+        entries), then this row's gradient joins the ring (a copy: the caller reuses its buffer)."""
+        L = self.lag_band
+        if given is not None:
+            dots = np.asarray(given, dtype=np.float64).reshape(L).copy()
+        else:
+            dots = np.full(L, np.nan)
+            if grad is not None:
+                one = np.zeros(1)
+                for k, prev in enumerate(reversed(self._ring), start=1):
+                    if prev is not None:
+                        out = np.zeros(1)
+                        kernels.tensor_sums(grad, prev, [0], [self.d], [0], one, np.zeros(1), out)
+                        dots[k - 1] = out[0]
+        if grad is not None and given is None:
+            buf = self._ring_free.pop() if self._ring_free else np.empty(self.d, dtype=np.float32)
+            np.copyto(buf, grad)
+        else:
+            buf = None
+        self._ring.append(buf)
+        self._ring_pushed = True
+        if len(self._ring) > L:
+            old = self._ring.pop(0)
+            if old is not None:
+                self._ring_free.append(old)
+        return dots
 
     def _check_encoded(self, encoded: dict, scalars) -> dict:
         """Validate pre-encoded rows: the arrays of each one's tier, each of its width."""
@@ -1017,7 +1067,13 @@ class StoreWriter:
         if self._n <= self.header.n_steps:
             raise RuntimeError("rewind: the last row written is already committed")
         self._n -= 1
-        self._last_step, self._has_final, self.n_nonfinite = self._before
+        self._last_step, self._has_final, self.n_nonfinite, ring = self._before
+        last = self._ring[-1] if self._ring_pushed and self._ring else None
+        if last is not None and not any(x is last for x in ring):
+            self._ring_free.append(last)
+        # a buffer that the rewound row pushed out of the ring is in it again: not free
+        self._ring_free = [b for b in self._ring_free if not any(b is x for x in ring)]
+        self._ring = ring
 
     def commit(self) -> None:
         """Advance the commit marker over every row written so far (one atomic rename)."""
