@@ -693,7 +693,7 @@ class StoreWriter:
         # reopen at the final path: the array writers hold paths inside the temporary directory
         g = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
         self.group = g
-        specs = fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk)
+        specs = fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk, self.lag_band)
         self._setup_writers({spec.name: g[spec.name] for spec in specs})
 
     def _create_in(self, param_chunk, expected_steps, schedule, settings, parent, source_dtype):
