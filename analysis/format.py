@@ -733,6 +733,14 @@ class ArraySpec:
         return self.codecs != "scalar"
 
     @property
+    def chunk_key_encoding(self) -> dict:
+        """Row-chunked arrays name their chunks ``c.<row>.<col>`` in one flat directory: with
+        zarr's default ``c/<row>/<col>`` every row made a directory per array, and creating a
+        directory cost as much as writing a 1 MiB chunk here. Per-step arrays keep the default."""
+        sep = "." if self.row_chunked else "/"
+        return {"name": "default", "separator": sep}
+
+    @property
     def chunk_rows(self) -> int:
         """Rows per chunk along ``step``."""
         if self.row_chunked:

@@ -738,6 +738,7 @@ class StoreWriter:
                 compressors=fmt.codecs_for(spec.codecs),
                 dimension_names=list(spec.dims),
                 attributes=spec.attrs,
+                chunk_key_encoding=spec.chunk_key_encoding,
             )
         self._root_attrs = {k: v for k, v in g.attrs.asdict().items() if k != fmt.ATTR_KEY}
         self._setup_writers(arrays)

@@ -275,3 +275,22 @@ def count_decodes(monkeypatch):
 
     monkeypatch.setattr(slabs, "read_rows", read_rows)
     return decodes, reads
+
+
+def chunk_key(store, array: str, *coords: int) -> str:
+    """The key of chunk ``coords`` of ``array`` inside ``store`` (a local store path), from the
+    array's own chunk key encoding (``c/2/3`` or ``c.2.3``), relative to the store."""
+    import json
+    from pathlib import Path
+
+    meta = json.loads((Path(store) / array / "zarr.json").read_text())
+    enc = meta.get("chunk_key_encoding", {"name": "default"})
+    sep = (enc.get("configuration") or {}).get("separator", "/")
+    return f"{array}/c{sep}" + sep.join(str(int(c)) for c in coords)
+
+
+def chunk_path(store, array: str, *coords: int):
+    """The file of chunk ``coords`` of ``array`` in the local store ``store``."""
+    from pathlib import Path
+
+    return Path(store) / chunk_key(store, array, *coords)
