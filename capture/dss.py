@@ -42,6 +42,7 @@ import xarray as xr
 from torch import nn
 
 from capture.interpolate import (
+    model_from_store,
     _data_loss,
     _endpoint,
     _EvalMode,
@@ -133,21 +134,9 @@ def string_sampling(
         if not ok:
             raise ValueError(f"string_sampling: {name}={v!r} is out of range (threshold finite, 0 < alpha <= 1, "
                              "lr > 0, max_train_steps >= 1, max_beads >= 0, n_points >= 3)")
-    built = cfg = None
-    if model is None or isinstance(data, str):
-        if store is None:
-            raise ValueError("string_sampling: without a store, pass model= and data=(X, y) (or data=None for an "
-                             "objective with its own loss)")
-        from capture.recipes import config_from_store
-        from capture.train import build
-
-        cfg = config_from_store(store)
-        built = build(cfg, device=device)
-    if model is None:
-        model = built.model
-    dev = torch.device(device) if device is not None else (
-        built.device if built is not None else next(model.parameters()).device)
-    model.to(dev)
+    model, built, cfg, dev = model_from_store(store, model, data, device, "string_sampling",
+                                              "pass model= and data=(X, y) (or data=None for an objective with "
+                                              "its own loss)")
     if isinstance(data, str):
         data = _split(built, cfg, data)
     if data is None and not callable(getattr(model, "loss", None)):

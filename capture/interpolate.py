@@ -177,6 +177,27 @@ def _data_loss(model, data, loss_fn, micro_batch, device) -> tuple[float, float]
     return total / n, (correct / n if classes else math.nan)
 
 
+
+def model_from_store(store, model, data, device, what: str, hint: str = "pass model= and data=(X, y)"):
+    """``(model, built, cfg, device)`` for a tool that evaluates a store's model: the recipe's
+    model rebuilt from the store when ``model`` is None or ``data`` names a split, else the
+    given model; moved to ``device`` (default: the recipe's, else the model's own)."""
+    built = cfg = None
+    if model is None or isinstance(data, str):
+        if store is None:
+            raise ValueError(f"{what}: without a store, {hint}")
+        from capture.recipes import config_from_store
+        from capture.train import build
+
+        cfg = config_from_store(store)
+        built = build(cfg, device=device)
+    if model is None:
+        model = built.model
+    dev = torch.device(device) if device is not None else (
+        built.device if built is not None else next(model.parameters()).device)
+    model.to(dev)
+    return model, built, cfg, dev
+
 def interpolate(
     store: "str | os.PathLike | None",
     a=0,
@@ -235,20 +256,7 @@ def interpolate(
     alphas = np.asarray(alphas, dtype=np.float64).ravel()
     if alphas.size < 2 or not np.isfinite(alphas).all():
         raise ValueError(f"interpolate: alphas={alphas!r} must hold at least 2 finite values")
-    built = None
-    if model is None or isinstance(data, str):
-        if store is None:
-            raise ValueError("interpolate: without a store, pass model= and data=(X, y)")
-        from capture.recipes import config_from_store
-        from capture.train import build
-
-        cfg = config_from_store(store)
-        built = build(cfg, device=device)
-    if model is None:
-        model = built.model
-    dev = torch.device(device) if device is not None else (
-        built.device if built is not None else next(model.parameters()).device)
-    model.to(dev)
+    model, built, cfg, dev = model_from_store(store, model, data, device, "interpolate")
     if isinstance(data, str):
         data = _split(built, cfg, data)
     elif data is not None and not (isinstance(data, tuple | list) and len(data) == 2):

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from capture.interpolate import model_from_store
+
 __all__ = ["recompute_gradients", "probe_indices"]
 
 
@@ -139,17 +141,7 @@ def recompute_gradients(
         raise ValueError(f"recompute_gradients: steps={steps!r} selects no gradient step of {store}")
     if not (isinstance(block, int) and block >= 1):
         raise ValueError(f"recompute_gradients: block={block!r} must be a positive int")
-    built = cfg = None
-    if model is None or isinstance(data, str):
-        from capture.recipes import config_from_store
-        from capture.train import build
-
-        cfg = config_from_store(store)
-        built = build(cfg, device=device)
-    if model is None:
-        model = built.model
-    dev = torch.device(device) if device is not None else (
-        built.device if built is not None else next(model.parameters()).device)
+    model, built, cfg, dev = model_from_store(store, model, data, device, "recompute_gradients")
     if isinstance(data, str):
         if data != "train":
             raise ValueError(f"recompute_gradients: data={data!r}; use 'train', (X, y) or None")
