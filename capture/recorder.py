@@ -239,7 +239,7 @@ def _warn_threads(cuda: bool, d: int) -> None:
         f"gradtrace: torch uses all {cores} cores (torch.get_num_threads() = {torch.get_num_threads()}) "
         "and the recorder's writer thread will take one of them from it, which can multiply the "
         f"step time. Leave the writer a core: torch.set_num_threads({cores - 1}) before training "
-        "(README: Recording cost). This warning is shown once.",
+        "(README: Recording at training speed). This warning is shown once.",
         RuntimeWarning,
         stacklevel=3,
     )
