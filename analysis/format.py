@@ -813,7 +813,9 @@ def array_specs(
                 ArraySpec(f"{a}_sketch", (STEP_DIM, SKETCH_DIM), "float32", float("nan"), sk, min(sk, pc), "lossless", tattrs)
             )
             nb = (d + 7) // 8
-            bc = int(min(nb, max(pc // 8, 1)))
+            # a bit-plane chunk holds pc bytes (8 x pc parameters): one file per row and plane up
+            # to 2M parameters, where pc / 8 bytes made five 26 KB files per row at d = 1M
+            bc = int(min(nb, max(pc, 8)))
             specs.append(ArraySpec(f"{a}_signbits", (STEP_DIM, BYTE_DIM), "uint8", 0, nb, bc, "bits", tattrs))
             specs.append(ArraySpec(f"{a}_nonzero", (STEP_DIM, BYTE_DIM), "uint8", 0, nb, bc, "bits", tattrs))
     return specs
