@@ -41,7 +41,9 @@ step the recorder saw; its ``grad`` is NaN and its flags contain ``FLAG_FINAL``.
 
 Chunks and codecs (readers need not know them: Zarr records them per array):
 
-* ``grad``, ``weight`` and the sketch-tier arrays: one row per chunk, ``(1, param_chunk)``, so a
+* ``grad``, ``weight`` and the sketch-tier arrays: one row per chunk, ``(1, w)`` with w at most
+  ``param_chunk`` entries (:func:`param_chunk_width`; the bit planes ``(1, w)`` bytes, i.e.
+  8 w parameters), named ``c.<row>.<col>`` in one directory per array, so a
   step's write touches whole chunks only (a partial-chunk write is a read-modify-write).
   ``param_chunk`` defaults to 2**18 entries (1 MiB of float32): every chunk is a file, and on
   ext4 each file a step creates costs the training loop far more than its bytes (measured on
