@@ -168,7 +168,7 @@ def floors(model, tiers: list[str], root: Path) -> dict:
 
     from analysis import kernels
     from capture.recorder import model_table
-    from capture.writer import StoreWriter, _FastSketcher, _scratch, scalar_tasks
+    from capture.writer import StoreWriter, _scratch, scalar_tasks
 
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.cat([p.grad.detach().reshape(-1).float().cpu() for p in params]).numpy()
@@ -196,8 +196,7 @@ def floors(model, tiers: list[str], root: Path) -> dict:
             for name, vec in (("grad", g), ("weight", w)):
                 t = sw.tiers[name]
                 if t.name == "sketch":
-                    sk = _FastSketcher(table, fmt_plan(table, t)) if name not in sketchers else sketchers[name]
-                    sketchers[name] = sk
+                    sk = sw._sketchers[name]  # the writer's own compiled sketch and bit buffers
                     parts = {f"{name}_sketch": sk(vec).astype(np.float32)}
                     sb, nz = sk.bits
                     kernels.pack_signs_into(vec, sb, nz)
@@ -214,7 +213,6 @@ def floors(model, tiers: list[str], root: Path) -> dict:
                         encoded.append(aw.encode(piece) if piece.shape[0] == cw else
                                        aw.encode(np.concatenate([piece, np.full(cw - piece.shape[0], aw.fill)])))
 
-        sketchers: dict = {}
         out[f"codec {tier}"] = _median_s(codec) / d * 1e9
         sw.abort()
         shutil.rmtree(path)
@@ -233,12 +231,6 @@ def floors(model, tiers: list[str], root: Path) -> dict:
         shutil.rmtree(files)
         os.sync()
     return out
-
-
-def fmt_plan(table, tier):
-    from analysis import format as fmt
-
-    return fmt.sketch_plan(table, tier.sketch_dim, tier.seed)
 
 
 def store_bytes(path: Path) -> int:

@@ -159,20 +159,13 @@ def string_sampling(
 
     def train(w: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         """Full-batch GD from w until loss <= alpha * L0: (weights, loss, steps taken)."""
-        from capture.fullbatch import full_batch_gradient
+        from capture.fullbatch import objective_gradient
 
         set_flat_parameters(model, w)
         opt = torch.optim.SGD(params, lr=lr)
         target = alpha * threshold
         for k in range(max_train_steps + 1):
-            if data is None:
-                for p in params:
-                    p.grad = None
-                loss = model.loss(None)
-                loss.backward()
-                loss = float(loss.detach())
-            else:
-                loss = full_batch_gradient(model, loss_fn, data, micro_batch)
+            loss = objective_gradient(model, params, loss_fn, data, micro_batch)
             if loss <= target or not math.isfinite(loss) or k == max_train_steps:
                 return flat_parameters(model), loss, k
             opt.step()

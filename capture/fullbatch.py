@@ -107,3 +107,16 @@ def full_batch_gradient(
             if p.grad is not None:
                 p.grad.div_(total)
     return float(loss_sum / total)
+
+
+def objective_gradient(model: torch.nn.Module, params, loss_fn, data, micro_batch: int | None = 1024) -> float:
+    """:func:`full_batch_gradient` over ``data``, or, with ``data=None``, the gradient of the
+    model's own objective ``model.loss(None)`` (the ALM/SM objectives of the recipes) into the
+    ``.grad`` of ``params``. Returns the loss as a float."""
+    if data is not None:
+        return full_batch_gradient(model, loss_fn, data, micro_batch)
+    for p in params:
+        p.grad = None
+    loss = model.loss(None)
+    loss.backward()
+    return float(loss.detach())

@@ -53,7 +53,7 @@ def probe_indices(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def _grad_block(store: str, steps: list[int], model: nn.Module, data, loss_fn, micro_batch, device, copy_model: bool):
     """(steps, grads (n, d) float32, weights (n, d) float32, losses (n,)) for a block of steps."""
-    from capture.fullbatch import full_batch_gradient
+    from capture.fullbatch import objective_gradient
     from capture.interpolate import _trainable
     from capture.recorder import restore_weights
 
@@ -64,14 +64,7 @@ def _grad_block(store: str, steps: list[int], model: nn.Module, data, loss_fn, m
     grads, weights, losses = [], [], []
     for s in steps:
         restore_weights(model, store, int(s))
-        if data is None:  # an objective with its own loss (ALM/SM)
-            for p in params:
-                p.grad = None
-            loss = model.loss(None)
-            loss.backward()
-            loss = float(loss.detach())
-        else:
-            loss = full_batch_gradient(model, loss_fn, data, micro_batch)
+        loss = objective_gradient(model, params, loss_fn, data, micro_batch)
         grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
                                 .to("cpu", torch.float32) for p in params]).numpy())
         weights.append(torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in params]).numpy())

@@ -95,20 +95,12 @@ def parse_tiers(tiers: "str | Tier | Mapping[str, Any]") -> dict[str, Tier]:
     return {a: t for a in fmt.DATA_ARRAYS}
 
 
-MAX_STEP = 2**62  # steps are stored as int64; refuse what cannot be stored at once
-
-
 def _check_step(step) -> int:
-    """``step`` as an int, refusing bools, non-integers, negatives and overflowing values."""
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-        if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
-            step = int(step)
-        else:
-            raise ValueError(f"record(step={step!r}): the step must be an int (the global step counter)")
-    step = int(step)
-    if not 0 <= step < MAX_STEP:
-        raise ValueError(f"record(step={step}): the step must be an int in [0, 2**62)")
-    return step
+    """``fmt.check_step`` (the format's one rule for steps), after taking a one-element integer
+    tensor (a step counter kept on the device) for its value."""
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+        step = int(step)
+    return fmt.check_step(step, "record(step)")
 
 
 def _scalar(v) -> float:
@@ -534,13 +526,13 @@ class Recorder:
             self._raise_writer_error()
         if not self.active:
             return False
-        if self._by_ref:
+        if self._ref_probe is not None:
+            self._probe_references()
+        if self._by_ref:  # before waking the writer: it compares its references with these
             self._grad_ids = tuple(id(p.grad) for _, p in self._params)
         self._stepped.set()
         if self._n_grad_changed and not self._warned_changed:
             self._warn_changed()
-        if self._ref_probe is not None:
-            self._probe_references()
         step = _check_step(step)
         if not self.schedule(step):
             self._last_seen = step
@@ -668,7 +660,6 @@ class Recorder:
                 # the .grad tensors themselves (not detached views): their ids identify them
                 slot.refs = list(grads)
                 slot.versions = [g._version for g in grads]
-                self._grad_ids = tuple(id(g) for g in grads)
             else:
                 # a copy that is multiplied afterwards must have landed first (blocking copy)
                 self._flat(grads, slot.grad, non_blocking=inv_scale is None)

@@ -208,7 +208,7 @@ def test_batched_commits_are_all_committed_by_flush_and_close(tmp_path, monkeypa
     assert fmt.read_header(tmp_path / "r.zarr").n_steps == 16
 
 
-@pytest.mark.parametrize("bad", [-1, 2**62, 1.5, True, "3", None])
+@pytest.mark.parametrize("bad", [-1, 2**63, 1.5, True, "3", None])
 def test_record_refuses_bad_steps_at_once(tmp_path, bad):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -218,6 +218,7 @@ def test_record_refuses_bad_steps_at_once(tmp_path, bad):
         with pytest.raises(ValueError, match="step"):
             rec.record(bad)
         rec.record(np.int64(0))
+        rec.record(torch.tensor(1))  # a step counter kept as a tensor
 
 
 def test_warns_once_when_torch_takes_every_core(tmp_path, monkeypatch):
