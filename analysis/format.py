@@ -42,18 +42,29 @@ step the recorder saw; its ``grad`` is NaN and its flags contain ``FLAG_FINAL``.
 Chunks and codecs (readers need not know them: Zarr records them per array):
 
 * ``grad``, ``weight`` and the sketch-tier arrays: one row per chunk, ``(1, w)`` with w at most
-  ``param_chunk`` entries (:func:`param_chunk_width`; the bit planes ``(1, w)`` bytes, i.e.
-  8 w parameters), named ``c.<row>.<col>`` in one directory per array, so a
-  step's write touches whole chunks only (a partial-chunk write is a read-modify-write).
-  ``param_chunk`` defaults to 2**18 entries (1 MiB of float32): every chunk is a file, and on
-  ext4 each file a step creates costs the training loop far more than its bytes (measured on
-  2 cores, d = 1M, bare step 90 ms: every-step recording 1.4-1.5x with 2**16, 1.25-1.35x with
-  2**17, 1.08-1.16x with 2**18). The price is on the read side: a reader's block holds at
-  least ``n_steps x param_chunk`` values (1 MiB per step).
-  Lossless and sketch values: Blosc lz4, clevel 1, bitshuffle (measured on real CNN
-  gradients, 2 cores: ratio 1.8 on gradients, 1.14 on weights at ~1.3 GB/s; zstd-1 +
-  bitshuffle gains 8% more at 1/6 of the speed). Rounded tier: Blosc lz4, clevel 5,
-  bitshuffle. Bit planes: Blosc lz4, no shuffle.
+  ``param_chunk`` entries (:func:`param_chunk_width`: ``ceil(d / param_chunk)`` chunks of equal
+  width, a multiple of 8; the bit planes ``(1, w)`` bytes, i.e. 8 w parameters), so a step's
+  write touches whole chunks only and a reader's slab of columns holds whole chunks.
+  ``param_chunk`` defaults to 2**18 entries (1 MiB of float32).
+  In a store recorded to a local path the chunks are gathered into **shard files** (Zarr v3's
+  ``sharding_indexed`` codec, :meth:`ArraySpec.zarr_layout`, :func:`shard_geometry`): a shard
+  holds ``rows`` steps by ``chunks`` chunks, as many whole rows as fit in :data:`SHARD_BYTES`
+  of raw data (a power of two up to :data:`SHARD_MAX_ROWS`), or, for longer rows, one row of
+  as many chunks as fit. Inside a shard each chunk keeps its own codecs and crc32c. The
+  shard's index (``rows x chunks`` pairs of little-endian uint64 ``(offset, nbytes)``,
+  ``2**64 - 1`` twice for a chunk not written) is at the **start** of the file and has **no
+  checksum**: the writer appends a chunk's bytes to the open shard file and then writes its
+  index entry, so the entries of committed rows never change after their commit (a checksum
+  over the index would be rewritten at every step, and a kill between the entry and the
+  checksum would make the committed rows unreadable). A damaged index entry points at bytes
+  that fail the chunk's crc32c. A row written again (after a rewind or a resume) is appended
+  anew; the bytes it replaces stay in the file unused. Shard keys are ``c.<row block>.<col
+  block>``. Stores written to object storage (where an object cannot be appended to) and
+  stores made with ``StoreWriter(sharded=False)`` have one object per chunk, keyed
+  ``c.<row>.<col>``, in one flat directory per array.
+  Lossless values: Blosc lz4, clevel 1, no shuffle (``lossless:bitshuffle``: bit-shuffle);
+  rounded: Blosc lz4, clevel 1, byte-shuffle; raw (``lossless:raw``): no compressor; bit
+  planes: Blosc lz4, clevel 5, no shuffle. Every chunk ends with its crc32c.
 * per-step arrays: ``(4096,)`` rows per chunk; per-step-per-tensor arrays: as many rows as
   keep a chunk near 64 KiB (:func:`scalar_chunk_rows`). Stored uncompressed (8 bytes per
   value), so the writer updates a step by writing that row's bytes in place: a chunk file is
@@ -71,6 +82,10 @@ Changes inside format version 1 (all additive; readers of the first v1 stores st
   rates at that step; ``lr`` holds group 0's, ``settings["param_groups"]`` lists all groups;
 * sketch budget split ``proportional to size`` -> ``sqrt(size)`` with water-filling (the plan
   is stored per store, so older stores read as before);
+* ``grad``, ``weight`` and sketch arrays of locally recorded stores in shard files (above);
+  zarr and zarrs read them natively, plain ``xarray.open_zarr`` included. zarrs does not
+  check the crc32c of a chunk it reads from a shard it does not read whole: gradtrace's
+  readers check those checksums themselves (``analysis.integrity.check_partial_crc``);
 * header field ``source_dtype``: dtype(s) of the recorded parameters before the float32 cast
   (e.g. ``"float32"``, ``"bfloat16"``), checked on resume. Absent in older stores (None).
 
@@ -755,6 +770,60 @@ class ArraySpec:
     @property
     def chunks(self) -> tuple[int, ...]:
         return (self.chunk_rows,) if self.width is None else (self.chunk_rows, int(self.chunk_width))
+
+    @property
+    def shard_shape(self) -> tuple[int, int] | None:
+        """Shape of a shard file of a row-chunked array (:func:`shard_geometry`); None otherwise."""
+        if not self.row_chunked:
+            return None
+        rows, k = shard_geometry(int(self.width), int(self.chunk_width), np.dtype(self.dtype).itemsize)
+        return (rows, k * int(self.chunk_width))
+
+    def zarr_layout(self, sharded: bool = True) -> dict:
+        """Keyword arguments of ``zarr.Group.create_array`` for this array's chunks and codecs.
+
+        ``sharded`` (row-chunked arrays on a local path): ``(1, w)`` chunks gathered into shard
+        files of :attr:`shard_shape` (zarr's ``sharding_indexed`` codec, the chunks' own codecs
+        inside, the index at the start of the file without a checksum: see the module
+        docstring). Otherwise one object per chunk (object storage, where an object cannot be
+        appended to)."""
+        if sharded and self.row_chunked:
+            from zarr.codecs import BytesCodec, ShardingCodec
+
+            serializer = ShardingCodec(
+                chunk_shape=self.chunks,
+                codecs=[BytesCodec(), *codecs_for(self.codecs)],
+                index_codecs=[BytesCodec()],
+                index_location="start",
+            )
+            return {"chunks": self.shard_shape, "serializer": serializer, "compressors": None}
+        return {"chunks": self.chunks, "compressors": codecs_for(self.codecs)}
+
+
+#: Target of raw (uncompressed) bytes per shard file of a row-chunked array.
+SHARD_BYTES = 1 << 26
+#: Most rows per shard file (small rows: sketches, bit planes, small models).
+SHARD_MAX_ROWS = 256
+
+
+def shard_geometry(width: int, chunk_width: int, itemsize: int, shard_bytes: int | None = None) -> tuple[int, int]:
+    """``(rows, chunks)`` of a shard file: ``rows`` steps by ``chunks`` chunks of ``chunk_width``.
+
+    A shard holds whole rows while a row's raw bytes fit in ``shard_bytes``: as many rows as
+    fit, a power of two between 1 and :data:`SHARD_MAX_ROWS`. Longer rows are split into
+    shards of one row and ``shard_bytes / (chunk_width * itemsize)`` chunks. So a writer
+    creates a file every few steps (small models) or per ``shard_bytes`` of data (large ones),
+    never one per chunk.
+    """
+    shard_bytes = SHARD_BYTES if shard_bytes is None else int(shard_bytes)
+    cw = max(1, int(chunk_width))
+    n_chunks = -(-max(1, int(width)) // cw)
+    row_raw = n_chunks * cw * int(itemsize)
+    if row_raw <= shard_bytes:
+        rows = shard_bytes // row_raw
+        rows = 1 << (int(rows).bit_length() - 1)
+        return int(min(SHARD_MAX_ROWS, rows)), n_chunks
+    return 1, int(min(n_chunks, max(1, shard_bytes // (cw * int(itemsize)))))
 
 
 def param_chunk_width(d: int, param_chunk: int = DEFAULT_PARAM_CHUNK) -> int:

@@ -5,8 +5,10 @@ The commit protocol (why a kill never tears a step):
 1. Arrays are preallocated to ``capacity`` rows (grown by doubling), so writing a row does not
    change array metadata.
 2. Row n's data is written first. Nothing a reader trusts changes: row n is not committed, so
-   its chunks (``grad``/``weight``: one chunk file per row and column block, written directly)
-   may be torn by a kill and are simply rewritten by the next append. The per-step arrays are
+   its chunks (``grad``/``weight``/sketch arrays: appended to the open shard file of its row
+   block and then entered in the shard's index, or one file per chunk in an unsharded store)
+   may be torn by a kill and are simply written again by the next append; the index entries
+   of committed rows are never written again. The per-step arrays are
    uncompressed; their chunk files are created whole (temporary file + atomic rename) and
    afterwards only the bytes of row n are written in place, then the chunk's crc32c (its last
    4 bytes), so committed rows' bytes never change. A kill between the two leaves a crc that
@@ -276,20 +278,45 @@ def _put_direct(path: Path, data, durable: bool = False) -> None:
         _fsync_dir(path.parent)
 
 
-def chunk_encoder(arr: zarr.Array) -> Callable[[np.ndarray], bytes] | None:
+def chunk_encoder(arr: zarr.Array, parts: bool = False) -> Callable[[np.ndarray], bytes] | None:
     """An encoder producing exactly the chunk bytes zarr would store for ``arr``.
 
     Known pipelines: ``bytes`` (native little endian) optionally followed by one Blosc or Zstd
     compressor, mirroring ``zarr.codecs.BloscCodec`` / ``ZstdCodec`` (both call numcodecs the
     same way). Returns None for anything else (the caller then writes through zarr).
     """
-    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
+    from zarr.codecs import ShardingCodec
 
     codecs = list(arr.metadata.codecs)
+    if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+        if _shard_index_ok(codecs[0]):
+            return codecs_encoder(list(codecs[0].codecs), arr.dtype, parts)
+        return None
+    return codecs_encoder(codecs, arr.dtype, parts)
+
+
+def _shard_index_ok(sc) -> bool:
+    """A shard layout this module writes: index first, plain little-endian uint64 pairs."""
+    from zarr.codecs import BytesCodec
+
+    loc = getattr(sc.index_location, "value", sc.index_location)
+    idx = list(sc.index_codecs)
+    return loc == "start" and len(idx) == 1 and isinstance(idx[0], BytesCodec) and \
+        getattr(idx[0].endian, "value", idx[0].endian) == "little"
+
+
+def codecs_encoder(codecs: list, dtype, parts: bool = False) -> Callable[[np.ndarray], bytes] | None:
+    """The encoder of a chunk codec list (``bytes``, at most one compressor, ``crc32c``).
+
+    With ``parts``, the encoder returns the chunk as a list of buffers to write one after the
+    other (the payload, then its crc32c), saving the copy that joins them; an uncompressed
+    payload is then a view of the chunk itself, valid until the caller reuses the chunk's memory."""
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
+
     if not codecs or not isinstance(codecs[0], BytesCodec):
         return None
     endian = getattr(codecs[0].endian, "value", codecs[0].endian)
-    if arr.dtype.itemsize > 1 and endian != sys.byteorder:
+    if np.dtype(dtype).itemsize > 1 and endian != sys.byteorder:
         return None
     rest = codecs[1:]
     crc = bool(rest) and isinstance(rest[-1], Crc32cCodec)
@@ -297,7 +324,9 @@ def chunk_encoder(arr: zarr.Array) -> Callable[[np.ndarray], bytes] | None:
         rest = rest[:-1]
     if len(rest) > 1:
         return None
-    if not rest:
+    if not rest and parts:
+        enc = _readonly_bytes
+    elif not rest:
         enc = lambda chunk: np.ascontiguousarray(chunk).tobytes()  # noqa: E731
     elif isinstance(rest[0], BloscCodec):
         c = rest[0]
@@ -311,9 +340,25 @@ def chunk_encoder(arr: zarr.Array) -> Callable[[np.ndarray], bytes] | None:
         enc = lambda chunk: zstd.encode(np.ascontiguousarray(chunk).view(np.uint8))  # noqa: E731
     else:
         return None
+    if parts:
+        if not crc:
+            return lambda chunk: [enc(chunk)]
+
+        def enc_parts(chunk):
+            payload = enc(chunk)
+            return [payload, _CRC.pack(google_crc32c.value(payload))]
+
+        return enc_parts
     if not crc:
         return enc
     return lambda chunk: with_crc32c(enc(chunk))
+
+
+def _readonly_bytes(chunk: np.ndarray) -> np.ndarray:
+    """A read-only uint8 view of the chunk's bytes (google_crc32c takes read-only buffers only)."""
+    view = np.ascontiguousarray(chunk).view(np.uint8).view()
+    view.flags.writeable = False
+    return view
 
 
 def with_crc32c(data) -> bytes:
@@ -335,12 +380,86 @@ def _is_raw(arr: zarr.Array) -> bool:
     return arr.dtype.itemsize == 1 or endian == sys.byteorder
 
 
+_EMPTY_ENTRY = b"\xff" * 16  # a shard index entry of a chunk that is not there (2**64 - 1 twice)
+_ENTRY = struct.Struct("<QQ")
+
+
+class _ShardFile:
+    """One open shard file of a row-chunked array: chunks are appended, then indexed.
+
+    The file starts with the shard index (``rows x chunks`` entries of little-endian uint64
+    ``(offset, nbytes)``, 16 bytes each, no checksum), followed by chunk bytes in the order
+    they were written. Writing a chunk appends its bytes (an offset taken under a lock, so the
+    writer's threads can write one row's chunks at once) and then writes its index entry:
+    a reader that follows an entry finds the whole chunk behind it. Rewriting a chunk (a row
+    written again after a rewind or a resume) appends anew and leaves the old bytes unused.
+    The entries of committed rows never change, so a kill cannot reach committed data.
+    """
+
+    def __init__(self, path: Path, n_entries: int, fresh: bool, durable: bool):
+        self.path = path
+        self.index_bytes = 16 * int(n_entries)
+        self.lock = threading.Lock()
+        self.created = False
+        if fresh:  # the shard's first row is being written: nothing in it is committed
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            except FileNotFoundError:
+                _mkdirs(path.parent, durable)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fd = fd
+            self._pwrite(_EMPTY_ENTRY * int(n_entries), 0)
+            self.end = self.index_bytes
+            self.created = True
+        else:
+            try:
+                self.fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError as err:
+                raise fmt.StoreError(
+                    f"shard file {path} is missing although committed rows are in it: the store is "
+                    "damaged; record to a new path (gradtrace verify lists what is left)."
+                ) from err
+            self.end = os.fstat(self.fd).st_size
+            if self.end < self.index_bytes:
+                os.close(self.fd)
+                raise fmt.StoreError(
+                    f"shard file {path} has {self.end} bytes, less than its index ({self.index_bytes}): "
+                    "the store is damaged; record to a new path."
+                )
+
+    def _pwrite(self, data, offset: int) -> None:
+        if os.pwrite(self.fd, data, offset) != len(data):
+            raise OSError(f"short write to {self.path}")
+
+    def put(self, entry: int, parts: list) -> None:
+        """Append one chunk, given as buffers written one after the other, and index it."""
+        n = sum(memoryview(p).nbytes for p in parts)
+        with self.lock:
+            off, self.end = self.end, self.end + n
+        if os.pwritev(self.fd, parts, off) != n:
+            raise OSError(f"short write to {self.path}")
+        self._pwrite(_ENTRY.pack(off, n), 16 * entry)
+
+    def clear(self, entry: int) -> None:
+        self._pwrite(_EMPTY_ENTRY, 16 * entry)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+
 class _ArrayWriter:
     """Writes rows of one (step, ...) array of the store.
 
     Modes:
-        ``rows``: one row per chunk (``grad``, ``weight``, sketch arrays); a row is encoded
-            and written chunk by chunk.
+        ``shards``: one row per chunk (``grad``, ``weight``, sketch arrays), chunks gathered
+            in shard files of several rows (:class:`_ShardFile`, the layout of a local store).
+        ``rows``: one row per chunk, one file (or object) per chunk; a row is encoded and
+            written chunk by chunk.
         ``patch``: uncompressed per-step arrays; a row's bytes are written in place into its
             chunk file, created whole when its block starts.
         ``block``: compressed per-step arrays (stores from before the format went
@@ -361,11 +480,26 @@ class _ArrayWriter:
         self.durable = False  # StoreWriter(durable=True) sets it: fsync chunk files
         self._blockbuf: bytearray | None = None  # patch mode with crc: the ready block's bytes
         self.chunks = tuple(int(c) for c in self.meta.chunk_grid.chunk_shape)
+        self.shard: tuple[int, int] | None = None  # (rows, chunks) of a shard file
+        from zarr.codecs import ShardingCodec
+
+        sharding = [c for c in self.meta.codecs if isinstance(c, ShardingCodec)]
+        if sharding and self.encode is not None:
+            self.encode_parts = chunk_encoder(arr, parts=True)
+            inner = tuple(int(c) for c in sharding[0].chunk_shape)
+            self.shard = (self.chunks[0] // inner[0], self.chunks[1] // inner[1])
+            self.chunks = inner
+            self.crc = isinstance(list(sharding[0].codecs)[-1], Crc32cCodec)
+        self._shards: dict[tuple[int, int], _ShardFile] = {}
+        self._done_shards: list[_ShardFile] = []
+        self._shard_lock = threading.Lock()
         self.dtype = np.dtype(spec.dtype)
         self.fill = np.array(spec.fill_value, dtype=self.dtype)
         self.width = spec.width
         if self.encode is None:
             self.mode = "zarr"
+        elif self.shard is not None:
+            self.mode = "shards"
         elif spec.row_chunked:
             self.mode = "rows"
         elif _is_raw(arr) and self.chunks[0] >= 1 and (self.width is None or self.chunks[1] == self.width):
@@ -421,15 +555,49 @@ class _ArrayWriter:
     def _put_chunk(self, coords, piece: np.ndarray, keepbits: int | None = None) -> None:
         if keepbits is not None:
             piece = kernels.bitround_into(piece, keepbits, _scratch(piece.shape[0]))
+        if self.shard is not None:
+            shard, entry = self._shard_of(*coords)
+            shard.put(entry, self.encode_parts(piece))
+            return
         _put_direct(self._key(coords), self.encode(piece), self.durable)
 
     def clear_row(self, n: int) -> None:
         """Remove row n's chunks (they then read as the fill value)."""
         for j in range(self.n_col_chunks):
+            if self.shard is not None:
+                shard, entry = self._shard_of(n, j)
+                shard.clear(entry)
+                continue
             try:
                 self._key((n, j)).unlink()
             except FileNotFoundError:
                 pass
+
+    def _shard_of(self, n: int, j: int) -> tuple[_ShardFile, int]:
+        """The open shard file holding chunk (n, j) and the chunk's entry in its index.
+
+        Row n is being written, so every row after it is uncommitted: the first row of a shard
+        starts its file afresh. Called from the row's tasks; the rows of a shard are written by
+        one thread at a time (a row's tasks finish before the next row starts)."""
+        R, k = self.shard
+        key = (n // R, j // k)
+        entry = (n % R) * k + j % k
+        f = self._shards.get(key)
+        if f is None or (n % R == 0 and not f.created):
+            with self._shard_lock:
+                f = self._shards.get(key)
+                if f is None or (n % R == 0 and not f.created):
+                    if f is not None:
+                        f.close()
+                    f = _ShardFile(self._key(key), R * k, fresh=n % R == 0, durable=self.durable)
+                    self._retire(key[0])
+                    self._shards[key] = f
+        return f, entry
+
+    def _retire(self, b: int) -> None:
+        """Move open shard files of row blocks before ``b`` to the list closed after the next sync."""
+        for key in [key for key in self._shards if key[0] < b]:
+            self._done_shards.append(self._shards.pop(key))
 
     # per-step arrays ---------------------------------------------------------------------
     def set(self, n: int, value) -> None:
@@ -475,9 +643,24 @@ class _ArrayWriter:
             raise OSError("short write of a chunk checksum")
 
     def sync(self) -> None:
-        """fsync the ready block's chunk file (patch mode), for ``durable`` commits."""
+        """fsync what a commit covers: the ready block's chunk file (patch mode) or the shard
+        files written since the last sync and their directory (shards), for ``durable``."""
         if self._fd is not None:
             os.fsync(self._fd)
+        if self.shard is not None:
+            created = False
+            for f in [*self._done_shards, *self._shards.values()]:
+                f.sync()
+                created |= f.created
+            if created:
+                _fsync_dir(self.dir)
+            self.after_commit()
+
+    def after_commit(self) -> None:
+        """Close shard files of finished row blocks (their rows are committed now)."""
+        done, self._done_shards = self._done_shards, []
+        for f in done:
+            f.close()
 
     def repair_block(self, n: int) -> None:
         """Resume (patch mode with crc): rows >= n are not committed. Reset them to the fill
@@ -501,7 +684,11 @@ class _ArrayWriter:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def close_file(self) -> None:
-        """Close the ready block's chunk file (patch mode); the next ``set`` reopens it."""
+        """Close the ready block's chunk file (patch mode) and any open shard file; the next
+        write reopens what it needs."""
+        for f in [*self._done_shards, *self._shards.values()]:
+            f.close()
+        self._done_shards, self._shards = [], {}
         if self._fd is not None:
             fd, self._fd, self._ready_block = self._fd, None, -1
             os.close(fd)
@@ -558,6 +745,10 @@ class StoreWriter:
         durable: fsync every chunk a row writes and the commit marker (and their directories)
             before a step counts as committed, so committed steps survive a power cut, not
             only a kill (cost: README, "Crash safety").
+        sharded: a new store gathers the chunks of ``grad``, ``weight`` and the sketch arrays
+            into shard files of several rows (``format.ArraySpec.zarr_layout``): a file is
+            created every few steps instead of one per chunk and step. False: one file per
+            chunk. A resumed store keeps the layout it was created with.
 
     One writer at a time: the writer holds an exclusive ``fcntl.flock`` on the store's lock
     file (:data:`LOCK_NAME`) from creation or resume until :meth:`close` / :meth:`abort` (the
@@ -583,8 +774,10 @@ class StoreWriter:
         threads: int = 1,
         lag_band: int = 0,
         durable: bool = False,
+        sharded: bool = True,
     ):
         self.path = Path(path)
+        self.sharded = bool(sharded)
         if int(lag_band) < 0:
             raise ValueError(f"lag_band={lag_band} must be >= 0 (gradient rows back)")
         self.lag_band = int(lag_band)
@@ -732,10 +925,9 @@ class StoreWriter:
             arrays[spec.name] = g.create_array(
                 spec.name,
                 shape=spec.shape(cap),
-                chunks=spec.chunks,
+                **spec.zarr_layout(self.sharded),
                 dtype=spec.dtype,
                 fill_value=spec.fill_value,
-                compressors=fmt.codecs_for(spec.codecs),
                 dimension_names=list(spec.dims),
                 attributes=spec.attrs,
                 chunk_key_encoding=spec.chunk_key_encoding,
@@ -1081,12 +1273,14 @@ class StoreWriter:
         if self.header.n_steps == self._n:
             return
         if self.durable:  # the rows' chunks are on disk before the marker says so
-            for name in self._scalar_names:
-                self._w[name].sync()
+            for aw in self._w.values():
+                aw.sync()
         self.header.n_steps = self._n
         self.header.has_final = self._has_final
         self.header.extra["n_nonfinite_steps"] = self.n_nonfinite
         self._write_header()
+        for aw in self._w.values():
+            aw.after_commit()
 
     @property
     def n_written(self) -> int:

@@ -294,3 +294,74 @@ def chunk_path(store, array: str, *coords: int):
     from pathlib import Path
 
     return Path(store) / chunk_key(store, array, *coords)
+
+
+def chunk_span(store, array: str, *coords: int):
+    """``(file, offset, nbytes)`` of chunk ``coords`` of ``array`` in the local store ``store``:
+    the chunk file itself, or the shard file holding it and the chunk's bytes in it."""
+    from pathlib import Path
+
+    import zarr
+
+    from analysis import integrity
+
+    arr = zarr.open_array(str(Path(store) / array), mode="r")
+    if integrity.shard_of(arr, coords) is None:
+        p = chunk_path(store, array, *coords)
+        return p, 0, p.stat().st_size
+    key, off, nb = integrity._shard_entry(arr, coords)
+    assert off != 2**64 - 1, f"chunk {coords} of {array} is not stored"
+    return Path(integrity._file(arr, key)), off, nb
+
+
+def flip_chunk_byte(store, array: str, row: int, col: int, pos: int, mask: int = 0x10) -> None:
+    """Flip bits ``mask`` of byte ``pos`` (modulo the chunk's size) of one stored chunk."""
+    path, off, nb = chunk_span(store, array, row, col)
+    with open(path, "r+b") as f:
+        f.seek(off + pos % nb)
+        b = f.read(1)[0]
+        f.seek(off + pos % nb)
+        f.write(bytes([b ^ mask]))
+
+
+def _shard_index_entry(store, array: str, row: int, col: int):
+    from pathlib import Path
+
+    import zarr
+
+    from analysis import integrity
+
+    arr = zarr.open_array(str(Path(store) / array), mode="r")
+    sh = integrity.shard_of(arr, (row, col))
+    if sh is None:
+        return None
+    return Path(integrity._file(arr, integrity._store_key(arr, sh[0]))), 16 * sh[1]
+
+
+def delete_chunk(store, array: str, row: int, col: int) -> None:
+    """Remove one chunk: its file, or its entry in its shard's index (it then reads as absent)."""
+    found = _shard_index_entry(store, array, row, col)
+    if found is None:
+        chunk_path(store, array, row, col).unlink()
+        return
+    path, at = found
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(b"\xff" * 16)
+
+
+def truncate_chunk(store, array: str, row: int, col: int, keep: int) -> None:
+    """Cut one chunk to its first ``keep`` bytes (its file, or its length in its shard's index)."""
+    found = _shard_index_entry(store, array, row, col)
+    if found is None:
+        p = chunk_path(store, array, row, col)
+        p.write_bytes(p.read_bytes()[:keep])
+        return
+    path, at = found
+    import struct
+
+    with open(path, "r+b") as f:
+        f.seek(at)
+        off, _ = struct.unpack("<QQ", f.read(16))
+        f.seek(at)
+        f.write(struct.pack("<QQ", off, keep))

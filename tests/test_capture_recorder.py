@@ -236,16 +236,17 @@ def test_resume_appends_and_refuses_mismatches(tmp_path):
 
 
 def _fail_after(monkeypatch, n_ok):
+    """Chunk writes (appends to shard files) fail with ENOSPC after the first ``n_ok``."""
     calls = {"n": 0}
-    real = cw._put_direct
+    real = cw._ShardFile.put
 
-    def flaky(path, data, *rest):
+    def flaky(self, entry, parts):
         calls["n"] += 1
         if calls["n"] > n_ok:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(path, data, *rest)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        real(self, entry, parts)
 
-    monkeypatch.setattr(cw, "_put_direct", flaky)
+    monkeypatch.setattr(cw._ShardFile, "put", flaky)
 
 
 def test_disk_full_is_raised_to_the_training_loop_and_the_store_stays_consistent(tmp_path, monkeypatch):

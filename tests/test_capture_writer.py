@@ -11,7 +11,6 @@ import zarr
 from analysis import format as fmt
 from capture import writer as cw
 from capture.writer import StoreWriter, tensor_scalars
-from tests.helpers_stores import chunk_path
 
 
 def _table(sizes=((3, 5), (7,), (2, 2, 2))):
@@ -25,25 +24,35 @@ def _rows(rng, T, d):
     return g, w
 
 
+def _shard_chunks(path, n_entries: int) -> dict[int, bytes]:
+    """The chunks of a shard file (index first, ``(offset, nbytes)`` little-endian uint64)."""
+    raw = path.read_bytes()
+    idx = np.frombuffer(raw[: 16 * n_entries], dtype="<u8").reshape(n_entries, 2)
+    return {i: raw[int(o): int(o) + int(nb)] for i, (o, nb) in enumerate(idx) if o != 2**64 - 1}
+
+
+@pytest.mark.parametrize("sharded", [True, False])
 @pytest.mark.parametrize("tier", ["lossless", "lossless:raw", "rounded:9", "sketch:16"])
-def test_chunks_are_byte_identical_to_zarr_setitem(tmp_path, tier):
-    """Each chunk file equals what zarr writes for the same array metadata and values."""
+def test_chunks_are_byte_identical_to_zarr_setitem(tmp_path, tier, sharded):
+    """Each chunk (file, or chunk inside a shard file) equals what zarr writes for the same
+    array metadata and values."""
     rng = np.random.default_rng(0)
     tensors = _table()
     d = sum(t.size for t in tensors)
     g, w = _rows(rng, 3, d)
-    sw = StoreWriter(tmp_path / "a.zarr", tensors, {"grad": tier, "weight": tier}, param_chunk=8)
+    sw = StoreWriter(tmp_path / "a.zarr", tensors, {"grad": tier, "weight": tier}, param_chunk=8, sharded=sharded)
     for t in range(3):
         sw.append(t, g[t], w[t], loss=0.5 * t, lr=0.1, epoch=t)
-    assert all(aw.mode in ("rows", "patch") for aw in sw._w.values())
+    assert all(aw.mode in (("shards" if sharded else "rows"), "patch") for aw in sw._w.values())
     group = zarr.open_group(str(tmp_path / "a.zarr"), mode="r", use_consolidated=False)
     ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="w")
     compared = 0
     for name, aw in sw._w.items():
         arr = group[name]
         twin = ref.create_array(
-            name, shape=arr.shape, chunks=arr.chunks, dtype=arr.dtype, fill_value=arr.fill_value,
-            compressors=arr.compressors, serializer=arr.serializer, dimension_names=arr.metadata.dimension_names,
+            name, shape=arr.shape, chunks=arr.shards or arr.chunks, dtype=arr.dtype, fill_value=arr.fill_value,
+            compressors=None if arr.shards else arr.compressors,
+            serializer=arr.metadata.codecs[0] if arr.shards else arr.serializer, dimension_names=arr.metadata.dimension_names,
             config={"write_empty_chunks": True}, chunk_key_encoding=arr.metadata.chunk_key_encoding,
         )
         twin[:3] = arr[:3]
@@ -51,8 +60,14 @@ def test_chunks_are_byte_identical_to_zarr_setitem(tmp_path, tier):
         assert keys, name
         for key in keys:
             mine = tmp_path / "a.zarr" / name / key.relative_to(tmp_path / "ref.zarr" / name)
-            assert mine.read_bytes() == key.read_bytes(), (name, key)
-        compared += len(keys)
+            if aw.mode == "shards":  # the same chunks; their order in the file may differ
+                n_entries = aw.shard[0] * aw.shard[1]
+                theirs, ours = _shard_chunks(key, n_entries), _shard_chunks(mine, n_entries)
+                assert ours == theirs and len(ours) >= 3, (name, key)
+                compared += len(ours)
+            else:
+                assert mine.read_bytes() == key.read_bytes(), (name, key)
+                compared += 1
     assert compared >= 3 * 2 + 11
 
 
@@ -113,10 +128,11 @@ def test_torn_row_is_never_visible_and_is_rewritten(tmp_path):
     sw.append(1, g[1], w[1], loss=2.0)
     # simulate the torn step 2: garbage chunks for row 2 and a half-written per-step row
     for name in ("grad", "weight"):
-        for j in range(sw._w[name].n_col_chunks):
-            key = chunk_path(path, name, 2, j)
-            key.parent.mkdir(parents=True, exist_ok=True)
-            key.write_bytes(b"torn")
+        aw = sw._w[name]
+        assert aw.mode == "shards"
+        for j in range(aw.n_col_chunks):  # garbage bytes, indexed in the shard as row 2's chunks
+            shard, entry = aw._shard_of(2, j)
+            shard.put(entry, [b"torn"])
     sw._w["loss"].set(2, 99.0)
     del sw  # killed: no close
     header = fmt.read_header(path)
@@ -285,6 +301,11 @@ def test_threaded_writer_writes_the_same_bytes(tmp_path, tier):
     for rel in files_a:
         if rel.name in ("zarr.json",):
             continue  # metadata holds the creation time
+        if rel.parts[0] in ("grad", "weight"):  # shard files: threads append a row's chunks in any order
+            arr = zarr.open_array(str(a / rel.parts[0]), mode="r")
+            n_entries = int(np.prod(arr.shards)) // int(np.prod(arr.chunks))
+            assert _shard_chunks(a / rel, n_entries) == _shard_chunks(b / rel, n_entries), rel
+            continue
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
@@ -316,3 +337,103 @@ def test_tensor_scalars_batched_small_tensors_match_slow_float64():
                 assert not math.isfinite(got), i
     assert (gg[1], ww[1], gw[1]) == (0.0, 0.0, 0.0)
     assert np.isfinite(gg[[0, 2, 4, 5, 6, 7, 8]]).all()
+
+
+# ------------------------------------------------------------------ shard files of several rows
+
+
+@pytest.fixture
+def small_shards(monkeypatch):
+    """Shards of 480 raw bytes: 2 rows of ``_table()``'s 30 float32 in 4 chunks of 8 (128 bytes
+    a row), 1 row of 30 bytes of bit planes... so that tests cross shard boundaries."""
+    monkeypatch.setattr(fmt, "SHARD_BYTES", 480)
+
+
+@pytest.mark.parametrize("tier", ["lossless", "rounded:7", "sketch:16", "lossless:raw"])
+def test_rows_across_shards_resume_and_rewrite(tmp_path, small_shards, tier):
+    """Rows across several shard files; a resume inside a shard and one at a shard boundary;
+    torn rows of a killed writer; the result equals an unsharded store, array by array."""
+    rng = np.random.default_rng(11)
+    tensors = _table()
+    d = sum(t.size for t in tensors)
+    g, w = _rows(rng, 14, d)
+    tiers = {"grad": tier, "weight": tier}
+    path, ref = tmp_path / "s.zarr", tmp_path / "ref.zarr"
+    sw = StoreWriter(path, tensors, tiers, param_chunk=8)
+    big = sw._w["grad" if "sketch" not in tier else "grad_sketch"]
+    assert big.mode == "shards" and big.shard[0] in (1, 2, 4), big.shard
+    for t in range(5):  # rows 0-4 over several shards
+        sw.append(t, g[t], w[t], loss=float(t))
+    sw.append(5, g[11], w[11], loss=55.0, commit=False)  # written, never committed: "killed"
+    sw._close_files()
+    sw._unlock()
+    del sw  # killed
+    sw = StoreWriter(path, tensors, tiers, mode="resume")  # inside a shard: row 5 of rows 4-5 or 4-7
+    assert sw.n_steps == 5
+    for t in range(5, 8):
+        sw.append(t, g[t], w[t], loss=float(t))
+    sw.append(8, g[12], w[12], loss=99.0, commit=False)  # first row of shard 4, uncommitted
+    sw._close_files()
+    sw._unlock()
+    del sw  # killed
+    sw = StoreWriter(path, tensors, tiers, mode="resume")  # at a shard boundary: row 8 starts a shard afresh
+    assert sw.n_steps == 8
+    for t in range(8, 13):
+        sw.append(t, g[t], w[t], loss=float(t))
+    sw.close(w[13])
+    plain = StoreWriter(ref, tensors, tiers, param_chunk=8, sharded=False)
+    for t in range(13):
+        plain.append(t, g[t], w[t], loss=float(t))
+    plain.close(w[13])
+    a, b = xr.open_zarr(path), xr.open_zarr(ref)
+    assert set(a.data_vars) == set(b.data_vars)
+    for name in a.data_vars:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    from analysis.integrity import verify_store
+
+    assert verify_store(path) == []
+
+
+def test_durable_fsyncs_every_shard_before_the_marker(tmp_path, small_shards, monkeypatch):
+    """durable=True: each commit's zarr.json replace comes after an fsync of every shard file
+    its rows were written to (and of the new shards' directory)."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        try:
+            events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        except OSError:
+            events.append(("fsync", "?"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    rng = np.random.default_rng(12)
+    tensors = _table()
+    g, w = _rows(rng, 7, sum(t.size for t in tensors))
+    path = tmp_path / "d.zarr"
+    sw = StoreWriter(path, tensors, param_chunk=8, durable=True)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    for t in range(6):
+        events.append(("row", t))
+        sw.append(t, g[t], w[t])
+    monkeypatch.undo()
+    sw.close()
+    root = str(path / "zarr.json")
+    R = fmt.shard_geometry(30, 8, 4, 480)[0]
+    assert R == 2
+    for t in range(6):
+        at = events.index(("row", t))
+        marker = next(i for i in range(at, len(events)) if events[i] == ("replace", root))
+        synced = {p for kind, p in events[at:marker] if kind == "fsync"}
+        for name in ("grad", "weight"):
+            shard = str(path / name / f"c.{t // R}.0")
+            assert shard in synced, (t, name, sorted(synced))
+        if t % R == 0:  # a new shard file: its directory entry too
+            assert str(path / "grad") in synced, (t, sorted(synced))

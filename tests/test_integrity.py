@@ -26,7 +26,7 @@ import analysis as ga
 from analysis import format as fmt
 from analysis import integrity
 from capture.writer import LOCK_NAME, StoreWriter
-from tests.helpers_stores import chunk_path, make_store
+from tests.helpers_stores import delete_chunk, flip_chunk_byte, make_store, truncate_chunk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,19 +123,18 @@ def test_flipped_bytes_never_give_a_number(clean, tmp_path, array):
         dst = tmp_path / f"f{k}.zarr"
         shutil.copytree(clean.path, dst)
         row = int(rng.integers(0, 9))
-        chunk = chunk_path(dst, array, row, int(rng.integers(0, 5)))
-        flip(chunk, int(rng.integers(0, chunk.stat().st_size)), 1 << int(rng.integers(0, 8)))
+        flip_chunk_byte(dst, array, row, int(rng.integers(0, 5)), int(rng.integers(0, 1 << 20)),
+                        1 << int(rng.integers(0, 8)))
         metrics_all_fail(dst, array, int(clean.steps[row]))
         shutil.rmtree(dst)
 
 
 def test_deleted_and_truncated_chunks_are_errors_not_nan(copy, clean):
-    chunk_path(copy, "grad", 4, 1).unlink()
+    delete_chunk(copy, "grad", 4, 1)
     metrics_all_fail(copy, "grad", 4)
     shutil.rmtree(copy)
     shutil.copytree(clean.path, copy)
-    p = chunk_path(copy, "weight", 2, 0)
-    p.write_bytes(p.read_bytes()[:20])
+    truncate_chunk(copy, "weight", 2, 0, 20)
     metrics_all_fail(copy, "weight", 2)
 
 
@@ -234,8 +233,8 @@ def test_kill_between_row_and_checksum_damages_nothing_committed(tmp_path, monke
 
 
 def test_cli_one_flipped_byte_fails_corr_and_rsi_and_verify_lists_every_step(copy):
-    flip(chunk_path(copy, "grad", 6, 0), 9)
-    chunk_path(copy, "grad", 2, 3).unlink()
+    flip_chunk_byte(copy, "grad", 6, 0, 9)
+    delete_chunk(copy, "grad", 2, 3)
     for cmd in (("corr", copy), ("rsi", copy)):
         one_line_error(gradtrace(*cmd), "'grad'", "damaged", "step")
     p = gradtrace("verify", copy)

@@ -24,7 +24,7 @@ import xarray as xr
 import analysis as ga
 from analysis import engine
 from analysis.store import zarrs_available
-from tests.helpers_stores import chunk_key, make_store
+from tests.helpers_stores import delete_chunk, flip_chunk_byte, make_store
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -193,22 +193,26 @@ def test_cli_bad_storage_options():
             parse_storage_options(bad)
 
 
-def test_damaged_remote_chunks_are_errors(s3):
+def test_damaged_remote_chunks_are_errors(s3, tmp_path):
     """A missing or flipped chunk in object storage is an error naming it, as on a local disk
-    (the missing-chunk check asks the store only about spans that read as the fill value)."""
+    (the missing-chunk check asks the store only about spans that read as the fill value).
+    The stores are sharded (as recorded to a local disk, then uploaded): the damage is done to
+    a local copy, chunk by chunk inside the shard files, before the upload."""
+    import shutil
+
     fs, opts = s3["fs"], s3["opts"]
+    copies = {}
     for name, data in (("dmg.zarr", s3["lossless"]), ("dmgsk.zarr", s3["sketch"])):
-        fs.put(str(data.path), f"{BUCKET}/{name}", recursive=True)
-    fs.rm(f"{BUCKET}/dmg.zarr/" + chunk_key(s3["lossless"].path, "grad", 3, 1))
+        copies[name] = tmp_path / name
+        shutil.copytree(data.path, copies[name])
+    delete_chunk(copies["dmg.zarr"], "grad", 3, 1)
+    flip_chunk_byte(copies["dmgsk.zarr"], "grad_signbits", 2, 0, 10**6, 0x20)
+    delete_chunk(copies["dmgsk.zarr"], "grad_nonzero", 4, 0)
+    for name, local in copies.items():
+        fs.put(str(local), f"{BUCKET}/{name}", recursive=True)
     fs.invalidate_cache()
     with pytest.raises(ga.DamagedStoreError, match=r"'grad' is damaged at step 3.*missing"):
         ga.corr_matrix(ga.open_run(url("dmg.zarr"), storage_options=opts))
-    key = f"{BUCKET}/dmgsk.zarr/" + chunk_key(s3["sketch"].path, "grad_signbits", 2, 0)
-    raw = bytearray(fs.cat(key))
-    raw[len(raw) // 2] ^= 0x20
-    fs.pipe(key, bytes(raw))
-    fs.rm(f"{BUCKET}/dmgsk.zarr/" + chunk_key(s3["sketch"].path, "grad_nonzero", 4, 0))
-    fs.invalidate_cache()
     run = ga.open_run(url("dmgsk.zarr"), storage_options=opts)
     with pytest.raises(ga.DamagedStoreError, match=r"'grad_(signbits|nonzero)' is damaged at step [24]"):
         ga.sign_shift_matrix(run)
