@@ -38,7 +38,7 @@ from analysis import engine, slabs  # noqa: E402
 from analysis import format as fmt  # noqa: E402
 
 
-def build_store(path: Path, T: int, d: int, seed: int = 0) -> None:
+def build_store(path: Path, T: int, d: int, seed: int = 0, sharded: bool = True) -> None:
     """Gradient-like float32 data: a decaying oscillating direction plus noise, layered scales."""
     from capture.writer import StoreWriter
 
@@ -50,7 +50,7 @@ def build_store(path: Path, T: int, d: int, seed: int = 0) -> None:
     direction = rng.standard_normal(d, dtype=np.float32)
     w = rng.standard_normal(d, dtype=np.float32)
     writer = StoreWriter(path, tensors, {"grad": "lossless", "weight": "lossless"}, mode="overwrite",
-                         expected_steps=T + 1)
+                         expected_steps=T + 1, sharded=sharded)
     t0 = time.perf_counter()
     for t in range(T):
         g = scales * (np.float32((-1) ** t * np.exp(-t / T)) * direction + rng.standard_normal(d, dtype=np.float32))
@@ -61,16 +61,23 @@ def build_store(path: Path, T: int, d: int, seed: int = 0) -> None:
     writer.close(final_weight=w)
 
 
-def store_for(cache: Path, T: int, d: int) -> Path:
-    path = cache / f"analysis-T{T}-d{d}.zarr"
+def _is_sharded(path: Path) -> bool:
+    import json
+
+    codecs = json.loads((path / "grad" / "zarr.json").read_text())["codecs"]
+    return codecs[0]["name"] == "sharding_indexed"
+
+
+def store_for(cache: Path, T: int, d: int, sharded: bool = True) -> Path:
+    path = cache / f"analysis-T{T}-d{d}{'' if sharded else '-unsharded'}.zarr"
     try:
         h = fmt.read_header(path)
-        if h.closed and h.n_steps == T + 1 and h.n_params == d:
+        if h.closed and h.n_steps == T + 1 and h.n_params == d and _is_sharded(path) == sharded:
             return path
-    except fmt.StoreError:
+    except (fmt.StoreError, OSError, KeyError):
         pass
     print(f"writing the benchmark store {path} (once) ...", flush=True)
-    build_store(path, T, d)
+    build_store(path, T, d, sharded=sharded)
     return path
 
 
@@ -174,15 +181,23 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="runs per timing, best kept (default 2)")
     ap.add_argument("--cache", default=os.environ.get("GRADTRACE_BENCH_CACHE", "/tmp/gradtrace-bench"),
                     help="directory of the cached store (default /tmp/gradtrace-bench)")
+    ap.add_argument("--unsharded", action="store_true",
+                    help="a store with one file per chunk (StoreWriter(sharded=False)) instead of shard files")
     args = ap.parse_args(argv)
     T, d = (128, 2**18) if args.quick else (args.T, args.d)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    path = store_for(cache, T, d)
+    path = store_for(cache, T, d, sharded=not args.unsharded)
     run = ga.open_run(path)
-    codec = run._arrays["grad"].metadata.codecs[-1].to_dict()
+    meta = run._arrays["grad"].metadata.codecs
+    layout = "one file per chunk"
+    if meta[0].to_dict()["name"] == "sharding_indexed":
+        shards = run._arrays["grad"].shards
+        meta, layout = meta[0].codecs, f"shard files of {shards[0]} rows x {shards[1]} entries"
+    codec = [c for c in meta if c.to_dict()["name"] not in ("bytes", "crc32c")]
+    codec = codec[0].to_dict() if codec else {"name": "none"}
     gib = 4 * T * d / 2**30
-    print(f"\nstore {path}: T={T}, d={d} ({gib:.2f} GiB per array), codec {codec['name']} "
+    print(f"\nstore {path}: T={T}, d={d} ({gib:.2f} GiB per array), {layout}, codec {codec['name']} "
           f"{codec.get('configuration', {}).get('cname', '')}, zarrs={run.use_zarrs}, cores={os.cpu_count()}")
 
     X = np.asarray(run._arrays["grad"][:T])  # the gradients, in memory (not timed)

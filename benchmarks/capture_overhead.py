@@ -217,17 +217,18 @@ def floors(model, tiers: list[str], root: Path) -> dict:
         sw.abort()
         shutil.rmtree(path)
         files = root / "floor-files"
-        counter = iter(range(10**9))
+        files.mkdir(exist_ok=True)
+        # the writer appends a row's chunks to open shard files (a new file every few rows):
+        # the floor is appending the encoded bytes to an open file
+        fd = os.open(files / "append", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
         def write():
-            k = next(counter)
-            for j, b in enumerate(encoded):
-                with open(files / f"{k}.{j}", "wb") as f:
-                    f.write(b)
+            for b in encoded:
+                os.write(fd, b)
 
-        files.mkdir(exist_ok=True)
         os.sync()
         out[f"write {tier}"] = _median_s(write) / d * 1e9
+        os.close(fd)
         shutil.rmtree(files)
         os.sync()
     return out
