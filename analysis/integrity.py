@@ -311,7 +311,8 @@ class CheckedScalarArray:
 def _crc_ok(raw: bytes) -> bool:
     import google_crc32c
 
-    return len(raw) >= 4 and google_crc32c.value(raw[:-4]) == int.from_bytes(raw[-4:], "little")
+    # a read-only array view: google_crc32c takes read-only buffers, and bytes slicing would copy
+    return len(raw) >= 4 and google_crc32c.value(np.frombuffer(raw, np.uint8)[:-4]) == int.from_bytes(raw[-4:], "little")
 
 
 def _uses_zarrs(arr) -> bool:
@@ -335,25 +336,44 @@ def _scan_shards(arr, rows, a: int, b: int, crc: bool) -> list[tuple[int, str, s
     from zarr.codecs import Crc32cCodec
 
     out = []
+    local = _is_local(arr)
     for outer, chunks in by_shard.items():
         n = shard_of(arr, chunks[0][:2])[2]
         key = _store_key(arr, outer)
         index_len = 16 * n + 4 * any(isinstance(c, Crc32cCodec) for c in sc.index_codecs)
         at_start = getattr(sc.index_location, "value", sc.index_location) == "start"
-        index = _get_raw(arr, key, 0, index_len) if at_start else _get_raw(arr, key, suffix=index_len)
-        if index is None or len(index) < index_len:
-            if index is not None or not crc:
-                why = "the chunk is missing" if index is None else "its shard file is torn"
-                out.extend((r, chunk_file(arr, (r, j)), why) for r, j, _ in chunks)
-            continue
-        table = np.frombuffer(index[: 16 * n], dtype="<u8").reshape(n, 2)
-        for r, j, entry in chunks:
-            off, nb = int(table[entry, 0]), int(table[entry, 1])
-            if off == _EMPTY and nb == _EMPTY:
+        fd = None
+        if local:  # one open file per shard: its index, then each chunk's bytes
+            try:
+                fd = os.open(_file(arr, key), os.O_RDONLY)
+            except FileNotFoundError:
+                index = None
+            else:
+                size = os.fstat(fd).st_size
+                index = os.pread(fd, index_len, 0 if at_start else max(0, size - index_len))
+        else:
+            index = _get_raw(arr, key, 0, index_len) if at_start else _get_raw(arr, key, suffix=index_len)
+        try:
+            if index is None or len(index) < index_len:
+                if index is not None or not crc:
+                    why = "the chunk is missing" if index is None else "its shard file is torn"
+                    out.extend((r, chunk_file(arr, (r, j)), why) for r, j, _ in chunks)
+                continue
+            table = np.frombuffer(index[: 16 * n], dtype="<u8").reshape(n, 2)
+            for r, j, entry in chunks:
+                off, nb = int(table[entry, 0]), int(table[entry, 1])
+                if off == _EMPTY and nb == _EMPTY:
+                    if not crc:
+                        out.append((r, chunk_file(arr, (r, j)), "the chunk is missing"))
+                    continue
                 if not crc:
-                    out.append((r, chunk_file(arr, (r, j)), "the chunk is missing"))
-            elif crc and not _crc_ok(_get_raw(arr, key, off, nb) or b""):
-                out.append((r, chunk_file(arr, (r, j)), "checksum mismatch (crc32c)"))
+                    continue
+                raw = os.pread(fd, nb, off) if fd is not None else (_get_raw(arr, key, off, nb) or b"")
+                if not _crc_ok(raw):
+                    out.append((r, chunk_file(arr, (r, j)), "checksum mismatch (crc32c)"))
+        finally:
+            if fd is not None:
+                os.close(fd)
     return out
 
 
