@@ -8,7 +8,7 @@ the small V lose fewer digits to cancellation than W); a sign shift is a ratio o
 counts. :func:`build_index` computes
 them in one out-of-core pass of the analysis engine (slabs of the parameter axis, summed in a
 tree; the local threads or a ``dask.distributed`` cluster) and stores them in the run store
-(sub-group ``index``, layout in :mod:`analysis.format`). The analysis functions then answer
+(sub-group ``index``, layout in :mod:`gradtrace_format.format`). The analysis functions then answer
 from it when it covers the request (same result, attribute ``answered_by="index"``) and run
 the pass otherwise; ``index=False`` forces the pass.
 
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis import format as fmt
-from analysis.errors import AnalysisError
+from gradtrace_format import format as fmt
+from gradtrace_format.errors import AnalysisError
 from analysis.store import Run, as_run
 
 #: Partial results of one index pass up to this many bytes; larger indexes are built in

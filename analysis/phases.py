@@ -13,7 +13,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.correlation import lag_series, mean_corr
-from analysis.errors import AnalysisError
+from gradtrace_format.errors import AnalysisError
 
 PHASES = ("smooth", "zigzag", "random", "undetermined")
 

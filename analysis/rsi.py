@@ -75,10 +75,10 @@ import warnings
 import numpy as np
 import xarray as xr
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 from analysis._common import group_attrs, per_step, selected, sketch_k
 from analysis.engine import Pass
-from analysis.errors import AnalysisError, TierError
+from gradtrace_format.errors import AnalysisError, TierError
 from analysis.index import RSI_INDEX_RTOL, cancellation, index_for, require
 from analysis.reference import Reference, resolve_reference
 from analysis.store import ParamGroup, Run, as_run

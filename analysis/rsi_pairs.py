@@ -26,7 +26,7 @@ import xarray as xr
 
 from analysis._common import selected
 from analysis.engine import Pass
-from analysis.errors import AnalysisError
+from gradtrace_format.errors import AnalysisError
 from analysis.index import RSI_INDEX_RTOL, cancellation, index_for
 from analysis.rsi import _tier_attrs, rsi_from_products, rsi_space
 from analysis.store import as_run

@@ -7,7 +7,7 @@ that is K + 1 trainings. gradtrace records ONE training and computes each refere
 from the store afterwards: one pass per reference (``ga.rsi(run, reference=...)``).
 
 Both sides use the same model and data, in one process: the zigzag paper's 3-conv-block CNN
-(``capture.models.cnn3``) on scikit-learn's 8x8 digits (1,437 training images), minibatch SGD,
+(``experiments.models.cnn3``) on scikit-learn's 8x8 digits (1,437 training images), minibatch SGD,
 a fixed seed and a seeded shuffle per epoch, so every training is bitwise identical (checked:
 the final weights of every training must equal the first one's, else the script fails).
 Training uses one torch thread by default (``--threads``): a CNN this small gains nothing from
@@ -63,8 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import analysis as ga  # noqa: E402
 from capture import Recorder  # noqa: E402
-from capture.data import load_dataset  # noqa: E402
-from capture.models import build_model  # noqa: E402
+from experiments.data import load_dataset  # noqa: E402
+from experiments.models import build_model  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Consolidated metadata")  # printed at every close
 

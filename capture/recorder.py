@@ -37,10 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from analysis import format as fmt
-from analysis.format import (
+try:
+    import torch
+except ModuleNotFoundError as _err:  # a plain install reads and analyses stores; recording needs torch
+    if _err.name != "torch":
+        raise
+    raise ModuleNotFoundError('recording needs PyTorch, which this install lacks: pip install "gradtrace[capture]"') from None
+
+from gradtrace_format import format as fmt
+from gradtrace_format.format import (
     FLAG_LR_GROUPS_DIFFER,
     FLAG_MISSING_GRAD,
     FLAG_NO_WEIGHT,
@@ -317,15 +323,15 @@ class Recorder:
             "Crash safety").
 
     One writer per store: the recorder holds the store's lock file until ``close`` (a dead
-    process releases it); a second writer gets ``analysis.format.StoreLockedError``.
+    process releases it); a second writer gets ``gradtrace_format.format.StoreLockedError``.
 
     Under ``torch.distributed`` only rank 0 writes; on other ranks ``record`` is a no-op.
 
     Raises:
         ValueError: no trainable parameters, bad arguments.
         FileExistsError: ``path`` exists and neither ``resume`` nor ``overwrite`` was given.
-        analysis.format.StoreMismatchError: resuming a store that does not match.
-        analysis.format.StoreLockedError: another writer holds the store.
+        gradtrace_format.format.StoreMismatchError: resuming a store that does not match.
+        gradtrace_format.format.StoreLockedError: another writer holds the store.
     """
 
     def __init__(
@@ -1180,7 +1186,7 @@ def restore_weights(model: torch.nn.Module, path: "str | os.PathLike", step: int
         branched run.
 
     Raises:
-        analysis.format.StoreMismatchError: the parameter tables differ, or the weight tier is
+        gradtrace_format.format.StoreMismatchError: the parameter tables differ, or the weight tier is
             ``sketch`` (the weights cannot be rebuilt).
         KeyError: ``step`` is not recorded (the message lists the nearest recorded steps).
     """
@@ -1203,7 +1209,7 @@ def restore_weights(model: torch.nn.Module, path: "str | os.PathLike", step: int
             "signs), from which the weights cannot be rebuilt. Record weights with the lossless or "
             "rounded tier to branch off a run."
         )
-    from analysis import integrity
+    from gradtrace_format import integrity
 
     group = zarr.open_group(str(path), mode="r", use_consolidated=False)
     n = header.n_steps

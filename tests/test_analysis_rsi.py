@@ -338,7 +338,7 @@ def test_directions_cut_rows_not_chunks(data, monkeypatch):
 
 def test_weight_decay_from_the_header(tmp_path):
     """settings["param_groups"] + settings["param_group_of"] give each tensor its lambda."""
-    from analysis import format as fmt
+    from gradtrace_format import format as fmt
     from capture.writer import StoreWriter
 
     d = make_store(tmp_path / "h.zarr", steps=4, seed=1)

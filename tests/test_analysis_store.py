@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 import analysis as ga
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 from capture.writer import StoreWriter
 from tests.helpers_stores import make_store, slow_corr_matrix
 

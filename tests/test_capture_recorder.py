@@ -10,7 +10,7 @@ import torch.nn as nn
 import xarray as xr
 import zarr
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 from capture import Recorder, RecorderWriteError, restore_weights
 from capture import writer as cw
 

@@ -178,7 +178,7 @@ def _check_out(args) -> None:
 
 
 def _check_report_dir(out: Path, force: bool) -> None:
-    from analysis.report import REPORT_MARK
+    from gradtrace.report import REPORT_MARK
 
     if not (out.exists() or out.is_symlink()):
         return
@@ -406,7 +406,7 @@ def cmd_layers(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from analysis.report import write_report
+    from gradtrace.report import write_report
 
     base = Path(args.store.rstrip("/"))
     if "://" in args.store:  # a URL: the report goes to the current directory
@@ -422,7 +422,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from analysis.integrity import verify_store
+    from gradtrace_format.integrity import verify_store
 
     store = args.store
     if "://" not in store and not Path(store).exists():
@@ -439,7 +439,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_record(args) -> int:
-    from capture.recipes import load_config, parse_overrides, run_recipe
+    from experiments.recipes import load_config, parse_overrides, run_recipe
 
     overrides = parse_overrides(args.set or [])
     for key, field in (("model", "model"), ("dataset", "dataset"), ("optimizer", "optimizer"), ("lr", "lr"),
@@ -463,7 +463,7 @@ def cmd_record(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from capture.recipes import load_config, run_recipe
+    from experiments.recipes import load_config, run_recipe
 
     out = Path(args.out)
     store = out / "run.zarr"
@@ -475,7 +475,7 @@ def cmd_demo(args) -> int:
     run_recipe(config, store, overwrite=True, progress=True)
     t1 = time.perf_counter()
     print(f"training + recording took {t1 - t0:.1f} s; writing the report...")
-    from analysis.report import write_report
+    from gradtrace.report import write_report
 
     index = write_report(store, out / "report", h=5, progress=True)
     print(f"analysis + figures took {time.perf_counter() - t1:.1f} s")
@@ -668,7 +668,7 @@ def _version() -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from analysis.format import StoreError
+    from gradtrace_format.format import StoreError
 
     errs: list[type[BaseException]] = [UserError, StoreError, ValueError, FileNotFoundError, FileExistsError,
                                        NotADirectoryError, PermissionError, KeyError]
@@ -684,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "list_presets", False):
-        from capture.recipes import describe_presets
+        from experiments.recipes import describe_presets
 
         for name, doc in describe_presets().items():
             print(f"{name:30s} {doc}")
