@@ -1,4 +1,4 @@
-"""Pairwise gradient correlation (seed 000, the "zigzag" paper; ../shared/METHODS.md).
+"""Pairwise gradient correlation (seed 000, the "zigzag" paper; docs/methods.md).
 
 ``mu(j, k) = <G_j, G_k> / (||G_j|| * ||G_k||)`` in [-1, 1]; NaN where a gradient has zero
 norm (or holds NaN/Inf). Lags and windows count *training steps*: on a run that recorded every

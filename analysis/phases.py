@@ -1,4 +1,4 @@
-"""Optimization-geometry phases from correlation statistics (seed 000; ../shared/METHODS.md).
+"""Optimization-geometry phases from correlation statistics (seed 000; docs/methods.md).
 
 The paper names three geometries: *smooth* (adjacent correlation strongly positive),
 *zigzag* (adjacent correlation strongly negative) and *random* (correlations near zero, near

@@ -1,4 +1,4 @@
-"""Reference points w* for RSI / EB / gamma (seeds 001/004; ../shared/METHODS.md).
+"""Reference points w* for RSI / EB / gamma (seeds 001/004; docs/methods.md).
 
 A reference is resolved once, validated (length d, finite), and handed to the one-pass
 engine either as store rows (the final iterate, a recorded step, the mean of a step range:

@@ -1,6 +1,6 @@
 """RSI, EB, gamma, locally optimal learning rate and distance to a reference point.
 
-Seeds 001/004 ("No Wrong Turns"), as ../shared/METHODS.md defines them, for a reference w*
+Seeds 001/004 ("No Wrong Turns"), as docs/methods.md defines them, for a reference w*
 and each recorded gradient step t with w_t != w*::
 
     RSI_t   = <G_t, w_t - w*> / ||w_t - w*||^2

@@ -1,6 +1,6 @@
 """RSI, EB and gamma against every recorded iterate at once, from the query index.
 
-The No Wrong Turns protocol (seeds 001/004; ../shared/METHODS.md) asks, for a reference point
+The No Wrong Turns protocol (seeds 001/004; docs/methods.md) asks, for a reference point
 w*, whether the path ever turns away from it: ``RSI(t, w*) = <G_t, w_t - w*> / ||w_t - w*||^2
 <= 0`` at some step t before it reaches w*. With the query index (``gradtrace index``) every
 recorded iterate ``w_s`` is such a reference for free (``V = W - a``, the iterates relative to

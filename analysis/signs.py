@@ -1,4 +1,4 @@
-"""Sign shift between gradients (seed 000, "zigzag" paper; ../shared/METHODS.md).
+"""Sign shift between gradients (seed 000, "zigzag" paper; docs/methods.md).
 
 Between steps j and k:
 

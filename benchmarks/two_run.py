@@ -19,7 +19,7 @@ before the update) at steps T/2, 3T/4, T/4, 0.9T, 0.1T, ... (:func:`reference_st
 
 * NWT way, for K references: training 1 (records nothing, keeps copies of the reference
   iterates) + K online trainings, each computing, at every step after ``backward()``, in
-  float64 per METHODS.md: ``||w_t - w*||^2``, ``<G_t, w_t - w*>`` and ``||G_t||^2``, hence
+  float64 per docs/methods.md: ``||w_t - w*||^2``, ``<G_t, w_t - w*>`` and ``||G_t||^2``, hence
   RSI, EB, gamma. Every training is actually run: the K = 1 and K = 3 rows use the first 1 and
   3 of the online trainings that the largest K runs (each is timed on its own).
 * Also shown, "NWT, 2 trainings": if all K references are known before the second training,
@@ -96,7 +96,7 @@ def reference_steps(T: int, K: int) -> list:
 
 
 def metrics_from_sums(dist2, gdiff, gg) -> dict[str, np.ndarray]:
-    """RSI, EB and gamma from ``||w - w*||^2``, ``<G, w - w*>`` and ``||G||^2`` (METHODS.md).
+    """RSI, EB and gamma from ``||w - w*||^2``, ``<G, w - w*>`` and ``||G||^2`` (docs/methods.md).
 
     Written out plainly (the online side of the comparison): NaN where ``w_t == w*``; gamma
     NaN where ``G_t == 0`` too.

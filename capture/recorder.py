@@ -1,6 +1,6 @@
 """``Recorder``: record a PyTorch training run's gradients and iterates into a run store.
 
-What is recorded follows ``../shared/METHODS.md``: at a recorded step t, ``G_t`` is the
+What is recorded follows ``docs/methods.md``: at a recorded step t, ``G_t`` is the
 ``.grad`` of every trainable parameter (``named_parameters`` order, flattened, after backward
 and after DDP's all-reduce, unscaled under AMP), ``w_t`` the weights it was computed at, plus
 ``loss``, ``lr`` (from the optimizer) and ``epoch``. At close the final iterate (the weights

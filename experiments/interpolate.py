@@ -1,4 +1,4 @@
-"""Loss along the straight line between two iterates, and its barrier (seed 003; METHODS.md).
+"""Loss along the straight line between two iterates, and its barrier (seed 003; docs/methods.md).
 
 For endpoints ``w_a`` and ``w_b`` (flat parameter vectors of length d) and ``alpha`` in
 [0, 1], the path is ``w(alpha) = (1 - alpha) w_a + alpha w_b`` and the barrier is
@@ -235,7 +235,7 @@ def interpolate(
 
     Returns:
         Dataset along ``alpha`` with ``loss`` (mean full-data loss) and, for classifiers,
-        ``accuracy``; attrs: ``barrier`` (METHODS.md: max along path - max endpoint loss),
+        ``accuracy``; attrs: ``barrier`` (docs/methods.md: max along path - max endpoint loss),
         ``loss_a``, ``loss_b``, ``a``, ``b`` (labels), ``steps`` (the endpoints' steps,
         -1 for non-steps), ``distance`` (``||w_b - w_a||``), ``n_examples``, ``store``,
         ``batch_norm`` (whether batch statistics were used).

@@ -14,7 +14,7 @@ Optimizers (:data:`OPTIMIZERS`): ``"gd"`` (plain gradient descent, ``torch.optim
 without momentum; full batch or not is the data loader's business), ``"sgd"`` (SGD, optional
 heavy-ball or Nesterov momentum), ``"adam"`` (L2 weight decay inside the update), ``"adamw"``
 (decoupled weight decay). Weight decay applied inside ``optimizer.step()`` is not part of the
-recorded gradient (METHODS.md).
+recorded gradient (docs/methods.md).
 
 Schedules (:data:`SCHEDULES`), all stepped once per ``optimizer.step()``, with step k's
 learning rate set before step k runs:

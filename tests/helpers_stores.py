@@ -228,7 +228,7 @@ def slow_sign_shift(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def slow_rsi(g: np.ndarray, w: np.ndarray, ref: np.ndarray) -> dict:
-    """RSI, EB, gamma, eta*, distance of one step (METHODS.md definitions), float64."""
+    """RSI, EB, gamma, eta*, distance of one step (docs/methods.md definitions), float64."""
     diff = np.asarray(w, np.float64) - np.asarray(ref, np.float64)
     d2 = dot(diff, diff)
     gd = dot(g, diff)

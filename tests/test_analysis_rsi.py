@@ -33,7 +33,7 @@ def test_final_iterate_reference(data):
     check(r, data.grads, data.weights, data.final_weight, range(12))
     assert r.attrs["reference"] == "final iterate (step 12)" and r.attrs["tier"] == "lossless"
     np.testing.assert_allclose(r.random_walk.values, (12 - np.arange(12.0)) ** -0.5)
-    # gamma = RSI / EB and eta* = RSI / EB^2 exactly as METHODS.md states
+    # gamma = RSI / EB and eta* = RSI / EB^2 exactly as docs/methods.md states
     np.testing.assert_allclose(r.gamma.values, r.rsi.values / r.eb.values, rtol=1e-12)
     np.testing.assert_allclose(r.eta_star.values, r.rsi.values / r.eb.values**2, rtol=1e-12)
     for c in ("epoch", "lr", "loss"):
