@@ -558,12 +558,13 @@ def cancellation(s: np.ndarray, dist2: np.ndarray) -> np.ndarray:
         return np.finfo(np.float64).eps * (RSI_ERROR_FACTOR * s / dist2 + RSI_ERROR_FLOOR)
 
 
-#: K of :func:`cancellation`: the largest measured ratio of the error of the expanded form to
-#: ``eps S / dist2`` was 2.9 (d = 2^20, distances 1e-1..1e-7 of ||w||, where the cancellation
-#: dominates); K is about 3x that.
+#: K of :func:`cancellation`: about 3x the largest ratio of the error of the expanded form to
+#: ``eps S / dist2`` that ``benchmarks/index.py`` measures where the cancellation dominates
+#: (the README, "The query index", has the figures).
 RSI_ERROR_FACTOR = 8.0
-#: F of :func:`cancellation`: where nothing cancels (S / dist2 ~ 1) the index and the pass
-#: still differ by up to 260 eps (d = 2^20, summation order); F is about 4x that.
+#: F of :func:`cancellation`: where nothing cancels (S / dist2 ~ 1) the index and the pass still
+#: differ by summation order; F is about 4x the largest such difference ``benchmarks/index.py``
+#: measures (README).
 RSI_ERROR_FLOOR = 1024.0
 #: The index answers a step's RSI/EB/gamma when the predicted relative error of its distance
 #: (and gamma's absolute error) is below this; other steps are computed by a pass.

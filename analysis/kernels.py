@@ -3,10 +3,10 @@
 The row-wise ops (a step against a reference, a pair of steps) combine two float32 rows, or a
 row and a float64 reference, into one or two float64 sums. Written with numpy, each needs a
 float64 copy of every row (a cast or a subtraction into a buffer) and then BLAS dots over the
-copies: about 2 ns per entry here, as much CPU as decoding the chunk. Compiled with numba, the
-cast, the difference and both sums happen in registers: about 0.3 ns per entry (AVX2), which
-is what makes a new reference cost little more than reading the store
-(``benchmarks/analysis.py``). The capture's own encodings live in
+copies, as much CPU as decoding the chunk. Compiled with numba, the cast, the difference and
+both sums happen in registers, which is what makes a new reference cost little more than
+reading the store (``benchmarks/analysis.py``; the README's Performance section has the
+figures). The capture's own encodings live in
 :mod:`capture.kernels`.
 
 Exactness is the same as the numpy route: every product and sum is formed in float64 from the
@@ -17,8 +17,8 @@ changes the result in the last bits, as BLAS blocking does; NaN and Inf propagat
 
 numba is a dependency of gradtrace; when it cannot be imported (a Dask worker without it) or
 ``GRADTRACE_NO_NUMBA=1`` is set, the same functions run as numpy, slower and with the same
-results to rounding. ``BACKEND`` says which is in use (after the first call). The first call of each kernel compiles it
-(about a second) unless numba's on-disk cache already holds it.
+results to rounding. ``BACKEND`` says which is in use (after the first call). The first call
+of each kernel compiles it unless numba's on-disk cache already holds it.
 """
 
 from __future__ import annotations

@@ -75,8 +75,8 @@ def zigzag_share(labels: xr.DataArray, loss: xr.DataArray | None = None, *, rule
       rise and fall carry different labels cannot make the share negative or above 1.
     * ``"net"``: ``p_t = loss_t - loss_t'`` (negative where the loss rises) over
       ``loss_0 - loss_T``. Rises and falls of a spike can land on differently labelled steps,
-      so this share can be negative or above 1 (it was 0.023, -0.24 and -0.21 in three re-runs
-      of one setting). Kept for comparison.
+      so this share can be negative or above 1, and can change sign between re-runs of one
+      setting. Kept for comparison.
 
     Args:
         labels: from :func:`phase_labels`, along ``step``.

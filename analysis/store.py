@@ -405,7 +405,7 @@ def open_run(path, *, chunks: int | None = None, storage_options: dict | None = 
 
     Raises:
         gradtrace_format.format.NotAStoreError: no gradtrace store at ``path``.
-        gradtrace_format.format.FormatVersionError: the store was written by a newer format version.
+        gradtrace_format.format.FormatVersionError: the store's format is newer, or from before 1.0.
 
     Example:
         >>> run = open_run("runs/cnn.zarr")            # doctest: +SKIP

@@ -3,7 +3,7 @@
 Public names (``__all__``)::
 
     Recorder(model, path, optimizer=None, *, schedule=every_step, tiers="lossless", ...)
-    restore_weights(model, path, step) / restore (the same)
+    restore_weights(model, path, step)
     every_step, every, at, per_epoch, windows, union, parse_schedule   (schedules)
     Tier, parse_tiers, model_table                                       (tiers, tables)
     StoreWriter                                                          (numpy-level writer)
@@ -36,7 +36,6 @@ __all__ = [
     "Recorder",
     "RecorderWriteError",
     "restore_weights",
-    "restore",
     "Schedule",
     "every_step",
     "every",
@@ -55,7 +54,6 @@ _LAZY = {
     "Recorder": ("capture.recorder", "Recorder"),
     "RecorderWriteError": ("capture.recorder", "RecorderWriteError"),
     "restore_weights": ("capture.recorder", "restore_weights"),
-    "restore": ("capture.recorder", "restore_weights"),
     "parse_tiers": ("capture.recorder", "parse_tiers"),
     "model_table": ("capture.recorder", "model_table"),
     "StoreWriter": ("capture.writer", "StoreWriter"),

@@ -50,7 +50,7 @@ Signed-integer arithmetic is arranged so that no int32 operation overflows (NaN 
 clamped before the rounding add); only :func:`sign_planes` relies on int64 multiplication
 wrapping modulo 2**64, which it does on CPU and CUDA.
 
-Cost on a GPU (not measured yet: no device was lent). Each function is a handful of eager
+Cost on a GPU. Each function is a handful of eager
 elementwise kernels, so its price is device-memory traffic, counted from the kernels, per
 entry of the flat vector: :func:`to_bf16_bits` 6 bytes (one cast); :class:`ScalarReducer`
 ~40 bytes for g and w together (two float32 -> float64 casts, one batched GEMM);
@@ -60,11 +60,8 @@ effective 4 TB/s, 10M entries cost 0.1 ms per 40 bytes. A fused kernel (Triton o
 ``torch.compile``) would bring each to its read-once floor (4-8 bytes); that is the next
 step if ``benchmarks/device/`` shows these passes in the step time.
 
-CPU time, as a sanity check only (``python -m capture.encode``: one torch thread, d = 2**20
-in 40 tensors, median thread CPU time, three runs on this 2-core machine at load ~5 from
-other jobs): tensor_scalars (g and w) 3.5-6.3 ns/entry, bitround (keepbits 10) 1.8-3.0,
-to_bf16_bits 0.11, round_upper16 (keepbits 7) 2.2-3.1, DeviceSketcher (k = 16384)
-2.6-3.0, sign_planes 1.65-1.8.
+``python -m capture.encode`` prints the CPU time per entry of each function (one torch thread),
+as a sanity check of the CPU path; measured figures belong in the README.
 """
 
 from __future__ import annotations

@@ -1158,11 +1158,6 @@ class Recorder:
     def __repr__(self) -> str:
         return f"Recorder({str(self.path)!r}, d={self.d}, schedule={self.schedule.describe()!r})"
 
-    @staticmethod
-    def restore(path: "str | os.PathLike", step: int, model: torch.nn.Module) -> dict:
-        """Load the recorded ``w_t`` of ``step`` into ``model``; see :func:`restore_weights`."""
-        return restore_weights(model, path, step)
-
 
 # --------------------------------------------------------------------------------------
 # restore
