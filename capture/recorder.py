@@ -43,7 +43,8 @@ try:
 except ModuleNotFoundError as _err:  # a plain install reads and analyses stores; recording needs torch
     if _err.name != "torch":
         raise
-    raise ModuleNotFoundError('recording needs PyTorch, which this install lacks: pip install "gradtrace[capture]"') from None
+    raise ModuleNotFoundError('recording needs PyTorch, which this install lacks: pip install "gradtrace[capture]"',
+                              name="torch") from None
 
 from gradtrace_format import format as fmt
 from gradtrace_format.format import (

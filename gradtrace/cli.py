@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 EXIT_USAGE = 2
+#: libraries ``record`` and ``demo`` need that a plain install lacks, and the extra that brings them
+EXTRA_OF = {"torch": "experiments", "torchvision": "experiments", "sklearn": "experiments", "mnist1d": "experiments"}
 EXIT_DAMAGED = 1  # `gradtrace verify` found damage (the check itself ran)
 
 STEPS_HELP = (
@@ -709,6 +711,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gradtrace: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as err:
+        if debug:
+            raise
+        missing = (err.name or "").split(".")[0]
+        if missing in EXTRA_OF:  # recording needs the harness's libraries, which a plain install lacks
+            print(f"gradtrace: error: `gradtrace {args.command}` needs {missing}, which this install lacks: "
+                  f'pip install "gradtrace[{EXTRA_OF[missing]}]"', file=sys.stderr)
+        else:
+            print(f"gradtrace: error: {_one_line(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
     except _user_errors() as err:
         if debug:
             raise

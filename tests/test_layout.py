@@ -171,3 +171,12 @@ def test_a_plain_install_needs_no_torch():
     assert extras["experiments"] <= extras["test"]
     assert "fast" not in extras
     assert meta["scripts"]["gradtrace"] == "gradtrace.cli:main"
+
+
+def test_without_torch_the_demo_says_which_extra(tmp_path):
+    prog = ('import sys; sys.modules["torch"] = None\nfrom gradtrace.cli import main\n'
+            f'sys.exit(main(["demo", "--quick", "--out", {str(tmp_path / "demo")!r}]))')
+    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        'gradtrace: error: `gradtrace demo` needs torch, which this install lacks: pip install "gradtrace[experiments]"']
