@@ -101,6 +101,18 @@ def test_the_format_layer_imports_numpy_zarr_numcodecs_only():
     assert not extra, extra
 
 
+def test_capture_never_imports_the_analysis_libraries():
+    edges = _graph()["capture"]
+    bad = {m: sorted(f) for m, f in edges.items() if m in {"xarray", "pandas", "dask", "distributed"}}
+    assert not bad, bad
+
+
+def test_analysis_imports_torch_only_to_read_a_checkpoint_reference():
+    """A PyTorch checkpoint given as an RSI reference needs torch.load; nothing else in analysis does."""
+    edges = _graph()["analysis"]
+    assert set(edges.get("torch", ())) <= {"analysis/reference.py"}, edges.get("torch")
+
+
 def test_the_static_check_sees_lazy_imports(tmp_path):
     """The walker finds an import inside a function body (so the floor test can fail)."""
     f = tmp_path / "m.py"
