@@ -15,8 +15,11 @@ Example:
     >>> ga.never_turns_away(run).attrs["steps"]                 # doctest: +SKIP
 """
 
+# analysis/engine.py still imports ``from analysis import format``: this binding serves it until
+# the engine split (issue #13, part 4) imports gradtrace_format directly; then delete this line.
+from gradtrace_format import format  # noqa: F401  (must come before the first analysis import)
 from analysis.correlation import corr, corr_matrix, corr_window, corr_windows, lag_series, mean_corr
-from analysis.errors import (
+from gradtrace_format.errors import (
     AnalysisError,
     BadReferenceError,
     LagNotAvailableError,
@@ -24,8 +27,8 @@ from analysis.errors import (
     StepNotFoundError,
     TierError,
 )
-from analysis.format import DamagedStoreError, FormatVersionError, NotAStoreError, StoreError
-from analysis.integrity import verify_store
+from gradtrace_format.format import DamagedStoreError, FormatVersionError, NotAStoreError, StoreError
+from gradtrace_format.integrity import verify_store
 from analysis.index import build_index, open_index
 from analysis.layers import balancedness, layer_table, linear_pairs
 from analysis.phases import gawu_switch, phase_labels, phases, zigzag_share

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import xarray as xr
 
-from analysis import format as fmt
-from analysis.errors import LagNotAvailableError, StepNotFoundError
+from gradtrace_format import format as fmt
+from gradtrace_format.errors import LagNotAvailableError, StepNotFoundError
 from analysis.store import ParamGroup, Run
 
 
@@ -34,7 +34,7 @@ def tier_attrs(run: Run, group: ParamGroup, array: str = "grad") -> dict:
     * rounded: per-entry relative error ``u = 2**-(keepbits+1)``; a cosine moves by at most
       ``2 * asin(u)`` (each vector turns by at most ``asin(u)``).
     * sketch: CountSketch estimate; standard error of a cosine ``sqrt((1 + cos^2) / k)``
-      (``analysis.format.sketch_cosine_stderr``) with k the buckets of the sketched tensors.
+      (``gradtrace_format.format.sketch_cosine_stderr``) with k the buckets of the sketched tensors.
     """
     tier = run.header.tiers[array]
     out = {"tier": tier.name, f"{array}_tier": tier.name}

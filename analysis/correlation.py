@@ -1,4 +1,4 @@
-"""Pairwise gradient correlation (seed 000, the "zigzag" paper; ../shared/METHODS.md).
+"""Pairwise gradient correlation (seed 000, the "zigzag" paper; docs/methods.md).
 
 ``mu(j, k) = <G_j, G_k> / (||G_j|| * ||G_k||)`` in [-1, 1]; NaN where a gradient has zero
 norm (or holds NaN/Inf). Lags and windows count *training steps*: on a run that recorded every
@@ -19,12 +19,12 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 
 from analysis._common import available_lags, cosines, group_attrs, lag_pairs, matrix, nonfinite, per_step, selected, tier_attrs
-from analysis import integrity
+from gradtrace_format import integrity
 from analysis.engine import Pass
-from analysis.errors import AnalysisError, LagNotAvailableError, StepNotFoundError
+from gradtrace_format.errors import AnalysisError, LagNotAvailableError, StepNotFoundError
 from analysis.index import index_for, require
 from analysis.store import as_run
 

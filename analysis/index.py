@@ -8,7 +8,7 @@ the small V lose fewer digits to cancellation than W); a sign shift is a ratio o
 counts. :func:`build_index` computes
 them in one out-of-core pass of the analysis engine (slabs of the parameter axis, summed in a
 tree; the local threads or a ``dask.distributed`` cluster) and stores them in the run store
-(sub-group ``index``, layout in :mod:`analysis.format`). The analysis functions then answer
+(sub-group ``index``, layout in :mod:`gradtrace_format.format`). The analysis functions then answer
 from it when it covers the request (same result, attribute ``answered_by="index"``) and run
 the pass otherwise; ``index=False`` forces the pass.
 
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis import format as fmt
-from analysis.errors import AnalysisError
+from gradtrace_format import format as fmt
+from gradtrace_format.errors import AnalysisError
 from analysis.store import Run, as_run
 
 #: Partial results of one index pass up to this many bytes; larger indexes are built in
@@ -558,12 +558,13 @@ def cancellation(s: np.ndarray, dist2: np.ndarray) -> np.ndarray:
         return np.finfo(np.float64).eps * (RSI_ERROR_FACTOR * s / dist2 + RSI_ERROR_FLOOR)
 
 
-#: K of :func:`cancellation`: the largest measured ratio of the error of the expanded form to
-#: ``eps S / dist2`` was 2.9 (d = 2^20, distances 1e-1..1e-7 of ||w||, where the cancellation
-#: dominates); K is about 3x that.
+#: K of :func:`cancellation`: about 3x the largest ratio of the error of the expanded form to
+#: ``eps S / dist2`` that ``benchmarks/index.py`` measures where the cancellation dominates
+#: (the README, "The query index", has the figures).
 RSI_ERROR_FACTOR = 8.0
-#: F of :func:`cancellation`: where nothing cancels (S / dist2 ~ 1) the index and the pass
-#: still differ by up to 260 eps (d = 2^20, summation order); F is about 4x that.
+#: F of :func:`cancellation`: where nothing cancels (S / dist2 ~ 1) the index and the pass still
+#: differ by summation order; F is about 4x the largest such difference ``benchmarks/index.py``
+#: measures (README).
 RSI_ERROR_FLOOR = 1024.0
 #: The index answers a step's RSI/EB/gamma when the predicted relative error of its distance
 #: (and gamma's absolute error) is below this; other steps are computed by a pass.

@@ -15,7 +15,7 @@ import xarray as xr
 from analysis import engine, slabs
 from analysis._common import cosines, lag_pairs, nonfinite, selected
 from analysis.engine import Pass
-from analysis.errors import AnalysisError, TierError
+from gradtrace_format.errors import AnalysisError, TierError
 from analysis.reference import resolve_reference
 from analysis.signs import LONG_NAME, check_denominator, percent
 from analysis.rsi import drop_tail, reference_in_space, rsi_from_products, rsi_space

@@ -1,4 +1,4 @@
-"""Optimization-geometry phases from correlation statistics (seed 000; ../shared/METHODS.md).
+"""Optimization-geometry phases from correlation statistics (seed 000; docs/methods.md).
 
 The paper names three geometries: *smooth* (adjacent correlation strongly positive),
 *zigzag* (adjacent correlation strongly negative) and *random* (correlations near zero, near
@@ -13,7 +13,7 @@ import numpy as np
 import xarray as xr
 
 from analysis.correlation import lag_series, mean_corr
-from analysis.errors import AnalysisError
+from gradtrace_format.errors import AnalysisError
 
 PHASES = ("smooth", "zigzag", "random", "undetermined")
 
@@ -75,8 +75,8 @@ def zigzag_share(labels: xr.DataArray, loss: xr.DataArray | None = None, *, rule
       rise and fall carry different labels cannot make the share negative or above 1.
     * ``"net"``: ``p_t = loss_t - loss_t'`` (negative where the loss rises) over
       ``loss_0 - loss_T``. Rises and falls of a spike can land on differently labelled steps,
-      so this share can be negative or above 1 (it was 0.023, -0.24 and -0.21 in three re-runs
-      of one setting). Kept for comparison.
+      so this share can be negative or above 1, and can change sign between re-runs of one
+      setting. Kept for comparison.
 
     Args:
         labels: from :func:`phase_labels`, along ``step``.

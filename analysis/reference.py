@@ -1,4 +1,4 @@
-"""Reference points w* for RSI / EB / gamma (seeds 001/004; ../shared/METHODS.md).
+"""Reference points w* for RSI / EB / gamma (seeds 001/004; docs/methods.md).
 
 A reference is resolved once, validated (length d, finite), and handed to the one-pass
 engine either as store rows (the final iterate, a recorded step, the mean of a step range:
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.errors import BadReferenceError, StepNotFoundError
+from gradtrace_format.errors import BadReferenceError, StepNotFoundError
 from analysis.store import Run
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -99,7 +99,7 @@ def resolve_reference(run: Run, reference="final", *, strict: bool = True) -> Re
 def _finite(run: Run, ref: Reference) -> Reference:
     """A reference made of store rows must have finite weights (the writer flags rows whose
     weights hold NaN or Inf: ``FLAG_NONFINITE_WEIGHT``); else every result would be NaN."""
-    from analysis import format as fmt
+    from gradtrace_format import format as fmt
 
     flags = run.flags[ref.rows]
     bad = (flags & fmt.FLAG_NONFINITE_WEIGHT) != 0

@@ -1,6 +1,6 @@
 """RSI, EB, gamma, locally optimal learning rate and distance to a reference point.
 
-Seeds 001/004 ("No Wrong Turns"), as ../shared/METHODS.md defines them, for a reference w*
+Seeds 001/004 ("No Wrong Turns"), as docs/methods.md defines them, for a reference w*
 and each recorded gradient step t with w_t != w*::
 
     RSI_t   = <G_t, w_t - w*> / ||w_t - w*||^2
@@ -75,10 +75,10 @@ import warnings
 import numpy as np
 import xarray as xr
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 from analysis._common import group_attrs, per_step, selected, sketch_k
 from analysis.engine import Pass
-from analysis.errors import AnalysisError, TierError
+from gradtrace_format.errors import AnalysisError, TierError
 from analysis.index import RSI_INDEX_RTOL, cancellation, index_for, require
 from analysis.reference import Reference, resolve_reference
 from analysis.store import ParamGroup, Run, as_run

@@ -1,6 +1,6 @@
 """RSI, EB and gamma against every recorded iterate at once, from the query index.
 
-The No Wrong Turns protocol (seeds 001/004; ../shared/METHODS.md) asks, for a reference point
+The No Wrong Turns protocol (seeds 001/004; docs/methods.md) asks, for a reference point
 w*, whether the path ever turns away from it: ``RSI(t, w*) = <G_t, w_t - w*> / ||w_t - w*||^2
 <= 0`` at some step t before it reaches w*. With the query index (``gradtrace index``) every
 recorded iterate ``w_s`` is such a reference for free (``V = W - a``, the iterates relative to
@@ -26,7 +26,7 @@ import xarray as xr
 
 from analysis._common import selected
 from analysis.engine import Pass
-from analysis.errors import AnalysisError
+from gradtrace_format.errors import AnalysisError
 from analysis.index import RSI_INDEX_RTOL, cancellation, index_for
 from analysis.rsi import _tier_attrs, rsi_from_products, rsi_space
 from analysis.store import as_run

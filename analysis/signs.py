@@ -1,4 +1,4 @@
-"""Sign shift between gradients (seed 000, "zigzag" paper; ../shared/METHODS.md).
+"""Sign shift between gradients (seed 000, "zigzag" paper; docs/methods.md).
 
 Between steps j and k:
 
@@ -33,7 +33,7 @@ import xarray as xr
 
 from analysis._common import group_attrs, lag_pairs, matrix, nonfinite, per_step, selected
 from analysis.engine import Pass
-from analysis.errors import AnalysisError, StepNotFoundError
+from gradtrace_format.errors import AnalysisError, StepNotFoundError
 from analysis.index import index_for, require
 from analysis.store import as_run
 

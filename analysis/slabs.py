@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis import integrity
+from gradtrace_format import integrity
 from analysis.store import ArrayRef
 
 #: Decoded slabs up to this many bytes land in a per-thread buffer that the thread's next slab

@@ -5,7 +5,7 @@ aligned to the storage chunks, and the helpers every metric uses: step selection
 number, range or list, with errors that list the nearby recorded steps) and parameter-group
 selection (by name, glob or list, returning the index ranges in the flat vector).
 
-Store semantics (``analysis/format.py``): rows at index >= ``header.n_steps`` are not data
+Store semantics (``gradtrace_format/format.py``): rows at index >= ``header.n_steps`` are not data
 (crash leftovers), and after a crash the arrays may even differ in length, so the Dataset is
 built from the zarr arrays sliced to ``n_steps`` rather than from ``xarray.open_zarr``.
 """
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from analysis import format as fmt
-from analysis import integrity
-from analysis.errors import ParamSelectionError, StepNotFoundError, TierError
+from gradtrace_format import format as fmt
+from gradtrace_format import integrity
+from gradtrace_format.errors import ParamSelectionError, StepNotFoundError, TierError
 
 #: Bytes per dask chunk of ``Run.ds`` big arrays (the engine picks its own slab width).
 DS_CHUNK_BYTES = 128 * 2**20
@@ -73,7 +73,7 @@ class ArrayRef:
     zarrs: bool = True
     token: str = ""  # identifies the header the Run was opened with (a rewritten store is reopened)
     #: rows whose chunks the writer removed on purpose (np.packbits of a row mask; see
-    #: ``analysis.integrity.absent_rows``): a missing chunk there is not damage
+    #: ``gradtrace_format.integrity.absent_rows``): a missing chunk there is not damage
     absent: bytes = b""
 
     def absent_rows(self) -> np.ndarray:
@@ -130,7 +130,7 @@ class Run:
 
     Attributes:
         path: the store location as given.
-        header: the validated :class:`analysis.format.Header` (``n_steps`` rows are data).
+        header: the validated :class:`gradtrace_format.format.Header` (``n_steps`` rows are data).
         ds: Dataset with dims ``step`` (every committed row, the final iterate included),
             ``param`` / ``sketch`` / ``param_byte`` (data arrays, dask, chunked along ``param``
             to a multiple of the storage chunks) and ``tensor``; coords ``step``, ``epoch``,
@@ -404,8 +404,8 @@ def open_run(path, *, chunks: int | None = None, storage_options: dict | None = 
         A :class:`Run`; ``run.ds`` holds only the ``header.n_steps`` committed rows.
 
     Raises:
-        analysis.format.NotAStoreError: no gradtrace store at ``path``.
-        analysis.format.FormatVersionError: the store was written by a newer format version.
+        gradtrace_format.format.NotAStoreError: no gradtrace store at ``path``.
+        gradtrace_format.format.FormatVersionError: the store's format is newer, or from before 1.0.
 
     Example:
         >>> run = open_run("runs/cnn.zarr")            # doctest: +SKIP

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 
 
 def _sizes(path: str, storage_options: dict | None = None) -> dict[str, int]:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import analysis as ga  # noqa: E402
 from analysis import engine, slabs  # noqa: E402
-from analysis import format as fmt  # noqa: E402
+from gradtrace_format import format as fmt  # noqa: E402
 
 
 def build_store(path: Path, T: int, d: int, seed: int = 0, sharded: bool = True) -> None:

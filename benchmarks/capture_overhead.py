@@ -166,7 +166,7 @@ def floors(model, tiers: list[str], root: Path) -> dict:
     """
     import numpy as np
 
-    from analysis import kernels
+    from capture import kernels
     from capture.recorder import model_table
     from capture.writer import StoreWriter, _scratch, scalar_tasks
 

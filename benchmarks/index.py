@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import analysis as ga  # noqa: E402
-from analysis import format as fmt  # noqa: E402
+from gradtrace_format import format as fmt  # noqa: E402
 from analysis.index import build_index, open_index  # noqa: E402
 from benchmarks.analysis import store_for  # noqa: E402
 

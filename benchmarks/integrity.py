@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis import format as fmt  # noqa: E402
+from gradtrace_format import format as fmt  # noqa: E402
 from capture.writer import StoreWriter, chunk_encoder  # noqa: E402
 
 

@@ -55,7 +55,7 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis import format as fmt  # noqa: E402
+from gradtrace_format import format as fmt  # noqa: E402
 from benchmarks.capture_overhead import build  # noqa: E402
 from capture.recorder import model_table  # noqa: E402
 from capture.writer import StoreWriter  # noqa: E402

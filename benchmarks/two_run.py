@@ -7,7 +7,7 @@ that is K + 1 trainings. gradtrace records ONE training and computes each refere
 from the store afterwards: one pass per reference (``ga.rsi(run, reference=...)``).
 
 Both sides use the same model and data, in one process: the zigzag paper's 3-conv-block CNN
-(``capture.models.cnn3``) on scikit-learn's 8x8 digits (1,437 training images), minibatch SGD,
+(``experiments.models.cnn3``) on scikit-learn's 8x8 digits (1,437 training images), minibatch SGD,
 a fixed seed and a seeded shuffle per epoch, so every training is bitwise identical (checked:
 the final weights of every training must equal the first one's, else the script fails).
 Training uses one torch thread by default (``--threads``): a CNN this small gains nothing from
@@ -19,7 +19,7 @@ before the update) at steps T/2, 3T/4, T/4, 0.9T, 0.1T, ... (:func:`reference_st
 
 * NWT way, for K references: training 1 (records nothing, keeps copies of the reference
   iterates) + K online trainings, each computing, at every step after ``backward()``, in
-  float64 per METHODS.md: ``||w_t - w*||^2``, ``<G_t, w_t - w*>`` and ``||G_t||^2``, hence
+  float64 per docs/methods.md: ``||w_t - w*||^2``, ``<G_t, w_t - w*>`` and ``||G_t||^2``, hence
   RSI, EB, gamma. Every training is actually run: the K = 1 and K = 3 rows use the first 1 and
   3 of the online trainings that the largest K runs (each is timed on its own).
 * Also shown, "NWT, 2 trainings": if all K references are known before the second training,
@@ -63,8 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import analysis as ga  # noqa: E402
 from capture import Recorder  # noqa: E402
-from capture.data import load_dataset  # noqa: E402
-from capture.models import build_model  # noqa: E402
+from experiments.data import load_dataset  # noqa: E402
+from experiments.models import build_model  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Consolidated metadata")  # printed at every close
 
@@ -96,7 +96,7 @@ def reference_steps(T: int, K: int) -> list:
 
 
 def metrics_from_sums(dist2, gdiff, gg) -> dict[str, np.ndarray]:
-    """RSI, EB and gamma from ``||w - w*||^2``, ``<G, w - w*>`` and ``||G||^2`` (METHODS.md).
+    """RSI, EB and gamma from ``||w - w*||^2``, ``<G, w - w*>`` and ``||G||^2`` (docs/methods.md).
 
     Written out plainly (the online side of the comparison): NaN where ``w_t == w*``; gamma
     NaN where ``G_t == 0`` too.

@@ -3,8 +3,7 @@
 Public names (``__all__``)::
 
     Recorder(model, path, optimizer=None, *, schedule=every_step, tiers="lossless", ...)
-    restore_weights(model, path, step) / restore (the same)
-    full_batch_gradient(model, loss_fn, data, micro_batch=...)
+    restore_weights(model, path, step)
     every_step, every, at, per_epoch, windows, union, parse_schedule   (schedules)
     Tier, parse_tiers, model_table                                       (tiers, tables)
     StoreWriter                                                          (numpy-level writer)
@@ -13,12 +12,14 @@ Under a training framework: ``capture.callbacks.LightningCallback(path, ...)`` (
 callback) and ``capture.callbacks.TrainerCallback(path, ...)`` (a transformers one) create the
 Recorder and record each optimizer step (extras ``lightning`` / ``transformers``).
 
-Importing :mod:`capture` stays light: the names that need torch (``Recorder``,
-``restore_weights``, ``full_batch_gradient``, ``parse_tiers``, ``model_table``) are imported
-on first use.
+Importing :mod:`capture` stays light: it loads the format layer (:mod:`gradtrace_format`) and
+the schedules, never the analysis stage, xarray, pandas or dask. The names that need torch
+(``Recorder``, ``restore_weights``, ``parse_tiers``, ``model_table``) are imported on first
+use; without torch installed they raise one line naming the extra to install,
+``pip install "gradtrace[capture]"``. The training harness (recipes, models, data,
+full-batch gradients) is :mod:`experiments`.
 """
 
-from analysis.format import Tier
 from capture.schedules import (
     Schedule,
     at,
@@ -29,13 +30,12 @@ from capture.schedules import (
     union,
     windows,
 )
+from gradtrace_format.format import Tier
 
 __all__ = [
     "Recorder",
     "RecorderWriteError",
     "restore_weights",
-    "restore",
-    "full_batch_gradient",
     "Schedule",
     "every_step",
     "every",
@@ -54,10 +54,8 @@ _LAZY = {
     "Recorder": ("capture.recorder", "Recorder"),
     "RecorderWriteError": ("capture.recorder", "RecorderWriteError"),
     "restore_weights": ("capture.recorder", "restore_weights"),
-    "restore": ("capture.recorder", "restore_weights"),
     "parse_tiers": ("capture.recorder", "parse_tiers"),
     "model_table": ("capture.recorder", "model_table"),
-    "full_batch_gradient": ("capture.fullbatch", "full_batch_gradient"),
     "StoreWriter": ("capture.writer", "StoreWriter"),
 }
 

@@ -17,7 +17,7 @@
 trainer's) and record, once per optimizer step, exactly the gradient the optimizer steps with:
 
 * after backward of the last micro-batch of a gradient-accumulation window (the accumulated
-  gradient, ``G_t`` of METHODS.md), after DDP's all-reduce (only rank 0 writes);
+  gradient, ``G_t`` of docs/methods.md), after DDP's all-reduce (only rank 0 writes);
 * unscaled under AMP (the trainers unscale before the hook the callback uses);
 * ``clipping="after"`` (default): after gradient clipping, i.e. what ``optimizer.step()``
   reads; ``clipping="before"``: the unclipped gradient;

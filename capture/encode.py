@@ -4,7 +4,7 @@ Every function here takes flat float32 torch tensors (length d, the parameter ta
 flattening order) on any device and returns torch tensors on that same device, without a
 host synchronisation (no ``.item()``, no data-dependent shapes). The same code runs on CPU
 tensors, which is how the tests prove it against the numpy definitions in
-:mod:`analysis.format` and :mod:`capture.writer`. What the recorder then copies to the host,
+:mod:`gradtrace_format.format` and :mod:`capture.writer`. What the recorder then copies to the host,
 per entry of the flat vector:
 
 =================  ===========================================  ==================================
@@ -24,7 +24,7 @@ Exactness against today's CPU writer (``StoreWriter.append``), each tested in
 
 * :func:`bitround`: bit for bit for every float32 bit pattern (NaN payloads included).
 * :func:`to_bf16_bits` (the bfloat16 cast, keepbits 7) and :func:`round_upper16` (integer
-  ops, keepbits 1..7), widened on the host by :func:`analysis.format.widen_bf16`: bit for bit
+  ops, keepbits 1..7), widened on the host by :func:`gradtrace_format.format.widen_bf16`: bit for bit
   for every non-NaN pattern (finite, +-Inf, -0.0, subnormals, ties, values that round up to
   Inf). A NaN stays a NaN, but 2 bytes cannot hold a float32 NaN's low 16 payload bits,
   which ``format.bitround`` keeps: :func:`round_upper16` keeps the NaN's sign and upper 16
@@ -50,7 +50,7 @@ Signed-integer arithmetic is arranged so that no int32 operation overflows (NaN 
 clamped before the rounding add); only :func:`sign_planes` relies on int64 multiplication
 wrapping modulo 2**64, which it does on CPU and CUDA.
 
-Cost on a GPU (not measured yet: no device was lent). Each function is a handful of eager
+Cost on a GPU. Each function is a handful of eager
 elementwise kernels, so its price is device-memory traffic, counted from the kernels, per
 entry of the flat vector: :func:`to_bf16_bits` 6 bytes (one cast); :class:`ScalarReducer`
 ~40 bytes for g and w together (two float32 -> float64 casts, one batched GEMM);
@@ -60,11 +60,8 @@ effective 4 TB/s, 10M entries cost 0.1 ms per 40 bytes. A fused kernel (Triton o
 ``torch.compile``) would bring each to its read-once floor (4-8 bytes); that is the next
 step if ``benchmarks/device/`` shows these passes in the step time.
 
-CPU time, as a sanity check only (``python -m capture.encode``: one torch thread, d = 2**20
-in 40 tensors, median thread CPU time, three runs on this 2-core machine at load ~5 from
-other jobs): tensor_scalars (g and w) 3.5-6.3 ns/entry, bitround (keepbits 10) 1.8-3.0,
-to_bf16_bits 0.11, round_upper16 (keepbits 7) 2.2-3.1, DeviceSketcher (k = 16384)
-2.6-3.0, sign_planes 1.65-1.8.
+``python -m capture.encode`` prints the CPU time per entry of each function (one torch thread),
+as a sanity check of the CPU path; measured figures belong in the README.
 """
 
 from __future__ import annotations
@@ -76,7 +73,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 
 _ABS = 0x7FFFFFFF  # int32 mask of everything but the sign bit
 _EXP = 0x7F800000  # bit pattern of +Inf (smallest |pattern| that is not finite)
@@ -116,7 +113,7 @@ class ScalarReducer:
 
     Args:
         offsets, sizes: the parameter table (``TensorInfo.offset``/``.size``); tensors must
-            tile ``[0, d)`` in order, as :func:`analysis.format.tensor_table` builds them.
+            tile ``[0, d)`` in order, as :func:`gradtrace_format.format.tensor_table` builds them.
         device: where the vectors will live.
         chunk: entries per float64 working buffer (16 bytes x chunk of device memory).
         block: entries per Gram block (a power of two dividing ``chunk``).
@@ -137,7 +134,7 @@ class ScalarReducer:
             raise ValueError(f"offsets ({len(offsets)}) and sizes ({len(sizes)}) must be equally long and non-empty")
         if (sizes < 0).any() or offsets[0] != 0 or (offsets[1:] != offsets[:-1] + sizes[:-1]).any():
             raise ValueError("the tensors must tile the flat vector in order (offset[i+1] = offset[i] + size[i], "
-                             "offset[0] = 0): build them with analysis.format.tensor_table")
+                             "offset[0] = 0): build them with gradtrace_format.format.tensor_table")
         P, chunk = int(block), int(chunk)
         if P < 1 or P & (P - 1) or chunk < P or chunk % P:
             raise ValueError(f"block={P} must be a power of two dividing chunk={chunk}")
@@ -284,7 +281,7 @@ def _round_bits(x: torch.Tensor, keepbits: int, nan_or: int = 0) -> torch.Tensor
 
 
 def bitround(x: torch.Tensor, keepbits: int) -> torch.Tensor:
-    """The ``rounded`` tier on the device: bit for bit ``analysis.format.bitround(x, keepbits)``.
+    """The ``rounded`` tier on the device: bit for bit ``gradtrace_format.format.bitround(x, keepbits)``.
 
     Round-to-nearest-even of the float32 mantissa to ``keepbits`` bits by integer ops on the
     bit pattern; signs, zeros and +-Inf exact, NaN returned as it was (payload included),
@@ -312,7 +309,7 @@ def round_upper16(x: torch.Tensor, keepbits: int = 7) -> torch.Tensor:
     For keepbits <= 7 rounding clears the low 16 bits, so the upper 16 bits hold the whole
     value; for keepbits == 7 they are the bfloat16 round-to-nearest-even of x (what
     :func:`to_bf16_bits` gets from one cast, but for NaNs: here a NaN keeps its sign and upper
-    bits). ``analysis.format.widen_bf16`` turns them back into float32 on the host.
+    bits). ``gradtrace_format.format.widen_bf16`` turns them back into float32 on the host.
 
     Args:
         x: flat float32 tensor (d,), any device.
@@ -373,10 +370,10 @@ def decode_rounded(row: np.ndarray) -> np.ndarray:
 
 
 class DeviceSketcher:
-    """The CountSketch of a :class:`analysis.format.SketchPlan`, computed on the device.
+    """The CountSketch of a :class:`gradtrace_format.format.SketchPlan`, computed on the device.
 
     Holds, on ``device``, each entry's destination bucket (int32, ``plan.offsets[t] +
-    bucket``, from :func:`analysis.format.sketch_hashes`) and sign (int8): 5 bytes per
+    bucket``, from :func:`gradtrace_format.format.sketch_hashes`) and sign (int8): 5 bytes per
     parameter, built once. A call adds ``x_i * s_i`` in float64 into its bucket with one
     ``index_add_`` per block of ``chunk`` entries (the order in which ``np.bincount`` adds on
     CPU), casts to float32 as the writer does, and copies exactly stored tensors' entries
@@ -500,7 +497,7 @@ def sign_planes(x: torch.Tensor) -> torch.Tensor:
         uint8 tensor of shape (2, ceil(d / 8)) on x's device: row 0 ``np.packbits(x < 0)``
         (``-0.0`` counts as not negative, a NaN with the sign bit set as negative), row 1
         ``np.packbits(x != 0)`` (NaN is nonzero), big-endian bit order, last byte zero padded;
-        bit for bit ``analysis.format.pack_signs(x)``. 2 bits per entry to ship (one copy).
+        bit for bit ``gradtrace_format.format.pack_signs(x)``. 2 bits per entry to ship (one copy).
     """
     x = _flat32(x)
     d = x.shape[0]
@@ -525,7 +522,7 @@ def sign_planes(x: torch.Tensor) -> torch.Tensor:
 
 def pack_signs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(signbits, nonzero)``: the two rows of :func:`sign_planes` (uint8, ceil(d/8) each),
-    bit for bit ``analysis.format.pack_signs``. Ship :func:`sign_planes`' one tensor instead
+    bit for bit ``gradtrace_format.format.pack_signs``. Ship :func:`sign_planes`' one tensor instead
     of the two views when copying."""
     planes = sign_planes(x)
     return planes[0], planes[1]

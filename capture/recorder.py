@@ -1,6 +1,6 @@
 """``Recorder``: record a PyTorch training run's gradients and iterates into a run store.
 
-What is recorded follows ``../shared/METHODS.md``: at a recorded step t, ``G_t`` is the
+What is recorded follows ``docs/methods.md``: at a recorded step t, ``G_t`` is the
 ``.grad`` of every trainable parameter (``named_parameters`` order, flattened, after backward
 and after DDP's all-reduce, unscaled under AMP), ``w_t`` the weights it was computed at, plus
 ``loss``, ``lr`` (from the optimizer) and ``epoch``. At close the final iterate (the weights
@@ -37,10 +37,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from analysis import format as fmt
-from analysis.format import (
+try:
+    import torch
+except ModuleNotFoundError as _err:  # a plain install reads and analyses stores; recording needs torch
+    if _err.name != "torch":
+        raise
+    raise ModuleNotFoundError('recording needs PyTorch, which this install lacks: pip install "gradtrace[capture]"',
+                              name="torch") from None
+
+from gradtrace_format import format as fmt
+from gradtrace_format.format import (
     FLAG_LR_GROUPS_DIFFER,
     FLAG_MISSING_GRAD,
     FLAG_NO_WEIGHT,
@@ -317,15 +324,15 @@ class Recorder:
             "Crash safety").
 
     One writer per store: the recorder holds the store's lock file until ``close`` (a dead
-    process releases it); a second writer gets ``analysis.format.StoreLockedError``.
+    process releases it); a second writer gets ``gradtrace_format.format.StoreLockedError``.
 
     Under ``torch.distributed`` only rank 0 writes; on other ranks ``record`` is a no-op.
 
     Raises:
         ValueError: no trainable parameters, bad arguments.
         FileExistsError: ``path`` exists and neither ``resume`` nor ``overwrite`` was given.
-        analysis.format.StoreMismatchError: resuming a store that does not match.
-        analysis.format.StoreLockedError: another writer holds the store.
+        gradtrace_format.format.StoreMismatchError: resuming a store that does not match.
+        gradtrace_format.format.StoreLockedError: another writer holds the store.
     """
 
     def __init__(
@@ -1152,11 +1159,6 @@ class Recorder:
     def __repr__(self) -> str:
         return f"Recorder({str(self.path)!r}, d={self.d}, schedule={self.schedule.describe()!r})"
 
-    @staticmethod
-    def restore(path: "str | os.PathLike", step: int, model: torch.nn.Module) -> dict:
-        """Load the recorded ``w_t`` of ``step`` into ``model``; see :func:`restore_weights`."""
-        return restore_weights(model, path, step)
-
 
 # --------------------------------------------------------------------------------------
 # restore
@@ -1180,7 +1182,7 @@ def restore_weights(model: torch.nn.Module, path: "str | os.PathLike", step: int
         branched run.
 
     Raises:
-        analysis.format.StoreMismatchError: the parameter tables differ, or the weight tier is
+        gradtrace_format.format.StoreMismatchError: the parameter tables differ, or the weight tier is
             ``sketch`` (the weights cannot be rebuilt).
         KeyError: ``step`` is not recorded (the message lists the nearest recorded steps).
     """
@@ -1203,7 +1205,7 @@ def restore_weights(model: torch.nn.Module, path: "str | os.PathLike", step: int
             "signs), from which the weights cannot be rebuilt. Record weights with the lossless or "
             "rounded tier to branch off a run."
         )
-    from analysis import integrity
+    from gradtrace_format import integrity
 
     group = zarr.open_group(str(path), mode="r", use_consolidated=False)
     n = header.n_steps

@@ -69,9 +69,9 @@ import numcodecs.blosc
 import numpy as np
 import zarr
 
-from analysis import format as fmt
-from analysis import kernels
-from analysis.format import (
+from gradtrace_format import format as fmt
+from capture import kernels
+from gradtrace_format.format import (
     FLAG_FINAL,
     FLAG_NONFINITE_GRAD,
     FLAG_NO_WEIGHT,

@@ -2,7 +2,8 @@
 # Writes the API reference, generated from the docstrings with pdoc, to docs/api/ (or to $1).
 #   pip install -e ".[docs]"   # pdoc
 #   bash docs/make_api.sh && open docs/api/index.html
-# analysis/ never imports torch; capture/ does (pdoc imports the modules it documents).
+# analysis/ and gradtrace_format/ never import torch; capture/, experiments/ and gradtrace/ do
+# (pdoc imports the modules it documents).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-docs/api}"
@@ -14,5 +15,6 @@ rm -rf "$out"
 # find the submodules by itself
 modules() { for f in "$1"/*.py; do b=$(basename "$f" .py); [[ $b == _* ]] || echo "$1.$b"; done; }
 "$PY" -m pdoc --docformat google --no-search --no-show-source --footer-text "gradtrace $(git describe --always --dirty 2>/dev/null || echo)" \
-  -o "$out" analysis capture $(modules analysis) $(modules capture)
+  -o "$out" gradtrace_format capture analysis experiments gradtrace \
+  $(modules gradtrace_format) $(modules capture) $(modules analysis) $(modules experiments) $(modules gradtrace)
 echo "API reference: $out/index.html ($(du -sh "$out" | cut -f1))"

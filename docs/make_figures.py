@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import analysis as ga  # noqa: E402
 from analysis import plots  # noqa: E402
-from analysis.format import read_header  # noqa: E402
+from gradtrace_format.format import read_header  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Consolidated metadata")
 
@@ -45,8 +45,8 @@ ZOOM_STEP, ZOOM_STEPS, ZOOM_FACTOR = 200, 100, 0.01
 
 
 def record(runs: Path, reuse: bool) -> dict[str, Path]:
-    from capture.recipes import load_config, run_recipe
-    from capture.zoom import branch
+    from experiments.recipes import load_config, run_recipe
+    from experiments.zoom import branch
 
     paths = {}
     for name, (preset, overrides) in RUNS.items():
@@ -167,7 +167,7 @@ def fig_compare_lr(big, small, zoom, out: Path, name: str) -> str:
 
 
 def fig_interpolation(store, out: Path, name: str, numbers: dict) -> str:
-    from capture.interpolate import interpolate
+    from experiments.interpolate import interpolate
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     pairs = [((0, "final"), axes[0]), ((ZOOM_STEP, ZOOM_STEP + 1), axes[1]), ((ZOOM_STEP, ZOOM_STEP + 2), axes[1])]

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import analysis as ga  # noqa: E402
-from capture.recipes import RunConfig, load_config, run_recipe  # noqa: E402
+from experiments.recipes import RunConfig, load_config, run_recipe  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Consolidated metadata")
 
@@ -69,7 +69,7 @@ def seed000(path) -> dict:
     both = ga.sign_shift_lag(path, 1, zz)
     allc = ga.sign_shift_lag(path, 1, zz, denominator="all")
     lag1 = ga.lag_series(path, 1, zz)
-    from capture.gawu import FixedSwitchWU
+    from experiments.gawu import FixedSwitchWU
     import torch
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
@@ -91,7 +91,7 @@ def seed000(path) -> dict:
 
 
 def seed001(paths) -> dict:
-    from capture.recompute import recompute_gradients
+    from experiments.recompute import recompute_gradients
 
     m = paths["nwt-momentum"]
     out = {}
@@ -126,7 +126,7 @@ def seed002(path) -> dict:
 
 
 def seed003(paths) -> dict:
-    from capture.dss import string_sampling
+    from experiments.dss import string_sampling
 
     ds = string_sampling(paths["mlp-seed0"], "final", "final", b_store=paths["mlp-seed1"], threshold=0.1, lr=0.5,
                          max_train_steps=300, keep_weights=False)

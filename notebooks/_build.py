@@ -142,7 +142,7 @@ import os
 import numpy as np
 import matplotlib.pyplot as plt
 
-from capture.recipes import load_config, run_recipe
+from experiments.recipes import load_config, run_recipe
 import analysis as ga
 from analysis import plots
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 from capture.writer import StoreWriter
 
 DEFAULT_SHAPES = (
@@ -48,7 +48,7 @@ class StoreData:
         final_weight: (d,) float32 final iterate as stored (None without one).
         final_step: its step (None without one).
         epochs, losses, lrs: (T,) per-step values.
-        tiers: the :class:`analysis.format.Tier` of grad and weight.
+        tiers: the :class:`gradtrace_format.format.Tier` of grad and weight.
         grad_sketch, weight_sketch: (T, k) float32 stored sketches (sketch tier), else None;
             ``weight_sketch`` includes the final iterate as its last row.
     """
@@ -228,7 +228,7 @@ def slow_sign_shift(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def slow_rsi(g: np.ndarray, w: np.ndarray, ref: np.ndarray) -> dict:
-    """RSI, EB, gamma, eta*, distance of one step (METHODS.md definitions), float64."""
+    """RSI, EB, gamma, eta*, distance of one step (docs/methods.md definitions), float64."""
     diff = np.asarray(w, np.float64) - np.asarray(ref, np.float64)
     d2 = dot(diff, diff)
     gd = dot(g, diff)

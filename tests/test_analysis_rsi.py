@@ -33,7 +33,7 @@ def test_final_iterate_reference(data):
     check(r, data.grads, data.weights, data.final_weight, range(12))
     assert r.attrs["reference"] == "final iterate (step 12)" and r.attrs["tier"] == "lossless"
     np.testing.assert_allclose(r.random_walk.values, (12 - np.arange(12.0)) ** -0.5)
-    # gamma = RSI / EB and eta* = RSI / EB^2 exactly as METHODS.md states
+    # gamma = RSI / EB and eta* = RSI / EB^2 exactly as docs/methods.md states
     np.testing.assert_allclose(r.gamma.values, r.rsi.values / r.eb.values, rtol=1e-12)
     np.testing.assert_allclose(r.eta_star.values, r.rsi.values / r.eb.values**2, rtol=1e-12)
     for c in ("epoch", "lr", "loss"):
@@ -338,7 +338,7 @@ def test_directions_cut_rows_not_chunks(data, monkeypatch):
 
 def test_weight_decay_from_the_header(tmp_path):
     """settings["param_groups"] + settings["param_group_of"] give each tensor its lambda."""
-    from analysis import format as fmt
+    from gradtrace_format import format as fmt
     from capture.writer import StoreWriter
 
     d = make_store(tmp_path / "h.zarr", steps=4, seed=1)

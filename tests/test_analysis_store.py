@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 import analysis as ga
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 from capture.writer import StoreWriter
 from tests.helpers_stores import make_store, slow_corr_matrix
 
@@ -72,14 +72,53 @@ def test_not_a_store_errors(tmp_path):
         ga.open_run(tmp_path / "other.zarr")
 
 
+def _set_version(path, version, **settings):
+    g = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    attrs = g.attrs.asdict()[fmt.ATTR_KEY]
+    attrs["format_version"] = version
+    attrs["settings"].update(settings)
+    g.attrs.update({fmt.ATTR_KEY: attrs})
+    zarr.consolidate_metadata(str(path))
+
+
+def test_stores_are_written_in_the_final_format(tmp_path):
+    d = make_store(tmp_path / "s.zarr", steps=3)
+    g = zarr.open_group(str(d.path), mode="r")
+    assert g.attrs[fmt.ATTR_KEY]["format_version"] == fmt.FORMAT_VERSION == "1.0"
+    assert ga.open_run(d.path).header.format_version == "1.0"
+
+
+def test_a_later_minor_version_reads(tmp_path):
+    d = make_store(tmp_path / "minor.zarr", steps=3)
+    _set_version(d.path, "1.7")
+    run = ga.open_run(d.path)
+    assert run.header.format_version == "1.7" and len(run.grad_steps) == 3
+
+
 def test_newer_format_version_is_refused(tmp_path):
     d = make_store(tmp_path / "new.zarr", steps=3)
-    g = zarr.open_group(str(d.path), mode="r+", use_consolidated=False)
-    attrs = g.attrs.asdict()[fmt.ATTR_KEY]
-    attrs["format_version"] = fmt.FORMAT_VERSION + 1
-    g.attrs.update({fmt.ATTR_KEY: attrs})
-    zarr.consolidate_metadata(str(d.path))
-    with pytest.raises(ga.FormatVersionError, match="Upgrade gradtrace"):
+    _set_version(d.path, "2.0")
+    with pytest.raises(ga.FormatVersionError, match=r"newer than the 1.0 .*upgrade gradtrace \(pip install -U"):
+        ga.open_run(d.path)
+
+
+@pytest.mark.parametrize("version, wrote", [(1, "0.1.0"), (1, None), ("0.9", "0.0.5")])
+def test_a_store_from_before_1_0_says_to_re_record_it(tmp_path, version, wrote):
+    d = make_store(tmp_path / "old.zarr", steps=3)
+    _set_version(d.path, version, gradtrace_version=wrote)
+    with pytest.raises(ga.FormatVersionError) as err:
+        ga.open_run(d.path)
+    msg = str(err.value)
+    assert "Re-record the run, or read it with the gradtrace version that wrote it" in msg
+    assert "\n" not in msg
+    assert (f"(gradtrace {wrote})" in msg) == (wrote is not None)
+
+
+@pytest.mark.parametrize("version", ["one", "1", "1.x", None, True, 1.0])
+def test_a_malformed_format_version_is_damage(tmp_path, version):
+    d = make_store(tmp_path / "bad.zarr", steps=3)
+    _set_version(d.path, version)
+    with pytest.raises(ga.DamagedStoreError, match="MAJOR.MINOR"):
         ga.open_run(d.path)
 
 

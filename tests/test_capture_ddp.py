@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import xarray as xr
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 from capture import restore_weights
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import xarray as xr
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 from capture import encode
 from capture.writer import StoreWriter
 

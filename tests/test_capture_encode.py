@@ -1,4 +1,4 @@
-"""capture.encode against the numpy definitions the CPU writer stores (analysis.format, writer).
+"""capture.encode against the numpy definitions the CPU writer stores (gradtrace_format.format, writer).
 
 Every check runs on CPU tensors here and, unchanged, on CUDA when a GPU is present (the
 ``cuda``-marked parameter and class skip otherwise). Bit for bit where the docstrings say so;
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 from capture import encode as enc
 from capture.writer import tensor_scalars as writer_tensor_scalars
 

@@ -12,8 +12,8 @@ import torch.nn as nn
 import xarray as xr
 
 import analysis as ga
-from analysis import format as fmt
-from analysis.errors import StepNotFoundError
+from gradtrace_format import format as fmt
+from gradtrace_format.errors import StepNotFoundError
 from capture import Recorder
 from capture import recorder as rmod
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import xarray as xr
 
-from capture import Recorder, full_batch_gradient
+from capture import Recorder
+from experiments.fullbatch import full_batch_gradient
 
 
 def small_cnn():

@@ -22,7 +22,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 
 ROOT = Path(__file__).resolve().parents[1]
 

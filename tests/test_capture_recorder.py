@@ -10,7 +10,7 @@ import torch.nn as nn
 import xarray as xr
 import zarr
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 from capture import Recorder, RecorderWriteError, restore_weights
 from capture import writer as cw
 
@@ -290,7 +290,7 @@ def test_restore_weights(tmp_path):
     with Recorder(model, tmp_path / "a.zarr", opt) as rec:
         train(model, opt, rec, 4, keep=keep)
     fresh = Net()
-    parent = Recorder.restore(tmp_path / "a.zarr", 2, fresh)
+    parent = restore_weights(fresh, tmp_path / "a.zarr", 2)
     assert parent == {"store": str(tmp_path / "a.zarr"), "step": 2}
     np.testing.assert_array_equal(flat(fresh.parameters()), keep[2][2])
     restore_weights(fresh, tmp_path / "a.zarr", 4)  # the final iterate
@@ -299,6 +299,9 @@ def test_restore_weights(tmp_path):
         restore_weights(fresh, tmp_path / "a.zarr", 7)
     with pytest.raises(fmt.StoreMismatchError, match="parameter table"):
         restore_weights(Net(hidden=5), tmp_path / "a.zarr", 1)
+    import capture
+
+    assert not hasattr(Recorder, "restore") and "restore" not in capture.__all__  # one spelling: restore_weights
     # rounded weights: allowed, with a warning, within the tier's bound
     with Recorder(model, tmp_path / "r.zarr", opt, tiers={"weight": "rounded:8"}) as rec:
         train(model, opt, rec, 1)

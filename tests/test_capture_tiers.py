@@ -7,7 +7,7 @@ import torch.nn as nn
 import xarray as xr
 import zarr
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 from capture import Recorder
 from tests.helpers_stores import chunk_span
 

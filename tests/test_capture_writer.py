@@ -8,7 +8,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 from capture import writer as cw
 from capture.writer import StoreWriter, tensor_scalars
 

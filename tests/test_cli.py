@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def gradtrace(*args, check=True, env=None, timeout=240):
-    """Run ``python -m analysis.cli ARGS`` (what the ``gradtrace`` script runs)."""
+    """Run ``python -m gradtrace.cli ARGS`` (what the ``gradtrace`` script runs)."""
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     e.pop("GRADTRACE_DEBUG", None)
-    p = subprocess.run([sys.executable, "-m", "analysis.cli", *map(str, args)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "gradtrace.cli", *map(str, args)], capture_output=True, text=True,
                        env=e, cwd=ROOT, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"gradtrace {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
@@ -216,7 +216,7 @@ def test_output_checked_before_the_computation(store, tmp_path):
 def test_closed_pipe_is_silent(store):
     """`gradtrace info STORE | head` when head has gone: no BrokenPipeError traceback."""
     e = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-m", "analysis.cli", "info", str(store.path), "--json"],
+    p = subprocess.Popen([sys.executable, "-m", "gradtrace.cli", "info", str(store.path), "--json"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e, cwd=ROOT)
     p.stdout.close()  # the reader goes away before the first line is written
     _, err = p.communicate(timeout=240)

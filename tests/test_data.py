@@ -1,4 +1,4 @@
-"""capture.data: the torchvision sets read from small files in their real on-disk formats.
+"""experiments.data: the torchvision sets read from small files in their real on-disk formats.
 
 No network here, so each test writes a few images in the exact format torchvision reads
 (CIFAR-10 python pickles, MNIST idx-ubyte, SVHN .mat) and loads them through the real
@@ -22,7 +22,7 @@ import pytest
 import torch
 import torchvision
 
-from capture.data import DATASETS, DatasetMissingError, load_dataset
+from experiments.data import DATASETS, DatasetMissingError, load_dataset
 
 CIFAR_N = 4  # images per batch file
 

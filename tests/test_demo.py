@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_demo_quick_writes_store_and_report(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
-    p = subprocess.run([sys.executable, "-m", "analysis.cli", "demo", "--quick", "--out", str(out)],
+    p = subprocess.run([sys.executable, "-m", "gradtrace.cli", "demo", "--quick", "--out", str(out)],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     store, index = out / "run.zarr", out / "report" / "index.html"

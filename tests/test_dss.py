@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from capture.dss import normalized_geodesic_length, string_sampling
+from experiments.dss import normalized_geodesic_length, string_sampling
 
 
 class Ring(nn.Module):
@@ -63,7 +63,7 @@ def test_two_runs_final_weights_connect_below_the_straight_lines_barrier(tmp_pat
     """Two MLPs trained from different seeds (two stores): the straight line between their final
     weights has a barrier, yet one trained bead connects them below L0 = 0.1 (seed 003's
     qualitative finding for small networks: connected level sets, near-straight geodesics)."""
-    from capture.recipes import RunConfig, run_recipe
+    from experiments.recipes import RunConfig, run_recipe
 
     paths = []
     for seed in (0, 1):

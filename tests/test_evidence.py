@@ -1,8 +1,8 @@
 """Evidence that gradtrace's numbers show what the source papers describe, on CPU-sized runs.
 
-Every test records a run with :func:`capture.recipes.run_recipe` and reads it back only through
+Every test records a run with :func:`experiments.recipes.run_recipe` and reads it back only through
 the analysis API (``analysis.open_run`` and the metric functions), as a user would. The
-settings are the CPU presets of ``capture/recipes.py`` (digits, no download), one thread each
+settings are the CPU presets of ``experiments/recipes.py`` (digits, no download), one thread each
 (so that a busy 2-core machine does not make them crawl), shared through module-scoped
 fixtures. docs/reproduction.md shows the same runs at full length with figures.
 
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 import analysis as ga
-from analysis.format import read_header
-from capture.recipes import load_config, run_recipe
+from gradtrace_format.format import read_header
+from experiments.recipes import load_config, run_recipe
 
 warnings.filterwarnings("ignore", message="Consolidated metadata")
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 
 
 def test_tier_parsing_and_errors():

@@ -1,4 +1,4 @@
-"""capture.gawu: the online mean correlation, the LR closed form, and GAWU's switch."""
+"""experiments.gawu: the online mean correlation, the LR closed form, and GAWU's switch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from capture.gawu import GAWU, FixedSwitchWU, OnlineMeanCorrelation, gradients_of
+from experiments.gawu import GAWU, FixedSwitchWU, OnlineMeanCorrelation, gradients_of
 
 
 @pytest.fixture(autouse=True)
@@ -226,8 +226,8 @@ def test_gradients_of_model_uses_zeros_for_missing_grads():
 
 
 def _train_digits_gawu(seed=0, T=40):
-    from capture.data import load_dataset
-    from capture.models import build_model
+    from experiments.data import load_dataset
+    from experiments.models import build_model
 
     X, y = load_dataset("digits", n=500, seed=0)
     torch.manual_seed(seed)
@@ -261,7 +261,7 @@ def test_real_full_batch_training_finds_a_reproducible_switch():
 
 def test_literal_warmup_form_is_the_papers_printed_recursion():
     """warmup_form='literal': eta_k = exp(omega k) eta_{k-1} (the paper's text), step by step."""
-    from capture.optim import build_lr_schedule
+    from experiments.optim import build_lr_schedule
 
     T, s, eta0, omega = 30, 11, 1e-3, 0.1
     opt = _dummy_opt()

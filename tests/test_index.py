@@ -14,7 +14,7 @@ import pytest
 import xarray as xr
 
 import analysis as ga
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 from analysis.index import RSI_INDEX_RTOL, build_index, cancellation, open_index
 from capture.writer import StoreWriter
 from tests.helpers_stores import dot, make_store, slow_corr, slow_rsi, slow_sign_shift
@@ -385,7 +385,7 @@ def test_rsi_all_references_needs_an_index(tmp_path):
 
 
 def test_cli_index(tmp_path):
-    from analysis.cli import main
+    from gradtrace.cli import main
 
     data = make_store(tmp_path / "run.zarr", steps=6, seed=15)
     assert main(["index", str(data.path)]) == 0
@@ -397,7 +397,7 @@ def test_cli_index(tmp_path):
 
 
 def test_cli_index_output(tmp_path, capsys):
-    from analysis.cli import main
+    from gradtrace.cli import main
 
     data = make_store(tmp_path / "run.zarr", steps=5, seed=16)
     main(["index", str(data.path)])

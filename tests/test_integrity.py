@@ -23,8 +23,8 @@ import pytest
 import zarr
 
 import analysis as ga
-from analysis import format as fmt
-from analysis import integrity
+from gradtrace_format import format as fmt
+from gradtrace_format import integrity
 from capture.writer import LOCK_NAME, StoreWriter
 from tests.helpers_stores import delete_chunk, flip_chunk_byte, make_store, truncate_chunk
 
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def gradtrace(*args, timeout=240):
     e = {**os.environ, "PYTHONPATH": str(ROOT)}
     e.pop("GRADTRACE_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "analysis.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "gradtrace.cli", *map(str, args)], capture_output=True, text=True,
                           env=e, cwd=ROOT, timeout=timeout)
 
 
@@ -45,9 +45,9 @@ class _Done:
 
 @pytest.fixture
 def cli(capsys):
-    """``gradtrace ARGS`` in this process (``analysis.cli.main``: the same error handling as the
+    """``gradtrace ARGS`` in this process (``gradtrace.cli.main``: the same error handling as the
     script, without a second interpreter's start-up)."""
-    from analysis.cli import main
+    from gradtrace.cli import main
 
     def run(*args):
         capsys.readouterr()
@@ -316,7 +316,7 @@ def test_killed_writer_releases_its_lock(tmp_path):
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
         import numpy as np
-        from analysis import format as fmt
+        from gradtrace_format import format as fmt
         from capture.writer import StoreWriter
         w = StoreWriter({str(path)!r}, fmt.tensor_table([("a", (8,))]))
         w.append(0, np.ones(8, np.float32), np.ones(8, np.float32))

@@ -1,4 +1,4 @@
-"""The fused row kernels (analysis.kernels) against plain float64 numpy, on both backends."""
+"""The fused row kernels of the analysis (analysis.kernels) against plain float64 numpy, on both backends."""
 
 from __future__ import annotations
 
@@ -129,65 +129,3 @@ def test_no_items_touch_no_rows(backend):
     kernels.ref_dist(None, None, [], [], np.zeros(0), 0, 10, out2)
     kernels.pair_dots(None, [], [], 0, 10, out1)
     kernels.sign_pairs(None, [], [], 0, 10, out2)
-
-
-def test_tensor_sums_are_the_float64_scalars_of_each_tensor(backend):
-    rng = np.random.default_rng(6)
-    g, w = _data(rng, rows=4, cols=1000)[2:]  # rows with exact zeros and negative zeros
-    g[700] = np.nan
-    starts, ends, idx = np.array([0, 10, 600, 990]), np.array([10, 600, 990, 1000]), np.array([3, 0, 1, 2])
-    gg, ww, gw = np.full(4, -1.0), np.full(4, -1.0), np.full(4, -1.0)
-    kernels.tensor_sums(g, w, starts, ends, idx, gg, ww, gw)
-    for j in range(4):
-        gs, ws = g[starts[j]:ends[j]].astype(np.float64), w[starts[j]:ends[j]].astype(np.float64)
-        k = idx[j]
-        np.testing.assert_allclose([gg[k], ww[k], gw[k]], [gs @ gs, ws @ ws, gs @ ws], rtol=1e-12)
-    assert np.isnan(gg[1]) and np.isnan(gw[1]) and np.isfinite(ww[1])  # the NaN is in tensor 1
-    gg2, ww2, gw2 = np.full(4, 7.0), np.zeros(4), np.full(4, 7.0)
-    kernels.tensor_sums(None, w, starts, ends, idx, gg2, ww2, gw2)  # the final iterate: no grad
-    np.testing.assert_allclose(ww2, ww, rtol=1e-14)  # same sums; vector lanes may differ
-    assert (gg2 == 7.0).all() and (gw2 == 7.0).all()
-
-
-def test_the_writer_scalars_agree_between_backends(monkeypatch):
-    from analysis import format as fmt
-    from capture import writer
-
-    # a run of adjoining small tensors (the empty one inside it), a large one, a lone small one
-    shapes = [("a", (3, 5)), ("a2", (4,)), ("b", (0,)), ("a3", (9,)), ("c", (5000,)), ("d", (7,)), ("e", (64, 80))]
-    tensors = fmt.tensor_table(shapes)
-    d = sum(t.size for t in tensors)
-    rng = np.random.default_rng(7)
-    g, w = rng.standard_normal(d, dtype=np.float32), rng.standard_normal(d, dtype=np.float32)
-    kernels._get()
-    fast = writer.tensor_scalars(tensors, g, w)
-    monkeypatch.setattr(kernels, "_impl", kernels._NUMPY)
-    monkeypatch.setattr(kernels, "BACKEND", "numpy")
-    slow = writer.tensor_scalars(tensors, g, w)
-    for f, s_ in zip(fast, slow):
-        np.testing.assert_allclose(f, s_, rtol=1e-12)
-    assert fast[1][2] == 0.0 and slow[1][2] == 0.0  # the empty tensor
-    assert [len(u[0]) for u in writer._scalar_plan(tensors)] == [3, 1, 1, 1]  # the run is one unit
-    want = [float(np.dot(w[t.offset:t.offset + t.size].astype(np.float64), w[t.offset:t.offset + t.size]))
-            for t in tensors]
-    np.testing.assert_allclose(slow[1], want, rtol=1e-12)
-
-
-def test_the_store_writer_loads_the_scalar_kernel_at_setup(tmp_path):
-    """Opening a StoreWriter compiles (or loads) the scalar kernel, so the first recorded row
-    does not pay numba's import while training steps queue behind it."""
-    import subprocess
-    import sys
-    import textwrap
-
-    code = textwrap.dedent(f"""
-        from analysis import format as fmt, kernels
-        from capture.writer import StoreWriter
-        assert kernels._impl is None
-        StoreWriter({str(tmp_path / "s.zarr")!r}, fmt.tensor_table([("a", (4,))]))
-        sums = kernels._impl[3]
-        assert kernels.BACKEND != "numba" or len(sums.signatures) == 1, sums.signatures
-        print(kernels.BACKEND)
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr

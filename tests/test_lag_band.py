@@ -9,8 +9,8 @@ import torch.nn as nn
 import xarray as xr
 
 import analysis as ga
-from analysis import format as fmt
-from analysis.format import StoreMismatchError
+from gradtrace_format import format as fmt
+from gradtrace_format.format import StoreMismatchError
 from capture import Recorder
 from capture.recorder import lag_dots
 from capture.writer import StoreWriter

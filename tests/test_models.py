@@ -1,4 +1,4 @@
-"""capture.models: shapes, the documented parameter counts, and the architecture choices."""
+"""experiments.models: shapes, the documented parameter counts, and the architecture choices."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from capture.data import DATASETS
-from capture.models import MODELS, build_model, count_parameters
+from experiments.data import DATASETS
+from experiments.models import MODELS, build_model, count_parameters
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""capture.objectives: ALM and SM against direct numpy formulas (values and gradients)."""
+"""experiments.objectives: ALM and SM against direct numpy formulas (values and gradients)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from capture.objectives import ALM, SM, alm_minibatches
+from experiments.objectives import ALM, SM, alm_minibatches
 
 
 def _np(t):

@@ -1,4 +1,4 @@
-"""capture.optim: optimizers by name, and every schedule's LR sequence against its formula."""
+"""experiments.optim: optimizers by name, and every schedule's LR sequence against its formula."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from capture.gawu import GAWU, FixedSwitchWU
-from capture.optim import SCHEDULES, build_lr_schedule, build_optimizer
+from experiments.gawu import GAWU, FixedSwitchWU
+from experiments.optim import SCHEDULES, build_lr_schedule, build_optimizer
 
 
 def _params():

@@ -13,7 +13,7 @@ import torch.nn as nn
 import xarray as xr
 
 import analysis as ga
-from analysis.format import FLAG_FINAL  # the one constant of the on-disk layout used here
+from gradtrace_format.format import FLAG_FINAL  # the one constant of the on-disk layout used here
 from capture import Recorder
 
 REL = 1e-9
@@ -116,7 +116,7 @@ def test_rsi_gradient_plus_wd_matches_numpy(run):
 # ---------------------------------------------------------------- clipping: which gradient is stored
 
 def test_recorder_stores_the_pre_clipping_gradient_and_says_so(tmp_path):
-    from analysis.format import read_header
+    from gradtrace_format.format import read_header
 
     torch.manual_seed(1)
     x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
@@ -152,9 +152,9 @@ def test_recorder_stores_the_pre_clipping_gradient_and_says_so(tmp_path):
 
 
 def test_recipe_clips_and_trains_with_mse(tmp_path):
-    from analysis.format import read_header
-    from capture.recipes import RunConfig, run_recipe
-    from capture.train import build
+    from gradtrace_format.format import read_header
+    from experiments.recipes import RunConfig, run_recipe
+    from experiments.train import build
 
     tiny = dict(name="clip", model="mlp", dataset="digits", n_train=64, optimizer="gd", lr=0.5, steps=4,
                 num_threads=1, loss="mse", grad_clip=0.02)
@@ -188,7 +188,7 @@ def test_balancedness_absolute_form_is_conserved_on_a_deep_linear_network(tmp_pa
     """Seed 002: under (small-step) gradient descent on a deep linear network the absolute
     imbalance ||W_{j+1}^T W_{j+1} - W_j W_j^T||_F is conserved; the relative form falls as the
     norms grow, hiding it."""
-    from capture.recipes import RunConfig, run_recipe
+    from experiments.recipes import RunConfig, run_recipe
 
     cfg = RunConfig(name="bal", model="linear_deep", model_kwargs={"depth": 3, "hidden": 16, "init_std": 0.05},
                     dataset="digits", n_train=256, standardize=True, loss="mse", optimizer="gd", lr=0.3, steps=120,

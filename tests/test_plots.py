@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import xarray as xr  # noqa: E402
 
 from analysis import plots  # noqa: E402
-from analysis.report import _cell_dpi, _zoom_block  # noqa: E402
+from gradtrace.report import _cell_dpi, _zoom_block  # noqa: E402
 from analysis.summary import setting_text  # noqa: E402
 
 

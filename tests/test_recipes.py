@@ -10,8 +10,8 @@ import pytest
 import zarr
 
 import analysis
-from analysis.format import read_header
-from capture.recipes import (
+from gradtrace_format.format import read_header
+from experiments.recipes import (
     PRESETS,
     RunConfig,
     apply_overrides,
@@ -188,7 +188,7 @@ def test_recorded_gradient_is_the_exact_full_batch_gradient(tiny_store):
     """G_0 in the store equals autograd's gradient of the mean loss over all 64 examples."""
     import torch
 
-    from capture.train import build
+    from experiments.train import build
 
     built = build(RunConfig(**TINY))
     loss = torch.nn.functional.cross_entropy(built.model(built.X), built.y)
@@ -269,7 +269,7 @@ def test_progress_lines(tmp_path, capsys):
 def test_resume_after_a_crash_gives_the_uninterrupted_run(tmp_path, monkeypatch):
     """Momentum SGD (stateful): crash at step 7, resume from the checkpoint of step 5 (the
     rows of steps 5 and 6 are dropped and recorded again)."""
-    from capture import train
+    from experiments import train
 
     cfg = RunConfig(**{**TINY, "optimizer": "sgd", "momentum": 0.9, "batch_size": 16, "steps": 10})
     ref = run_recipe(cfg, tmp_path / "ref.zarr", progress=False)

@@ -6,10 +6,10 @@ import torch
 import xarray as xr
 
 import analysis as ga
-from analysis.format import FLAG_FINAL, read_header
-from capture.recipes import RunConfig, run_recipe
-from capture.recompute import probe_indices, recompute_gradients
-from capture.train import build
+from gradtrace_format.format import FLAG_FINAL, read_header
+from experiments.recipes import RunConfig, run_recipe
+from experiments.recompute import probe_indices, recompute_gradients
+from experiments.train import build
 
 # minibatch SGD with momentum: the recorded gradients are minibatch gradients
 CFG = dict(name="mb", model="mlp", model_kwargs={"hidden": [8]}, dataset="digits", n_train=96, standardize=True,

@@ -161,7 +161,7 @@ def test_s3_on_localcluster(s3, many_slabs):
 def gradtrace(*args, env=None):
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     e.pop("GRADTRACE_DEBUG", None)
-    p = subprocess.run([sys.executable, "-m", "analysis.cli", *map(str, args)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "gradtrace.cli", *map(str, args)], capture_output=True, text=True,
                        env=e, cwd=ROOT, timeout=120)
     assert p.returncode == 0, f"gradtrace {' '.join(map(str, args))} failed:\n{p.stdout}\n{p.stderr}"
     return p
@@ -184,7 +184,7 @@ def test_cli_storage_options(s3, tmp_path):
 
 
 def test_cli_bad_storage_options():
-    from analysis.cli import UserError, parse_storage_options
+    from gradtrace.cli import UserError, parse_storage_options
 
     assert parse_storage_options(None) is None
     assert parse_storage_options('{"anon": true}') == {"anon": True}

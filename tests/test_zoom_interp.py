@@ -1,4 +1,4 @@
-"""Zoom branches (capture.zoom) and linear interpolation between iterates (capture.interpolate)."""
+"""Zoom branches (experiments.zoom) and linear interpolation between iterates (experiments.interpolate)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 import zarr
 
 import analysis
-from analysis.format import StoreMismatchError, read_header
-from capture.interpolate import barrier_height, flat_parameters, interpolate, set_flat_parameters
-from capture.recipes import RunConfig, load_config, run_recipe
-from capture.train import build
-from capture.zoom import branch
+from gradtrace_format.format import StoreMismatchError, read_header
+from experiments.interpolate import barrier_height, flat_parameters, interpolate, set_flat_parameters
+from experiments.recipes import RunConfig, load_config, run_recipe
+from experiments.train import build
+from experiments.zoom import branch
 
 warnings.filterwarnings("ignore", message="Consolidated metadata")
 
@@ -207,7 +207,7 @@ def test_convex_objective_has_no_barrier(tmp_path):
 def test_sm_barrier_against_the_closed_form():
     """SM from its global minimum w = 0 to w_b = pi / a (every coordinate in its next basin):
     L(alpha w_b) = alpha^2 ||w_b||^2 + 100 * d * sin(alpha pi)^2 in closed form."""
-    from capture.objectives import SM
+    from experiments.objectives import SM
 
     sm = SM(dim=5, seed=0, dtype=torch.float64)
     wb = (np.pi / sm.a.numpy()).astype(np.float64)

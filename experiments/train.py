@@ -1,4 +1,4 @@
-"""Training loop of the recipes: build a :class:`~capture.recipes.RunConfig`, train, record.
+"""Training loop of the recipes: build a :class:`~experiments.recipes.RunConfig`, train, record.
 
 :func:`run_recipe` is what ``gradtrace record`` and ``gradtrace demo`` call. One step k
 (global step, counted from 0) is::
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from capture.recipes import RunConfig
+from experiments.recipes import RunConfig
 
 __all__ = ["Built", "build", "run_recipe", "resolve_device", "checkpoint_path", "minibatch_indices",
            "train_config"]
@@ -101,7 +101,7 @@ class Built:
             loss = self.model.loss(batch)
             loss.backward()
             return float(loss.detach())
-        from capture.fullbatch import full_batch_gradient
+        from experiments.fullbatch import full_batch_gradient
 
         return full_batch_gradient(self.model, self.loss_fn, batch, micro_batch)
 
@@ -136,11 +136,11 @@ def build(config: RunConfig, *, device: "torch.device | str | None" = None) -> B
         A :class:`Built`.
 
     Raises:
-        capture.data.DatasetMissingError: a torchvision data set is not on disk.
+        experiments.data.DatasetMissingError: a torchvision data set is not on disk.
     """
-    from capture.data import DATASETS, load_dataset
-    from capture.models import build_model
-    from capture.objectives import ALM, SM
+    from experiments.data import DATASETS, load_dataset
+    from experiments.models import build_model
+    from experiments.objectives import ALM, SM
 
     dev = resolve_device(config.device) if device is None else torch.device(device)
     if config.model in ("alm", "sm"):
@@ -149,7 +149,7 @@ def build(config: RunConfig, *, device: "torch.device | str | None" = None) -> B
             model = (ALM if config.model == "alm" else SM)(**kw)
         except TypeError as err:
             raise ValueError(f"model {config.model!r}: bad model_kwargs {config.model_kwargs} ({err}); "
-                             f"see help(capture.objectives.{config.model.upper()})") from err
+                             f"see help(experiments.objectives.{config.model.upper()})") from err
         info = {"objective": config.model, "n": int(getattr(model, "n_samples", 1)),
                 "dim": int(model.dim)}
         return Built(model.to(dev), None, None, None, dev, info)
@@ -219,7 +219,7 @@ def _schedule_kwargs(config: RunConfig) -> dict:
 
 
 def _build_optim(config: RunConfig, model: nn.Module, total: int):
-    from capture.optim import build_lr_schedule, build_optimizer
+    from experiments.optim import build_lr_schedule, build_optimizer
 
     opt = build_optimizer(config.optimizer, model.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay, nesterov=config.nesterov)
@@ -303,7 +303,7 @@ def train_config(
     extra_settings: dict | None = None,
     checkpoint_every: int | None = None,
 ) -> Path:
-    """The training loop behind :func:`run_recipe` and :func:`capture.zoom.branch`.
+    """The training loop behind :func:`run_recipe` and :func:`experiments.zoom.branch`.
 
     Args:
         config: the recipe.
@@ -441,7 +441,7 @@ def _save_checkpoint(ckpt: Path, step: int, config: RunConfig, model, opt, sched
 
 def _load_checkpoint(path: Path, ckpt: Path, config: RunConfig) -> dict:
     if not ckpt.exists():
-        from analysis.format import NotAStoreError, read_header
+        from gradtrace_format.format import NotAStoreError, read_header
 
         try:
             header = read_header(path)
@@ -449,7 +449,7 @@ def _load_checkpoint(path: Path, ckpt: Path, config: RunConfig) -> dict:
             header = None
         if header is not None and header.closed and header.has_final:
             raise ValueError(f"resume: {path} is a finished run (closed, final iterate recorded); "
-                             "nothing to resume. Record to a new path, or branch from it with capture.zoom")
+                             "nothing to resume. Record to a new path, or branch from it with experiments.zoom")
         raise ValueError(f"resume: no checkpoint {ckpt} to resume {path} from (checkpoints are written "
                          "every ~10% of the steps); start again with overwrite=True")
     try:  # weights_only: a checkpoint is tensors, numbers and strings; never unpickle code from a file
@@ -473,7 +473,7 @@ def run_recipe(config: RunConfig, path: "str | os.PathLike", *, overwrite: bool 
     """Train ``config`` and record every selected step into the run store at ``path``.
 
     The header's settings hold the full config (``settings["recipe"]``, so
-    :func:`capture.recipes.config_from_store` rebuilds it), the data actually used
+    :func:`experiments.recipes.config_from_store` rebuilds it), the data actually used
     (``settings["data"]``: N, standardization statistics) and, after the run, a summary
     (``settings["training"]``: seconds, seconds per step, last loss, GAWU switch step).
     Each recorded step carries its loss, epoch and learning rate. Deterministic on CPU for a
@@ -493,15 +493,15 @@ def run_recipe(config: RunConfig, path: "str | os.PathLike", *, overwrite: bool 
     Raises:
         FileExistsError: ``path`` exists and neither overwrite nor resume was given.
         ValueError: bad arguments, or nothing to resume.
-        capture.data.DatasetMissingError: a torchvision data set is not on disk.
+        experiments.data.DatasetMissingError: a torchvision data set is not on disk.
 
     Example:
-        >>> from capture.recipes import load_config
+        >>> from experiments.recipes import load_config
         >>> run_recipe(load_config("demo-quick"), "/tmp/q.zarr", overwrite=True,
         ...            progress=False)                                    # doctest: +SKIP
         PosixPath('/tmp/q.zarr')
     """
     if not isinstance(config, RunConfig):
-        raise ValueError(f"run_recipe: config must be a RunConfig (see capture.recipes.load_config), "
+        raise ValueError(f"run_recipe: config must be a RunConfig (see experiments.recipes.load_config), "
                          f"got {type(config).__name__}")
     return train_config(config, path, overwrite=overwrite, resume=resume, progress=progress)

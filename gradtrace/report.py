@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 
 from analysis import plots
-from analysis.errors import AnalysisError
+from gradtrace_format.errors import AnalysisError
 from analysis.io import save_result as _save_result
 
 #: Marker file of a report directory (``gradtrace report -o DIR --force`` replaces only these).

@@ -14,7 +14,7 @@ Optimizers (:data:`OPTIMIZERS`): ``"gd"`` (plain gradient descent, ``torch.optim
 without momentum; full batch or not is the data loader's business), ``"sgd"`` (SGD, optional
 heavy-ball or Nesterov momentum), ``"adam"`` (L2 weight decay inside the update), ``"adamw"``
 (decoupled weight decay). Weight decay applied inside ``optimizer.step()`` is not part of the
-recorded gradient (METHODS.md).
+recorded gradient (docs/methods.md).
 
 Schedules (:data:`SCHEDULES`), all stepped once per ``optimizer.step()``, with step k's
 learning rate set before step k runs:
@@ -26,8 +26,8 @@ learning rate set before step k runs:
 - ``"warmup_cosine"``: linear warm-up ``lr * (k + 1) / W`` for the first W = ``warmup_steps``
   steps (Goyal et al. 2017), then the cosine from lr at step W to ``eta_min`` at
   ``total_steps``.
-- ``"gawu"``: :class:`capture.gawu.GAWU` (geometry-adapted warm-up, zigzag paper section 5).
-- ``"wu"``: :class:`capture.gawu.FixedSwitchWU` (the paper's WU, switch at ``switch_step``).
+- ``"gawu"``: :class:`experiments.gawu.GAWU` (geometry-adapted warm-up, zigzag paper section 5).
+- ``"wu"``: :class:`experiments.gawu.FixedSwitchWU` (the paper's WU, switch at ``switch_step``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from collections.abc import Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, MultiStepLR, StepLR
 
-from capture.gawu import GAWU, FixedSwitchWU
+from experiments.gawu import GAWU, FixedSwitchWU
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "build_lr_schedule", "build_optimizer", "cosine_factor"]
 

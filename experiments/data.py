@@ -7,7 +7,7 @@ One registry::
 returns ``X`` float32 of shape ``(N, C, *spatial)`` and ``y`` int64 of shape ``(N,)``; wrap
 them in ``torch.utils.data.TensorDataset(X, y)`` for minibatches. :data:`DATASETS` holds a
 :class:`DatasetSpec` per name, whose :meth:`DatasetSpec.model_kwargs` fit
-:func:`capture.models.build_model`.
+:func:`experiments.models.build_model`.
 
 - ``"cifar10"``, ``"mnist"``, ``"svhn"``: read through the real torchvision classes with
   ``download=False``. gradtrace never downloads: when the files are missing, or fail

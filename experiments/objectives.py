@@ -2,7 +2,7 @@
 
 Both hold a single parameter ``w`` of shape ``(dim,)``, so the recorded vectors are ``w``
 itself and its gradient. Their gamma/RSI misbehave (negative values, erratic paths), which
-makes them test fixtures for the analysis stage (METHODS.md, "RSI, EB and friends").
+makes them test fixtures for the analysis stage (docs/methods.md, "RSI, EB and friends").
 
 - :class:`ALM`, the asymmetric linear model (stochastic, convex): a linear model penalised
   only when its output exceeds the target, ``sum_i max(0, w.x_i - y_i)^2`` over a fixed finite

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import format as fmt
+from gradtrace_format import format as fmt
 
 _FLOAT_KINDS = "f"
 

@@ -1,13 +1,13 @@
 """Errors the analysis stage raises on bad input.
 
 Every class subclasses both :class:`ValueError` (the input value is wrong) and
-:class:`analysis.format.StoreError` (``except StoreError`` catches every gradtrace problem).
+:class:`gradtrace_format.format.StoreError` (``except StoreError`` catches every gradtrace problem).
 Messages name the thing, show the value and say what to do.
 """
 
 from __future__ import annotations
 
-from analysis.format import StoreError
+from gradtrace_format.format import StoreError
 
 
 class AnalysisError(ValueError, StoreError):

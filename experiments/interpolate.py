@@ -1,4 +1,4 @@
-"""Loss along the straight line between two iterates, and its barrier (seed 003; METHODS.md).
+"""Loss along the straight line between two iterates, and its barrier (seed 003; docs/methods.md).
 
 For endpoints ``w_a`` and ``w_b`` (flat parameter vectors of length d) and ``alpha`` in
 [0, 1], the path is ``w(alpha) = (1 - alpha) w_a + alpha w_b`` and the barrier is
@@ -9,7 +9,7 @@ For endpoints ``w_a`` and ``w_b`` (flat parameter vectors of length d) and ``alp
 between initialisation and solution for many networks). Needs the model and the data, so it
 lives in the capture stage (torch)::
 
-    from capture.interpolate import interpolate
+    from experiments.interpolate import interpolate
     ds = interpolate("runs/demo.zarr", 0, "final", n_points=21)     # model and data from the recipe
     ds.loss.plot(); ds.attrs["barrier"]
 
@@ -186,8 +186,8 @@ def model_from_store(store, model, data, device, what: str, hint: str = "pass mo
     if model is None or isinstance(data, str):
         if store is None:
             raise ValueError(f"{what}: without a store, {hint}")
-        from capture.recipes import config_from_store
-        from capture.train import build
+        from experiments.recipes import config_from_store
+        from experiments.train import build
 
         cfg = config_from_store(store)
         built = build(cfg, device=device)
@@ -221,7 +221,7 @@ def interpolate(
         b: second endpoint, same forms (default the final iterate).
         model: the network (its parameter table must match the store's). Default: built from
             the store's recipe (``settings["recipe"]``, see
-            :func:`capture.recipes.config_from_store`).
+            :func:`experiments.recipes.config_from_store`).
         data: ``(X, y)`` tensors, or ``"train"`` / ``"test"``: that split of the recipe's data
             set (with the recipe's ``n_train`` subset and standardization for "train"; the
             test split is standardized with the training statistics). None for an ALM/SM
@@ -235,14 +235,14 @@ def interpolate(
 
     Returns:
         Dataset along ``alpha`` with ``loss`` (mean full-data loss) and, for classifiers,
-        ``accuracy``; attrs: ``barrier`` (METHODS.md: max along path - max endpoint loss),
+        ``accuracy``; attrs: ``barrier`` (docs/methods.md: max along path - max endpoint loss),
         ``loss_a``, ``loss_b``, ``a``, ``b`` (labels), ``steps`` (the endpoints' steps,
         -1 for non-steps), ``distance`` (``||w_b - w_a||``), ``n_examples``, ``store``,
         ``batch_norm`` (whether batch statistics were used).
 
     Raises:
         ValueError: a malformed endpoint, alphas not spanning [0, 1], no model/data.
-        analysis.format.StoreMismatchError: the model does not match the store.
+        gradtrace_format.format.StoreMismatchError: the model does not match the store.
 
     Example:
         >>> ds = interpolate("runs/demo.zarr", 0, "final", n_points=11)   # doctest: +SKIP
@@ -312,7 +312,7 @@ def _split(built, cfg, which: str):
         return built.X, built.y
     if which != "test":
         raise ValueError(f"interpolate: data={which!r}; use 'train', 'test' or (X, y)")
-    from capture.data import load_dataset
+    from experiments.data import load_dataset
 
     X, y = load_dataset(cfg.dataset, root=cfg.data_root, train=False, **cfg.dataset_kwargs)
     stats = built.data_info.get("standardization")

@@ -19,12 +19,12 @@ The **normalized geodesic length** of the chain is ``sum_i ||b_{i+1} - b_i|| / |
 (>= 1; 1 is the straight line). The loss is checked at the ``n_points`` grid of each segment
 only: a narrower bump between grid points is not seen (raise ``n_points``).
 
-Like :mod:`capture.interpolate`, this needs the model and the data (torch), so it lives in the
-capture stage. Endpoints are anything :func:`capture.interpolate.interpolate` accepts: recorded
+Like :mod:`experiments.interpolate`, this needs the model and the data (torch), so it lives in the
+capture stage. Endpoints are anything :func:`experiments.interpolate.interpolate` accepts: recorded
 steps of ``store`` (``0``, ``"final"``), of a second store (``b_store=``: e.g. the final
 weights of two runs), checkpoint files, state dicts or flat vectors::
 
-    from capture.dss import string_sampling
+    from experiments.dss import string_sampling
     ds = string_sampling("runs/a.zarr", "final", "final", b_store="runs/b.zarr", threshold=0.1,
                          lr=0.1)
     ds.attrs["connected"], ds.attrs["normalized_geodesic_length"], ds.attrs["straight_barrier"]
@@ -41,7 +41,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from capture.interpolate import (
+from experiments.interpolate import (
     model_from_store,
     _data_loss,
     _endpoint,
@@ -101,7 +101,7 @@ def string_sampling(
             or a flat vector of length d.
         threshold: L0, the loss level (both endpoints must be at or below it).
         b_store: the store of ``b`` when it is a step of another run (same model).
-        model, data, loss_fn, micro_batch, device: as :func:`capture.interpolate.interpolate`
+        model, data, loss_fn, micro_batch, device: as :func:`experiments.interpolate.interpolate`
             (default: built from ``store``'s recipe, its training split, and the recipe's
             loss). ``data=None`` with an objective that has its own ``loss`` (ALM/SM, or any
             module with ``loss(None)``).
@@ -159,7 +159,7 @@ def string_sampling(
 
     def train(w: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         """Full-batch GD from w until loss <= alpha * L0: (weights, loss, steps taken)."""
-        from capture.fullbatch import objective_gradient
+        from experiments.fullbatch import objective_gradient
 
         set_flat_parameters(model, w)
         opt = torch.optim.SGD(params, lr=lr)

@@ -21,7 +21,7 @@ step order as blocks arrive (memory: a few blocks of gradients).
 
 Example::
 
-    from capture.recompute import recompute_gradients
+    from experiments.recompute import recompute_gradients
     recompute_gradients("runs/sgd.zarr", "runs/sgd-fullbatch.zarr")          # full training set
     recompute_gradients("runs/sgd.zarr", "runs/sgd-probe.zarr", probe=1000)  # a fixed probe batch
     ga.rsi("runs/sgd-fullbatch.zarr")                                         # NWT's measurement
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from capture.interpolate import model_from_store
+from experiments.interpolate import model_from_store
 
 __all__ = ["recompute_gradients", "probe_indices"]
 
@@ -53,8 +53,8 @@ def probe_indices(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def _grad_block(store: str, steps: list[int], model: nn.Module, data, loss_fn, micro_batch, device, copy_model: bool):
     """(steps, grads (n, d) float32, weights (n, d) float32, losses (n,)) for a block of steps."""
-    from capture.fullbatch import objective_gradient
-    from capture.interpolate import _trainable
+    from experiments.fullbatch import objective_gradient
+    from experiments.interpolate import _trainable
     from capture.recorder import restore_weights
 
     if copy_model:  # a dask task: its own model, so threads never share parameters
@@ -192,7 +192,7 @@ def recompute_gradients(
 
 
 def _tiers(tiers) -> dict:
-    from analysis import format as fmt
+    from gradtrace_format import format as fmt
 
     if isinstance(tiers, dict):
         return {a: fmt.Tier.parse(tiers.get(a, "lossless")) for a in fmt.DATA_ARRAYS}

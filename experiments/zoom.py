@@ -6,7 +6,7 @@ correlations. :func:`branch` restores ``w_t`` from a run store (:func:`capture.r
 trains from it and records into a new store whose header names its parent
 (``header.parent == {"store": ..., "step": t}``)::
 
-    from capture.zoom import branch
+    from experiments.zoom import branch
     child = branch("runs/demo.zarr", 200, None, "runs/demo-zoom200.zarr", lr_factor=0.01, steps=100)
 
 The branch keeps the parent's global step numbers: its first recorded step is ``t``, whose
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from capture.recipes import RunConfig, apply_overrides, config_from_store
+from experiments.recipes import RunConfig, apply_overrides, config_from_store
 
 __all__ = ["branch"]
 
@@ -76,7 +76,7 @@ def branch(
         config_or_model: what to train:
 
             - None: the parent's own recipe (``settings["recipe"]`` of a store written by
-              :func:`capture.recipes.run_recipe`);
+              :func:`experiments.recipes.run_recipe`);
             - a :class:`RunConfig`: its model, data, optimizer and batch size;
             - an ``nn.Module`` with the parent's parameter table: trained with full-batch
               gradient descent on ``data`` with ``loss_fn``.
@@ -92,7 +92,7 @@ def branch(
             cross-entropy).
         micro_batch: examples per forward/backward of the full-batch gradient (module case).
         overwrite: replace an existing store at ``out_path``.
-        progress: as :func:`capture.recipes.run_recipe`.
+        progress: as :func:`experiments.recipes.run_recipe`.
         **overrides: further :class:`RunConfig` fields for the branch (config case), e.g.
             ``optimizer="gd"``.
 
@@ -105,7 +105,7 @@ def branch(
         ValueError: bad arguments (the message says which); the parent has no recipe and no
             config or model was given.
         analysis.StepNotFoundError: ``step`` is not recorded in the parent.
-        analysis.format.StoreMismatchError: the model's parameters differ from the parent's,
+        gradtrace_format.format.StoreMismatchError: the model's parameters differ from the parent's,
             or the parent's weights are sketched.
 
     Example:
@@ -159,7 +159,7 @@ def branch(
     def init(built) -> None:
         restore_weights(built.model, parent_store, step)
 
-    from capture.train import train_config
+    from experiments.train import train_config
 
     info = {"parent_store": str(parent_store), "parent_step": int(step), "parent_lr": parent_lr,
             "lr": new_lr, "lr_factor": new_lr / parent_lr,
@@ -170,7 +170,7 @@ def branch(
 
 def _branch_module(model, parent_store, step, out_path, lr, parent_lr, steps, record, data, loss_fn,
                    micro_batch, overwrite, parent) -> Path:
-    from capture.fullbatch import full_batch_gradient
+    from experiments.fullbatch import full_batch_gradient
     from capture.recorder import Recorder, restore_weights
 
     if data is None or not (isinstance(data, tuple | list) and len(data) == 2):

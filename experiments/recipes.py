@@ -5,7 +5,7 @@ of steps, what to record and at which fidelity, seed and device. :data:`PRESETS`
 papers' settings and small CPU versions of them; :func:`load_config` builds a config from a
 preset name or a JSON/TOML file, with overrides; :func:`run_recipe` trains and records it::
 
-    from capture.recipes import load_config, run_recipe
+    from experiments.recipes import load_config, run_recipe
     cfg = load_config("demo")                        # or "zigzag-cnn3-cifar10", "run.toml"
     cfg = load_config("demo", lr=0.01, steps=100)    # overrides, checked like the fields
     store = run_recipe(cfg, "runs/demo.zarr")
@@ -75,14 +75,14 @@ class RunConfig:
 
     Attributes:
         name: label of the recipe (the preset name, or ``"custom"``).
-        model: a :data:`capture.models.MODELS` name (``"cnn3"``, ``"vgg16"``, ``"resnet18"``,
+        model: a :data:`experiments.models.MODELS` name (``"cnn3"``, ``"vgg16"``, ``"resnet18"``,
             ``"resnet34"``, ``"mlp"``, ``"cnn1d"``, ``"resnet_small"``, ``"linear_deep"``), or
             an objective of :data:`OBJECTIVES` (``"alm"``, ``"sm"``; their data come from
             ``model_kwargs``, and ``dataset`` must be None).
         model_kwargs: options of the model factory (``{"width": 8}`` for cnn3) or of the
             objective (``dim``, ``n_samples``, ``reduction``, ``init_scale``, ...; ``seed``
             defaults to the config's ``seed``).
-        dataset: a :data:`capture.data.DATASETS` name (``"digits"``, ``"mnist1d"``,
+        dataset: a :data:`experiments.data.DATASETS` name (``"digits"``, ``"mnist1d"``,
             ``"cifar10"``, ``"mnist"``, ``"svhn"``), None for objectives.
         dataset_kwargs: data-set options (mnist1d: ``num_samples``, ``data_seed``).
         n_train: use the first n training examples after a shuffle seeded by ``data_seed``;
@@ -117,7 +117,7 @@ class RunConfig:
         steps: number of optimizer steps T; give exactly one of ``steps`` and ``epochs``.
         epochs: number of passes over the training set (steps = epochs x steps per epoch;
             one step per epoch with full batches, as in the zigzag paper).
-        lr_schedule: a :data:`capture.optim.SCHEDULES` name: ``"constant"``, ``"step"``,
+        lr_schedule: a :data:`experiments.optim.SCHEDULES` name: ``"constant"``, ``"step"``,
             ``"cosine"``, ``"warmup_cosine"``, ``"gawu"``, ``"wu"``.
         lr_schedule_kwargs: its options (``warmup_steps``, ``eta_min``, ``milestones``,
             ``step_size``, ``gamma``, ``omega``, ``eta_0``, ``max_lr``, ``window``, ``warmup_form``,
@@ -132,7 +132,7 @@ class RunConfig:
             of the minibatch order.
         micro_batch: largest number of examples per forward/backward; full batches and large
             minibatches are accumulated over micro-batches (same gradient up to rounding;
-            not with BatchNorm in training mode, see :func:`capture.full_batch_gradient`).
+            not with BatchNorm in training mode, see :func:`experiments.fullbatch.full_batch_gradient`).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         num_threads: torch CPU threads (None: torch's default).
 
@@ -190,9 +190,9 @@ class RunConfig:
         raise ValueError(f"RunConfig {self.name!r}: {msg}")
 
     def _validate(self) -> None:  # noqa: C901 - one flat list of checks reads best
-        from capture.data import DATASETS
-        from capture.models import MODELS
-        from capture.optim import OPTIMIZERS, SCHEDULES
+        from experiments.data import DATASETS
+        from experiments.models import MODELS
+        from experiments.optim import OPTIMIZERS, SCHEDULES
 
         if not isinstance(self.name, str) or not self.name:
             self._fail(f"name={self.name!r} must be a non-empty string")
@@ -267,7 +267,7 @@ class RunConfig:
 
         if self.lr_schedule not in SCHEDULES:
             self._fail(f"lr_schedule={self.lr_schedule!r} is unknown; choose one of {SCHEDULES}")
-        from capture.optim import _OPTIONS
+        from experiments.optim import _OPTIONS
 
         unused = sorted(set(self.lr_schedule_kwargs) - _OPTIONS[self.lr_schedule])
         if unused:
@@ -285,7 +285,7 @@ class RunConfig:
                 parse_schedule(self.record)
             except (TypeError, ValueError) as err:
                 self._fail(f"record={self.record!r}: {err}")
-        from analysis.format import Tier
+        from gradtrace_format.format import Tier
 
         for f in ("grad_tier", "weight_tier"):
             try:
@@ -310,7 +310,7 @@ class RunConfig:
             return 1
         if self.n_train is not None:
             return self.n_train
-        from capture.data import DATASETS
+        from experiments.data import DATASETS
 
         if self.dataset == "mnist1d" and "num_samples" in self.dataset_kwargs:
             return int(self.dataset_kwargs["num_samples"] * 0.8)
@@ -673,7 +673,7 @@ def config_from_store(path: "str | os.PathLike") -> RunConfig:
         ValueError: the store was not recorded by :func:`run_recipe` (no recipe in its header);
             pass the model (and data) explicitly then.
     """
-    from analysis.format import read_header
+    from gradtrace_format.format import read_header
 
     header = read_header(path)
     recipe = (header.settings or {}).get("recipe")
@@ -688,7 +688,7 @@ def config_from_store(path: "str | os.PathLike") -> RunConfig:
 
 def run_recipe(config: RunConfig, path: "str | os.PathLike", *, overwrite: bool = False,
                resume: bool = False, progress: "bool | int" = True) -> Path:
-    """Train ``config`` and record it into the store at ``path``; see :func:`capture.train.run_recipe`."""
-    from capture.train import run_recipe as _run
+    """Train ``config`` and record it into the store at ``path``; see :func:`experiments.train.run_recipe`."""
+    from experiments.train import run_recipe as _run
 
     return _run(config, path, overwrite=overwrite, resume=resume, progress=progress)

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 EXIT_USAGE = 2
+#: libraries ``record`` and ``demo`` need that a plain install lacks, and the extra that brings them
+EXTRA_OF = {"torch": "experiments", "torchvision": "experiments", "sklearn": "experiments", "mnist1d": "experiments"}
 EXIT_DAMAGED = 1  # `gradtrace verify` found damage (the check itself ran)
 
 STEPS_HELP = (
@@ -178,7 +180,7 @@ def _check_out(args) -> None:
 
 
 def _check_report_dir(out: Path, force: bool) -> None:
-    from analysis.report import REPORT_MARK
+    from gradtrace.report import REPORT_MARK
 
     if not (out.exists() or out.is_symlink()):
         return
@@ -406,7 +408,7 @@ def cmd_layers(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from analysis.report import write_report
+    from gradtrace.report import write_report
 
     base = Path(args.store.rstrip("/"))
     if "://" in args.store:  # a URL: the report goes to the current directory
@@ -422,7 +424,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from analysis.integrity import verify_store
+    from gradtrace_format.integrity import verify_store
 
     store = args.store
     if "://" not in store and not Path(store).exists():
@@ -439,7 +441,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_record(args) -> int:
-    from capture.recipes import load_config, parse_overrides, run_recipe
+    from experiments.recipes import load_config, parse_overrides, run_recipe
 
     overrides = parse_overrides(args.set or [])
     for key, field in (("model", "model"), ("dataset", "dataset"), ("optimizer", "optimizer"), ("lr", "lr"),
@@ -463,7 +465,7 @@ def cmd_record(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from capture.recipes import load_config, run_recipe
+    from experiments.recipes import load_config, run_recipe
 
     out = Path(args.out)
     store = out / "run.zarr"
@@ -475,7 +477,7 @@ def cmd_demo(args) -> int:
     run_recipe(config, store, overwrite=True, progress=True)
     t1 = time.perf_counter()
     print(f"training + recording took {t1 - t0:.1f} s; writing the report...")
-    from analysis.report import write_report
+    from gradtrace.report import write_report
 
     index = write_report(store, out / "report", h=5, progress=True)
     print(f"analysis + figures took {time.perf_counter() - t1:.1f} s")
@@ -668,7 +670,7 @@ def _version() -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from analysis.format import StoreError
+    from gradtrace_format.format import StoreError
 
     errs: list[type[BaseException]] = [UserError, StoreError, ValueError, FileNotFoundError, FileExistsError,
                                        NotADirectoryError, PermissionError, KeyError]
@@ -684,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "list_presets", False):
-        from capture.recipes import describe_presets
+        from experiments.recipes import describe_presets
 
         for name, doc in describe_presets().items():
             print(f"{name:30s} {doc}")
@@ -709,6 +711,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gradtrace: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as err:
+        if debug:
+            raise
+        missing = (err.name or "").split(".")[0]
+        if missing in EXTRA_OF:  # recording needs the harness's libraries, which a plain install lacks
+            print(f"gradtrace: error: `gradtrace {args.command}` needs {missing}, which this install lacks: "
+                  f'pip install "gradtrace[{EXTRA_OF[missing]}]"', file=sys.stderr)
+        else:
+            print(f"gradtrace: error: {_one_line(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
     except _user_errors() as err:
         if debug:
             raise

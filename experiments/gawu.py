@@ -1,7 +1,7 @@
 """Geometry-adapted warm-up (GAWU, seed 000 section 5) and its fixed-switch baseline (WU).
 
 Both schedules warm up exponentially, ``eta_k = exp(omega) * eta_{k-1}`` from ``eta_0``
-(METHODS.md, ``warmup_form="geometric"``, the default). The paper's text prints
+(docs/methods.md, ``warmup_form="geometric"``, the default). The paper's text prints
 ``eta_k = exp(omega k) * eta_{k-1}``, which grows super-exponentially,
 ``eta_k = eta_0 * exp(omega * k (k + 1) / 2)``: ``warmup_form="literal"`` gives that form
 (paper values omega = 0.1, eta_0 = 0.001: lr 0.74 at k = 11 against 0.003 geometric). Either
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-#: Warm-up forms: METHODS.md's per-step factor exp(omega), or the paper's printed exp(omega k).
+#: Warm-up forms: docs/methods.md's per-step factor exp(omega), or the paper's printed exp(omega k).
 WARMUP_FORMS = ("geometric", "literal")
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -57,7 +57,7 @@ def gradients_of(obj) -> list[torch.Tensor]:
             order, as gradtrace flattens them); a ``torch.optim.Optimizer`` (the parameters of
             its groups); a single tensor or numpy array (taken as the gradient itself); or an
             iterable mixing parameters (their ``.grad``) and plain tensors (taken as gradients).
-            A parameter whose ``.grad`` is None contributes zeros (METHODS.md).
+            A parameter whose ``.grad`` is None contributes zeros (docs/methods.md).
 
     Returns:
         List of tensors whose concatenation, flattened, is the gradient ``G`` (length d).

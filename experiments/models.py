@@ -7,7 +7,7 @@ Every model is built through one registry::
 ``image_size`` is the spatial shape of one input: an ``int`` means a square 2-D image
 (``image_size x image_size``), a tuple gives the shape exactly, e.g. ``(40,)`` for the 1-D
 MNIST-1D signals. Inputs are always ``(N, in_channels, *spatial)`` float tensors. The
-``DatasetSpec`` of :mod:`capture.data` carries matching ``num_classes``, ``in_channels`` and
+``DatasetSpec`` of :mod:`experiments.data` carries matching ``num_classes``, ``in_channels`` and
 ``image_size``, so ``build_model(name, **spec.model_kwargs())`` fits a data set.
 
 Registry names (:data:`MODELS`):
@@ -485,6 +485,6 @@ def build_model(
         if "unexpected keyword" in str(err):
             raise ValueError(
                 f"model {name!r} got an option it does not take ({err}); see "
-                f"help(capture.models.{MODELS[name].__name__}) for its options"
+                f"help(experiments.models.{MODELS[name].__name__}) for its options"
             ) from err
         raise

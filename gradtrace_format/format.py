@@ -4,7 +4,7 @@ Everything that writes a store (``capture``) or reads one (``analysis``) asks th
 for names, dims, chunks, codecs, tiers and the format version. It imports numpy and zarr,
 never torch.
 
-A run store is a Zarr v3 group. Format version 1:
+A run store is a Zarr v3 group. Format version 1.0 (``docs/format.md`` is this spec in prose):
 
 Root attribute ``gradtrace`` (a JSON dict, see :class:`Header`) holds the format version, the
 number of committed rows ``n_steps`` (the commit marker: rows at index >= n_steps are
@@ -171,7 +171,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-FORMAT_VERSION = 1
+#: "MAJOR.MINOR". A reader of major version M reads every M.x store (a minor version only adds
+#: optional keys and arrays); stores from before 1.0 (an integer version) are refused.
+FORMAT_VERSION = "1.0"
 ATTR_KEY = "gradtrace"
 
 #: Flag bits of the ``flags`` array.
@@ -232,7 +234,8 @@ class NotAStoreError(StoreError):
 
 
 class FormatVersionError(StoreError):
-    """The store was written by a newer (or unknown) format version."""
+    """The store's format version is not one this gradtrace reads: a newer major version, or a
+    development version from before 1.0."""
 
 
 class StoreMismatchError(StoreError):
@@ -1022,7 +1025,7 @@ class Header:
     schedule: Any = None
     settings: dict = dataclasses.field(default_factory=dict)
     parent: dict | None = None
-    format_version: int = FORMAT_VERSION
+    format_version: str = FORMAT_VERSION
     source_dtype: str | None = None
     extra: dict = dataclasses.field(default_factory=dict)
 
@@ -1066,7 +1069,7 @@ class Header:
             schedule=d.get("schedule"),
             settings=d.get("settings") or {},
             parent=d.get("parent"),
-            format_version=int(d["format_version"]),
+            format_version=str(d["format_version"]),
             source_dtype=d.get("source_dtype"),
             extra={k: v for k, v in d.items() if k not in known},
         )
@@ -1135,20 +1138,50 @@ def header_of_group(group, path="the store") -> Header:
     raw = attrs[ATTR_KEY]
     if not isinstance(raw, dict):
         raise damaged(path, None, f"the '{ATTR_KEY}' attribute is not a JSON object")
-    version = raw.get("format_version")
-    if not isinstance(version, int):
-        raise damaged(path, None, f"the '{ATTR_KEY}' attribute has no integer format_version ({version!r})")
-    if version > FORMAT_VERSION:
-        raise FormatVersionError(
-            f"{path} uses run-store format version {version}, newer than the {FORMAT_VERSION} this "
-            "gradtrace reads. Upgrade gradtrace (pip install -U gradtrace)."
-        )
+    check_format_version(raw, path)
     try:
         header = Header.from_json(raw)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise damaged(path, None, f"the '{ATTR_KEY}' header cannot be read ({type(err).__name__}: {err})") from err
     check_header(header, raw, path)
     return header
+
+
+def check_format_version(raw: dict, path) -> None:
+    """Refuse a store whose format this gradtrace does not read, saying what to do.
+
+    ``raw`` is the root ``gradtrace`` attribute. Readable: ``"1.x"`` for any x. Refused with
+    :class:`FormatVersionError`: a newer major version (upgrade gradtrace), and the integer
+    versions of the development releases before 1.0, whose layout changed under one number
+    (re-record the run, or read it with the gradtrace that wrote it). A version that is neither
+    an integer nor ``"MAJOR.MINOR"`` is damage.
+    """
+    version = raw.get("format_version")
+    major = None
+    if isinstance(version, str):
+        head, dot, minor = version.partition(".")
+        if dot and head.isdigit() and minor.isdigit():
+            major = int(head)
+    elif isinstance(version, int) and not isinstance(version, bool):
+        major = 0  # the development releases wrote an integer (1) before the format was declared final
+    if major is None:
+        raise damaged(path, None, f"the '{ATTR_KEY}' attribute has no format_version of the form "
+                      f"'MAJOR.MINOR' ({version!r})")
+    want = int(FORMAT_VERSION.partition(".")[0])
+    if major > want:
+        raise FormatVersionError(
+            f"{path} uses run-store format {version}, newer than the {FORMAT_VERSION} this gradtrace reads: "
+            "upgrade gradtrace (pip install -U gradtrace)."
+        )
+    if major < want:
+        settings = raw.get("settings") if isinstance(raw.get("settings"), dict) else {}
+        wrote = settings.get("gradtrace_version")
+        by = f" (gradtrace {wrote})" if isinstance(wrote, str) and wrote[:1].isdigit() else ""
+        raise FormatVersionError(
+            f"{path} was written by a development version of gradtrace{by} in format {version!r}, from before "
+            f"the final format {FORMAT_VERSION}; this gradtrace does not read it. Re-record the run, or read it "
+            "with the gradtrace version that wrote it."
+        )
 
 
 def check_header(header: Header, raw: dict, path) -> None:
