@@ -13,7 +13,7 @@ The commit protocol (why a kill never tears a step):
    afterwards only the bytes of row n are written in place, then the chunk's crc32c (its last
    4 bytes), so committed rows' bytes never change. A kill between the two leaves a crc that
    covers the chunk with row n (and the rows after it) still at the fill value: readers accept
-   exactly that (``analysis.integrity.decode_scalar_block``) and resume rewrites it.
+   exactly that (``gradtrace_format.integrity.decode_scalar_block``) and resume rewrites it.
 3. Only then (at once, or for several rows together: ``append(commit=False)`` + ``commit()``)
    is the root attribute ``gradtrace.n_steps`` advanced: the root ``zarr.json`` is replaced by
    an atomic rename. Readers ignore rows at index >= n_steps, so a kill at any moment loses no
@@ -634,7 +634,7 @@ class _ArrayWriter:
 
         Between the row's pwrite and this one the stored crc still covers the old row (the
         fill value): a reader accepts a block whose crc matches it with its uncommitted rows
-        set to the fill value (:func:`analysis.integrity.decode_scalar_block`), so a kill here
+        set to the fill value (:func:`gradtrace_format.integrity.decode_scalar_block`), so a kill here
         damages nothing committed."""
         buf = self._blockbuf
         buf[i * self.row_bytes: i * self.row_bytes + len(data)] = data
@@ -1394,7 +1394,7 @@ def _fsync_path(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-#: The writer lock file inside a store (defined in analysis.format: the query index takes it too).
+#: The writer lock file inside a store (defined in gradtrace_format.format: the query index takes it too).
 LOCK_NAME = fmt.LOCK_NAME
 _acquire_lock = fmt.acquire_lock
 _release_lock = fmt.release_lock

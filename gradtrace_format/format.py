@@ -85,7 +85,7 @@ Changes inside format version 1 (all additive; readers of the first v1 stores st
 * ``grad``, ``weight`` and sketch arrays of locally recorded stores in shard files (above);
   zarr and zarrs read them natively, plain ``xarray.open_zarr`` included. zarrs does not
   check the crc32c of a chunk it reads from a shard it does not read whole: gradtrace's
-  readers check those checksums themselves (``analysis.integrity.check_partial_crc``);
+  readers check those checksums themselves (``gradtrace_format.integrity.check_partial_crc``);
 * header field ``source_dtype``: dtype(s) of the recorded parameters before the float32 cast
   (e.g. ``"float32"``, ``"bfloat16"``), checked on resume. Absent in older stores (None).
 

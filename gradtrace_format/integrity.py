@@ -2,7 +2,7 @@
 
 Every array of a store written since the checksums (``analysis/format.py``) ends each chunk
 with zarr v3's ``crc32c`` codec, which zarr and zarrs check on every decode. This module turns
-what they raise into a :class:`analysis.format.DamagedStoreError` that names the array, the
+what they raise into a :class:`gradtrace_format.format.DamagedStoreError` that names the array, the
 rows (the reader adds the steps) and the chunk file, and adds what a checksum cannot see:
 
 * a chunk file that is missing reads as the fill value (NaN, 0) in plain zarr; here a missing

@@ -303,7 +303,7 @@ def chunk_span(store, array: str, *coords: int):
 
     import zarr
 
-    from analysis import integrity
+    from gradtrace_format import integrity
 
     arr = zarr.open_array(str(Path(store) / array), mode="r")
     if integrity.shard_of(arr, coords) is None:
@@ -329,7 +329,7 @@ def _shard_index_entry(store, array: str, row: int, col: int):
 
     import zarr
 
-    from analysis import integrity
+    from gradtrace_format import integrity
 
     arr = zarr.open_array(str(Path(store) / array), mode="r")
     sh = integrity.shard_of(arr, (row, col))

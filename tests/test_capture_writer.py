@@ -389,7 +389,7 @@ def test_rows_across_shards_resume_and_rewrite(tmp_path, small_shards, tier):
     assert set(a.data_vars) == set(b.data_vars)
     for name in a.data_vars:
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
-    from analysis.integrity import verify_store
+    from gradtrace_format.integrity import verify_store
 
     assert verify_store(path) == []
 
