@@ -84,6 +84,20 @@ def test_torch_checkpoint_reference(data, tmp_path):
     assert r.attrs["reference"] == "checkpoint ckpt.pt"
 
 
+def test_one_checkpoint_unwrapper():
+    """analysis.reference.unwrap_checkpoint is the one place (RSI references and the
+    interpolation endpoints) that finds the state dict inside a checkpoint dict."""
+    from analysis.reference import CHECKPOINT_KEYS, unwrap_checkpoint
+
+    sd = {"fc.weight": np.zeros((2, 2)), "fc.bias": np.zeros(2)}
+    assert unwrap_checkpoint(sd) is sd
+    for key in CHECKPOINT_KEYS:
+        assert unwrap_checkpoint({key: sd, "epoch": 3, "optimizer": {"lr": 0.1}}) is sd
+    assert unwrap_checkpoint({"model": {"x": 1}, "state_dict": sd}) is sd  # the keys' order decides
+    with pytest.raises(ga.BadReferenceError, match="ck.pt holds a list, not a state dict"):
+        unwrap_checkpoint([sd], "ck.pt")
+
+
 def test_bad_references(data, tmp_path):
     d = data.d
     with pytest.raises(ga.BadReferenceError, match=f"shape \\({d - 1},\\).*d = {d}"):
