@@ -30,7 +30,7 @@ from analysis.index import build_index, open_index
 from analysis.layers import balancedness, layer_table, linear_pairs
 from analysis.phases import gawu_switch, phase_labels, phases, zigzag_share
 from analysis.reference import Reference, resolve_reference
-from analysis.rsi import per_epoch, rsi
+from analysis.rsi import by_epoch, rsi
 from analysis.rsi_pairs import never_turns_away, rsi_all_references
 from analysis.signs import sign_shift, sign_shift_lag, sign_shift_matrix, sign_shift_window
 from analysis.store import ParamGroup, Run, open_run
@@ -55,7 +55,7 @@ __all__ = [
     "sign_shift_lag",
     # RSI / EB / gamma
     "rsi",
-    "per_epoch",
+    "by_epoch",
     "resolve_reference",
     "Reference",
     "rsi_all_references",

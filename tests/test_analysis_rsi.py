@@ -153,12 +153,12 @@ def test_reference_close_to_the_iterates_keeps_full_precision(tmp_path):
     assert cancel.max() > 1e7  # the case the direct route is for
 
 
-def test_exclude_tail_and_per_epoch(data):
+def test_exclude_tail_and_by_epoch(data):
     r = ga.rsi(data.path, exclude_tail=3)
     assert list(r["step"].values) == list(range(9)) and r.attrs["excluded_steps"] == 3
     e = ga.rsi(data.path, exclude_tail="epoch")  # epochs: step // 4 -> last epoch is steps 8..11
     assert list(e["step"].values) == list(range(8))
-    agg = ga.per_epoch(ga.rsi(data.path))
+    agg = ga.by_epoch(ga.rsi(data.path))
     assert list(agg["epoch"].values) == [0, 1, 2] and list(agg["n_steps"].values) == [4, 4, 4]
     full = ga.rsi(data.path)
     np.testing.assert_allclose(agg.gamma_mean.values, full.gamma.values.reshape(3, 4).mean(1))
