@@ -15,9 +15,6 @@ Example:
     >>> ga.never_turns_away(run).attrs["steps"]                 # doctest: +SKIP
 """
 
-# analysis/engine.py still imports ``from analysis import format``: this binding serves it until
-# the engine split (issue #13, part 4) imports gradtrace_format directly; then delete this line.
-from gradtrace_format import format  # noqa: F401  (must come before the first analysis import)
 from analysis.correlation import corr, corr_matrix, corr_window, corr_windows, lag_series, mean_corr
 from gradtrace_format.errors import (
     AnalysisError,
@@ -33,7 +30,7 @@ from analysis.index import build_index, open_index
 from analysis.layers import balancedness, layer_table, linear_pairs
 from analysis.phases import gawu_switch, phase_labels, phases, zigzag_share
 from analysis.reference import Reference, resolve_reference
-from analysis.rsi import per_epoch, rsi
+from analysis.rsi import by_epoch, rsi
 from analysis.rsi_pairs import never_turns_away, rsi_all_references
 from analysis.signs import sign_shift, sign_shift_lag, sign_shift_matrix, sign_shift_window
 from analysis.store import ParamGroup, Run, open_run
@@ -58,7 +55,7 @@ __all__ = [
     "sign_shift_lag",
     # RSI / EB / gamma
     "rsi",
-    "per_epoch",
+    "by_epoch",
     "resolve_reference",
     "Reference",
     "rsi_all_references",

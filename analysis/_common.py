@@ -3,13 +3,42 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
 
 from gradtrace_format import format as fmt
 from gradtrace_format.errors import LagNotAvailableError, StepNotFoundError
-from analysis.store import ParamGroup, Run
+from analysis.store import ParamGroup, Run, as_run
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a metric asks of the store, resolved once: the run, the parameter group, the
+    selected gradient steps (increasing), their store rows and which of them hold a
+    non-finite gradient (``FLAG_NONFINITE_GRAD``)."""
+
+    run: Run
+    group: ParamGroup
+    steps: np.ndarray
+    rows: np.ndarray
+    nonfinite: np.ndarray
+
+    def attrs(self) -> dict:
+        """The group's and the tier's attrs (:func:`group_attrs`, :func:`tier_attrs`)."""
+        return {**group_attrs(self.group), **tier_attrs(self.run, self.group)}
+
+
+def select(run, steps=None, params=None) -> Selection:
+    """Open ``run`` (a :class:`Run` or a path), select the parameter group and the gradient
+    steps (refusing an empty selection, see :func:`selected`), once for a whole metric call."""
+    run = as_run(run)
+    group = run.params(params)
+    sel = selected(run, steps)
+    rows = run.rows_of(sel)
+    bad = (run.flags[rows] & fmt.FLAG_NONFINITE_GRAD) != 0
+    return Selection(run, group, sel, rows, bad)
 
 
 def selected(run: Run, steps) -> np.ndarray:

@@ -21,7 +21,8 @@ import xarray as xr
 
 from gradtrace_format import format as fmt
 
-from analysis._common import available_lags, cosines, group_attrs, lag_pairs, matrix, nonfinite, per_step, selected, tier_attrs
+from analysis._common import (available_lags, cosines, group_attrs, lag_pairs, matrix, nonfinite, per_step, select,
+                              selected, tier_attrs)
 from gradtrace_format import integrity
 from analysis.engine import Pass
 from gradtrace_format.errors import AnalysisError, LagNotAvailableError, StepNotFoundError
@@ -62,10 +63,8 @@ def corr_matrix(run, steps=None, *, params=None, precision: str = "float64", pro
         >>> c.sel(step_i=10, step_j=11).item()                 # doctest: +SKIP
         -0.93
     """
-    run = as_run(run)
-    group = run.params(params)
-    sel = selected(run, steps)
-    rows = run.rows_of(sel)
+    s = select(run, steps, params)
+    run, group, sel, rows = s.run, s.group, s.steps, s.rows
     idx = index_for(run, group, index)
     idx = require(idx, index, idx is not None and idx.covers_block(rows), f"the {len(rows)} selected steps")
     if idx is not None:
@@ -78,11 +77,11 @@ def corr_matrix(run, steps=None, *, params=None, precision: str = "float64", pro
     gram = (gram + gram.T) / 2.0  # exact symmetry
     sq = np.diag(gram).copy()
     integrity.check_norms(run, rows, sq, group, precision)  # free: the pass (or the index) computed sq
-    sq[nonfinite(run, sel)] = np.nan
+    sq[s.nonfinite] = np.nan
     corr = cosines(gram, sq[:, None], sq[None, :])
     ok = np.isfinite(sq) & (sq > 0)
     corr[np.diag_indices_from(corr)] = np.where(ok, 1.0, np.nan)
-    attrs = {"metric": MU, "precision": precision, **group_attrs(group), **tier_attrs(run, group),
+    attrs = {"metric": MU, "precision": precision, **s.attrs(),
              "answered_by": "pass" if idx is None else "index"}
     if precision == "float32":
         attrs["precision_note"] = "float32 products per block, float64 across blocks (~1e-7 relative error)"

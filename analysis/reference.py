@@ -10,6 +10,7 @@ parameter-table order.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from gradtrace_format.errors import BadReferenceError, StepNotFoundError
 from analysis.store import Run
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+#: Keys under which a checkpoint dict may hold the model's state dict, tried in this order.
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
 
 
 @dataclass(frozen=True)
@@ -166,10 +169,7 @@ def flatten_state_dict(run: Run, sd: dict, *, strict: bool = True, source: str =
         BadReferenceError: missing tensors, mis-shaped tensors, or (with ``strict``) tensors
             that are not parameters of the store.
     """
-    for key in ("state_dict", "model_state_dict", "model"):
-        if key in sd and isinstance(sd[key], dict) and not _is_array(sd[key]):
-            sd = sd[key]
-            break
+    sd = unwrap_checkpoint(sd, source)
     names = [t.name for t in run.tensors]
     if names and not any(n in sd for n in names) and all(str(k).startswith("module.") for k in sd):
         sd = {str(k)[len("module."):]: v for k, v in sd.items()}
@@ -197,6 +197,23 @@ def flatten_state_dict(run: Run, sd: dict, *, strict: bool = True, source: str =
             )
         out[t.offset: t.offset + t.size] = arr.reshape(-1)
     return check_vector(run, out, source)
+
+
+def unwrap_checkpoint(obj, source: str = "the checkpoint") -> Mapping:
+    """The ``{name: tensor}`` state dict in a loaded checkpoint: ``obj`` itself, or the mapping
+    it holds under the first of :data:`CHECKPOINT_KEYS` (``"state_dict"``,
+    ``"model_state_dict"``, ``"model"``) that it has. Torch-free; used for RSI references and
+    for the interpolation endpoints of the paper harness.
+
+    Raises:
+        BadReferenceError: ``obj`` is not a mapping (a pickled model, a bare tensor...).
+    """
+    if not isinstance(obj, Mapping):
+        raise BadReferenceError(f"{source} holds a {type(obj).__name__}, not a state dict of tensors")
+    for key in CHECKPOINT_KEYS:
+        if key in obj and isinstance(obj[key], Mapping) and not _is_array(obj[key]):
+            return obj[key]
+    return obj
 
 
 def _is_array(x) -> bool:
@@ -240,8 +257,6 @@ def _from_file(run: Run, path: Path, strict: bool) -> Reference:
                 f"cannot load {path} with torch.load(weights_only=True): {err}. Save the model's "
                 "state_dict (tensors only), or convert it to .safetensors / .npy."
             ) from err
-        if not isinstance(obj, dict):
-            raise BadReferenceError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
         return Reference(f"checkpoint {path.name}", vector=flatten_state_dict(run, obj, strict=strict, source=str(path)))
     raise BadReferenceError(
         f"reference file {path}: unknown type '{suffix}'. Use .npy (flat vector), .safetensors, or a "

@@ -174,7 +174,7 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
 
     Example:
         >>> r = rsi(run, exclude_tail="epoch")                 # doctest: +SKIP
-        >>> per_epoch(r)["gamma_mean"].plot()                   # doctest: +SKIP
+        >>> by_epoch(r)["gamma_mean"].plot()                   # doctest: +SKIP
         >>> rsi(run, reference="ckpt/epoch10.pt")               # any w*, one more pass
     """
     if direction not in DIRECTIONS:
@@ -419,7 +419,7 @@ def _error_vars(run: Run, group: ParamGroup, rows, ref: Reference, out: dict, sp
     return {"gamma_error_bound": bound}
 
 
-def per_epoch(result: xr.Dataset | xr.DataArray, stats=("mean", "min", "max")) -> xr.Dataset:
+def by_epoch(result: xr.Dataset | xr.DataArray, stats=("mean", "min", "max")) -> xr.Dataset:
     """Per-epoch aggregation of per-step results (NaN skipped), as the paper plots them.
 
     Args:
@@ -432,12 +432,12 @@ def per_epoch(result: xr.Dataset | xr.DataArray, stats=("mean", "min", "max")) -
         ``n_steps`` (steps per epoch).
 
     Example:
-        >>> agg = per_epoch(rsi(run))                           # doctest: +SKIP
+        >>> agg = by_epoch(rsi(run))                            # doctest: +SKIP
         >>> agg.gamma_mean, agg.gamma_min, agg.gamma_max        # doctest: +SKIP
     """
     ds = result.to_dataset(name=result.name or "value") if isinstance(result, xr.DataArray) else result
     if "epoch" not in ds.coords:
-        raise AnalysisError("per_epoch needs an 'epoch' coordinate along 'step'")
+        raise AnalysisError("by_epoch needs an 'epoch' coordinate along 'step'")
     if (np.asarray(ds["epoch"].values) < 0).all():
         raise AnalysisError("the store has no epoch numbers (epoch = -1): aggregate by steps instead, "
                             "e.g. result.coarsen(step=100, boundary='trim').mean()")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from analysis._common import group_attrs, lag_pairs, matrix, nonfinite, per_step, selected
+from analysis._common import group_attrs, lag_pairs, matrix, nonfinite, per_step, select, selected
 from analysis.engine import Pass
 from gradtrace_format.errors import AnalysisError, StepNotFoundError
 from analysis.index import index_for, require
@@ -107,10 +107,8 @@ def sign_shift_matrix(run, steps=None, *, params=None, denominator: str = "both_
         91.2
     """
     check_denominator(denominator)
-    run = as_run(run)
-    group = run.params(params)
-    sel = selected(run, steps)
-    rows = run.rows_of(sel)
+    s = select(run, steps, params)
+    run, group, sel, rows = s.run, s.group, s.steps, s.rows
     idx = index_for(run, group, index)
     idx = require(idx, index, idx is not None and idx.covers_block(rows), f"the {len(rows)} selected steps")
     if idx is not None:
@@ -120,10 +118,9 @@ def sign_shift_matrix(run, steps=None, *, params=None, denominator: str = "both_
         key = p.sign_gram(rows)
         counts = p.compute(progress=progress, scheduler=scheduler)[key]
     shift, zero = percent(counts[0], counts[1], float(group.size), denominator)
-    bad = nonfinite(run, sel)
     for arr in (shift, zero):
-        arr[bad, :] = np.nan
-        arr[:, bad] = np.nan
+        arr[s.nonfinite, :] = np.nan
+        arr[:, s.nonfinite] = np.nan
     attrs = {**_attrs(run, group, denominator), "answered_by": "pass" if idx is None else "index"}
     return _label(xr.Dataset({"sign_shift": matrix(shift, sel, "sign_shift", dict(attrs)),
                               "zero_share": matrix(zero, sel, "zero_share", dict(attrs))}, attrs=attrs), denominator)

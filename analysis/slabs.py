@@ -1,7 +1,13 @@
 """Reading one slab: the rows a pass needs, for the columns of one slab, each chunk decoded once.
 
 A slab is a tuple of pieces ``(segment, lo, hi)``: column ranges of one window of the
-parameter axis (or sketch axis, or bit axis), aligned to the storage chunks by the engine.
+parameter axis (or sketch axis, or bit axis), aligned to the storage chunks by the engine
+(:mod:`analysis.engine`).
+
+This module also holds the analysis's one buffer pool (:func:`buffer`): per-thread arrays
+reused from one slab task to the next, for the decoded rows and for the block operations'
+work arrays (:mod:`analysis.blockops`), dropped together when a pass ends
+(:func:`release_buffers`).
 """
 
 from __future__ import annotations
@@ -15,10 +21,9 @@ import numpy as np
 from gradtrace_format import integrity
 from analysis.store import ArrayRef
 
-#: Decoded slabs up to this many bytes land in a per-thread buffer that the thread's next slab
-#: reuses, until the pass ends (``release_buffers``). A fresh array costs a page fault per
-#: 4 KiB page on first touch (the kernel zeroes it): 1.5 s of system time in a 4 GiB pass
-#: here, 15% of a float32 correlation matrix and a third of a plain read.
+#: Buffers up to this many bytes (decoded slabs, work arrays) are kept per thread and reused by
+#: the thread's next slab task, until the pass ends (``release_buffers``): a fresh array costs a
+#: page fault per 4 KiB page on first touch (the kernel zeroes it). Larger ones are fresh arrays.
 REUSE_BYTES = 2**30
 
 _tls = threading.local()
@@ -36,10 +41,13 @@ class _Pool(dict):
         return self is other
 
 
-def _out(key: str, shape: tuple[int, int], dtype) -> np.ndarray:
-    """An uninitialised array for a decode: this thread's buffer ``key`` when it is small
-    enough to keep, else a fresh one. Valid until the thread's next read with the same key,
-    so only inside one slab task (whose results never hold views of the slab)."""
+def buffer(key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array of ``shape``: this thread's buffer ``key`` when it is small
+    enough to keep (``REUSE_BYTES``), else a fresh one. Valid until the thread's next request
+    for the same key, so only inside one slab task (whose results never hold views of it).
+
+    Decodes use the keys ``grad0``, ``weight1``, ``neg0``... (array and cover); the block
+    operations use their own names (``gram``, ``sign_s``, ``ref_vec``...)."""
     dtype = np.dtype(dtype)
     need = int(np.prod(shape))
     if need * dtype.itemsize > REUSE_BYTES:
@@ -57,7 +65,7 @@ def _out(key: str, shape: tuple[int, int], dtype) -> np.ndarray:
 
 
 def release_buffers() -> int:
-    """Drop every thread's slab buffers (the engine calls this when a pass ends, here and on
+    """Drop every thread's buffers (the engine calls this when a pass ends, here and on
     distributed workers). Returns the bytes released. A task still running keeps its own
     buffers alive through its arrays; the next read allocates afresh."""
     with _pools_lock:
@@ -142,7 +150,7 @@ def read_rows(arr, rows: np.ndarray, a: int, b: int, buf: str | None = None, abs
             from zarr.core.buffer.cpu import NDBuffer
 
             n = sel.stop - sel.start if isinstance(sel, slice) else len(sel)
-            out = _out(buf, (n, b - a), arr.dtype)
+            out = buffer(buf, (n, b - a), arr.dtype)
             if out.size:
                 nd = NDBuffer.from_numpy_array(out)
                 if isinstance(sel, slice):

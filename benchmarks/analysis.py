@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import analysis as ga  # noqa: E402
-from analysis import engine, slabs  # noqa: E402
+from analysis import blockops, engine, slabs  # noqa: E402
 from gradtrace_format import format as fmt  # noqa: E402
 
 
@@ -127,7 +127,7 @@ def engine_gram_in_memory(X: np.ndarray) -> np.ndarray:
         def __init__(self, x):
             self.grad, self.n_grad, self.space = x, x.shape[0], "param"
 
-    op = engine._Gram("g", np.arange(X.shape[0]), "float64")
+    op = blockops.Gram("g", np.arange(X.shape[0]), "float64")
     width = max(1, engine.SLAB_BYTES // (4 * X.shape[0]))
     slabs = [X[:, lo: lo + width] for lo in range(0, X.shape[1], width)]
     with engine._blas_single_thread(True), ThreadPoolExecutor(os.cpu_count() or 1) as ex:

@@ -83,17 +83,9 @@ def barrier_height(loss: "xr.DataArray | Sequence[float] | np.ndarray") -> float
     return float(v.max() - max(v[0], v[-1]))
 
 
-def _state_dict_of(obj, source: str) -> Mapping:
-    if isinstance(obj, Mapping):
-        for key in ("model", "state_dict", "model_state_dict"):
-            if key in obj and isinstance(obj[key], Mapping):
-                return obj[key]
-        return obj
-    raise ValueError(f"{source} holds a {type(obj).__name__}, not a state dict")
-
-
 def _endpoint(spec, store, model: nn.Module, what: str) -> tuple[torch.Tensor, dict]:
     """(flat float64 vector, description) of one endpoint."""
+    from analysis.reference import unwrap_checkpoint
     from capture.recorder import restore_weights
 
     if isinstance(spec, str) and spec == "final" or isinstance(spec, int | np.integer) and not isinstance(spec, bool):
@@ -115,11 +107,11 @@ def _endpoint(spec, store, model: nn.Module, what: str) -> tuple[torch.Tensor, d
         if not path.is_file():
             raise ValueError(f"{what}={spec!r} is neither a recorded step (an int), 'final', nor an "
                              "existing checkpoint file")
-        sd = _state_dict_of(torch.load(path, map_location="cpu", weights_only=True), str(path))
+        sd = unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True), str(path))
         model.load_state_dict(sd)
         return flat_parameters(model), {"kind": "checkpoint", "label": str(path)}
     if isinstance(spec, Mapping):
-        model.load_state_dict(_state_dict_of(spec, what))
+        model.load_state_dict(unwrap_checkpoint(spec, what))
         return flat_parameters(model), {"kind": "state_dict", "label": "state dict"}
     if isinstance(spec, np.ndarray | torch.Tensor):
         vec = torch.as_tensor(spec).detach().reshape(-1).to("cpu", torch.float64)

@@ -341,7 +341,7 @@ def cmd_signs(args) -> int:
 
 
 def cmd_rsi(args) -> int:
-    from analysis.rsi import per_epoch, rsi
+    from analysis.rsi import by_epoch, rsi
 
     run = _open(args.store, args.storage_options)
     ref = parse_ref(args.ref)
@@ -364,7 +364,7 @@ def cmd_rsi(args) -> int:
     if fin.size:
         print(f"gamma > 0 on {100.0 * (fin > 0).mean():.1f}% of {fin.size} steps")
     if args.per_epoch:
-        res = per_epoch(res)
+        res = by_epoch(res)
     _save(res, args.output, args.force)
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,37 @@ def _save_fig(fig, path: Path, dpi: int = PNG_DPI):
     return path.name
 
 
+@dataclass
+class _Report:
+    """What the report's sections share: the run, where files go, and what they collect
+    (figures with captions, key numbers, notes) and pass on (phases, lags, windows)."""
+
+    run: object
+    out: Path
+    h: int
+    progress: bool
+    gsteps: np.ndarray  # the gradient steps
+    loss: xr.DataArray  # the loss at those steps
+    figures: list = field(default_factory=list)  # (file, caption)
+    facts: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    ph: xr.Dataset | None = None
+    mc: xr.DataArray | None = None  # mean gradient correlation
+    labels: np.ndarray | None = None  # phase of each mean-correlation step
+    lag_results: dict = field(default_factory=dict)
+    windows: list = field(default_factory=list)
+
+    @property
+    def res_dir(self) -> Path:
+        return self.out / "results"
+
+    def log(self, msg: str):
+        _log(msg, self.progress)
+
+    def figure(self, fig, name: str, caption: str, dpi: int = PNG_DPI):
+        self.figures.append((_save_fig(fig, self.out / name, dpi=dpi), caption))
+
+
 def write_report(store, out_dir, *, h: int = 5, reference="final", exclude_tail=1, progress: bool = True) -> Path:
     """Compute the run's statistics, draw every figure and write ``out_dir/index.html``.
 
@@ -119,93 +151,126 @@ def write_report(store, out_dir, *, h: int = 5, reference="final", exclude_tail=
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
 
-    import analysis.correlation as C
-    import analysis.layers as L
-    import analysis.signs as S
-    from analysis.phases import phases as _phases
-    from analysis.rsi import rsi as _rsi
     from analysis.store import as_run
     from analysis.summary import format_info, store_info
 
     t0 = time.perf_counter()
     run = as_run(store)
-    if not (reference is None or (isinstance(reference, str) and reference.strip().lower() == "final")):
-        from analysis.reference import resolve_reference
-
-        resolve_reference(run, reference)  # an explicit reference that does not resolve is an error, not a note
+    _check_reference(run, reference)
     out = Path(out_dir)
-    res_dir = out / "results"
-    res_dir.mkdir(parents=True, exist_ok=True)
+    (out / "results").mkdir(parents=True, exist_ok=True)
     (out / REPORT_MARK).write_text(f"written by gradtrace report from {run.path}\n")
-    figures: list[tuple[str, str]] = []  # (file, caption)
-    notes: list[str] = []
-    facts: dict[str, str] = {}
-
     gsteps = run.grad_steps
     if len(gsteps) < 2:
         raise AnalysisError(f"{run.path} holds {len(gsteps)} gradient step(s): a report needs at least 2")
-    loss = run.ds["loss"].sel(step=gsteps)
+    rep = _Report(run, out, h, progress, gsteps, run.ds["loss"].sel(step=gsteps))
 
-    # -- correlation statistics ---------------------------------------------------------
-    mc = labels = None
-    lag_results = {}
+    _phase_stats(rep)
+    _lag_stats(rep)
+    rep.windows = _pick_windows(rep.mc, rep.labels, rep.gsteps, h) if rep.mc is not None else []
+    _overview_figure(rep)
+    _full_matrix_figure(rep)
+    _sign_shift_figure(rep)
+    _sign_shift_facts(rep)
+    _lags_figure(rep)
+    _phases_figure(rep)
+    _rsi_figures(rep, reference, exclude_tail)
+    layer_html = _layer_table(rep, exclude_tail)
+
+    info = store_info(run)
+    (rep.res_dir / "info.json").write_text(json.dumps(info, indent=1, default=str))
+    index = rep.out / "index.html"
+    index.write_text(_html(run, info, format_info(info), rep.figures, rep.facts, rep.notes, layer_html,
+                           time.perf_counter() - t0))
+    rep.log(f"done in {time.perf_counter() - t0:.1f} s: {index}")
+    return index
+
+
+def _check_reference(run, reference):
+    """An explicit reference that does not resolve is an error, not a note."""
+    if not (reference is None or (isinstance(reference, str) and reference.strip().lower() == "final")):
+        from analysis.reference import resolve_reference
+
+        resolve_reference(run, reference)
+
+
+def _phase_stats(rep: _Report):
+    """Mean gradient correlation and phases (``results/phases.nc``) and their key numbers."""
+    from analysis.phases import phases as _phases
+
     try:
-        _log(f"mean gradient correlation (h={h}) and phases", progress)
-        ph = _phases(run, h=h)
-        save_result(ph, res_dir / "phases.nc")
-        mc = ph["mean_corr"]
-        labels = np.asarray(ph["phase"].values).astype(str)
-        facts["share of the loss decrease under zigzag (new lows only; spikes add nothing)"] = f"{100 * float(ph.attrs['zigzag_share']):.1f}%" \
-            if np.isfinite(ph.attrs.get("zigzag_share", np.nan)) else "n/a"
+        rep.log(f"mean gradient correlation (h={rep.h}) and phases")
+        ph = _phases(rep.run, h=rep.h)
+        save_result(ph, rep.res_dir / "phases.nc")
+        rep.ph, rep.mc = ph, ph["mean_corr"]
+        rep.labels = labels = np.asarray(ph["phase"].values).astype(str)
+        rep.facts["share of the loss decrease under zigzag (new lows only; spikes add nothing)"] = \
+            f"{100 * float(ph.attrs['zigzag_share']):.1f}%" if np.isfinite(ph.attrs.get("zigzag_share", np.nan)) else "n/a"
         gs = ph.attrs.get("gawu_step", -1)
-        facts["GAWU change point (first + to - crossing of the mean correlation)"] = "none" if gs < 0 else f"step {gs}"
+        rep.facts["GAWU change point (first + to - crossing of the mean correlation)"] = "none" if gs < 0 else f"step {gs}"
         counts = {k: int((labels == k).sum()) for k in ("smooth", "zigzag", "random")}
-        facts["steps per phase (thresholds +-0.5)"] = ", ".join(f"{k} {v}" for k, v in counts.items())
+        rep.facts["steps per phase (thresholds +-0.5)"] = ", ".join(f"{k} {v}" for k, v in counts.items())
     except AnalysisError as err:
-        notes.append(f"No mean gradient correlation: {err}")
+        rep.notes.append(f"No mean gradient correlation: {err}")
+
+
+def _lag_stats(rep: _Report):
+    """Lag 1, 2, 3 correlation series (``results/lags.nc``)."""
+    import analysis.correlation as C
+
     for lag in (1, 2, 3):
         try:
-            lag_results[lag] = C.lag_series(run, lag)
+            rep.lag_results[lag] = C.lag_series(rep.run, lag)
         except AnalysisError as err:
-            notes.append(f"lag {lag}: {err}")
-    if lag_results:
-        save_result(xr.Dataset({f"lag{k}": v.reset_coords(drop=True) for k, v in lag_results.items()}), res_dir / "lags.nc")
+            rep.notes.append(f"lag {lag}: {err}")
+    if rep.lag_results:
+        save_result(xr.Dataset({f"lag{k}": v.reset_coords(drop=True) for k, v in rep.lag_results.items()}),
+                    rep.res_dir / "lags.nc")
 
-    windows = _pick_windows(mc, labels, gsteps, h) if mc is not None else []
 
-    # -- Figure 1: loss, mean correlation, windows ----------------------------------------
-    _log("figure 1: loss, mean correlation and h x h windows", progress)
+def _overview_figure(rep: _Report):
+    """Figure 1: loss, mean correlation and the h x h correlation windows."""
+    import matplotlib.pyplot as plt
+
+    import analysis.correlation as C
+
+    run, h, windows = rep.run, rep.h, rep.windows
+    rep.log("figure 1: loss, mean correlation and h x h windows")
     nwin = max(len(windows), 1)
     fig = plt.figure(figsize=(4.6 * max(nwin, 2), 8.2), layout="constrained")
     gs_ = fig.add_gridspec(2, 2 * nwin)
     ax_loss = fig.add_subplot(gs_[0, :nwin])
     ax_mc = fig.add_subplot(gs_[0, nwin:])
-    plots.plot_loss(loss, ax_loss, markers=windows)
-    if mc is not None:
-        plots.plot_mean_corr(mc, ax_mc, markers=windows)
+    plots.plot_loss(rep.loss, ax_loss, markers=windows)
+    if rep.mc is not None:
+        plots.plot_mean_corr(rep.mc, ax_mc, markers=windows)
     else:
         ax_mc.text(0.5, 0.5, "mean correlation not available\n(see notes)", ha="center", va="center")
-    win_results = {}
     for i, w in enumerate(windows):
         cw = C.corr_window(run, w, h=h)
-        win_results[w] = cw
-        save_result(cw, res_dir / f"corr_window_{w}.nc")
+        save_result(cw, rep.res_dir / f"corr_window_{w}.nc")
         plots.plot_corr_matrix(cw, fig.add_subplot(gs_[1, 2 * i : 2 * i + 2]), title=f"window at step {w}")
     fig.suptitle(f"{Path(str(run.path)).name}: training loss, mean gradient correlation and {h} x {h} windows")
-    figures.append((_save_fig(fig, out / "fig1_overview.png"),
-                    "Training loss and mean gradient correlation (zigzag paper, eq. 3) with markers at the steps "
-                    f"whose {h} x {h} pairwise correlation matrices are drawn below (zigzag paper, Figure 1)."))
+    rep.figure(fig, "fig1_overview.png",
+               "Training loss and mean gradient correlation (zigzag paper, eq. 3) with markers at the steps "
+               f"whose {h} x {h} pairwise correlation matrices are drawn below (zigzag paper, Figure 1).")
 
-    # -- full T x T matrix --------------------------------------------------------------
+
+def _full_matrix_figure(rep: _Report):
+    """The full T x T correlation matrix (evenly subsampled beyond MAX_FULL_MATRIX) and a zoom."""
+    import matplotlib.pyplot as plt
+
+    import analysis.correlation as C
+
+    gsteps, labels = rep.gsteps, rep.labels
     sel = gsteps if len(gsteps) <= MAX_FULL_MATRIX else gsteps[np.linspace(0, len(gsteps) - 1, MAX_FULL_MATRIX).round().astype(int)]
-    _log(f"full correlation matrix over {len(sel)} steps", progress)
-    full = C.corr_matrix(run, list(map(int, sel)))
-    save_result(full, res_dir / "corr_full.nc")
+    rep.log(f"full correlation matrix over {len(sel)} steps")
+    full = C.corr_matrix(rep.run, list(map(int, sel)))
+    save_result(full, rep.res_dir / "corr_full.nc")
     # one matrix cell must cover several pixels: at one pixel a zigzag block (cells alternating
     # +-1) is a red/blue checkerboard that reads as purple, a colour not on the colour bar
-    zoom = _zoom_block(labels, mc, sel, ZOOM_STEPS)
+    zoom = _zoom_block(labels, rep.mc, sel, ZOOM_STEPS)
     fig, axes = plt.subplots(1, 2, figsize=(13.5, 6.0), layout="constrained", width_ratios=[1.25, 1])
     plots.plot_corr_matrix(full, axes[0], title=f"gradient correlation, all {len(sel)} steps"
                            + ("" if len(sel) == len(gsteps) else f" (evenly subsampled from {len(gsteps)})"))
@@ -214,98 +279,126 @@ def write_report(store, out_dir, *, h: int = 5, reference="final", exclude_tail=
                                title=f"zoom: steps {int(sel[zoom][0])}..{int(sel[zoom][-1])}")
     else:
         axes[1].set_axis_off()
-    figures.append((_save_fig(fig, out / "corr_full.png", dpi=_cell_dpi(len(sel), 6.0)),
-                    "The full pairwise gradient correlation matrix (one Gram pass over the store), drawn with "
-                    "at least 3 pixels per cell (click for full size), and a zoom into "
-                    + ("the longest zigzag stretch" if zoom is not None and labels is not None and (labels == "zigzag").any()
-                       else "the middle of the run")
-                    + ": in a zigzag phase neighbouring cells alternate red (+) and blue (-)."))
+    rep.figure(fig, "corr_full.png",
+               "The full pairwise gradient correlation matrix (one Gram pass over the store), drawn with "
+               "at least 3 pixels per cell (click for full size), and a zoom into "
+               + ("the longest zigzag stretch" if zoom is not None and labels is not None and (labels == "zigzag").any()
+                  else "the middle of the run")
+               + ": in a zigzag phase neighbouring cells alternate red (+) and blue (-).",
+               dpi=_cell_dpi(len(sel), 6.0))
 
-    # -- sign shift next to correlation (Figure 8) ---------------------------------------
-    if windows:
-        _log("sign shift windows", progress)
-        fig, axes = plt.subplots(1, len(windows), figsize=(4.6 * len(windows), 4.1), layout="constrained", squeeze=False)
-        for i, w in enumerate(windows):
-            sw = S.sign_shift_window(run, w, h=h)
-            save_result(sw, res_dir / f"sign_window_{w}.nc")
-            plots.plot_sign_shift_matrix(sw["sign_shift"], axes[0, i], title=f"% entries flipping sign, step {w}")
-        figures.append((_save_fig(fig, out / "sign_shift.png"),
-                        f"The percentage of gradient entries with opposite signs, among entries non-zero at both "
-                        f"steps, in the same {h} x {h} windows whose correlations the first figure shows "
-                        "(zigzag paper, Figure 8)."))
+
+def _sign_shift_figure(rep: _Report):
+    """Sign shift in the same windows as figure 1 (zigzag paper, Figure 8)."""
+    if not rep.windows:
+        return
+    import matplotlib.pyplot as plt
+
+    import analysis.signs as S
+
+    windows = rep.windows
+    rep.log("sign shift windows")
+    fig, axes = plt.subplots(1, len(windows), figsize=(4.6 * len(windows), 4.1), layout="constrained", squeeze=False)
+    for i, w in enumerate(windows):
+        sw = S.sign_shift_window(rep.run, w, h=rep.h)
+        save_result(sw, rep.res_dir / f"sign_window_{w}.nc")
+        plots.plot_sign_shift_matrix(sw["sign_shift"], axes[0, i], title=f"% entries flipping sign, step {w}")
+    rep.figure(fig, "sign_shift.png",
+               f"The percentage of gradient entries with opposite signs, among entries non-zero at both "
+               f"steps, in the same {rep.h} x {rep.h} windows whose correlations the first figure shows "
+               "(zigzag paper, Figure 8).")
+
+
+def _sign_shift_facts(rep: _Report):
+    """Sign shift between adjacent steps (``results/sign_shift_lag1.nc``): zigzag phase and whole run."""
+    import analysis.signs as S
+
     try:
-        sl = S.sign_shift_lag(run, 1)
-        save_result(sl, res_dir / "sign_shift_lag1.nc")
+        sl = S.sign_shift_lag(rep.run, 1)
+        save_result(sl, rep.res_dir / "sign_shift_lag1.nc")
         v = np.asarray(sl["sign_shift"].values, float)
-        if labels is not None and mc is not None:
-            zz = np.isin(np.asarray(sl["step"].values), np.asarray(mc["step"].values)[labels == "zigzag"])
+        if rep.labels is not None and rep.mc is not None:
+            zz = np.isin(np.asarray(sl["step"].values), np.asarray(rep.mc["step"].values)[rep.labels == "zigzag"])
             if zz.any():
-                facts["entries flipping sign between adjacent steps, zigzag phase"] = f"{np.nanmean(v[zz]):.1f}%"
-        facts["entries flipping sign between adjacent steps, whole run"] = f"{np.nanmean(v):.1f}%"
+                rep.facts["entries flipping sign between adjacent steps, zigzag phase"] = f"{np.nanmean(v[zz]):.1f}%"
+        rep.facts["entries flipping sign between adjacent steps, whole run"] = f"{np.nanmean(v):.1f}%"
     except AnalysisError as err:
-        notes.append(f"sign shift at lag 1: {err}")
+        rep.notes.append(f"sign shift at lag 1: {err}")
 
-    # -- lags ---------------------------------------------------------------------------
-    if lag_results:
-        fig, ax = plt.subplots(figsize=(8, 3.8), layout="constrained")
-        plots.plot_lags(lag_results, ax)
-        figures.append((_save_fig(fig, out / "lags.png"),
-                        "Correlation between gradients 1, 2 and 3 training steps apart. Zigzag: lag 1 negative, "
-                        "lag 2 positive, lag 3 negative."))
-        if 1 in lag_results:
-            v = np.asarray(lag_results[1].values, float)
-            facts["adjacent gradient correlation mu(t, t+1): min / median"] = f"{np.nanmin(v):+.3f} / {np.nanmedian(v):+.3f}"
 
-    # -- phases ---------------------------------------------------------------------------
-    if labels is not None:
-        fig, ax = plt.subplots(figsize=(8, 3.8), layout="constrained")
-        plots.plot_phases(ph["phase"], loss, ax)
-        figures.append((_save_fig(fig, out / "phases.png"),
-                        "Geometry phases from the mean gradient correlation (smooth > 0.5, zigzag < -0.5, "
-                        "random otherwise) behind the training loss."))
+def _lags_figure(rep: _Report):
+    """Correlation at lags 1, 2, 3 and the adjacent-step key number."""
+    if not rep.lag_results:
+        return
+    import matplotlib.pyplot as plt
 
-    # -- RSI / EB / gamma ---------------------------------------------------------------
+    fig, ax = plt.subplots(figsize=(8, 3.8), layout="constrained")
+    plots.plot_lags(rep.lag_results, ax)
+    rep.figure(fig, "lags.png",
+               "Correlation between gradients 1, 2 and 3 training steps apart. Zigzag: lag 1 negative, "
+               "lag 2 positive, lag 3 negative.")
+    if 1 in rep.lag_results:
+        v = np.asarray(rep.lag_results[1].values, float)
+        rep.facts["adjacent gradient correlation mu(t, t+1): min / median"] = f"{np.nanmin(v):+.3f} / {np.nanmedian(v):+.3f}"
+
+
+def _phases_figure(rep: _Report):
+    """Geometry phases behind the training loss."""
+    if rep.labels is None:
+        return
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.8), layout="constrained")
+    plots.plot_phases(rep.ph["phase"], rep.loss, ax)
+    rep.figure(fig, "phases.png",
+               "Geometry phases from the mean gradient correlation (smooth > 0.5, zigzag < -0.5, "
+               "random otherwise) behind the training loss.")
+
+
+def _rsi_figures(rep: _Report, reference, exclude_tail):
+    """RSI / EB / gamma (``results/rsi.nc``), the locally optimal learning rate and the distance."""
+    import matplotlib.pyplot as plt
+
+    from analysis.rsi import rsi as _rsi
+
     try:
-        _log(f"RSI / EB / gamma against {reference}", progress)
-        r = _rsi(run, reference, exclude_tail=exclude_tail)
-        save_result(r, res_dir / "rsi.nc")
+        rep.log(f"RSI / EB / gamma against {reference}")
+        r = _rsi(rep.run, reference, exclude_tail=exclude_tail)
+        save_result(r, rep.res_dir / "rsi.nc")
         g = np.asarray(r["gamma"].values, float)
         fin = g[np.isfinite(g)]
         if fin.size:
-            facts[f"gamma > 0 (against {r.attrs.get('reference')})"] = f"{100 * (fin > 0).mean():.1f}% of {fin.size} steps"
+            rep.facts[f"gamma > 0 (against {r.attrs.get('reference')})"] = f"{100 * (fin > 0).mean():.1f}% of {fin.size} steps"
         fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
         plots.plot_gamma(r, axes[0])
         plots.plot_rsi(r, axes[1])
         plots.plot_eb(r, axes[2])
-        figures.append((_save_fig(fig, out / "rsi_eb_gamma.png"),
-                        "gamma = cos(G_t, w_t - w*), RSI and EB against the reference, mean per epoch (or per bin of "
-                        "steps) with min-max shading; dashed: the random-walk baseline (T - t)^(-1/2) "
-                        "(No Wrong Turns, Figures 1-2)."))
+        rep.figure(fig, "rsi_eb_gamma.png",
+                   "gamma = cos(G_t, w_t - w*), RSI and EB against the reference, mean per epoch (or per bin of "
+                   "steps) with min-max shading; dashed: the random-walk baseline (T - t)^(-1/2) "
+                   "(No Wrong Turns, Figures 1-2).")
         fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
         plots.plot_eta_star(r, axes[0])
         plots.plot_distance(r, axes[1])
-        figures.append((_save_fig(fig, out / "eta_star_distance.png"),
-                        "Locally optimal learning rate RSI / EB^2 beside the learning rate used (No Wrong Turns, "
-                        "Figure 3), and the distance to the reference."))
+        rep.figure(fig, "eta_star_distance.png",
+                   "Locally optimal learning rate RSI / EB^2 beside the learning rate used (No Wrong Turns, "
+                   "Figure 3), and the distance to the reference.")
     except AnalysisError as err:
-        notes.append(f"RSI / EB / gamma: {err}")
+        rep.notes.append(f"RSI / EB / gamma: {err}")
 
-    # -- per layer ------------------------------------------------------------------------
-    layer_html = ""
+
+def _layer_table(rep: _Report, exclude_tail) -> str:
+    """The per-layer table (``results/layers.nc``) as HTML ("" when not available)."""
+    import analysis.layers as L
+
     try:
-        lt = L.layer_table(run, exclude_tail=exclude_tail)
-        save_result(lt, res_dir / "layers.nc")
+        lt = L.layer_table(rep.run, exclude_tail=exclude_tail)
+        save_result(lt, rep.res_dir / "layers.nc")
         df = lt.to_dataframe() if hasattr(lt, "to_dataframe") else lt
-        layer_html = df.to_html(float_format=lambda x: f"{x:.4g}", border=0, classes="tbl")
+        return df.to_html(float_format=lambda x: f"{x:.4g}", border=0, classes="tbl")
     except AnalysisError as err:
-        notes.append(f"per-layer table: {err}")
-
-    info = store_info(run)
-    (res_dir / "info.json").write_text(json.dumps(info, indent=1, default=str))
-    index = out / "index.html"
-    index.write_text(_html(run, info, format_info(info), figures, facts, notes, layer_html, time.perf_counter() - t0))
-    _log(f"done in {time.perf_counter() - t0:.1f} s: {index}", progress)
-    return index
+        rep.notes.append(f"per-layer table: {err}")
+        return ""
 
 
 CSS = """

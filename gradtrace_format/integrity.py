@@ -1,6 +1,6 @@
 """Integrity of committed data: checksums, missing chunks, plausibility, and ``verify``.
 
-Every array of a store written since the checksums (``analysis/format.py``) ends each chunk
+Every array of a store written since the checksums (``gradtrace_format/format.py``) ends each chunk
 with zarr v3's ``crc32c`` codec, which zarr and zarrs check on every decode. This module turns
 what they raise into a :class:`gradtrace_format.format.DamagedStoreError` that names the array, the
 rows (the reader adds the steps) and the chunk file, and adds what a checksum cannot see:

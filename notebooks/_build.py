@@ -213,7 +213,7 @@ plots.plot_gamma(r, axes[0])
 plots.plot_rsi(r, axes[1])
 plots.plot_eta_star(r, axes[2])
 plt.show()
-ga.per_epoch(r)[["gamma_mean", "gamma_min", "gamma_max"]].to_dataframe()
+ga.by_epoch(r)[["gamma_mean", "gamma_min", "gamma_max"]].to_dataframe()
 """),
 ]
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import analysis as ga
-from analysis import engine
+from analysis import blockops, engine
 from tests.helpers_stores import count_decodes, make_store, slow_corr, slow_corr_matrix
 
 TOL = 1e-10
@@ -63,7 +63,7 @@ def test_many_slabs_and_blocks_give_the_same_numbers(stores, monkeypatch):
     d = stores["lossless"]
     ref = ga.corr_matrix(d.path).values
     monkeypatch.setattr(engine, "SLAB_BYTES", 1)  # one storage chunk (16 params) per slab
-    monkeypatch.setattr(engine, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(blockops, "BLOCK_BYTES", 1)
     np.testing.assert_allclose(ga.corr_matrix(d.path).values, ref, atol=1e-14)
     np.testing.assert_allclose(ga.lag_series(d.path, 2).values, np.diagonal(ref, 2), atol=1e-14)
 

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     ga.sign_shift_window(run, 0, h=3)
     ga.sign_shift_lag(run, 1)
     r = ga.rsi(run, exclude_tail=1)
-    ga.per_epoch(r)
+    ga.by_epoch(r)
     ga.rsi(run, reference=npy)
     ga.rsi(run, reference=slice(0, 3), params="fc*")
     ga.phases(run, h=3)

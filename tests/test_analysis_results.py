@@ -15,12 +15,12 @@ def results(tmp_path_factory):
     return {
         "corr": ga.corr_matrix(run), "windows": ga.corr_windows(run, 3), "lags": ga.lag_series(run, [1, 2]),
         "mean": ga.mean_corr(run, 3), "signs": ga.sign_shift_matrix(run), "sign_lag": ga.sign_shift_lag(run, 1),
-        "rsi": r, "per_epoch": ga.per_epoch(r), "phases": ga.phases(run, 3), "layers": ga.layer_table(run),
+        "rsi": r, "by_epoch": ga.by_epoch(r), "phases": ga.phases(run, 3), "layers": ga.layer_table(run),
         "balance": ga.balancedness(run),
     }
 
 
-@pytest.mark.parametrize("name", ["corr", "windows", "lags", "mean", "signs", "sign_lag", "rsi", "per_epoch",
+@pytest.mark.parametrize("name", ["corr", "windows", "lags", "mean", "signs", "sign_lag", "rsi", "by_epoch",
                                   "phases", "layers", "balance"])
 def test_roundtrip_netcdf_and_zarr(results, name, tmp_path):
     res = results[name]
@@ -30,4 +30,4 @@ def test_roundtrip_netcdf_and_zarr(results, name, tmp_path):
         xr.testing.assert_identical(back.load(), ds)
     ds.to_zarr(tmp_path / "r.zarr", mode="w", consolidated=False)
     xr.testing.assert_identical(xr.open_zarr(tmp_path / "r.zarr", consolidated=False).load(), ds)
-    assert "tier" in ds.attrs or name in ("per_epoch", "balance") or "tier" in next(iter(ds.data_vars.values())).attrs
+    assert "tier" in ds.attrs or name in ("by_epoch", "balance") or "tier" in next(iter(ds.data_vars.values())).attrs

@@ -84,6 +84,20 @@ def test_torch_checkpoint_reference(data, tmp_path):
     assert r.attrs["reference"] == "checkpoint ckpt.pt"
 
 
+def test_one_checkpoint_unwrapper():
+    """analysis.reference.unwrap_checkpoint is the one place (RSI references and the
+    interpolation endpoints) that finds the state dict inside a checkpoint dict."""
+    from analysis.reference import CHECKPOINT_KEYS, unwrap_checkpoint
+
+    sd = {"fc.weight": np.zeros((2, 2)), "fc.bias": np.zeros(2)}
+    assert unwrap_checkpoint(sd) is sd
+    for key in CHECKPOINT_KEYS:
+        assert unwrap_checkpoint({key: sd, "epoch": 3, "optimizer": {"lr": 0.1}}) is sd
+    assert unwrap_checkpoint({"model": {"x": 1}, "state_dict": sd}) is sd  # the keys' order decides
+    with pytest.raises(ga.BadReferenceError, match="ck.pt holds a list, not a state dict"):
+        unwrap_checkpoint([sd], "ck.pt")
+
+
 def test_bad_references(data, tmp_path):
     d = data.d
     with pytest.raises(ga.BadReferenceError, match=f"shape \\({d - 1},\\).*d = {d}"):
@@ -139,12 +153,12 @@ def test_reference_close_to_the_iterates_keeps_full_precision(tmp_path):
     assert cancel.max() > 1e7  # the case the direct route is for
 
 
-def test_exclude_tail_and_per_epoch(data):
+def test_exclude_tail_and_by_epoch(data):
     r = ga.rsi(data.path, exclude_tail=3)
     assert list(r["step"].values) == list(range(9)) and r.attrs["excluded_steps"] == 3
     e = ga.rsi(data.path, exclude_tail="epoch")  # epochs: step // 4 -> last epoch is steps 8..11
     assert list(e["step"].values) == list(range(8))
-    agg = ga.per_epoch(ga.rsi(data.path))
+    agg = ga.by_epoch(ga.rsi(data.path))
     assert list(agg["epoch"].values) == [0, 1, 2] and list(agg["n_steps"].values) == [4, 4, 4]
     full = ga.rsi(data.path)
     np.testing.assert_allclose(agg.gamma_mean.values, full.gamma.values.reshape(3, 4).mean(1))
