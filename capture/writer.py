@@ -645,6 +645,12 @@ class StoreWriter:
 
     # ---------------------------------------------------------------- creation / reopening
 
+    #: a sharded store's column layout (``capture.sharded``); None: the natural one
+    layout: "fmt.ShardedLayout | None" = None
+
+    def _array_specs(self, param_chunk: int) -> list[fmt.ArraySpec]:
+        return fmt.array_specs(self.tensors, self.tiers, param_chunk, self.lag_band, layout=self.layout)
+
     def _lock(self, store: Path) -> None:
         """Take the store's writer lock (held until close/abort, released by the OS on death)."""
         fd = _acquire_lock(store, self.path)
@@ -693,7 +699,7 @@ class StoreWriter:
         # reopen at the final path: the array writers hold paths inside the temporary directory
         g = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
         self.group = g
-        specs = fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk, self.lag_band)
+        specs = self._array_specs(self.header.param_chunk)
         self._setup_writers({spec.name: g[spec.name] for spec in specs})
 
     def _create_in(self, param_chunk, expected_steps, schedule, settings, parent, source_dtype):
@@ -728,7 +734,7 @@ class StoreWriter:
                                 compressors=crc)
         shapes[:] = np.array([json.dumps(list(t.shape)) for t in self.tensors])
         arrays = {}
-        for spec in fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk, self.lag_band):
+        for spec in self._array_specs(self.header.param_chunk):
             arrays[spec.name] = g.create_array(
                 spec.name,
                 shape=spec.shape(cap),
@@ -778,7 +784,7 @@ class StoreWriter:
                 f"cannot resume {self.path}: it keeps a lag band of {header.extra.get('lag_band', 0)} rows, this "
                 f"recorder asks for {self.lag_band}. Resume with lag_band={header.extra.get('lag_band', 0)}."
             )
-        for spec in fmt.array_specs(self.tensors, self.tiers, header.param_chunk, self.lag_band):
+        for spec in self._array_specs(header.param_chunk):
             try:
                 arr = g[spec.name]
             except KeyError as err:
@@ -821,7 +827,7 @@ class StoreWriter:
 
     def _setup_writers(self, arrays: dict):
         self.arrays = arrays
-        specs = {s.name: s for s in fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk, self.lag_band)}
+        specs = {s.name: s for s in self._array_specs(self.header.param_chunk)}
         # the last lag_band rows' float32 gradients (None: a row without one), newest last;
         # empty after a resume: lags reaching before it read NaN
         self._ring: list = []
