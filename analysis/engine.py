@@ -802,9 +802,9 @@ class Pass:
             for seg, i in enumerate(group.indices):
                 out.append((seg, plan.offsets[i], plan.offsets[i] + plan.sizes[i]))
         else:
-            for seg, i in enumerate(group.indices):
-                t = run.header.tensors[i]
-                out.append((seg, t.offset, t.offset + t.size))
+            for seg, i in enumerate(group.indices):  # several pieces per tensor in a sharded store
+                out.extend((seg, lo, hi) for lo, hi in run.tensor_columns(i))
+            out.sort(key=lambda p: p[1])  # column order (a no-op unless the store is sharded)
         if not self.per_tensor:  # merge adjacent pieces: fewer, larger reads
             merged = []
             for s, lo, hi in out:

@@ -500,7 +500,7 @@ def verify_store(path, *, storage_options: dict | None = None, progress=None) ->
                             **({"storage_options": storage_options} if storage_options else {}))
     n = header.n_steps
     problems: list[str] = []
-    specs = fmt.array_specs(header.tensors, header.tiers, header.param_chunk, header.extra.get("lag_band", 0))
+    specs = fmt.store_array_specs(header)
     arrays = {}
     for spec in specs:
         try:

@@ -31,6 +31,8 @@ def main(argv):
     rank, world, port, store, steps, tiers, pc = argv[:7]
     rank, world, steps, pc = int(rank), int(world), int(steps), int(pc)
     plain, resume, slow = "--plain" in argv, "--resume" in argv, "--slow" in argv
+    if "=" in tiers:  # "grad=sketch:24,weight=rounded:7"
+        tiers = dict(kv.split("=") for kv in tiers.split(","))
     torch.set_num_threads(1)
     model = build()
     if not plain:
