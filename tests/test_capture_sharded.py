@@ -17,6 +17,9 @@ import zarr
 
 from analysis import format as fmt
 
+# each test starts 2-5 Python processes that import torch and join a gloo group: 20-80 s here
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / "tests" / "helpers_sharded.py"
 PC = 16  # chunk width: several chunks per rank, and pad columns at the end of each rank's range
