@@ -315,6 +315,10 @@ class Recorder:
         durable: fsync each committed step (chunks, then the commit marker) so that it survives
             a power cut; without it a kill loses nothing committed, a power cut may (README,
             "Crash safety").
+        sharded: None (default) detects a sharded model (DTensor parameters, FSDP2
+            ``fully_shard``) and then returns a :class:`capture.sharded.ShardedRecorder` (every
+            rank writes its own columns; ``record()`` is collective); True forces it, False
+            never.
 
     One writer per store: the recorder holds the store's lock file until ``close`` (a dead
     process releases it); a second writer gets ``analysis.format.StoreLockedError``.
