@@ -25,9 +25,13 @@ with ``sharded=True``, builds a :class:`ShardedRecorder` on every rank. Nothing 
   0 commits the row, so every committed row is whole; resume rewrites the torn one.
 * Resume needs the same world size and shard layout (one-line ``StoreMismatchError`` else).
 
-``record()`` is collective: call it on every rank with the same step. It writes synchronously
-on the training thread (no writer thread: the all-reduce must stay in step order on every
-rank); the per-rank cost is measured in docs/scale.md.
+``record()`` is collective: call it on every rank with the same step. The training thread only
+flattens the local shards (one copy of grad and weight); a writer thread per rank writes the
+chunks and runs the all-reduce, in step order, on the recorder's own gloo group (so it never
+interleaves with the training's collectives); at most ``queue_size`` steps wait for it
+(backpressure). An error there (a full disk, a dead peer) is raised by the next ``record`` /
+``flush`` / ``close`` on every rank as ``RecorderWriteError``. The per-rank cost is measured in
+docs/scale.md.
 
 Not supported sharded (a one-line error): ``scaler``, ``weight_schedule``, ``on_full="skip"``,
 ``lag_band``, ``parent``; parameters sharded on another dim than 0 or over a 2-D mesh (HSDP).
@@ -36,7 +40,8 @@ Not supported sharded (a one-line error): ``scaler``, ``weight_schedule``, ``on_
 from __future__ import annotations
 
 import math
-import os
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -292,6 +297,14 @@ class ShardedRecorder:
             if tier.name == "sketch":
                 plan = fmt.sketch_plan(self.tensors, tier.sketch_dim, tier.seed)
                 self._sketch[a] = _Sketch(self.tensors, plan, self._shards, inner)
+        if int(queue_size) < 1:
+            raise ValueError(f"Recorder: queue_size={queue_size} must be >= 1")
+        self._error: BaseException | None = None
+        self._record_s = 0.0
+        self._jobs: queue.Queue = queue.Queue(maxsize=int(queue_size))
+        self._thread = threading.Thread(target=self._writer_loop, name=f"gradtrace-sharded:{self.path.name}",
+                                        daemon=True)
+        self._thread.start()
 
     # ------------------------------------------------------------------ context manager
 
@@ -318,8 +331,11 @@ class ShardedRecorder:
         Returns True when the step was recorded (on every rank alike)."""
         from capture.recorder import _check_step, _scalar
 
+        if self._error is not None:
+            self._raise_error()
         if self._closed:
             raise RuntimeError(f"Recorder for {self.path} is closed; create a new one (resume=True to append)")
+        t0 = time.perf_counter()
         step = _check_step(step)
         self._last_seen = step
         if not self.schedule(step):
@@ -336,10 +352,40 @@ class ShardedRecorder:
         lr_value = lr if lr is not None else (self.optimizer.param_groups[0]["lr"] if self.optimizer else None)
         if epoch is None:
             epoch = step // self._steps_per_epoch if self._steps_per_epoch else -1
-        self._write_row(step, g, w, loss=_scalar(loss), lr=_scalar(lr_value), epoch=int(epoch), missing=missing)
+        # the copies above are this step's; the writer thread writes them while training goes
+        # on (it blocks here when queue_size steps already wait: bounded memory)
+        self._jobs.put((step, g, w, dict(loss=_scalar(loss), lr=_scalar(lr_value), epoch=int(epoch), missing=missing)))
         self._last_queued = step
         self._n_recorded += 1
+        self._record_s += time.perf_counter() - t0
         return True
+
+    def _writer_loop(self) -> None:
+        """Writes queued rows in order (the all-reduce of each runs here, on the recorder's own
+        gloo group, never concurrently with another of its collectives)."""
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    step, g, w, kw = job
+                    try:
+                        self._write_row(step, g, w, **kw)
+                    except BaseException as err:  # noqa: BLE001 - raised on the training thread
+                        self._error = err
+            finally:
+                self._jobs.task_done()
+
+    def _raise_error(self):
+        from capture.recorder import RecorderWriteError
+
+        err = self._error
+        if isinstance(err, RecorderWriteError):
+            raise err
+        raise RecorderWriteError(
+            f"gradtrace could not record to {self.path} on rank {self.rank}: {type(err).__name__}: {err}. The store "
+            "holds every step committed before it (another rank may have died); recording has stopped.") from err
 
     def _write_row(self, step, g, w, *, loss, lr, epoch, missing=0, final=False) -> None:
         t0 = time.perf_counter()
@@ -369,7 +415,6 @@ class ShardedRecorder:
         self._reduce_s += t2 - t1
         tot = buf.numpy()
         if tot[3 * n_t + 2] > 0:  # a rank failed to write its part: the row is not committed anywhere
-            self._closed = True
             if self.writer is not None:
                 self.writer.abort()
             from capture.recorder import RecorderWriteError
@@ -437,7 +482,10 @@ class ShardedRecorder:
     # ------------------------------------------------------------------ closing
 
     def flush(self) -> None:
-        """Nothing is queued: every recorded step is committed when ``record`` returns."""
+        """Wait until every queued step is written and committed (raises a writer error)."""
+        self._jobs.join()
+        if self._error is not None:
+            self._raise_error()
 
     def close(self, record_final: bool = True) -> None:
         """Record the final iterate (collective), then rank 0 trims and consolidates the store."""
@@ -445,20 +493,32 @@ class ShardedRecorder:
             return
         self._closed = True
         last = self._last_seen if self._last_seen is not None else self._last_queued
-        if record_final and last is not None:
+        if record_final and last is not None and self._error is None:
             params = [self._params[i][1] for i, _, _ in self._shards]
             w = self._flat([_local(p.detach()) for p in params])
             epoch = (last + 1) // self._steps_per_epoch if self._steps_per_epoch else -1
-            self._write_row(int(last) + 1, None, w, loss=math.nan, lr=math.nan, epoch=epoch, final=True)
+            self._jobs.put((int(last) + 1, None, w, dict(loss=math.nan, lr=math.nan, epoch=epoch, final=True)))
+        self._jobs.put(None)
+        self._thread.join()
+        if self._error is not None:
+            if self.writer is not None:
+                self.writer.abort()
+            self._raise_error()
         if self.rank == 0:
             self.writer.update_settings(recorder_summary=self._summary_core())
             self.writer.close()
         dist.barrier(group=self.group)  # no rank returns before the store is closed
 
     def _abort(self) -> None:
-        """After a training error: keep what is committed, do not wait for other ranks."""
+        """After a training error: keep what is committed; wait for the writer thread a little
+        (it may be blocked in an all-reduce with a rank that died: gloo then raises there)."""
         self._closed = True
-        if self.writer is not None:
+        try:
+            self._jobs.put(None, timeout=10)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=30)
+        if self.writer is not None and not self._thread.is_alive():
             self.writer.abort()
 
     # ------------------------------------------------------------------ reporting
@@ -468,10 +528,12 @@ class ShardedRecorder:
                 "write_seconds_rank0": round(self._write_s, 6), "allreduce_seconds_rank0": round(self._reduce_s, 6)}
 
     def summary(self) -> dict:
-        """``path``, ``rank``, ``n_recorded``, ``n_committed`` (rows, as rank 0 committed them),
-        ``write_seconds`` and ``allreduce_seconds`` of this rank, ``closed``."""
+        """``path``, ``rank``, ``n_recorded``, ``n_committed`` (rows written by this rank's writer
+        thread; on rank 0 the committed rows), ``record_seconds`` (training thread: flattening
+        the local shards), ``write_seconds`` and ``allreduce_seconds`` (writer thread), ``closed``."""
         return {"path": str(self.path), "rank": self.rank, "active": True, "n_recorded": int(self._n_recorded),
-                "n_committed": int(self._n), "last_step": self._last_queued, "write_seconds": round(self._write_s, 6),
+                "n_committed": int(self._n), "last_step": self._last_queued,
+                "record_seconds": round(self._record_s, 6), "write_seconds": round(self._write_s, 6),
                 "allreduce_seconds": round(self._reduce_s, 6), "closed": self._closed, "sharded": True}
 
     def __repr__(self) -> str:
