@@ -8,7 +8,7 @@ Two gloo processes on this machine (``torch.multiprocessing`` spawn, free port):
    per-rank-marker alternative; readers would then read W such files and take the minimum).
 2. Per-rank recording cost: an FSDP2 MLP (``--width``) records ``--steps`` lossless steps; the
    recorder reports each rank's training-thread time in ``record()`` (flattening the local
-   shards), its writer thread's time writing its chunks (encode + put + partial scalars) and
+   shards; the time blocked on a full queue is reported apart and not counted), its writer thread's time writing its chunks (encode + put + partial scalars) and
    in the all-reduce; divided by its local entries: ns per local parameter-step.
 
 Usage (docs/scale.md quotes it)::
@@ -77,7 +77,8 @@ def _worker(rank, world, port, args, tmp, out):
         s = rec.summary()
         local = rec._n_local
     res.update(rank=rank, local_params=local, d=rec.d, record_s=s["record_seconds"], write_s=s["write_seconds"],
-               allreduce_s=s["allreduce_seconds"], record_ns_per_param_step=1e9 * s["record_seconds"] / max(1, local * args.steps),
+               allreduce_s=s["allreduce_seconds"], wait_s=s["wait_seconds"],
+               record_ns_per_param_step=1e9 * (s["record_seconds"] - s["wait_seconds"]) / max(1, local * args.steps),
                write_ns_per_param_step=1e9 * s["write_seconds"] / max(1, local * args.steps),
                allreduce_ms_per_step=1e3 * s["allreduce_seconds"] / args.steps)
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))

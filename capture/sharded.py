@@ -301,6 +301,7 @@ class ShardedRecorder:
             raise ValueError(f"Recorder: queue_size={queue_size} must be >= 1")
         self._error: BaseException | None = None
         self._record_s = 0.0
+        self._wait_s = 0.0  # of it, blocked on a full queue (the writer thread is behind)
         self._jobs: queue.Queue = queue.Queue(maxsize=int(queue_size))
         self._thread = threading.Thread(target=self._writer_loop, name=f"gradtrace-sharded:{self.path.name}",
                                         daemon=True)
@@ -354,7 +355,10 @@ class ShardedRecorder:
             epoch = step // self._steps_per_epoch if self._steps_per_epoch else -1
         # the copies above are this step's; the writer thread writes them while training goes
         # on (it blocks here when queue_size steps already wait: bounded memory)
-        self._jobs.put((step, g, w, dict(loss=_scalar(loss), lr=_scalar(lr_value), epoch=int(epoch), missing=missing)))
+        job = (step, g, w, dict(loss=_scalar(loss), lr=_scalar(lr_value), epoch=int(epoch), missing=missing))
+        t1 = time.perf_counter()
+        self._jobs.put(job)
+        self._wait_s += time.perf_counter() - t1
         self._last_queued = step
         self._n_recorded += 1
         self._record_s += time.perf_counter() - t0
@@ -530,10 +534,11 @@ class ShardedRecorder:
     def summary(self) -> dict:
         """``path``, ``rank``, ``n_recorded``, ``n_committed`` (rows written by this rank's writer
         thread; on rank 0 the committed rows), ``record_seconds`` (training thread: flattening
-        the local shards), ``write_seconds`` and ``allreduce_seconds`` (writer thread), ``closed``."""
+        the local shards), ``wait_seconds`` (of it, blocked on a full queue), ``write_seconds`` and ``allreduce_seconds`` (writer thread), ``closed``."""
         return {"path": str(self.path), "rank": self.rank, "active": True, "n_recorded": int(self._n_recorded),
                 "n_committed": int(self._n), "last_step": self._last_queued,
-                "record_seconds": round(self._record_s, 6), "write_seconds": round(self._write_s, 6),
+                "record_seconds": round(self._record_s, 6), "wait_seconds": round(self._wait_s, 6),
+                "write_seconds": round(self._write_s, 6),
                 "allreduce_seconds": round(self._reduce_s, 6), "closed": self._closed, "sharded": True}
 
     def __repr__(self) -> str:
