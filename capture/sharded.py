@@ -198,6 +198,10 @@ class ShardedRecorder:
     Args:
         process_group: the ranks that share the store (default: every rank); the recorder
             builds its own gloo group over them for its one all-reduce per step.
+
+    ``writer_threads``, ``commit_interval`` and ``grads_by_reference`` are accepted and have no
+    effect here: one writer thread per rank, every row committed as soon as all ranks wrote it,
+    gradients always copied (flattened) on the training thread.
     """
 
     def __init__(self, model, path, optimizer=None, *, schedule=every_step, tiers="lossless", resume=False,
