@@ -33,8 +33,10 @@ interleaves with the training's collectives); at most ``queue_size`` steps wait 
 ``flush`` / ``close`` on every rank as ``RecorderWriteError``. The per-rank cost is measured in
 docs/scale.md.
 
-Not supported sharded (a one-line error): ``scaler``, ``weight_schedule``, ``on_full="skip"``,
-``lag_band``, ``parent``; parameters sharded on another dim than 0 or over a 2-D mesh (HSDP).
+``weight_schedule`` and ``lag_band`` work as unsharded (the lag dots are partial float64 sums
+over each rank's entries, all-reduced with the scalars). Not supported sharded (a one-line
+error): ``scaler``, ``on_full="skip"``, ``parent``; parameters sharded on another dim than 0 or
+over a 2-D mesh (HSDP).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ import torch.distributed as dist
 import zarr
 
 from analysis import format as fmt
-from analysis.format import FLAG_FINAL, FLAG_MISSING_GRAD, FLAG_NONFINITE_GRAD, FLAG_NONFINITE_WEIGHT, StoreMismatchError
+from analysis.format import (FLAG_FINAL, FLAG_MISSING_GRAD, FLAG_NO_WEIGHT, FLAG_NONFINITE_GRAD, FLAG_NONFINITE_WEIGHT,
+                             StoreMismatchError)
 from capture.schedules import every_step, parse_schedule, schedule_to_json
 from capture.writer import StoreWriter, _ArrayWriter, tensor_scalars
 
@@ -211,8 +214,8 @@ class ShardedRecorder:
                  queue_size=2, writer_threads=1, commit_interval=1.0, grads_by_reference="auto"):
         from capture.recorder import _run_settings, _trainable, _unwrap, parse_tiers
 
-        unsupported = {"scaler": scaler is not None and scaler.is_enabled(), "weight_schedule": weight_schedule is not None,
-                       "on_full='skip'": on_full != "block", "lag_band": bool(lag_band), "parent": parent is not None}
+        unsupported = {"scaler": scaler is not None and scaler.is_enabled(), "on_full='skip'": on_full != "block",
+                       "parent": parent is not None}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise ValueError(f"Recorder(sharded): {', '.join(bad)} not supported for sharded models yet; "
@@ -222,10 +225,18 @@ class ShardedRecorder:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("Recorder(sharded): torch.distributed is not initialized; call "
                              "dist.init_process_group(...) on every rank before building the recorder")
+        if "://" in str(path):
+            raise ValueError(f"Recorder(sharded): {path} is a URL; sharded recording writes to a local or shared "
+                             "file system path for now (every rank must see the same directory)")
         self.path = Path(path)
         self.model = _unwrap(model)
         self.optimizer = optimizer
         self.schedule = parse_schedule(schedule)
+        self.weight_schedule = None if weight_schedule is None else parse_schedule(weight_schedule)
+        if int(lag_band) < 0:
+            raise ValueError(f"Recorder: lag_band={lag_band} must be >= 0 (gradient rows back)")
+        self.lag_band = int(lag_band)
+        self._ring: list = []  # this rank's last lag_band local gradients (None: a row without one)
         self.tiers = parse_tiers(tiers)
         self._params = _trainable(model)
         if not self._params:
@@ -261,6 +272,9 @@ class ShardedRecorder:
                 if grad_recorded is not None:
                     user["grad_recorded"] = grad_recorded
                 user["sharded"] = {"world_size": self.world_size, "commit": "all-reduce before rank 0's marker"}
+                if self.weight_schedule is not None:
+                    user["weight_schedule"] = {**schedule_to_json(self.weight_schedule),
+                                               "description": self.weight_schedule.describe()}
                 self.writer = _ShardedStoreWriter(
                     self.path, self.tensors, self.tiers, self.layout,
                     mode="resume" if resume else ("overwrite" if overwrite else "create"),
@@ -268,7 +282,7 @@ class ShardedRecorder:
                     schedule={**schedule_to_json(self.schedule), "description": self.schedule.describe()},
                     settings=_run_settings(model, self._params, optimizer, None, self.schedule, user, self.world_size),
                     source_dtype=",".join(sorted({str(p.dtype).replace("torch.", "") for _, p in self._params})),
-                    durable=durable,
+                    durable=durable, lag_band=self.lag_band,
                 )
                 state = ("ok", self.writer.n_written, self.writer.last_step)
             except Exception as e:  # noqa: BLE001 - every rank raises it below
@@ -353,7 +367,8 @@ class ShardedRecorder:
         missing = sum(g is None for g in grads)
         g = self._flat([torch.zeros_like(_local(p.detach())) if gr is None else _local(gr)
                         for p, gr in zip(params, grads)])
-        w = self._flat([_local(p.detach()) for p in params])
+        with_weights = self.weight_schedule is None or bool(self.weight_schedule(step))
+        w = self._flat([_local(p.detach()) for p in params]) if with_weights else None
         lr_value = lr if lr is not None else (self.optimizer.param_groups[0]["lr"] if self.optimizer else None)
         if epoch is None:
             epoch = step // self._steps_per_epoch if self._steps_per_epoch else -1
@@ -395,26 +410,47 @@ class ShardedRecorder:
             f"gradtrace could not record to {self.path} on rank {self.rank}: {type(err).__name__}: {err}. The store "
             "holds every step committed before it (another rank may have died); recording has stopped.") from err
 
+    def _lag_partials(self, g) -> np.ndarray:
+        """This rank's share of ``<G_r, G_(r-k)>``, k = 1..L (float64 sums of float64 products;
+        NaN where there is no gradient k rows back), then ``g`` joins the ring."""
+        out = np.full(self.lag_band, np.nan)
+        if g is not None:
+            g64 = g.astype(np.float64)
+            for k, prev in enumerate(reversed(self._ring), start=1):
+                if prev is not None:
+                    out[k - 1] = float(g64 @ prev)
+        self._ring.append(None if g is None else g.astype(np.float64))
+        if len(self._ring) > self.lag_band:
+            self._ring.pop(0)
+        return out
+
     def _write_row(self, step, g, w, *, loss, lr, epoch, missing=0, final=False) -> None:
         t0 = time.perf_counter()
         n = self._n
         n_t = len(self.tensors)
         parts = np.zeros((3, n_t))
         sketches = [np.zeros(s.plan.dim) for a, s in self._sketch.items() if (g if a == "grad" else w) is not None]
+        lags = np.zeros(self.lag_band)
         failed = None
         try:
             for name, vec in (("grad", g), ("weight", w)):
                 self._write_data(name, n, vec)
-            gg_l, ww_l, gw_l = tensor_scalars(self._local_table, g, w)
+            if w is not None:
+                gg_l, ww_l, gw_l = tensor_scalars(self._local_table, g, w)
+            else:  # ||G||^2 alone: the weights' place taken by the gradient (as StoreWriter does)
+                _, gg_l, _ = tensor_scalars(self._local_table, None, g)
+                ww_l = gw_l = np.zeros_like(gg_l)
             if g is None:
                 gg_l, gw_l = np.zeros_like(ww_l), np.zeros_like(ww_l)  # rank 0 stores NaN
             idx = [i for i, _, _ in self._shards]
             for row, vals in zip(parts, (gg_l, ww_l, gw_l)):
                 np.add.at(row, idx, vals)
             sketches = [self._sketch[a](v) for a, v in (("grad", g), ("weight", w)) if a in self._sketch and v is not None]
+            if self.lag_band:
+                lags = self._lag_partials(g)
         except Exception as err:  # noqa: BLE001 - every rank learns of it through the all-reduce
             failed = err
-        msg = np.concatenate([parts.ravel(), [loss, float(missing), float(failed is not None)], *sketches])
+        msg = np.concatenate([parts.ravel(), [loss, float(missing), float(failed is not None)], *sketches, lags])
         t1 = time.perf_counter()
         buf = torch.from_numpy(msg)
         dist.all_reduce(buf, group=self.group)  # after this rank's chunk writes: the commit barrier
@@ -435,6 +471,8 @@ class ShardedRecorder:
             gg, ww, gw = tot[:n_t], tot[n_t:2 * n_t], tot[2 * n_t:3 * n_t]
             if g is None:
                 gg, gw = np.full(n_t, np.nan), np.full(n_t, np.nan)
+            if w is None:
+                ww, gw = np.full(n_t, np.nan), np.full(n_t, np.nan)
             at = 3 * n_t + 3
             for a, v in (("grad", g), ("weight", w)):
                 if a in self._sketch:
@@ -448,14 +486,19 @@ class ShardedRecorder:
             flags = FLAG_FINAL if final else (FLAG_MISSING_GRAD if tot[3 * n_t + 1] > 0 else 0)
             if g is not None and not math.isfinite(float(gg.sum())):
                 flags |= FLAG_NONFINITE_GRAD
-            if not math.isfinite(float(ww.sum())):
+            if w is None:
+                flags |= FLAG_NO_WEIGHT
+            elif not math.isfinite(float(ww.sum())):
                 flags |= FLAG_NONFINITE_WEIGHT
-            self.writer.append_values({
+            values = {
                 "step": int(step), "epoch": int(epoch), "loss": float(tot[3 * n_t]) / self.world_size,
                 "lr": float(lr), "flags": int(flags), "grad_sqnorm": float(gg.sum()),
                 "weight_sqnorm": float(ww.sum()), "grad_dot_weight": float(gw.sum()),
                 "grad_sqnorm_tensor": gg, "weight_sqnorm_tensor": ww, "grad_dot_weight_tensor": gw,
-            })
+            }
+            if self.lag_band:
+                values[fmt.LAG_DOT_ARRAY] = tot[len(tot) - self.lag_band:].copy()
+            self.writer.append_values(values)
         self._n = n + 1
 
     def _write_data(self, name: str, n: int, vec) -> None:

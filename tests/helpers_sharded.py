@@ -1,7 +1,7 @@
 """Worker of tests/test_capture_sharded.py: one rank trains an FSDP2-sharded MLP on the full batch
 and records it (``world == 1`` and ``--plain``: the same training unsharded, the reference).
 
-    python tests/helpers_sharded.py RANK WORLD PORT STORE STEPS TIERS PARAM_CHUNK [--plain] [--resume] [--slow]
+    python tests/helpers_sharded.py RANK WORLD PORT STORE STEPS TIERS PARAM_CHUNK [--plain] [--resume] [--slow] [--wsched]
 """
 
 import sys
@@ -57,7 +57,10 @@ def main(argv):
             nn.functional.mse_loss(model(x), y).backward()
             opt.step()
             opt.zero_grad()
-    with Recorder(model, store, opt, tiers=tiers, param_chunk=pc, resume=resume) as rec:
+    extra = {}
+    if "--wsched" in argv:  # weights every other step, and a lag band of 2
+        extra = {"weight_schedule": "every:2", "lag_band": 2}
+    with Recorder(model, store, opt, tiers=tiers, param_chunk=pc, resume=resume, **extra) as rec:
         for step in range(start, steps):
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()

@@ -135,9 +135,10 @@ def test_sharded_store_through_analysis(lossless):
 
 
 def test_sharded_sketch_and_rounded_equal_unsharded(tmp_path):
+    """Also with a weight schedule (weights every other step) and a lag band of 2."""
     tiers = "grad=sketch:24,weight=rounded:7"
-    _run(2, tmp_path / "s.zarr", 3, tiers)
-    _run(1, tmp_path / "p.zarr", 3, tiers, "--plain")
+    _run(2, tmp_path / "s.zarr", 3, tiers, "--wsched")
+    _run(1, tmp_path / "p.zarr", 3, tiers, "--plain", "--wsched")
     a, b = xr.open_zarr(tmp_path / "s.zarr"), xr.open_zarr(tmp_path / "p.zarr")
     d = int(b.tensor_size.values.sum())
     assert a.attrs["gradtrace"]["tiers"]["grad"]["tier"] == "sketch"
@@ -152,8 +153,12 @@ def test_sharded_sketch_and_rounded_equal_unsharded(tmp_path):
         pads = np.setdiff1d(np.arange(bits.shape[1]), cols)
         assert (bits[:, pads] == 0).all()  # pads are zeros: no sign, not nonzero
     nat, _ = _natural(a, "weight")
-    np.testing.assert_array_equal(nat, b.weight.values)
-    np.testing.assert_allclose(a.grad_sqnorm.values, b.grad_sqnorm.values, rtol=1e-12, equal_nan=True)
+    np.testing.assert_array_equal(nat, b.weight.values)  # NaN rows (no weights at step 1) included
+    np.testing.assert_array_equal(a.flags.values, b.flags.values)
+    assert (a.flags.values[1] & fmt.FLAG_NO_WEIGHT) and np.isnan(nat[1]).all() and not np.isnan(nat[2]).any()
+    for name in ("grad_sqnorm", "weight_sqnorm", "grad_dot_weight", "grad_sqnorm_tensor", "grad_lag_dot"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-12, equal_nan=True, err_msg=name)
+    assert np.isfinite(a.grad_lag_dot.values[2]).all()  # lags 1 and 2 at the third row
     import analysis
 
     for den in ("both_nonzero", "all"):
