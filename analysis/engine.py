@@ -194,9 +194,9 @@ class Pass:
         if space == "sketch":
             plan = run.sketch_plan("grad" if not run.dense("grad") else "weight")
             out = [(seg, plan.offsets[i], plan.offsets[i] + plan.sizes[i]) for seg, i in enumerate(group.indices)]
-        else:
-            tensors = run.header.tensors
-            out = [(seg, tensors[i].offset, tensors[i].offset + tensors[i].size) for seg, i in enumerate(group.indices)]
+        else:  # several pieces per tensor in a sharded store, in column order
+            out = sorted(((seg, lo, hi) for seg, i in enumerate(group.indices) for lo, hi in run.tensor_columns(i)),
+                         key=lambda p: p[1])
         if not self.per_tensor:  # merge adjacent pieces: fewer, larger reads
             out = _merge_adjacent(out)
         return [p for p in out if p[2] > p[1]]

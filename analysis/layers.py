@@ -120,10 +120,13 @@ def linear_pairs(run, layers=None) -> list[tuple[int, int]]:
 def _balance_block(ref, rows, pieces, pairs_local, shapes, relative=True):
     arr = ref.open()
     block = slabs.read(arr, rows, pieces).astype(np.float64)
-    offsets = np.cumsum([0] + [hi - lo for _, lo, hi in pieces])
+    sizes = np.zeros(len(shapes), dtype=np.int64)  # a tensor may be several pieces (shards), in order
+    for n, lo, hi in pieces:
+        sizes[n] += hi - lo
+    offsets = np.cumsum(np.concatenate([[0], sizes]))
     out = np.empty((len(rows), len(pairs_local)))
     for r in range(len(rows)):
-        mats = [block[r, offsets[i]: offsets[i + 1]].reshape(shapes[i]) for i in range(len(pieces))]
+        mats = [block[r, offsets[i]: offsets[i + 1]].reshape(shapes[i]) for i in range(len(shapes))]
         for c, (j, k) in enumerate(pairs_local):
             wj, wk = mats[j], mats[k]
             diff = wk.T @ wk - wj @ wj.T
@@ -185,7 +188,7 @@ def balancedness(run, steps=None, *, layers=None, form: str = "relative", progre
     used = sorted({i for pr in pairs for i in pr})
     local = {i: n for n, i in enumerate(used)}
     tensors = [run.header.tensors[i] for i in used]
-    pieces = tuple((n, t.offset, t.offset + t.size) for n, t in enumerate(tensors))
+    pieces = tuple((n, lo, hi) for n, i in enumerate(used) for lo, hi in run.tensor_columns(i))
     shapes = [t.shape for t in tensors]
     pairs_local = [(local[j], local[k]) for j, k in pairs]
     per_row = 4 * sum(t.size for t in tensors) + 8 * sum(t.size for t in tensors)

@@ -136,8 +136,10 @@ def drop_tail(run: Run, steps: np.ndarray, tail) -> tuple[np.ndarray, int]:
 
 def reference_in_space(run: Run, ref: Reference, space: str):
     """The reference vector in the pass's column space (sketched for the sketch tier)."""
-    if ref.vector is None or space == "param":
-        return ref.vector
+    if ref.vector is None:
+        return None
+    if space == "param":
+        return run.to_columns(ref.vector)  # a sharded store's column layout (identity otherwise)
     return fmt.Sketcher(run.tensors, run.sketch_plan("weight"))(ref.vector)
 
 
@@ -225,6 +227,7 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
             lam = np.zeros(run.header.n_params)
             for t, v in zip(run.header.tensors, lam_t):
                 lam[t.offset: t.offset + t.size] = v
+            lam = run.to_columns(lam)
             key = p.ref_dir(rows, ref_vector=vec, ref_rows=ref.rows, coef=ref.coef, lam=lam)
             dist2, gdiff, gg = p.compute(progress=progress, scheduler=scheduler)[key]
             dir_attrs["weight_decay"] = ", ".join(f"{run.header.tensors[i].name}={lam_t[i]:g}" for i in group.indices)

@@ -128,10 +128,10 @@ class SlabData:
 
 
 def covers(pieces, chunk: int) -> list[tuple[int, int]]:
-    """Chunk-aligned intervals covering the pieces, merged (each chunk decoded once)."""
+    """Chunk-aligned intervals covering the pieces, merged (each chunk decoded once). The
+    pieces may come in any column order (a sharded store's tensor is several pieces)."""
     out: list[list[int]] = []
-    for _, lo, hi in pieces:
-        a, b = (lo // chunk) * chunk, -(-hi // chunk) * chunk
+    for a, b in sorted(((lo // chunk) * chunk, -(-hi // chunk) * chunk) for _, lo, hi in pieces):
         if out and a <= out[-1][1]:
             out[-1][1] = max(out[-1][1], b)
         else:

@@ -113,7 +113,8 @@ class ParamGroup:
         label: how the group was asked for (``"all"``, a name, a glob, a list).
         names: tensor names in table order.
         indices: their positions in the parameter table.
-        ranges: merged ``[lo, hi)`` index ranges in the flat vector of length d.
+        ranges: merged ``[lo, hi)`` column ranges of the stored rows (the flat vector of length d;
+            in a sharded store the shards' columns, pads excluded).
         size: number of entries.
     """
 
@@ -359,12 +360,12 @@ class Run:
             chosen = sorted(set(chosen))
             label = params if isinstance(params, str) else ",".join(pats)
         ranges: list[list[int]] = []
-        for i in chosen:
-            t = tensors[i]
-            if ranges and ranges[-1][1] == t.offset:
-                ranges[-1][1] = t.offset + t.size
+        pieces = sorted(c for i in chosen for c in self.tensor_columns(i))
+        for lo, hi in pieces:
+            if ranges and ranges[-1][1] == lo:
+                ranges[-1][1] = hi
             else:
-                ranges.append([t.offset, t.offset + t.size])
+                ranges.append([lo, hi])
         return ParamGroup(
             label=str(label),
             names=tuple(names[i] for i in chosen),
@@ -372,6 +373,49 @@ class Run:
             ranges=tuple((int(a), int(b)) for a, b in ranges if b > a),
             size=int(sum(tensors[i].size for i in chosen)),
         )
+
+    @property
+    def layout(self) -> "fmt.ShardedLayout | None":
+        """The rank-major column layout of a sharded store (None: columns in natural order)."""
+        return fmt.layout_of(self.header)
+
+    def tensor_columns(self, index: int) -> list[tuple[int, int]]:
+        """Column ranges ``[lo, hi)`` of tensor ``index`` in the stored ``grad`` / ``weight`` rows,
+        in the tensor's natural order: one range, or one per shard in a sharded store (whose pad
+        columns belong to no tensor)."""
+        lay = self.layout
+        if lay is not None:
+            return lay.tensor_columns(index)
+        t = self.header.tensors[index]
+        return [(t.offset, t.offset + t.size)] if t.size else []
+
+    def to_columns(self, vec: np.ndarray) -> np.ndarray:
+        """A natural-order vector (length d) in the stored column layout (pads 0); unchanged
+        for an unsharded store."""
+        lay = self.layout
+        if lay is None:
+            return vec
+        out = np.zeros(lay.columns, dtype=np.asarray(vec).dtype)
+        out[lay.natural_columns(len(self.header.tensors))] = vec
+        return out
+
+    def natural(self, array: str, step: int, params=None) -> xr.DataArray:
+        """The stored ``grad`` or ``weight`` row of ``step`` in natural order (the flat vector
+        of the parameter table, whatever the store's column layout), float32, for the tensors
+        of ``params`` (default all); dims ``param``, coord ``tensor`` (name of each entry)."""
+        if array not in fmt.DATA_ARRAYS or not self.dense(array):
+            raise TierError(f"natural({array!r}): give 'grad' or 'weight' of a lossless or rounded tier "
+                            f"(this store keeps grad={self.header.tiers['grad'].name}, "
+                            f"weight={self.header.tiers['weight'].name})")
+        row = int(self.rows_of([step])[0])
+        group = self.params(params)
+        cols = [np.arange(lo, hi) for i in group.indices for lo, hi in self.tensor_columns(i)]
+        cols = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+        vals = np.asarray(self.ds[array][row].values)[cols]
+        names = np.repeat(np.array(group.names, dtype=object),
+                          [self.header.tensors[i].size for i in group.indices])
+        return xr.DataArray(vals, dims=("param",), coords={"tensor": ("param", names)}, name=array,
+                            attrs={"step": int(step), "params": group.label})
 
     def step_coords(self, steps: np.ndarray) -> dict:
         """Coordinates ``epoch``, ``lr``, ``loss`` of the given (recorded) steps."""
@@ -434,7 +478,7 @@ def open_run(path, *, chunks: int | None = None, storage_options: dict | None = 
             group = zarr.open_group(loc, mode="r", use_consolidated=False, **kw)
     except Exception as err:  # noqa: BLE001 - any zarr failure here means "not readable"
         raise fmt.NotAStoreError(f"{path}: cannot open the Zarr group ({err})") from err
-    specs = fmt.array_specs(header.tensors, header.tiers, header.param_chunk, header.extra.get("lag_band", 0))
+    specs = fmt.store_array_specs(header)
     n = header.n_steps
     arrays = {}
     for spec in specs:

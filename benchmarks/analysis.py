@@ -38,7 +38,7 @@ from analysis import blockops, engine, slabs  # noqa: E402
 from gradtrace_format import format as fmt  # noqa: E402
 
 
-def build_store(path: Path, T: int, d: int, seed: int = 0, sharded: bool = True) -> None:
+def build_store(path: Path, T: int, d: int, seed: int = 0, shard_files: bool = True) -> None:
     """Gradient-like float32 data: a decaying oscillating direction plus noise, layered scales."""
     from capture.writer import StoreWriter
 
@@ -50,7 +50,7 @@ def build_store(path: Path, T: int, d: int, seed: int = 0, sharded: bool = True)
     direction = rng.standard_normal(d, dtype=np.float32)
     w = rng.standard_normal(d, dtype=np.float32)
     writer = StoreWriter(path, tensors, {"grad": "lossless", "weight": "lossless"}, mode="overwrite",
-                         expected_steps=T + 1, sharded=sharded)
+                         expected_steps=T + 1, shard_files=shard_files)
     t0 = time.perf_counter()
     for t in range(T):
         g = scales * (np.float32((-1) ** t * np.exp(-t / T)) * direction + rng.standard_normal(d, dtype=np.float32))
@@ -68,16 +68,16 @@ def _is_sharded(path: Path) -> bool:
     return codecs[0]["name"] == "sharding_indexed"
 
 
-def store_for(cache: Path, T: int, d: int, sharded: bool = True) -> Path:
-    path = cache / f"analysis-T{T}-d{d}{'' if sharded else '-unsharded'}.zarr"
+def store_for(cache: Path, T: int, d: int, shard_files: bool = True) -> Path:
+    path = cache / f"analysis-T{T}-d{d}{'' if shard_files else '-chunkfiles'}.zarr"
     try:
         h = fmt.read_header(path)
-        if h.closed and h.n_steps == T + 1 and h.n_params == d and _is_sharded(path) == sharded:
+        if h.closed and h.n_steps == T + 1 and h.n_params == d and _is_sharded(path) == shard_files:
             return path
     except (fmt.StoreError, OSError, KeyError):
         pass
     print(f"writing the benchmark store {path} (once) ...", flush=True)
-    build_store(path, T, d, sharded=sharded)
+    build_store(path, T, d, shard_files=shard_files)
     return path
 
 
@@ -181,13 +181,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="runs per timing, best kept (default 2)")
     ap.add_argument("--cache", default=os.environ.get("GRADTRACE_BENCH_CACHE", "/tmp/gradtrace-bench"),
                     help="directory of the cached store (default /tmp/gradtrace-bench)")
-    ap.add_argument("--unsharded", action="store_true",
-                    help="a store with one file per chunk (StoreWriter(sharded=False)) instead of shard files")
+    ap.add_argument("--chunk-files", action="store_true",
+                    help="a store with one file per chunk (StoreWriter(shard_files=False)) instead of shard files")
     args = ap.parse_args(argv)
     T, d = (128, 2**18) if args.quick else (args.T, args.d)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    path = store_for(cache, T, d, sharded=not args.unsharded)
+    path = store_for(cache, T, d, shard_files=not args.chunk_files)
     run = ga.open_run(path)
     meta = run._arrays["grad"].metadata.codecs
     layout = "one file per chunk"

@@ -322,11 +322,18 @@ class Recorder:
         durable: fsync each committed step (chunks, then the commit marker) so that it survives
             a power cut; without it a kill loses nothing committed, a power cut may (README,
             "Crash safety").
+        sharded: None (default) detects a sharded model (DTensor parameters, FSDP2
+            ``fully_shard``) and then returns a :class:`capture.sharded.ShardedRecorder` (every
+            rank writes its own columns; ``record()`` is collective); True forces it, False
+            never.
 
     One writer per store: the recorder holds the store's lock file until ``close`` (a dead
     process releases it); a second writer gets ``gradtrace_format.format.StoreLockedError``.
 
     Under ``torch.distributed`` only rank 0 writes; on other ranks ``record`` is a no-op.
+    A sharded model (FSDP2 ``fully_shard``: DTensor parameters, or ``sharded=True``) gets a
+    :class:`capture.sharded.ShardedRecorder` on every rank instead: each rank writes its own
+    shards' columns, nothing is gathered (README, "Sharded models").
 
     Raises:
         ValueError: no trainable parameters, bad arguments.
@@ -334,6 +341,16 @@ class Recorder:
         gradtrace_format.format.StoreMismatchError: resuming a store that does not match.
         gradtrace_format.format.StoreLockedError: another writer holds the store.
     """
+
+    def __new__(cls, model=None, *args, sharded: bool | None = None, **kwargs):
+        # a sharded model (FSDP2 DTensor parameters, or sharded=True): every rank writes its
+        # own columns (capture.sharded.ShardedRecorder)
+        if cls is Recorder and model is not None and sharded is not False:
+            from capture.sharded import ShardedRecorder, has_dtensors
+
+            if sharded or has_dtensors(model):
+                return ShardedRecorder(model, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -360,6 +377,7 @@ class Recorder:
         grad_recorded: str | None = None,
         lag_band: int = 0,
         durable: bool = False,
+        sharded: bool | None = None,
     ):
         if resume and overwrite:
             raise ValueError("Recorder: resume=True and overwrite=True contradict each other; pick one")
@@ -1223,6 +1241,8 @@ def restore_weights(model: torch.nn.Module, path: "str | os.PathLike", step: int
         )
     wrow = integrity.CheckedRows(group["weight"], str(path), steps)
     row = np.asarray(wrow[int(idx[0]), :], dtype=np.float32)
+    if fmt.layout_of(header) is not None:  # a sharded store: its columns in natural order
+        row = fmt.layout_of(header).natural(row, len(header.tensors))
     if not np.isfinite(row).all():
         warnings.warn(f"gradtrace: the weights recorded at step {step} hold NaN or Inf", RuntimeWarning, stacklevel=2)
     if tier.name == "rounded":

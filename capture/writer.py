@@ -6,7 +6,7 @@ The commit protocol (why a kill never tears a step):
    change array metadata.
 2. Row n's data is written first. Nothing a reader trusts changes: row n is not committed, so
    its chunks (``grad``/``weight``/sketch arrays: appended to the open shard file of its row
-   block and then entered in the shard's index, or one file per chunk in an unsharded store)
+   block and then entered in the shard's index, or one file per chunk in a store without shard files)
    may be torn by a kill and are simply written again by the next append; the index entries
    of committed rows are never written again. The per-step arrays are
    uncompressed; their chunk files are created whole (temporary file + atomic rename) and
@@ -745,7 +745,7 @@ class StoreWriter:
         durable: fsync every chunk a row writes and the commit marker (and their directories)
             before a step counts as committed, so committed steps survive a power cut, not
             only a kill (cost: README, "Crash safety").
-        sharded: a new store gathers the chunks of ``grad``, ``weight`` and the sketch arrays
+        shard_files: a new store gathers the chunks of ``grad``, ``weight`` and the sketch arrays
             into shard files of several rows (``format.ArraySpec.zarr_layout``): a file is
             created every few steps instead of one per chunk and step. False: one file per
             chunk. A resumed store keeps the layout it was created with.
@@ -774,10 +774,10 @@ class StoreWriter:
         threads: int = 1,
         lag_band: int = 0,
         durable: bool = False,
-        sharded: bool = True,
+        shard_files: bool = True,
     ):
         self.path = Path(path)
-        self.sharded = bool(sharded)
+        self.shard_files = bool(shard_files)
         if int(lag_band) < 0:
             raise ValueError(f"lag_band={lag_band} must be >= 0 (gradient rows back)")
         self.lag_band = int(lag_band)
@@ -838,6 +838,12 @@ class StoreWriter:
 
     # ---------------------------------------------------------------- creation / reopening
 
+    #: a sharded store's column layout (``capture.sharded``); None: the natural one
+    layout: "fmt.ShardedLayout | None" = None
+
+    def _array_specs(self, param_chunk: int) -> list[fmt.ArraySpec]:
+        return fmt.array_specs(self.tensors, self.tiers, param_chunk, self.lag_band, layout=self.layout)
+
     def _lock(self, store: Path) -> None:
         """Take the store's writer lock (held until close/abort, released by the OS on death)."""
         fd = _acquire_lock(store, self.path)
@@ -886,7 +892,7 @@ class StoreWriter:
         # reopen at the final path: the array writers hold paths inside the temporary directory
         g = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
         self.group = g
-        specs = fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk, self.lag_band)
+        specs = self._array_specs(self.header.param_chunk)
         self._setup_writers({spec.name: g[spec.name] for spec in specs})
 
     def _create_in(self, param_chunk, expected_steps, schedule, settings, parent, source_dtype):
@@ -921,11 +927,11 @@ class StoreWriter:
                                 compressors=crc)
         shapes[:] = np.array([json.dumps(list(t.shape)) for t in self.tensors])
         arrays = {}
-        for spec in fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk, self.lag_band):
+        for spec in self._array_specs(self.header.param_chunk):
             arrays[spec.name] = g.create_array(
                 spec.name,
                 shape=spec.shape(cap),
-                **spec.zarr_layout(self.sharded),
+                **spec.zarr_layout(self.shard_files),
                 dtype=spec.dtype,
                 fill_value=spec.fill_value,
                 dimension_names=list(spec.dims),
@@ -970,7 +976,7 @@ class StoreWriter:
                 f"cannot resume {self.path}: it keeps a lag band of {header.extra.get('lag_band', 0)} rows, this "
                 f"recorder asks for {self.lag_band}. Resume with lag_band={header.extra.get('lag_band', 0)}."
             )
-        for spec in fmt.array_specs(self.tensors, self.tiers, header.param_chunk, self.lag_band):
+        for spec in self._array_specs(header.param_chunk):
             try:
                 arr = g[spec.name]
             except KeyError as err:
@@ -1013,7 +1019,7 @@ class StoreWriter:
 
     def _setup_writers(self, arrays: dict):
         self.arrays = arrays
-        specs = {s.name: s for s in fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk, self.lag_band)}
+        specs = {s.name: s for s in self._array_specs(self.header.param_chunk)}
         # the last lag_band rows' float32 gradients (None: a row without one), newest last;
         # empty after a resume: lags reaching before it read NaN
         self._ring: list = []

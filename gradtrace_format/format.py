@@ -60,7 +60,7 @@ Chunks and codecs (readers need not know them: Zarr records them per array):
   that fail the chunk's crc32c. A row written again (after a rewind or a resume) is appended
   anew; the bytes it replaces stay in the file unused. Shard keys are ``c.<row block>.<col
   block>``. Stores written to object storage (where an object cannot be appended to) and
-  stores made with ``StoreWriter(sharded=False)`` have one object per chunk, keyed
+  stores made with ``StoreWriter(shard_files=False)`` have one object per chunk, keyed
   ``c.<row>.<col>``, in one flat directory per array.
   Lossless values: Blosc lz4, clevel 1, no shuffle (``lossless:bitshuffle``: bit-shuffle);
   rounded: Blosc lz4, clevel 1, byte-shuffle; raw (``lossless:raw``): no compressor; bit
@@ -88,6 +88,38 @@ Changes inside format version 1 (all additive; readers of the first v1 stores st
   readers check those checksums themselves (``gradtrace_format.integrity.check_partial_crc``);
 * header field ``source_dtype``: dtype(s) of the recorded parameters before the float32 cast
   (e.g. ``"float32"``, ``"bfloat16"``), checked on resume. Absent in older stores (None).
+
+Sharded stores (``capture.Recorder`` on every rank of an FSDP2 / DTensor model, each
+parameter split along dim 0 over W ranks): the parameter table (``tensor*`` arrays, the
+per-tensor scalars, ``n_params``, the sketch plan) is the natural one, but the columns of
+``grad``, ``weight`` and the bit planes are laid out rank-major: rank r owns columns
+``[r R, (r+1) R)`` and holds there, in table order, the rows ``start..stop`` of dim 0 of every
+tensor it has a shard of, then zeros up to ``(r+1) R`` (pad columns: no tensor's entries; they
+read as 0 and ``nonzero`` bit 0). ``R`` is a multiple of the chunk width, itself a multiple of 8,
+so no chunk (and no bit-plane byte) is written by two ranks. The header field ``sharded``
+(:class:`ShardedLayout`) and the arrays ``shard_tensor``, ``shard_rank``, ``shard_start``,
+``shard_stop``, ``shard_column``, ``shard_size`` (dim ``shard``) map every shard: entries
+``[column, column + size)`` of a row are rows ``start..stop`` of dim 0 of tensor
+``shard_tensor``, i.e. its natural entries ``tensor_offset + start * inner ..`` (inner: the
+product of the other dims). :meth:`ShardedLayout.natural` rebuilds the natural-order vector
+(``analysis.store.Run.natural`` for a step); with plain xarray::
+
+    ds = xr.open_zarr(store)
+    row = ds.grad.sel(step=t).values
+    parts = [row[c: c + n] for c, n in zip(ds.shard_column.values, ds.shard_size.values)]
+    # shards are stored in (tensor, start) order: concatenating them gives the natural vector
+
+Pad columns count nowhere: analysis maps each tensor to its shards' column ranges
+(:meth:`ShardedLayout.tensor_columns`), so entry counts, sign-shift denominators and the
+number of parameters never include them. The per-tensor scalars are reduced over ranks in
+float64 (one all-reduce per step) and written by rank 0, with the per-step arrays. A sketch
+tier's ``{a}_sketch`` hashes every entry by its natural coordinate, so it is the sketch an
+unsharded recording stores (the ranks' partial sketches are summed, float64, then cast).
+
+Commit across ranks: a row is committed (rank 0 advances ``n_steps``) only after every rank
+has written its chunks of it. The per-step all-reduce of the scalars is issued by each rank
+after its chunk writes, so its completion on rank 0 is that guarantee (no extra collective, no
+per-rank marker for readers to combine). Resume needs the same world size and layout.
 
 Query index (optional, derived; ``gradtrace index`` / :func:`analysis.index.build_index`):
 a sub-group ``index`` of T x T matrices from which every correlation, sign shift and
@@ -782,15 +814,15 @@ class ArraySpec:
         rows, k = shard_geometry(int(self.width), int(self.chunk_width), np.dtype(self.dtype).itemsize)
         return (rows, k * int(self.chunk_width))
 
-    def zarr_layout(self, sharded: bool = True) -> dict:
+    def zarr_layout(self, shard_files: bool = True) -> dict:
         """Keyword arguments of ``zarr.Group.create_array`` for this array's chunks and codecs.
 
-        ``sharded`` (row-chunked arrays on a local path): ``(1, w)`` chunks gathered into shard
+        ``shard_files`` (row-chunked arrays on a local path): ``(1, w)`` chunks gathered into shard
         files of :attr:`shard_shape` (zarr's ``sharding_indexed`` codec, the chunks' own codecs
         inside, the index at the start of the file without a checksum: see the module
         docstring). Otherwise one object per chunk (object storage, where an object cannot be
         appended to)."""
-        if sharded and self.row_chunked:
+        if shard_files and self.row_chunked:
             from zarr.codecs import BytesCodec, ShardingCodec
 
             serializer = ShardingCodec(
@@ -857,10 +889,13 @@ def array_specs(
     tiers: dict[str, Tier],
     param_chunk: int = DEFAULT_PARAM_CHUNK,
     lag_band: int = 0,
+    layout: "ShardedLayout | None" = None,
 ) -> list[ArraySpec]:
     """Every step-indexed array of a store with this parameter table and these tiers
-    (and ``grad_lag_dot`` when the recorder kept a lag band, ``Header.extra["lag_band"]``)."""
-    d = sum(t.size for t in tensors)
+    (and ``grad_lag_dot`` when the recorder kept a lag band, ``Header.extra["lag_band"]``).
+    With a sharded ``layout`` the data arrays hold ``layout.columns`` columns in chunks of
+    ``layout.chunk`` (bit planes: ``layout.chunk / 8`` bytes), so no chunk spans two ranks."""
+    d = sum(t.size for t in tensors) if layout is None else layout.columns
     n_t = len(tensors)
     specs = []
     for name, (dtype, fill) in PER_STEP_ARRAYS.items():
@@ -872,7 +907,7 @@ def array_specs(
         # float64 from the float32 gradients before any tier's encoding (exact for every tier)
         specs.append(ArraySpec(LAG_DOT_ARRAY, (STEP_DIM, ROW_LAG_DIM), "float64", float("nan"), int(lag_band),
                                int(lag_band), "scalar", {"lag_band": int(lag_band)}))
-    pc = param_chunk_width(d, param_chunk)
+    pc = param_chunk_width(d, param_chunk) if layout is None else int(layout.chunk)
     for a in DATA_ARRAYS:
         tier = tiers[a]
         tattrs = {"gradtrace_tier": tier.to_json()}
@@ -882,17 +917,148 @@ def array_specs(
         else:
             plan = sketch_plan(tensors, tier.sketch_dim, tier.seed)
             sk = plan.dim
+            skc = min(sk, pc) if layout is None else param_chunk_width(sk, param_chunk)
             tattrs = {**tattrs, "sketch_plan": plan.to_json()}
             specs.append(
-                ArraySpec(f"{a}_sketch", (STEP_DIM, SKETCH_DIM), "float32", float("nan"), sk, min(sk, pc), "lossless", tattrs)
+                ArraySpec(f"{a}_sketch", (STEP_DIM, SKETCH_DIM), "float32", float("nan"), sk, skc, "lossless", tattrs)
             )
             nb = (d + 7) // 8
             # a bit-plane chunk holds pc bytes (8 x pc parameters): one file per row and plane up
             # to 2M parameters, where pc / 8 bytes made five 26 KB files per row at d = 1M
-            bc = int(min(nb, max(pc, 8)))
+            bc = int(min(nb, max(pc, 8))) if layout is None else int(layout.chunk) // 8
             specs.append(ArraySpec(f"{a}_signbits", (STEP_DIM, BYTE_DIM), "uint8", 0, nb, bc, "bits", tattrs))
             specs.append(ArraySpec(f"{a}_nonzero", (STEP_DIM, BYTE_DIM), "uint8", 0, nb, bc, "bits", tattrs))
     return specs
+
+
+
+# --------------------------------------------------------------------------------------
+# Sharded layout (FSDP2 / DTensor runs; see the module docstring)
+# --------------------------------------------------------------------------------------
+
+SHARD_DIM = "shard"
+SHARD_ARRAYS = ("shard_tensor", "shard_rank", "shard_start", "shard_stop", "shard_column", "shard_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    """Rows ``start..stop`` of dim 0 of tensor ``tensor`` (table index), held by ``rank``,
+    stored in columns ``[column, column + size)``."""
+
+    tensor: int
+    rank: int
+    start: int
+    stop: int
+    column: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedLayout:
+    """Rank-major column layout of a sharded store.
+
+    Attributes:
+        world_size: W, the number of ranks that wrote the store.
+        rank_width: R, columns per rank (a multiple of ``chunk``); the stored rows have
+            ``W R`` columns.
+        chunk: chunk width along ``param`` (a multiple of 8; bit planes: ``chunk / 8`` bytes).
+        shards: every non-empty shard, ordered by (tensor, start).
+    """
+
+    world_size: int
+    rank_width: int
+    chunk: int
+    shards: tuple[ShardInfo, ...]
+
+    @property
+    def columns(self) -> int:
+        return int(self.world_size * self.rank_width)
+
+    def rank_columns(self, rank: int) -> tuple[int, int]:
+        return int(rank * self.rank_width), int((rank + 1) * self.rank_width)
+
+    def tensor_columns(self, index: int) -> list[tuple[int, int]]:
+        """Column ranges ``[lo, hi)`` of tensor ``index``, in its natural (row) order."""
+        return [(s.column, s.column + s.size) for s in self.shards if s.tensor == index and s.size]
+
+    def natural_columns(self, n_tensors: int) -> np.ndarray:
+        """int64 column of every natural-order entry (length d)."""
+        parts = [np.arange(lo, hi, dtype=np.int64) for i in range(n_tensors) for lo, hi in self.tensor_columns(i)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def natural(self, row: np.ndarray, n_tensors: int) -> np.ndarray:
+        """The natural-order vector (length d) of a stored row (length ``columns``)."""
+        row = np.asarray(row)
+        if row.shape[-1] != self.columns:
+            raise ValueError(f"a row of this sharded store has {self.columns} columns, got {row.shape[-1]}")
+        return row[..., self.natural_columns(n_tensors)]
+
+    def to_json(self) -> dict:
+        return {"world_size": self.world_size, "rank_width": self.rank_width, "chunk": self.chunk,
+                "shards": [dataclasses.astuple(s) for s in self.shards],
+                "shard_fields": [f.name for f in dataclasses.fields(ShardInfo)]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ShardedLayout":
+        return cls(int(d["world_size"]), int(d["rank_width"]), int(d["chunk"]),
+                   tuple(ShardInfo(*(int(v) for v in s)) for s in d["shards"]))
+
+
+def sharded_layout(tensors: Sequence[TensorInfo], held: Sequence[Sequence[tuple[int, int, int]]],
+                   param_chunk: int = DEFAULT_PARAM_CHUNK) -> ShardedLayout:
+    """The layout of W ranks, rank r holding ``held[r]`` = ``[(tensor, start, stop), ...]``
+    (rows of dim 0, in table order).
+
+    Every rank gets the same width R: the largest rank's entry count rounded up to whole chunks
+    of width ``param_chunk_width(that count, param_chunk)`` rounded up to a multiple of 8.
+    """
+    world = len(held)
+    inner = [math.prod(t.shape[1:]) if len(t.shape) > 1 else 1 for t in tensors]
+    counts = []
+    for r, part in enumerate(held):
+        prev = -1
+        for i, a, b in part:
+            if not (0 <= a <= b <= (tensors[i].shape[0] if tensors[i].shape else 1)) or i <= prev:
+                raise ValueError(f"rank {r}: shard ({i}, {a}, {b}) is not rows of dim 0 in table order")
+            prev = i
+        counts.append(sum((b - a) * inner[i] for i, a, b in part))
+    big = max(max(counts), 1)
+    cw = param_chunk_width(big, param_chunk)
+    cw = max(8, -(-cw // 8) * 8)
+    R = -(-big // cw) * cw
+    shards = []
+    for r, part in enumerate(held):
+        col = r * R
+        for i, a, b in part:
+            n = (b - a) * inner[i]
+            if n:
+                shards.append(ShardInfo(int(i), r, int(a), int(b), col, int(n)))
+            col += n
+    shards.sort(key=lambda s: (s.tensor, s.start))
+    # every tensor must be covered exactly once, rows 0..dim0
+    for i, t in enumerate(tensors):
+        rows = 0
+        for s in shards:
+            if s.tensor == i:
+                if s.start != rows:
+                    raise ValueError(f"tensor {t.name!r}: shards do not tile dim 0 (a shard starts at row "
+                                     f"{s.start}, the ones before end at {rows})")
+                rows = s.stop
+        if t.size and rows != (t.shape[0] if t.shape else 1):
+            raise ValueError(f"tensor {t.name!r}: its shards cover {rows} rows of {t.shape[0]}")
+    return ShardedLayout(world, int(R), int(cw), tuple(shards))
+
+
+def layout_of(header: "Header") -> ShardedLayout | None:
+    """The sharded layout of a store (None for an unsharded one)."""
+    d = header.extra.get("sharded")
+    return None if d is None else ShardedLayout.from_json(d)
+
+
+def store_array_specs(header: "Header") -> list[ArraySpec]:
+    """:func:`array_specs` of an existing store (its lag band and sharded layout)."""
+    return array_specs(header.tensors, header.tiers, header.param_chunk, header.extra.get("lag_band", 0),
+                       layout=layout_of(header))
 
 
 def codecs_for(kind: str):

@@ -20,6 +20,8 @@ rows (the reader adds the steps) and the chunk file, and adds what a checksum ca
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 from pathlib import Path
@@ -579,6 +581,10 @@ def check_table_arrays(path, header: fmt.Header, group) -> None:
         "tensor_offset": np.array([t.offset for t in header.tensors], dtype=np.int64),
         "tensor_size": np.array([t.size for t in header.tensors], dtype=np.int64),
     }
+    lay = fmt.layout_of(header)
+    if lay is not None:  # a sharded store's shard table (what plain xarray readers use)
+        for k, name in enumerate(fmt.SHARD_ARRAYS):
+            want[name] = np.array([dataclasses.astuple(sh)[k] for sh in lay.shards], dtype=np.int64)
     for name, expect in want.items():
         try:
             got = np.asarray(group[name][:], dtype=np.int64)
@@ -653,7 +659,7 @@ def verify_store(path, *, storage_options: dict | None = None, progress=None) ->
                             **({"storage_options": storage_options} if storage_options else {}))
     n = header.n_steps
     problems: list[str] = []
-    specs = fmt.array_specs(header.tensors, header.tiers, header.param_chunk, header.extra.get("lag_band", 0))
+    specs = fmt.store_array_specs(header)
     arrays = {}
     for spec in specs:
         try:

@@ -31,19 +31,19 @@ def _shard_chunks(path, n_entries: int) -> dict[int, bytes]:
     return {i: raw[int(o): int(o) + int(nb)] for i, (o, nb) in enumerate(idx) if o != 2**64 - 1}
 
 
-@pytest.mark.parametrize("sharded", [True, False])
+@pytest.mark.parametrize("shard_files", [True, False])
 @pytest.mark.parametrize("tier", ["lossless", "lossless:raw", "rounded:9", "sketch:16"])
-def test_chunks_are_byte_identical_to_zarr_setitem(tmp_path, tier, sharded):
+def test_chunks_are_byte_identical_to_zarr_setitem(tmp_path, tier, shard_files):
     """Each chunk (file, or chunk inside a shard file) equals what zarr writes for the same
     array metadata and values."""
     rng = np.random.default_rng(0)
     tensors = _table()
     d = sum(t.size for t in tensors)
     g, w = _rows(rng, 3, d)
-    sw = StoreWriter(tmp_path / "a.zarr", tensors, {"grad": tier, "weight": tier}, param_chunk=8, sharded=sharded)
+    sw = StoreWriter(tmp_path / "a.zarr", tensors, {"grad": tier, "weight": tier}, param_chunk=8, shard_files=shard_files)
     for t in range(3):
         sw.append(t, g[t], w[t], loss=0.5 * t, lr=0.1, epoch=t)
-    assert all(aw.mode in (("shards" if sharded else "rows"), "patch") for aw in sw._w.values())
+    assert all(aw.mode in (("shards" if shard_files else "rows"), "patch") for aw in sw._w.values())
     group = zarr.open_group(str(tmp_path / "a.zarr"), mode="r", use_consolidated=False)
     ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="w")
     compared = 0
@@ -352,7 +352,7 @@ def small_shards(monkeypatch):
 @pytest.mark.parametrize("tier", ["lossless", "rounded:7", "sketch:16", "lossless:raw"])
 def test_rows_across_shards_resume_and_rewrite(tmp_path, small_shards, tier):
     """Rows across several shard files; a resume inside a shard and one at a shard boundary;
-    torn rows of a killed writer; the result equals an unsharded store, array by array."""
+    torn rows of a killed writer; the result equals a store of one file per chunk, array by array."""
     rng = np.random.default_rng(11)
     tensors = _table()
     d = sum(t.size for t in tensors)
@@ -381,7 +381,7 @@ def test_rows_across_shards_resume_and_rewrite(tmp_path, small_shards, tier):
     for t in range(8, 13):
         sw.append(t, g[t], w[t], loss=float(t))
     sw.close(w[13])
-    plain = StoreWriter(ref, tensors, tiers, param_chunk=8, sharded=False)
+    plain = StoreWriter(ref, tensors, tiers, param_chunk=8, shard_files=False)
     for t in range(13):
         plain.append(t, g[t], w[t], loss=float(t))
     plain.close(w[13])
