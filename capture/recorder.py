@@ -33,7 +33,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +48,7 @@ from analysis.format import (
     Tier,
 )
 from capture.schedules import Schedule, every_step, parse_schedule, schedule_to_json
+from capture.sink import split_location, store_name
 from capture.writer import StoreWriter
 
 __all__ = ["Recorder", "RecorderWriteError", "restore_weights", "model_table", "parse_tiers"]
@@ -258,7 +258,13 @@ class Recorder:
     Args:
         model: the model (a DDP / DataParallel wrapper is unwrapped). Its trainable parameters,
             in ``named_parameters()`` order, define the flat vectors of length d.
-        path: directory of the run store (Zarr v3).
+        path: directory of the run store (Zarr v3), or an fsspec URL such as
+            ``"s3://bucket/run.zarr"`` (``file://`` URLs are local paths): written straight to
+            object storage as whole objects, with the same commit order and crash guarantees
+            (a killed run is readable up to its last committed step; :mod:`capture.sink`). On a
+            URL there is no writer lock (one writer per URL is up to you), ``resume`` and
+            ``overwrite`` are refused, the URL must hold no objects yet, and ``durable`` is
+            moot. Cost per step: README, "Object storage".
         optimizer: read for ``lr`` (``param_groups[0]["lr"]``) and the run's settings; needed
             with ``scaler``.
         schedule: which steps to record: a ``step -> bool`` callable
@@ -315,6 +321,8 @@ class Recorder:
         durable: fsync each committed step (chunks, then the commit marker) so that it survives
             a power cut; without it a kill loses nothing committed, a power cut may (README,
             "Crash safety").
+        storage_options: fsspec options for a URL ``path`` (``endpoint_url``, ``key``,
+            ``secret``, ``anon``...), as ``analysis.open_run`` takes them.
 
     One writer per store: the recorder holds the store's lock file until ``close`` (a dead
     process releases it); a second writer gets ``analysis.format.StoreLockedError``.
@@ -353,6 +361,7 @@ class Recorder:
         grad_recorded: str | None = None,
         lag_band: int = 0,
         durable: bool = False,
+        storage_options: dict | None = None,
     ):
         if resume and overwrite:
             raise ValueError("Recorder: resume=True and overwrite=True contradict each other; pick one")
@@ -367,7 +376,8 @@ class Recorder:
                              "clip_grad_norm_), 'after_clip', or None when the loop does not clip")
         if grad_recorded is not None:
             settings = {**(settings or {}), "grad_recorded": grad_recorded}
-        self.path = Path(path)
+        local, url = split_location(path)
+        self.path = local if url is None else url  # a Path, or the URL of a remote store
         self.model = _unwrap(model)
         self.optimizer = optimizer
         self.scaler = scaler if (scaler is not None and scaler.is_enabled()) else None
@@ -459,6 +469,7 @@ class Recorder:
             threads=writer_threads,
             lag_band=lag_band,
             durable=durable,
+            storage_options=storage_options,
         )
         self.lag_band = int(lag_band)
         self._dev_ring: list = []  # device path: the last lag_band gradients (None: no gradient)
@@ -467,7 +478,7 @@ class Recorder:
         self._n_slots = 0
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._writer_loop, name=f"gradtrace-writer:{self.path.name}", daemon=True)
+        self._thread = threading.Thread(target=self._writer_loop, name=f"gradtrace-writer:{store_name(self.path)}", daemon=True)
         self._thread.start()
         # weights read ahead: after each optimizer step a helper thread copies the new weights
         # into a free buffer while the next forward/backward runs; record() uses them when no
@@ -479,7 +490,7 @@ class Recorder:
         if (grads_by_reference == "auto" and not self._cuda and self._fast_cat and optimizer is not None
                 and hasattr(optimizer, "register_step_post_hook")):
             self._pf_hook = optimizer.register_step_post_hook(lambda *_: self._pf_go.set())
-            self._pf_thread = threading.Thread(target=self._prefetch_loop, name=f"gradtrace-weights:{self.path.name}",
+            self._pf_thread = threading.Thread(target=self._prefetch_loop, name=f"gradtrace-weights:{store_name(self.path)}",
                                                daemon=True)
             self._pf_thread.start()
 

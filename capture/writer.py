@@ -69,6 +69,7 @@ import zarr
 
 from analysis import format as fmt
 from analysis import kernels
+from capture import sink as _sink
 from analysis.format import (
     FLAG_FINAL,
     FLAG_NONFINITE_GRAD,
@@ -347,12 +348,17 @@ class _ArrayWriter:
             uncompressed): the current block is kept in memory and its chunk rewritten whole,
             by atomic rename.
         ``zarr``: codecs this module does not know: written through zarr.
+
+    With a ``sink`` (a store at a URL, :class:`capture.sink.RemoteSink`), chunks are put as
+    whole objects: ``rows`` puts each chunk, and per-step arrays use ``block`` mode with the
+    put deferred to the commit (:meth:`pending`), one put per changed block per commit.
     """
 
-    def __init__(self, arr: zarr.Array, root: Path, spec: fmt.ArraySpec):
+    def __init__(self, arr: zarr.Array, root: Path, spec: fmt.ArraySpec, sink=None):
         self.arr = arr
         self.spec = spec
-        self.dir = root / arr.path
+        self.sink = sink  # None: a local directory (file calls); else whole-object puts
+        self.dir = root / arr.path if sink is None else None
         self.meta = arr.metadata
         self.encode = chunk_encoder(arr)
         from zarr.codecs import Crc32cCodec
@@ -372,6 +378,10 @@ class _ArrayWriter:
             self.mode = "patch"
         else:
             self.mode = "block"
+        if sink is not None and self.mode == "patch":
+            self.mode = "block"  # objects are immutable: the block is re-put whole at each commit
+        self._dirty = False  # remote block mode: the block changed since its last put
+        self._hw = -1  # remote: highest row index whose chunks this writer put (a new store)
         if spec.row_chunked:
             cw = self.chunks[1]
             self.n_col_chunks = -(-int(spec.width) // cw)
@@ -385,6 +395,10 @@ class _ArrayWriter:
 
     def _key(self, coords) -> Path:
         return self.dir / self.meta.encode_chunk_key(tuple(coords))
+
+    def _rel(self, coords) -> str:
+        """The chunk's key relative to the store root (remote)."""
+        return f"{self.arr.path}/{self.meta.encode_chunk_key(tuple(coords))}"
 
     def _block_coords(self, b: int) -> tuple[int, ...]:
         return (b,) if self.width is None else (b, 0)
@@ -407,6 +421,9 @@ class _ArrayWriter:
                 self.arr[n, :] = vec if keepbits is None else fmt.bitround(vec, keepbits)
 
             return [through_zarr]
+        if self.sink is not None:  # one task: the row's chunk objects put concurrently
+            self._hw = max(self._hw, n)
+            return [functools.partial(self._put_row_remote, n, vec, keepbits)]
         cw = self.chunks[1]
         tasks = []
         for j in range(self.n_col_chunks):
@@ -423,8 +440,27 @@ class _ArrayWriter:
             piece = kernels.bitround_into(piece, keepbits, _scratch(piece.shape[0]))
         _put_direct(self._key(coords), self.encode(piece), self.durable)
 
+    def _put_row_remote(self, n: int, vec: np.ndarray, keepbits: int | None) -> None:
+        """Row n's chunks as whole objects, in one concurrent batch of puts."""
+        cw = self.chunks[1]
+        items = {}
+        for j in range(self.n_col_chunks):
+            piece = vec[j * cw : (j + 1) * cw]
+            if piece.shape[0] < cw:
+                pad = np.full(cw, self.fill, dtype=self.dtype)
+                pad[: piece.shape[0]] = piece
+                piece = pad
+            if keepbits is not None:
+                piece = kernels.bitround_into(piece, keepbits, _scratch(cw))
+            items[self._rel((n, j))] = self.encode(piece)
+        self.sink.put_many(items)
+
     def clear_row(self, n: int) -> None:
         """Remove row n's chunks (they then read as the fill value)."""
+        if self.sink is not None:  # remote stores are new: only rows this writer put have chunks
+            if n <= self._hw:
+                self.sink.delete([self._rel((n, j)) for j in range(self.n_col_chunks)])
+            return
         for j in range(self.n_col_chunks):
             try:
                 self._key((n, j)).unlink()
@@ -453,11 +489,16 @@ class _ArrayWriter:
                 self._patch_crc(n - b * R, data)
             return
         if b != self.block_index:
+            if self._dirty:  # remote: the previous block's rows land before the next block starts
+                self.sink.put_many(self.pending())
+                self._dirty = False
             self._load_block(b, n)
         self.block[n - b * R] = value
         if self.mode == "zarr":
             hi = min(self.arr.shape[0], (b + 1) * R)
             self.arr[b * R : hi] = self.block[: hi - b * R]
+        elif self.sink is not None:
+            self._dirty = True  # put whole at the next commit (StoreWriter.commit)
         else:
             atomic_put(self._key(self._block_coords(b)), self.encode(self.block), self.durable)
 
@@ -473,6 +514,13 @@ class _ArrayWriter:
         crc = _CRC.pack(google_crc32c.value(bytes(buf)))
         if os.pwrite(self._fd, crc, len(buf)) != 4:
             raise OSError("short write of a chunk checksum")
+
+    def pending(self) -> dict:
+        """Remote block mode: ``{key: encoded block}`` when the block changed since its last put,
+        else ``{}`` (the caller puts it, then clears ``_dirty``)."""
+        if not self._dirty:
+            return {}
+        return {self._rel(self._block_coords(self.block_index)): self.encode(self.block)}
 
     def sync(self) -> None:
         """fsync the ready block's chunk file (patch mode), for ``durable`` commits."""
@@ -540,7 +588,10 @@ class StoreWriter:
     """Writes rows ``(step, grad, weight, scalars)`` into a run store and commits each one.
 
     Args:
-        path: directory of the store (a Zarr v3 group).
+        path: directory of the store (a Zarr v3 group), a ``file://`` URL (the same), or any
+            other fsspec URL such as ``s3://bucket/run.zarr``: written as whole objects with the
+            same commit order (:mod:`capture.sink`); on a URL only ``mode="create"`` into an
+            empty prefix, with no lock and no ``durable`` (a returned PUT is durable).
         tensors: the parameter table (flattening order).
         tiers: ``{"grad": Tier, "weight": Tier}`` (or tier strings like ``"rounded:7"``).
         mode: ``"create"`` refuses an existing path, ``"overwrite"`` replaces it,
@@ -558,6 +609,7 @@ class StoreWriter:
         durable: fsync every chunk a row writes and the commit marker (and their directories)
             before a step counts as committed, so committed steps survive a power cut, not
             only a kill (cost: README, "Crash safety").
+        storage_options: fsspec options for a URL (``endpoint_url``, ``key``, ``secret``...).
 
     One writer at a time: the writer holds an exclusive ``fcntl.flock`` on the store's lock
     file (:data:`LOCK_NAME`) from creation or resume until :meth:`close` / :meth:`abort` (the
@@ -583,8 +635,17 @@ class StoreWriter:
         threads: int = 1,
         lag_band: int = 0,
         durable: bool = False,
+        storage_options: dict | None = None,
     ):
-        self.path = Path(path)
+        self.sink = _sink.open_sink(path, storage_options)  # None: a local directory
+        self.path = _sink.split_location(path)[0] if self.sink is None else self.sink.url
+        if self.sink is not None:
+            if mode != "create":
+                raise ValueError(
+                    f"{mode}=True is for local paths only: {self.path} is a URL, where no lock can keep a second "
+                    "writer out; record to a new URL, or to a local path and upload it when closed"
+                )
+            durable = False  # every put is durable once it returns; nothing to fsync
         if int(lag_band) < 0:
             raise ValueError(f"lag_band={lag_band} must be >= 0 (gradient rows back)")
         self.lag_band = int(lag_band)
@@ -614,7 +675,9 @@ class StoreWriter:
         self._sketchers: dict[str, _FastSketcher] = {}
         self._closed = False
         try:
-            if mode == "resume":
+            if self.sink is not None:
+                self._create_remote(param_chunk, expected_steps, schedule, settings, parent, source_dtype)
+            elif mode == "resume":
                 if not self.path.exists():
                     raise FileNotFoundError(
                         f"cannot resume: {self.path} does not exist. Start a new store with mode='create'."
@@ -696,6 +759,27 @@ class StoreWriter:
         specs = fmt.array_specs(self.tensors, self.tiers, self.header.param_chunk, self.lag_band)
         self._setup_writers({spec.name: g[spec.name] for spec in specs})
 
+    def _create_remote(self, param_chunk, expected_steps, schedule, settings, parent, source_dtype):
+        """A new store at a URL: every array's metadata first, the root ``zarr.json`` with the
+        gradtrace header last (until then no reader takes the prefix for a run)."""
+        try:
+            exists = self.sink.exists()
+        except Exception as err:  # noqa: BLE001 - credentials, endpoint, network: say which URL
+            raise OSError(f"cannot reach {self.path}: {type(err).__name__}: {err}. Check the URL and "
+                          "storage_options (endpoint_url, key, secret)") from err
+        if exists:
+            raise FileExistsError(
+                f"{self.path} already holds objects. On a URL the recorder only creates new stores (no resume, "
+                "no overwrite): choose another URL, or delete that prefix first"
+            )
+        try:
+            self._create_in(param_chunk, expected_steps, schedule, settings, parent, source_dtype)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"cannot create {self.path}: {err}. Create the bucket first (e.g. `aws s3 mb "
+                f"s3://{self.sink.root.split('/')[0]}`) or fix the URL"
+            ) from err
+
     def _create_in(self, param_chunk, expected_steps, schedule, settings, parent, source_dtype):
         cap = max(INITIAL_CAPACITY, int(expected_steps or 0) + 1)
         self.header = Header(
@@ -712,7 +796,9 @@ class StoreWriter:
         self.header.extra["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if self.lag_band:
             self.header.extra["lag_band"] = self.lag_band
-        g = zarr.open_group(str(self.path), mode="a", zarr_format=3)  # our fresh temporary directory
+        # our fresh temporary directory, or an empty prefix at a URL
+        g = (zarr.open_group(str(self.path), mode="a", zarr_format=3) if self.sink is None
+             else self.sink.open_group("a"))
         self.group = g
         n_t = len(self.tensors)
         crc = fmt.codecs_for("scalar")  # the parameter table is checksummed too
@@ -826,7 +912,7 @@ class StoreWriter:
         # empty after a resume: lags reaching before it read NaN
         self._ring: list = []
         self._ring_free: list = []
-        self._w = {name: _ArrayWriter(arr, self.path, specs[name]) for name, arr in arrays.items()}
+        self._w = {name: _ArrayWriter(arr, self.path, specs[name], self.sink) for name, arr in arrays.items()}
         for aw in self._w.values():
             aw.durable = self.durable
         self._scalar_plan = _scalar_plan(self.tensors)
@@ -859,7 +945,11 @@ class StoreWriter:
             "zarr_format": 3,
             "node_type": "group",
         }
-        atomic_put(self.path / "zarr.json", json.dumps(doc, allow_nan=False).encode(), self.durable)
+        data = json.dumps(doc, allow_nan=False).encode()
+        if self.sink is not None:
+            self.sink.put("zarr.json", data)
+        else:
+            atomic_put(self.path / "zarr.json", data, self.durable)
 
     def _ensure_capacity(self, n: int):
         if n < self.header.capacity:
@@ -1083,6 +1173,13 @@ class StoreWriter:
         if self.durable:  # the rows' chunks are on disk before the marker says so
             for name in self._scalar_names:
                 self._w[name].sync()
+        if self.sink is not None:  # the changed per-step blocks, whole, before the marker
+            pending = {}
+            for name in self._scalar_names:
+                pending.update(self._w[name].pending())
+            self.sink.put_many(pending)
+            for name in self._scalar_names:
+                self._w[name]._dirty = False
         self.header.n_steps = self._n
         self.header.has_final = self._has_final
         self.header.extra["n_nonfinite_steps"] = self.n_nonfinite
@@ -1139,8 +1236,11 @@ class StoreWriter:
         self.commit()
         n = self.header.n_steps
         self._close_files()
-        for arr in self.arrays.values():
-            arr.resize((n,) + tuple(arr.shape[1:]))
+        if self.sink is not None:
+            self._trim_remote(n)
+        else:
+            for arr in self.arrays.values():
+                arr.resize((n,) + tuple(arr.shape[1:]))
         self.header.capacity = n
         self.header.closed = True
         self._write_header()
@@ -1150,13 +1250,27 @@ class StoreWriter:
             # that the lock file is not a zarr node
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             warnings.filterwarnings("ignore", message="Object at .* is not recognized")
-            zarr.consolidate_metadata(str(self.path))
+            zarr.consolidate_metadata(str(self.path) if self.sink is None else self.group.store)
         if self.durable:
             _fsync_path(self.path / "zarr.json")
             _fsync_dir(self.path)
         self._closed = True
         self._shutdown_pool()
         self._unlock(remove=True)
+
+    def _trim_remote(self, n: int) -> None:
+        """Remote close: trim the arrays to n rows without zarr's delete request per chunk
+        position outside (about 2 s for 64 rows here). A new remote store holds chunk objects
+        only for rows its writer put, so the row chunks of rows >= n (rewound ones) are
+        deleted here, and per-step blocks past row n never exist."""
+        from zarr.core.sync import sync
+
+        for name, arr in self.arrays.items():
+            aw = self._w[name]
+            if aw.mode == "rows":
+                for row in range(n, aw._hw + 1):
+                    aw.clear_row(row)
+            sync(arr.async_array.resize((n,) + tuple(arr.shape[1:]), delete_outside_chunks=False))
 
     def abort(self) -> None:
         """Stop without trimming: commit the rows written whole before (best effort: the
