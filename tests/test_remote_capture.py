@@ -261,3 +261,30 @@ def test_file_url_is_a_local_path(tmp_path):
     w.close()
     run = ga.open_run(tmp_path / "f.zarr")
     np.testing.assert_array_equal(run.ds.grad.values, np.concatenate([G, G[:1]]))
+
+
+def test_commit_order_of_puts(s3):  # noqa: F811
+    """Each commit's puts: the row's chunk objects, then the per-step blocks, the root
+    ``zarr.json`` (the commit marker) last; two rows under one commit share one put of each block."""
+    G, W = rows(5, 3)
+    w = StoreWriter(url("order.zarr"), TENSORS, param_chunk=256, storage_options=s3["opts"])
+    log: list[list[str]] = []
+    put, put_many = w.sink.put, w.sink.put_many
+    w.sink.put = lambda rel, data: (log.append([rel]), put(rel, data))
+    w.sink.put_many = lambda items: (log.append(sorted(items)), put_many(items))
+    w.append(0, G[0], W[0])
+
+    def keys(a, n=None):
+        arr = w.arrays[a]
+        coords = [(n, j) for j in range(2)] if n is not None else [(0,) * arr.ndim]
+        return [f"{a}/{arr.metadata.encode_chunk_key(c)}" for c in coords]
+
+    scalars = sorted(k for a in w._scalar_names for k in keys(a))
+    assert log == [keys("grad", 0), keys("weight", 0), scalars, ["zarr.json"]]
+    log.clear()
+    w.append(1, G[1], W[1], commit=False)
+    w.append(2, G[2], None, commit=False)  # no weights: nothing to delete in a new store
+    assert log == [keys("grad", 1), keys("weight", 1), keys("grad", 2)]
+    w.commit()
+    assert log[3:] == [scalars, ["zarr.json"]]
+    w.close()
