@@ -25,6 +25,7 @@ the caller's job), the creation in a hidden directory renamed into place, ``resu
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
@@ -72,6 +73,8 @@ class RemoteSink:
                 f"cannot write to {url}: fsspec knows no protocol '{protocol}://'; use a local path or a URL such "
                 "as s3://bucket/run.zarr"
             ) from None
+        self._staged: dict = {}  # objects to put with the next put_staged (a row's chunks)
+        self._lock = threading.Lock()  # stage() is called from the writer's chunk threads
         self.fs, self.root = fsspec.url_to_fs(url, **self.storage_options)
         self.root = self.root.rstrip("/")
         if getattr(self.fs, "root_marker", "") == "" and "/" not in self.root:
@@ -99,6 +102,21 @@ class RemoteSink:
             self.put(rel, data)
         elif items:
             self.fs.pipe({self.key(rel): bytes(data) for rel, data in items.items()})
+
+    def stage(self, items: dict) -> None:
+        """Hold objects for the next :meth:`put_staged` (thread-safe)."""
+        with self._lock:
+            self._staged.update(items)
+
+    def put_staged(self, extra: dict | None = None) -> None:
+        """Put the staged objects and ``extra`` in one concurrent batch; all have landed when
+        this returns (the staged ones are dropped from the stage first: a failed put is the
+        writer's error, and it re-puts nothing)."""
+        with self._lock:
+            items, self._staged = self._staged, {}
+        if extra:
+            items.update(extra)
+        self.put_many(items)
 
     def delete(self, rels) -> None:
         """Remove objects; absent ones are fine."""

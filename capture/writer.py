@@ -441,7 +441,8 @@ class _ArrayWriter:
         _put_direct(self._key(coords), self.encode(piece), self.durable)
 
     def _put_row_remote(self, n: int, vec: np.ndarray, keepbits: int | None) -> None:
-        """Row n's chunks as whole objects, in one concurrent batch of puts."""
+        """Encode row n's chunks and stage them: ``StoreWriter.append`` puts every array's
+        chunks of the row in one concurrent batch (with the per-step blocks when it commits)."""
         cw = self.chunks[1]
         items = {}
         for j in range(self.n_col_chunks):
@@ -453,7 +454,7 @@ class _ArrayWriter:
             if keepbits is not None:
                 piece = kernels.bitround_into(piece, keepbits, _scratch(cw))
             items[self._rel((n, j))] = self.encode(piece)
-        self.sink.put_many(items)
+        self.sink.stage(items)
 
     def clear_row(self, n: int) -> None:
         """Remove row n's chunks (they then read as the fill value)."""
@@ -1092,6 +1093,8 @@ class StoreWriter:
             values[fmt.LAG_DOT_ARRAY] = self._lag_dots(grad, lag_dots)
         for name in self._scalar_names:
             W[name].set(n, values[name])
+        if self.sink is not None and not commit:
+            self.sink.put_staged()  # the row's chunk objects, all arrays in one batch
         self._n = n + 1
         if flags & FLAG_NONFINITE_GRAD:
             self.n_nonfinite += 1
@@ -1173,11 +1176,11 @@ class StoreWriter:
         if self.durable:  # the rows' chunks are on disk before the marker says so
             for name in self._scalar_names:
                 self._w[name].sync()
-        if self.sink is not None:  # the changed per-step blocks, whole, before the marker
+        if self.sink is not None:  # staged row chunks and the changed per-step blocks, before the marker
             pending = {}
             for name in self._scalar_names:
                 pending.update(self._w[name].pending())
-            self.sink.put_many(pending)
+            self.sink.put_staged(pending)
             for name in self._scalar_names:
                 self._w[name]._dirty = False
         self.header.n_steps = self._n
