@@ -116,7 +116,13 @@ class RemoteSink:
             items, self._staged = self._staged, {}
         if extra:
             items.update(extra)
-        self.put_many(items)
+        if items:
+            self.put_many(items)
+
+    def discard_staged(self) -> None:
+        """Forget the staged objects (a rewound row)."""
+        with self._lock:
+            self._staged = {}
 
     def delete(self, rels) -> None:
         """Remove objects; absent ones are fine."""

@@ -1032,6 +1032,10 @@ class StoreWriter:
             flags |= FLAG_FINAL
         flags &= ~(FLAG_NONFINITE_GRAD | FLAG_NONFINITE_WEIGHT)  # set below from the data only
         n = self._n
+        if self.sink is not None:
+            # the previous row's chunk objects, every array in one batch; this row's stay staged
+            # until the commit (one batch with the per-step blocks) or the next append
+            self.sink.put_staged()
         self._before = (self._last_step, self._has_final, self.n_nonfinite, list(self._ring))
         self._ring_pushed = False
         self._ensure_capacity(n)
@@ -1093,8 +1097,6 @@ class StoreWriter:
             values[fmt.LAG_DOT_ARRAY] = self._lag_dots(grad, lag_dots)
         for name in self._scalar_names:
             W[name].set(n, values[name])
-        if self.sink is not None and not commit:
-            self.sink.put_staged()  # the row's chunk objects, all arrays in one batch
         self._n = n + 1
         if flags & FLAG_NONFINITE_GRAD:
             self.n_nonfinite += 1
@@ -1161,6 +1163,8 @@ class StoreWriter:
         if self._n <= self.header.n_steps:
             raise RuntimeError("rewind: the last row written is already committed")
         self._n -= 1
+        if self.sink is not None:
+            self.sink.discard_staged()  # the forgotten row's chunk objects (never put)
         self._last_step, self._has_final, self.n_nonfinite, ring = self._before
         last = self._ring[-1] if self._ring_pushed and self._ring else None
         if last is not None and not any(x is last for x in ring):
