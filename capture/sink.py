@@ -7,11 +7,13 @@ atomic rename, in-place row writes, ``fcntl`` lock; ``capture/writer.py``). For 
 * every put replaces an object whole (an object store has no partial writes, no renames and
   no directories; a PUT that returns is visible to every reader, S3's read-after-write
   consistency), so a put is its own atomic replace;
-* the commit protocol is the local one, in whole objects: a row's chunk objects first, then
-  the per-step blocks it changed (each block of per-step scalars is re-put whole at every
-  commit, its crc32c over the whole block), then the root ``zarr.json`` with
-  ``gradtrace.n_steps`` last. A run killed at any moment is readable up to its last committed
-  step; objects of uncommitted rows are ignored by readers (rows >= n_steps);
+* the commit protocol is the local one, in whole objects: the rows' chunk objects and the
+  per-step blocks they changed (each block of per-step scalars is re-put whole at every
+  commit, its crc32c over the whole block), put in one concurrent batch, and once all have
+  landed the root ``zarr.json`` with ``gradtrace.n_steps``. A row's chunks stay staged
+  (:meth:`RemoteSink.stage`) until its commit or the next row, so a step the writer commits
+  at once costs two round trips. A run killed at any moment is readable up to its last
+  committed step; objects of uncommitted rows are ignored by readers (rows >= n_steps);
 * a new store is created with its arrays' metadata first and the root ``zarr.json`` carrying
   the gradtrace header last: a creation killed half-way leaves objects that no reader takes for
   a run (``analysis.open_run`` says "not a gradtrace run store").

@@ -350,8 +350,9 @@ class _ArrayWriter:
         ``zarr``: codecs this module does not know: written through zarr.
 
     With a ``sink`` (a store at a URL, :class:`capture.sink.RemoteSink`), chunks are put as
-    whole objects: ``rows`` puts each chunk, and per-step arrays use ``block`` mode with the
-    put deferred to the commit (:meth:`pending`), one put per changed block per commit.
+    whole objects: ``rows`` stages a row's chunks (``StoreWriter.append`` / ``commit`` put
+    them, every array's in one batch), and per-step arrays use ``block`` mode with the put
+    deferred to the commit (:meth:`pending`), one put per changed block per commit.
     """
 
     def __init__(self, arr: zarr.Array, root: Path, spec: fmt.ArraySpec, sink=None):
@@ -421,7 +422,7 @@ class _ArrayWriter:
                 self.arr[n, :] = vec if keepbits is None else fmt.bitround(vec, keepbits)
 
             return [through_zarr]
-        if self.sink is not None:  # one task: the row's chunk objects put concurrently
+        if self.sink is not None:  # one task: encode the row's chunks and stage them
             self._hw = max(self._hw, n)
             return [functools.partial(self._put_row_remote, n, vec, keepbits)]
         cw = self.chunks[1]
@@ -766,8 +767,8 @@ class StoreWriter:
         try:
             exists = self.sink.exists()
         except Exception as err:  # noqa: BLE001 - credentials, endpoint, network: say which URL
-            raise OSError(f"cannot reach {self.path}: {type(err).__name__}: {err}. Check the URL and "
-                          "storage_options (endpoint_url, key, secret)") from err
+            raise OSError(f"cannot reach {self.path}: {type(err).__name__}: {' '.join(str(err).split())}. Check "
+                          "the URL and storage_options (endpoint_url, key, secret)") from err
         if exists:
             raise FileExistsError(
                 f"{self.path} already holds objects. On a URL the recorder only creates new stores (no resume, "
@@ -777,8 +778,8 @@ class StoreWriter:
             self._create_in(param_chunk, expected_steps, schedule, settings, parent, source_dtype)
         except FileNotFoundError as err:
             raise FileNotFoundError(
-                f"cannot create {self.path}: {err}. Create the bucket first (e.g. `aws s3 mb "
-                f"s3://{self.sink.root.split('/')[0]}`) or fix the URL"
+                f"cannot create {self.path}: {' '.join(str(err).split())}. Create the bucket first (S3: `aws s3 "
+                f"mb s3://{self.sink.root.split('/')[0]}`) or fix the URL"
             ) from err
 
     def _create_in(self, param_chunk, expected_steps, schedule, settings, parent, source_dtype):
