@@ -69,7 +69,6 @@ import zarr
 
 from analysis import format as fmt
 from analysis import kernels
-from capture import sink as _sink
 from analysis.format import (
     FLAG_FINAL,
     FLAG_NONFINITE_GRAD,
@@ -80,6 +79,7 @@ from analysis.format import (
     TensorInfo,
     Tier,
 )
+from capture import sink as _sink
 
 # The writer runs beside training on few cores: blosc must not start its own thread pool
 # (zarr sets this too; numcodecs' default would use threads from the main thread).
