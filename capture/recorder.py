@@ -1030,9 +1030,13 @@ class Recorder:
     def _raise_writer_error(self):
         err, step = self._error
         n = self.writer.n_steps if self.writer is not None else 0
-        last = self.writer.last_step if self.writer is not None else None
+        # the writer's last step is that of its last row written, committed or not
+        last = self.writer.last_step if self.writer is not None and self.writer.n_written == n else None
         hint = ""
-        if isinstance(err, OSError):
+        if isinstance(err, OSError) and self.writer is not None and self.writer.sink is not None:
+            hint = (" Check the endpoint, credentials and bucket; a URL cannot be resumed: restart from a checkpoint "
+                    "into a new URL or a local path.")
+        elif isinstance(err, OSError):
             hint = " Free disk space or fix the path's permissions, then restart from a checkpoint with resume=True."
         raise RecorderWriteError(
             f"gradtrace could not write step {step} to {self.path}: {type(err).__name__}: {err}. "

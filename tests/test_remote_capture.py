@@ -42,14 +42,14 @@ def url(name: str) -> str:
     return f"s3://{BUCKET}/{name}"
 
 
-def train(path, *, steps=7, storage_options=None, **options) -> None:
+def train(path, *, steps=7, storage_options=None, recorder=Recorder, **options) -> None:
     """A small MLP, plain SGD, the same batches every time: the same run wherever it is stored."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 10, generator=g), torch.randint(0, 3, (32,), generator=g)
-    with Recorder(model, path, opt, storage_options=storage_options, **options) as rec:
+    with recorder(model, path, opt, storage_options=storage_options, **options) as rec:
         for step in range(steps):
             loss = torch.nn.functional.cross_entropy(model(x[step % 4 * 8:][:8]), y[step % 4 * 8:][:8])
             loss.backward()
@@ -300,3 +300,37 @@ def test_commit_order_of_puts(s3):  # noqa: F811
     run = ga.open_run(url("order.zarr"), storage_options=s3["opts"])
     np.testing.assert_array_equal(run.ds.grad.values, np.stack([G[0], G[1], G[2], G[1]]))
     assert np.isnan(run.ds.weight.values[2:]).all()
+
+
+def test_recorder_put_failure_keeps_committed_steps(s3, tmp_path):  # noqa: F811
+    """The object store fails mid-run: record() raises one error naming the URL and the fix,
+    and the store holds the steps committed before, exactly as a local recording of the run."""
+    from capture.recorder import RecorderWriteError
+
+    train(tmp_path / "ref.zarr", steps=8, param_chunk=128)
+    calls = {"n": 0}
+
+    class Failing(Recorder):
+        def record(self, step, *a, **kw):
+            if step == 4:  # the store goes away: every later put fails
+                self.flush()
+
+                def down(*_a, **_kw):
+                    calls["n"] += 1
+                    raise ConnectionError("endpoint unreachable")
+
+                self.writer.sink.put_many = down
+            return super().record(step, *a, **kw)
+
+    with pytest.raises(RecorderWriteError, match=r"could not write step \d to s3://.*4 steps committed.*"
+                                                 r"a URL cannot be resumed") as e:
+        train(url("down.zarr"), steps=8, storage_options=s3["opts"], param_chunk=128, recorder=Failing)
+    one_line(e)
+    assert calls["n"] >= 1
+    s3["fs"].invalidate_cache()
+    run = ga.open_run(url("down.zarr"), storage_options=s3["opts"])
+    assert run.header.n_steps == 4 and not run.header.closed
+    ref = ga.open_run(tmp_path / "ref.zarr")
+    for name in ("grad", "weight", "loss", "step", "grad_sqnorm"):
+        np.testing.assert_array_equal(run.ds[name].values, ref.ds[name].values[:4], err_msg=name)
+    assert verify_store(url("down.zarr"), storage_options=s3["opts"]) == []
