@@ -67,6 +67,7 @@ def assert_same_arrays(a: xr.Dataset, b: xr.Dataset) -> None:
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tiers,options", [
     ("lossless", {"lag_band": 2, "weight_schedule": "every:3", "param_chunk": 128}),
     ("rounded:7", {"param_chunk": 128}),
@@ -167,6 +168,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigkill_reads_committed_rows(s3):  # noqa: F811
     """A writer process killed with SIGKILL while recording: the store opens, holds the rows
     committed before the kill (at least those it reported), each exactly as written."""
@@ -323,7 +325,8 @@ def test_recorder_put_failure_keeps_committed_steps(s3, tmp_path):  # noqa: F811
             return super().record(step, *a, **kw)
 
     with pytest.raises(RecorderWriteError, match=r"could not write step \d to s3://.*4 steps committed.*"
-                                                 r"a URL cannot be resumed") as e:
+                                                 r"a URL cannot be resumed") as e, \
+            pytest.warns(UserWarning, match="after a training error also failed"):  # the close fails too
         train(url("down.zarr"), steps=8, storage_options=s3["opts"], param_chunk=128, recorder=Failing)
     one_line(e)
     assert calls["n"] >= 1
