@@ -1,6 +1,6 @@
 """Recording straight to object storage: ``Recorder(model, "s3://...", storage_options=...)``.
 
-Against a moto S3 server on 127.0.0.1 (the ``s3`` fixture of ``tests/test_remote.py``): a run
+Against a moto S3 server on 127.0.0.1 (as in ``tests/test_remote.py``): a run
 recorded to s3:// equals the same run recorded to a local path, array by array, for every
 tier (read with plain ``xarray.open_zarr`` and with ``analysis.open_run``); the integrity
 verifier passes on it; a writer stopped between its chunk puts and its commit, or killed with
@@ -10,6 +10,7 @@ root metadata is never taken for a run; bad URLs get one line naming the fix.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -25,9 +26,8 @@ import xarray as xr
 import analysis as ga
 from analysis import format as fmt
 from analysis.integrity import verify_store
-from tests.test_remote import BUCKET, s3  # noqa: F401 - the moto server fixture
-
-pytest.importorskip("s3fs")
+s3fs = pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
 torch = pytest.importorskip("torch")
 
 from capture import Recorder  # noqa: E402
@@ -36,6 +36,25 @@ from capture.writer import StoreWriter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TENSORS = fmt.tensor_table([("a", (300,)), ("b", (7,))])
+# moto keeps one in-memory backend per process: a bucket of its own, apart from test_remote's
+BUCKET = "capture"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server in a thread and an empty bucket."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
+    fs.makedirs(BUCKET, exist_ok=True)
+    try:
+        yield {"opts": opts, "endpoint": endpoint, "fs": fs}
+    finally:
+        server.stop()
 
 
 def url(name: str) -> str:
@@ -73,7 +92,7 @@ def assert_same_arrays(a: xr.Dataset, b: xr.Dataset) -> None:
     ("rounded:7", {"param_chunk": 128}),
     ("sketch:64", {"param_chunk": 64}),
 ])
-def test_recorder_s3_equals_local(s3, tmp_path, tiers, options):  # noqa: F811
+def test_recorder_s3_equals_local(s3, tmp_path, tiers, options):
     name = f"rec-{tiers.replace(':', '-')}.zarr"
     train(tmp_path / name, tiers=tiers, **options)
     train(url(name), tiers=tiers, storage_options=s3["opts"], **options)
@@ -96,7 +115,7 @@ def rows(seed: int, n: int, d: int = 307):
     return rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((n, d)).astype(np.float32)
 
 
-def test_stopped_before_commit_reads_committed_rows(s3, monkeypatch):  # noqa: F811
+def test_stopped_before_commit_reads_committed_rows(s3, monkeypatch):
     """Rows written but not committed (their chunk objects and per-step blocks put, the root
     zarr.json not) are not read; the rows before them are, exactly; the verifier passes.
     A capacity of 4 rows makes the arrays grow twice on the way."""
@@ -130,7 +149,7 @@ def test_stopped_before_commit_reads_committed_rows(s3, monkeypatch):  # noqa: F
         np.testing.assert_array_equal(ds.grad.values[:9], G[:9])  # plain zarr: the committed rows, then rows to ignore
 
 
-def test_half_created_store_is_not_a_run(s3, monkeypatch):  # noqa: F811
+def test_half_created_store_is_not_a_run(s3, monkeypatch):
     """A creation stopped before the root metadata with the gradtrace header: not a run, and
     a new recorder at that URL refuses it in one line."""
 
@@ -169,7 +188,7 @@ CHILD = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_sigkill_reads_committed_rows(s3):  # noqa: F811
+def test_sigkill_reads_committed_rows(s3):
     """A writer process killed with SIGKILL while recording: the store opens, holds the rows
     committed before the kill (at least those it reported), each exactly as written."""
     rng = np.random.default_rng(7)
@@ -208,7 +227,7 @@ def one_line(excinfo) -> str:
     return msg
 
 
-def test_bad_urls(s3, tmp_path):  # noqa: F811
+def test_bad_urls(s3, tmp_path):
     opts = s3["opts"]
     with pytest.raises(FileNotFoundError, match="Create the bucket first") as e:
         StoreWriter("s3://no-such-bucket/run.zarr", TENSORS, storage_options=opts)
@@ -242,7 +261,7 @@ def test_missing_backend():
     one_line(e)
 
 
-def test_recorder_url_errors(s3, tmp_path):  # noqa: F811
+def test_recorder_url_errors(s3, tmp_path):
     with pytest.raises(ValueError, match="resume=True is for local paths only"):
         train(url("r.zarr"), steps=1, storage_options=s3["opts"], resume=True)
     train(url("twice.zarr"), steps=2, storage_options=s3["opts"])
@@ -265,7 +284,7 @@ def test_file_url_is_a_local_path(tmp_path):
     np.testing.assert_array_equal(run.ds.grad.values, np.concatenate([G, G[:1]]))
 
 
-def test_commit_order_of_puts(s3):  # noqa: F811
+def test_commit_order_of_puts(s3):
     """Each commit's puts: the rows' chunk objects and the per-step blocks, then the root
     ``zarr.json`` (the commit marker) alone and last."""
     G, W = rows(5, 3)
@@ -304,7 +323,7 @@ def test_commit_order_of_puts(s3):  # noqa: F811
     assert np.isnan(run.ds.weight.values[2:]).all()
 
 
-def test_recorder_put_failure_keeps_committed_steps(s3, tmp_path):  # noqa: F811
+def test_recorder_put_failure_keeps_committed_steps(s3, tmp_path):
     """The object store fails mid-run: record() raises one error naming the URL and the fix,
     and the store holds the steps committed before, exactly as a local recording of the run."""
     from capture.recorder import RecorderWriteError
