@@ -356,3 +356,18 @@ def test_recorder_put_failure_keeps_committed_steps(s3, tmp_path):
     for name in ("grad", "weight", "loss", "step", "grad_sqnorm"):
         np.testing.assert_array_equal(run.ds[name].values, ref.ds[name].values[:4], err_msg=name)
     assert verify_store(url("down.zarr"), storage_options=s3["opts"]) == []
+
+
+def test_memory_url(tmp_path):
+    """Any fsspec URL, not only s3://: fsspec's in-memory filesystem (synchronous) gives the
+    same store as a local path."""
+    G, W = rows(6, 5)
+    for path in (tmp_path / "m.zarr", f"memory://gradtrace-test-{os.getpid()}/m.zarr"):
+        w = StoreWriter(path, TENSORS, param_chunk=64, tiers={"grad": "rounded:7"})
+        for i in range(5):
+            w.append(i, G[i], W[i], commit=i % 2 == 0)
+        w.close(W[0])
+    local, mem = ga.open_run(tmp_path / "m.zarr"), ga.open_run(path)
+    assert mem.header.n_steps == 6 and mem.final_step == 5
+    assert_same_arrays(mem.ds.load(), local.ds.load())
+    assert verify_store(path) == []
