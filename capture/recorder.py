@@ -264,7 +264,7 @@ class Recorder:
             (a killed run is readable up to its last committed step; :mod:`capture.sink`). On a
             URL there is no writer lock (one writer per URL is up to you), ``resume`` and
             ``overwrite`` are refused, the URL must hold no objects yet, and ``durable`` is
-            moot. Cost per step: README, "Object storage".
+            moot. Cost per step: README, "Recording straight to object storage".
         optimizer: read for ``lr`` (``param_groups[0]["lr"]``) and the run's settings; needed
             with ``scaler``.
         schedule: which steps to record: a ``step -> bool`` callable
