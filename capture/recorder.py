@@ -33,7 +33,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +55,7 @@ from gradtrace_format.format import (
     Tier,
 )
 from capture.schedules import Schedule, every_step, parse_schedule, schedule_to_json
+from capture.sink import split_location, store_name
 from capture.writer import StoreWriter
 
 __all__ = ["Recorder", "RecorderWriteError", "restore_weights", "model_table", "parse_tiers"]
@@ -265,7 +265,13 @@ class Recorder:
     Args:
         model: the model (a DDP / DataParallel wrapper is unwrapped). Its trainable parameters,
             in ``named_parameters()`` order, define the flat vectors of length d.
-        path: directory of the run store (Zarr v3).
+        path: directory of the run store (Zarr v3), or an fsspec URL such as
+            ``"s3://bucket/run.zarr"`` (``file://`` URLs are local paths): written straight to
+            object storage as whole objects, with the same commit order and crash guarantees
+            (a killed run is readable up to its last committed step; :mod:`capture.sink`). On a
+            URL there is no writer lock (one writer per URL is up to you), ``resume`` and
+            ``overwrite`` are refused, the URL must hold no objects yet, and ``durable`` is
+            moot. Cost per step: README, "Recording straight to object storage".
         optimizer: read for ``lr`` (``param_groups[0]["lr"]``) and the run's settings; needed
             with ``scaler``.
         schedule: which steps to record: a ``step -> bool`` callable
@@ -326,6 +332,8 @@ class Recorder:
             ``fully_shard``) and then returns a :class:`capture.sharded.ShardedRecorder` (every
             rank writes its own columns; ``record()`` is collective); True forces it, False
             never.
+        storage_options: fsspec options for a URL ``path`` (``endpoint_url``, ``key``,
+            ``secret``, ``anon``...), as ``analysis.open_run`` takes them.
 
     One writer per store: the recorder holds the store's lock file until ``close`` (a dead
     process releases it); a second writer gets ``gradtrace_format.format.StoreLockedError``.
@@ -378,6 +386,7 @@ class Recorder:
         lag_band: int = 0,
         durable: bool = False,
         sharded: bool | None = None,
+        storage_options: dict | None = None,
     ):
         if resume and overwrite:
             raise ValueError("Recorder: resume=True and overwrite=True contradict each other; pick one")
@@ -392,7 +401,8 @@ class Recorder:
                              "clip_grad_norm_), 'after_clip', or None when the loop does not clip")
         if grad_recorded is not None:
             settings = {**(settings or {}), "grad_recorded": grad_recorded}
-        self.path = Path(path)
+        local, url = split_location(path)
+        self.path = local if url is None else url  # a Path, or the URL of a remote store
         self.model = _unwrap(model)
         self.optimizer = optimizer
         self.scaler = scaler if (scaler is not None and scaler.is_enabled()) else None
@@ -484,6 +494,7 @@ class Recorder:
             threads=writer_threads,
             lag_band=lag_band,
             durable=durable,
+            storage_options=storage_options,
         )
         self.lag_band = int(lag_band)
         self._dev_ring: list = []  # device path: the last lag_band gradients (None: no gradient)
@@ -492,7 +503,7 @@ class Recorder:
         self._n_slots = 0
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._writer_loop, name=f"gradtrace-writer:{self.path.name}", daemon=True)
+        self._thread = threading.Thread(target=self._writer_loop, name=f"gradtrace-writer:{store_name(self.path)}", daemon=True)
         self._thread.start()
         # weights read ahead: after each optimizer step a helper thread copies the new weights
         # into a free buffer while the next forward/backward runs; record() uses them when no
@@ -504,7 +515,7 @@ class Recorder:
         if (grads_by_reference == "auto" and not self._cuda and self._fast_cat and optimizer is not None
                 and hasattr(optimizer, "register_step_post_hook")):
             self._pf_hook = optimizer.register_step_post_hook(lambda *_: self._pf_go.set())
-            self._pf_thread = threading.Thread(target=self._prefetch_loop, name=f"gradtrace-weights:{self.path.name}",
+            self._pf_thread = threading.Thread(target=self._prefetch_loop, name=f"gradtrace-weights:{store_name(self.path)}",
                                                daemon=True)
             self._pf_thread.start()
 
@@ -1044,9 +1055,13 @@ class Recorder:
     def _raise_writer_error(self):
         err, step = self._error
         n = self.writer.n_steps if self.writer is not None else 0
-        last = self.writer.last_step if self.writer is not None else None
+        # the writer's last step is that of its last row written, committed or not
+        last = self.writer.last_step if self.writer is not None and self.writer.n_written == n else None
         hint = ""
-        if isinstance(err, OSError):
+        if isinstance(err, OSError) and self.writer is not None and self.writer.sink is not None:
+            hint = (" Check the endpoint, credentials and bucket; a URL cannot be resumed: restart from a checkpoint "
+                    "into a new URL or a local path.")
+        elif isinstance(err, OSError):
             hint = " Free disk space or fix the path's permissions, then restart from a checkpoint with resume=True."
         raise RecorderWriteError(
             f"gradtrace could not write step {step} to {self.path}: {type(err).__name__}: {err}. "

@@ -81,6 +81,7 @@ from gradtrace_format.format import (
     TensorInfo,
     Tier,
 )
+from capture import sink as _sink
 
 # The writer runs beside training on few cores: blosc must not start its own thread pool
 # (zarr sets this too; numcodecs' default would use threads from the main thread).
@@ -466,12 +467,18 @@ class _ArrayWriter:
             uncompressed): the current block is kept in memory and its chunk rewritten whole,
             by atomic rename.
         ``zarr``: codecs this module does not know: written through zarr.
+
+    With a ``sink`` (a store at a URL, :class:`capture.sink.RemoteSink`), chunks are put as
+    whole objects: ``rows`` stages a row's chunks (``StoreWriter.append`` / ``commit`` put
+    them, every array's in one batch), and per-step arrays use ``block`` mode with the put
+    deferred to the commit (:meth:`pending`), one put per changed block per commit.
     """
 
-    def __init__(self, arr: zarr.Array, root: Path, spec: fmt.ArraySpec):
+    def __init__(self, arr: zarr.Array, root: Path, spec: fmt.ArraySpec, sink=None):
         self.arr = arr
         self.spec = spec
-        self.dir = root / arr.path
+        self.sink = sink  # None: a local directory (file calls); else whole-object puts
+        self.dir = root / arr.path if sink is None else None
         self.meta = arr.metadata
         self.encode = chunk_encoder(arr)
         from zarr.codecs import Crc32cCodec
@@ -506,6 +513,10 @@ class _ArrayWriter:
             self.mode = "patch"
         else:
             self.mode = "block"
+        if sink is not None and self.mode == "patch":
+            self.mode = "block"  # objects are immutable: the block is re-put whole at each commit
+        self._dirty = False  # remote block mode: the block changed since its last put
+        self._hw = -1  # remote: highest row index whose chunks this writer put (a new store)
         if spec.row_chunked:
             cw = self.chunks[1]
             self.n_col_chunks = -(-int(spec.width) // cw)
@@ -519,6 +530,10 @@ class _ArrayWriter:
 
     def _key(self, coords) -> Path:
         return self.dir / self.meta.encode_chunk_key(tuple(coords))
+
+    def _rel(self, coords) -> str:
+        """The chunk's key relative to the store root (remote)."""
+        return f"{self.arr.path}/{self.meta.encode_chunk_key(tuple(coords))}"
 
     def _block_coords(self, b: int) -> tuple[int, ...]:
         return (b,) if self.width is None else (b, 0)
@@ -541,6 +556,9 @@ class _ArrayWriter:
                 self.arr[n, :] = vec if keepbits is None else fmt.bitround(vec, keepbits)
 
             return [through_zarr]
+        if self.sink is not None:  # one task: encode the row's chunks and stage them
+            self._hw = max(self._hw, n)
+            return [functools.partial(self._put_row_remote, n, vec, keepbits)]
         cw = self.chunks[1]
         tasks = []
         for j in range(self.n_col_chunks):
@@ -561,8 +579,28 @@ class _ArrayWriter:
             return
         _put_direct(self._key(coords), self.encode(piece), self.durable)
 
+    def _put_row_remote(self, n: int, vec: np.ndarray, keepbits: int | None) -> None:
+        """Encode row n's chunks and stage them: ``StoreWriter.append`` puts every array's
+        chunks of the row in one concurrent batch (with the per-step blocks when it commits)."""
+        cw = self.chunks[1]
+        items = {}
+        for j in range(self.n_col_chunks):
+            piece = vec[j * cw : (j + 1) * cw]
+            if piece.shape[0] < cw:
+                pad = np.full(cw, self.fill, dtype=self.dtype)
+                pad[: piece.shape[0]] = piece
+                piece = pad
+            if keepbits is not None:
+                piece = kernels.bitround_into(piece, keepbits, _scratch(cw))
+            items[self._rel((n, j))] = self.encode(piece)
+        self.sink.stage(items)
+
     def clear_row(self, n: int) -> None:
         """Remove row n's chunks (they then read as the fill value)."""
+        if self.sink is not None:  # remote stores are new: only rows this writer put have chunks
+            if n <= self._hw:
+                self.sink.delete([self._rel((n, j)) for j in range(self.n_col_chunks)])
+            return
         for j in range(self.n_col_chunks):
             if self.shard is not None:
                 shard, entry = self._shard_of(n, j)
@@ -621,11 +659,16 @@ class _ArrayWriter:
                 self._patch_crc(n - b * R, data)
             return
         if b != self.block_index:
+            if self._dirty:  # remote: the previous block's rows land before the next block starts
+                self.sink.put_many(self.pending())
+                self._dirty = False
             self._load_block(b, n)
         self.block[n - b * R] = value
         if self.mode == "zarr":
             hi = min(self.arr.shape[0], (b + 1) * R)
             self.arr[b * R : hi] = self.block[: hi - b * R]
+        elif self.sink is not None:
+            self._dirty = True  # put whole at the next commit (StoreWriter.commit)
         else:
             atomic_put(self._key(self._block_coords(b)), self.encode(self.block), self.durable)
 
@@ -641,6 +684,13 @@ class _ArrayWriter:
         crc = _CRC.pack(google_crc32c.value(bytes(buf)))
         if os.pwrite(self._fd, crc, len(buf)) != 4:
             raise OSError("short write of a chunk checksum")
+
+    def pending(self) -> dict:
+        """Remote block mode: ``{key: encoded block}`` when the block changed since its last put,
+        else ``{}`` (the caller puts it, then clears ``_dirty``)."""
+        if not self._dirty:
+            return {}
+        return {self._rel(self._block_coords(self.block_index)): self.encode(self.block)}
 
     def sync(self) -> None:
         """fsync what a commit covers: the ready block's chunk file (patch mode) or the shard
@@ -727,7 +777,10 @@ class StoreWriter:
     """Writes rows ``(step, grad, weight, scalars)`` into a run store and commits each one.
 
     Args:
-        path: directory of the store (a Zarr v3 group).
+        path: directory of the store (a Zarr v3 group), a ``file://`` URL (the same), or any
+            other fsspec URL such as ``s3://bucket/run.zarr``: written as whole objects with the
+            same commit order (:mod:`capture.sink`); on a URL only ``mode="create"`` into an
+            empty prefix, with no lock and no ``durable`` (a returned PUT is durable).
         tensors: the parameter table (flattening order).
         tiers: ``{"grad": Tier, "weight": Tier}`` (or tier strings like ``"rounded:7"``).
         mode: ``"create"`` refuses an existing path, ``"overwrite"`` replaces it,
@@ -749,6 +802,7 @@ class StoreWriter:
             into shard files of several rows (``format.ArraySpec.zarr_layout``): a file is
             created every few steps instead of one per chunk and step. False: one file per
             chunk. A resumed store keeps the layout it was created with.
+        storage_options: fsspec options for a URL (``endpoint_url``, ``key``, ``secret``...).
 
     One writer at a time: the writer holds an exclusive ``fcntl.flock`` on the store's lock
     file (:data:`LOCK_NAME`) from creation or resume until :meth:`close` / :meth:`abort` (the
@@ -775,9 +829,19 @@ class StoreWriter:
         lag_band: int = 0,
         durable: bool = False,
         shard_files: bool = True,
+        storage_options: dict | None = None,
     ):
-        self.path = Path(path)
-        self.shard_files = bool(shard_files)
+        self.sink = _sink.open_sink(path, storage_options)  # None: a local directory
+        self.path = _sink.split_location(path)[0] if self.sink is None else self.sink.url
+        # shard files are appended to: local directories only (an object cannot be appended to)
+        self.shard_files = bool(shard_files) and self.sink is None
+        if self.sink is not None:
+            if mode != "create":
+                raise ValueError(
+                    f"{mode}=True is for local paths only: {self.path} is a URL, where no lock can keep a second "
+                    "writer out; record to a new URL, or to a local path and upload it when closed"
+                )
+            durable = False  # every put is durable once it returns; nothing to fsync
         if int(lag_band) < 0:
             raise ValueError(f"lag_band={lag_band} must be >= 0 (gradient rows back)")
         self.lag_band = int(lag_band)
@@ -807,7 +871,9 @@ class StoreWriter:
         self._sketchers: dict[str, _FastSketcher] = {}
         self._closed = False
         try:
-            if mode == "resume":
+            if self.sink is not None:
+                self._create_remote(param_chunk, expected_steps, schedule, settings, parent, source_dtype)
+            elif mode == "resume":
                 if not self.path.exists():
                     raise FileNotFoundError(
                         f"cannot resume: {self.path} does not exist. Start a new store with mode='create'."
@@ -895,6 +961,27 @@ class StoreWriter:
         specs = self._array_specs(self.header.param_chunk)
         self._setup_writers({spec.name: g[spec.name] for spec in specs})
 
+    def _create_remote(self, param_chunk, expected_steps, schedule, settings, parent, source_dtype):
+        """A new store at a URL: every array's metadata first, the root ``zarr.json`` with the
+        gradtrace header last (until then no reader takes the prefix for a run)."""
+        try:
+            exists = self.sink.exists()
+        except Exception as err:  # noqa: BLE001 - credentials, endpoint, network: say which URL
+            raise OSError(f"cannot reach {self.path}: {type(err).__name__}: {' '.join(str(err).split())}. Check "
+                          "the URL and storage_options (endpoint_url, key, secret)") from err
+        if exists:
+            raise FileExistsError(
+                f"{self.path} already holds objects. On a URL the recorder only creates new stores (no resume, "
+                "no overwrite): choose another URL, or delete that prefix first"
+            )
+        try:
+            self._create_in(param_chunk, expected_steps, schedule, settings, parent, source_dtype)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"cannot create {self.path}: {' '.join(str(err).split())}. Create the bucket first (S3: `aws s3 "
+                f"mb s3://{self.sink.root.split('/')[0]}`) or fix the URL"
+            ) from err
+
     def _create_in(self, param_chunk, expected_steps, schedule, settings, parent, source_dtype):
         cap = max(INITIAL_CAPACITY, int(expected_steps or 0) + 1)
         self.header = Header(
@@ -911,7 +998,9 @@ class StoreWriter:
         self.header.extra["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if self.lag_band:
             self.header.extra["lag_band"] = self.lag_band
-        g = zarr.open_group(str(self.path), mode="a", zarr_format=3)  # our fresh temporary directory
+        # our fresh temporary directory, or an empty prefix at a URL
+        g = (zarr.open_group(str(self.path), mode="a", zarr_format=3) if self.sink is None
+             else self.sink.open_group("a"))
         self.group = g
         n_t = len(self.tensors)
         crc = fmt.codecs_for("scalar")  # the parameter table is checksummed too
@@ -1024,7 +1113,7 @@ class StoreWriter:
         # empty after a resume: lags reaching before it read NaN
         self._ring: list = []
         self._ring_free: list = []
-        self._w = {name: _ArrayWriter(arr, self.path, specs[name]) for name, arr in arrays.items()}
+        self._w = {name: _ArrayWriter(arr, self.path, specs[name], self.sink) for name, arr in arrays.items()}
         for aw in self._w.values():
             aw.durable = self.durable
         self._scalar_plan = _scalar_plan(self.tensors)
@@ -1057,7 +1146,11 @@ class StoreWriter:
             "zarr_format": 3,
             "node_type": "group",
         }
-        atomic_put(self.path / "zarr.json", json.dumps(doc, allow_nan=False).encode(), self.durable)
+        data = json.dumps(doc, allow_nan=False).encode()
+        if self.sink is not None:
+            self.sink.put("zarr.json", data)
+        else:
+            atomic_put(self.path / "zarr.json", data, self.durable)
 
     def _ensure_capacity(self, n: int):
         if n < self.header.capacity:
@@ -1139,6 +1232,10 @@ class StoreWriter:
             flags |= FLAG_FINAL
         flags &= ~(FLAG_NONFINITE_GRAD | FLAG_NONFINITE_WEIGHT)  # set below from the data only
         n = self._n
+        if self.sink is not None:
+            # the previous row's chunk objects, every array in one batch; this row's stay staged
+            # until the commit (one batch with the per-step blocks) or the next append
+            self.sink.put_staged()
         self._before = (self._last_step, self._has_final, self.n_nonfinite, list(self._ring))
         self._ring_pushed = False
         self._ensure_capacity(n)
@@ -1266,6 +1363,8 @@ class StoreWriter:
         if self._n <= self.header.n_steps:
             raise RuntimeError("rewind: the last row written is already committed")
         self._n -= 1
+        if self.sink is not None:
+            self.sink.discard_staged()  # the forgotten row's chunk objects (never put)
         self._last_step, self._has_final, self.n_nonfinite, ring = self._before
         last = self._ring[-1] if self._ring_pushed and self._ring else None
         if last is not None and not any(x is last for x in ring):
@@ -1281,6 +1380,13 @@ class StoreWriter:
         if self.durable:  # the rows' chunks are on disk before the marker says so
             for aw in self._w.values():
                 aw.sync()
+        if self.sink is not None:  # staged row chunks and the changed per-step blocks, before the marker
+            pending = {}
+            for name in self._scalar_names:
+                pending.update(self._w[name].pending())
+            self.sink.put_staged(pending)
+            for name in self._scalar_names:
+                self._w[name]._dirty = False
         self.header.n_steps = self._n
         self.header.has_final = self._has_final
         self.header.extra["n_nonfinite_steps"] = self.n_nonfinite
@@ -1339,8 +1445,11 @@ class StoreWriter:
         self.commit()
         n = self.header.n_steps
         self._close_files()
-        for arr in self.arrays.values():
-            arr.resize((n,) + tuple(arr.shape[1:]))
+        if self.sink is not None:
+            self._trim_remote(n)
+        else:
+            for arr in self.arrays.values():
+                arr.resize((n,) + tuple(arr.shape[1:]))
         self.header.capacity = n
         self.header.closed = True
         self._write_header()
@@ -1350,13 +1459,27 @@ class StoreWriter:
             # that the lock file is not a zarr node
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             warnings.filterwarnings("ignore", message="Object at .* is not recognized")
-            zarr.consolidate_metadata(str(self.path))
+            zarr.consolidate_metadata(str(self.path) if self.sink is None else self.group.store)
         if self.durable:
             _fsync_path(self.path / "zarr.json")
             _fsync_dir(self.path)
         self._closed = True
         self._shutdown_pool()
         self._unlock(remove=True)
+
+    def _trim_remote(self, n: int) -> None:
+        """Remote close: trim the arrays to n rows without zarr's delete request per chunk
+        position outside (about 2 s for 64 rows here). A new remote store holds chunk objects
+        only for rows its writer put, so the row chunks of rows >= n (rewound ones) are
+        deleted here, and per-step blocks past row n never exist."""
+        from zarr.core.sync import sync
+
+        for name, arr in self.arrays.items():
+            aw = self._w[name]
+            if aw.mode == "rows":
+                for row in range(n, aw._hw + 1):
+                    aw.clear_row(row)
+            sync(arr.async_array.resize((n,) + tuple(arr.shape[1:]), delete_outside_chunks=False))
 
     def abort(self) -> None:
         """Stop without trimming: commit the rows written whole before (best effort: the

@@ -22,7 +22,8 @@ pytest.importorskip("accelerate")
 from capture.callbacks import TrainerCallback  # noqa: E402
 
 
-def hf_fit(tmp_path, *, clipping="after", accumulate=1, clip=0.0, steps=6, name="hf.zarr", context=False, **extra):
+def hf_fit(tmp_path, *, clipping="after", accumulate=1, clip=0.0, steps=6, name="hf.zarr", context=False, setup=None,
+           **extra):
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=16, num_labels=3,
@@ -41,6 +42,8 @@ def hf_fit(tmp_path, *, clipping="after", accumulate=1, clip=0.0, steps=6, name=
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     cb = TrainerCallback(tmp_path / name, clipping=clipping)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb], optimizers=(opt, None))
+    if setup is not None:
+        setup(trainer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if context:
@@ -206,3 +209,39 @@ def test_transformers_loss_with_num_items_in_batch(tmp_path):
         with torch.no_grad():
             want = nn.functional.cross_entropy(lin(x[b].double()), y[b]).item()
         assert math.isclose(loss[t], want, rel_tol=1e-5), (t, loss[t], want)
+
+
+@pytest.mark.parametrize("native_amp,clip", [(True, 0.0), (True, 10.0), (False, 0.0)])
+def test_transformers_fp16_records_the_unscaled_gradient(tmp_path, native_amp, clip):
+    """fp16 with a GradScaler: the stored gradient is the one the optimizer steps with, not the
+    scaled one (a loss scale of 2**8 would make w_(t+1) - w_t 256 times lr G_t), nor one
+    divided by the scale twice.
+
+    On CPU accelerate takes ``fp16=True`` but creates no GradScaler and leaves ``native_amp``
+    off (both are on under CUDA), so the test installs a CPU ``torch.amp.GradScaler``: accelerate
+    then scales the loss and its optimizer wrapper steps through ``scaler.step``.
+    native_amp=True is accelerate on a GPU: the Trainer (5.x) has the scaler unscale before the
+    callback's hook, with or without clipping (clip=10 is a norm these gradients never reach),
+    and the Recorder must not divide again. native_amp=False: nothing unscales before the hook
+    (as transformers 4.x without clipping), and the Recorder divides by the scale.
+    """
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
+
+    def install(trainer):
+        assert trainer.accelerator.mixed_precision == "fp16"
+        trainer.accelerator.scaler = scaler
+        trainer.accelerator.native_amp = native_amp
+
+    path, trainer, _ = hf_fit(tmp_path, steps=5, clip=clip, fp16=True, setup=install)
+    assert trainer.optimizer.scaler is scaler and scaler.get_scale() == 2.0**8  # used, no step skipped
+    steps, G, W, *_ = rows(path)
+    assert list(steps) == list(range(5))
+    assert_sgd_rows(G, W)
+
+
+def test_transformers_bf16_on_cpu(tmp_path):
+    """bf16 autocast on CPU (no loss scaling exists for bf16): rows are still the SGD update."""
+    path, trainer, _ = hf_fit(tmp_path, steps=4, bf16=True)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    _, G, W, *_ = rows(path)
+    assert_sgd_rows(G, W)
