@@ -345,14 +345,16 @@ def test_tensor_scalars_batched_small_tensors_match_slow_float64():
 @pytest.fixture
 def small_shards(monkeypatch):
     """Shards of 480 raw bytes: 2 rows of ``_table()``'s 30 float32 in 4 chunks of 8 (128 bytes
-    a row), 1 row of 30 bytes of bit planes... so that tests cross shard boundaries."""
+    a row), so that tests cross shard boundaries."""
     monkeypatch.setattr(fmt, "SHARD_BYTES", 480)
 
 
+@pytest.mark.parametrize("shard_bytes", [480, 64])  # 64: shards of one row and 2 of its 4 chunks
 @pytest.mark.parametrize("tier", ["lossless", "rounded:7", "sketch:16", "lossless:raw"])
-def test_rows_across_shards_resume_and_rewrite(tmp_path, small_shards, tier):
+def test_rows_across_shards_resume_and_rewrite(tmp_path, monkeypatch, tier, shard_bytes):
     """Rows across several shard files; a resume inside a shard and one at a shard boundary;
     torn rows of a killed writer; the result equals a store of one file per chunk, array by array."""
+    monkeypatch.setattr(fmt, "SHARD_BYTES", shard_bytes)
     rng = np.random.default_rng(11)
     tensors = _table()
     d = sum(t.size for t in tensors)
@@ -362,6 +364,8 @@ def test_rows_across_shards_resume_and_rewrite(tmp_path, small_shards, tier):
     sw = StoreWriter(path, tensors, tiers, param_chunk=8)
     big = sw._w["grad" if "sketch" not in tier else "grad_sketch"]
     assert big.mode == "shards" and big.shard[0] in (1, 2, 4), big.shard
+    if shard_bytes == 64 and "sketch" not in tier:
+        assert big.shard == (1, 2) and big.n_col_chunks == 4  # two shard files per row
     for t in range(5):  # rows 0-4 over several shards
         sw.append(t, g[t], w[t], loss=float(t))
     sw.append(5, g[11], w[11], loss=55.0, commit=False)  # written, never committed: "killed"
