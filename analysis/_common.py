@@ -67,10 +67,10 @@ def tier_attrs(run: Run, group: ParamGroup, array: str = "grad") -> dict:
     """
     tier = run.header.tiers[array]
     out = {"tier": tier.name, f"{array}_tier": tier.name}
-    if tier.name == "lossless":
+    if tier.is_lossless:
         out["max_rel_error"] = 0.0
         out["cosine_error_bound"] = 0.0
-    elif tier.name == "rounded":
+    elif tier.rounds:
         u = tier.max_rel_error
         out.update(keepbits=int(tier.keepbits), max_rel_error=u, cosine_error_bound=2.0 * math.asin(min(1.0, u)))
     else:

@@ -159,7 +159,7 @@ def _pair_corr(run, group, a: np.ndarray, b: np.ndarray, progress, scheduler, al
     idx = require(idx, index, idx is not None and idx.covers(ia_, ib_), f"{len(a)} step pairs")
     band = None if (idx is not None or index is False) else lag_band_dots(run, group, ra, rb)
     if band is not None:  # exact dots kept at capture, norms from grad_sqnorm: no pass
-        sq = np.asarray(run.ds["grad_sqnorm"].values, dtype=np.float64)[ru]
+        sq = np.asarray(run.ds[fmt.GRAD_SQNORM].values, dtype=np.float64)[ru]
         sq[nonfinite(run, uniq)] = np.nan
         ia, ib = np.searchsorted(uniq, a), np.searchsorted(uniq, b)
         return cosines(band, sq[ia], sq[ib]), uniq, sq, "lag_band"

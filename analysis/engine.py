@@ -243,11 +243,11 @@ class Pass:
                     run.array_ref("weight") if with_weight else None,
                     run.chunk_width("grad" if with_grad else "weight"))
         if space == "sketch":
-            return (run.array_ref("grad_sketch") if with_grad else None, None,
-                    run.array_ref("weight_sketch") if with_weight else None,
-                    run.chunk_width("grad_sketch" if with_grad else "weight_sketch"))
-        return (run.array_ref("grad_signbits"), run.array_ref("grad_nonzero"), None,
-                8 * run.chunk_width("grad_signbits"))
+            return (run.array_ref(fmt.sketch_array("grad")) if with_grad else None, None,
+                    run.array_ref(fmt.sketch_array("weight")) if with_weight else None,
+                    run.chunk_width(fmt.sketch_array("grad" if with_grad else "weight")))
+        return (run.array_ref(fmt.signbits_array("grad")), run.array_ref(fmt.nonzero_array("grad")), None,
+                8 * run.chunk_width(fmt.signbits_array("grad")))
 
     def _space_spec(self, space: str, reqs: list[rq.Request]) -> tuple[SpaceSpec, int]:
         """The slab tasks' spec of one column space (row pools, arrays, block ops) and its chunk width."""

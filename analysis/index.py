@@ -344,7 +344,7 @@ def _consolidate(run) -> None:
 
 def _weight_row(run: Run, row: int) -> np.ndarray:
     """The weights of store row ``row`` in the weight space (d values, or the sketch), float64."""
-    name = "weight" if run.dense("weight") else "weight_sketch"
+    name = "weight" if run.dense("weight") else fmt.sketch_array("weight")
     return np.asarray(run.array_ref(name).open()[int(row)], np.float64)
 
 

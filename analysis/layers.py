@@ -15,6 +15,7 @@ import xarray as xr
 from analysis import engine, slabs
 from analysis._common import cosines, lag_pairs, nonfinite, selected
 from analysis.engine import Pass
+from gradtrace_format import format as fmt
 from gradtrace_format.errors import AnalysisError, TierError
 from analysis.reference import resolve_reference
 from analysis.signs import LONG_NAME, check_denominator, percent
@@ -85,7 +86,7 @@ def layer_table(run, steps=None, *, lag: int = 1, reference="final", exclude_tai
     if k_ref is not None:
         dist2, gdiff = res[k_ref][:, 0], res[k_ref][:, 1]  # (n_tensors, n)
         rows = run.rows_of(rsel)
-        gg = run.tensor_scalars("grad_sqnorm", rows, group).T
+        gg = run.tensor_scalars(fmt.GRAD_SQNORM, rows, group).T
         m = rsi_from_products(dist2, gdiff, gg)
         data["gamma_mean"] = ("tensor", _nanmean(m["gamma"]))
         data["rsi_mean"] = ("tensor", _nanmean(m["rsi"]))

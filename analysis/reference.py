@@ -62,7 +62,9 @@ def resolve_reference(run: Run, reference="final", *, strict: bool = True) -> Re
             tensors, no final iterate, an unknown file type.
         StepNotFoundError: a step (or range) that is not recorded.
     """
-    if reference is None or (isinstance(reference, str) and reference.strip().lower() == "final"):
+    if isinstance(reference, str):
+        reference = parse_reference(reference)
+    if reference is None or (isinstance(reference, str) and reference == "final"):
         fin = run.final_step
         if fin is None:
             raise BadReferenceError(
@@ -70,10 +72,6 @@ def resolve_reference(run: Run, reference="final", *, strict: bool = True) -> Re
                 "reference='final' is unavailable. Pass reference=<step>, reference=slice(a, b) or an array."
             )
         return _finite(run, Reference(f"final iterate (step {fin})", rows=run.rows_of([fin]), coef=np.ones(1), step=fin))
-    if isinstance(reference, str) and not os.path.exists(reference):
-        parsed = _parse_text(reference)
-        if parsed is not None:
-            reference = parsed
     if isinstance(reference, (int, np.integer)) and not isinstance(reference, bool):
         step = int(reference)
         return _finite(run, Reference(f"weights at step {step}", rows=run.rows_of([step]), coef=np.ones(1), step=step))
@@ -117,16 +115,42 @@ def _finite(run: Run, ref: Reference) -> Reference:
     return ref
 
 
-def _parse_text(text: str):
-    parts = text.strip().split(":")
-    try:
-        if parts[0] == "step" and len(parts) == 2:
-            return int(parts[1])
-        if parts[0] == "mean" and len(parts) == 3:
+def parse_reference(text: str):
+    """Parse a reference written as text, the one parser the library and the command line share.
+
+    ``"final"`` -> ``"final"``; the path of an existing file -> the path (a ``str``);
+    ``"step:N"`` -> ``N`` (int); ``"mean:A:B"`` -> ``slice(A, B)`` (the mean of the recorded
+    weights with A <= step <= B). Keywords are case-insensitive.
+
+    Raises:
+        BadReferenceError: a malformed ``step:`` / ``mean:`` form, or text that is none of
+            these forms and no existing file.
+    """
+    t = str(text).strip()
+    low = t.lower()
+    if low == "final":
+        return "final"
+    if os.path.exists(t):
+        return t
+    if low.startswith("step:"):
+        try:
+            return int(t.split(":", 1)[1])
+        except ValueError as err:
+            raise BadReferenceError(f"reference {text!r}: 'step:N' needs an integer step, e.g. step:100") from err
+    if low.startswith("mean:"):
+        parts = t.split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError(text)
             return slice(int(parts[1]), int(parts[2]))
-    except ValueError as err:
-        raise BadReferenceError(f"reference={text!r}: use 'step:N' or 'mean:A:B' with integer steps") from err
-    return None
+        except ValueError as err:
+            raise BadReferenceError(
+                f"reference {text!r}: 'mean:A:B' needs two integer steps, e.g. mean:900:999"
+            ) from err
+    raise BadReferenceError(
+        f"reference {text!r} does not exist as a file and is not 'final', 'step:N' or 'mean:A:B': "
+        "give one of those or the path of a .npy, .safetensors or PyTorch checkpoint file"
+    )
 
 
 def check_vector(run: Run, vec: np.ndarray, what: str) -> np.ndarray:

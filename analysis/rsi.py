@@ -97,9 +97,9 @@ DIRECTION_TEXT = {
 def rsi_space(run: Run) -> str:
     """The column space RSI is computed in: "param" (dense tiers) or "sketch"."""
     g, w = run.header.tiers["grad"], run.header.tiers["weight"]
-    if g.name != "sketch" and w.name != "sketch":
+    if g.is_dense and w.is_dense:
         return "param"
-    if g.name == "sketch" and w.name == "sketch" and (g.sketch_dim, g.seed) == (w.sketch_dim, w.seed):
+    if g.is_sketch and w.is_sketch and (g.sketch_dim, g.seed) == (w.sketch_dim, w.seed):
         return "sketch"
     raise TierError(
         f"{run.path} stores grad as {g.name!r} and weight as {w.name!r}: RSI needs <G_t, w_t - w*> with "
@@ -194,7 +194,7 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
     if ref.rows is not None:
         run.require_weights(run.steps[ref.rows], f"the reference {ref.label!r}")
     rows = run.rows_of(sel)
-    gg = run.per_tensor_scalar("grad_sqnorm", rows, group) if direction == "gradient" else None
+    gg = run.per_tensor_scalar(fmt.GRAD_SQNORM, rows, group) if direction == "gradient" else None
     idx = index_for(run, group, index) if direction == "gradient" else None
     if index is True and direction != "gradient":
         raise AnalysisError(f"index=True, but the query index answers direction='gradient' only (direction={direction!r} "
@@ -232,7 +232,7 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
             dist2, gdiff, gg = p.compute(progress=progress, scheduler=scheduler)[key]
             dir_attrs["weight_decay"] = ", ".join(f"{run.header.tensors[i].name}={lam_t[i]:g}" for i in group.indices)
         else:
-            if run.header.tiers["weight"].name != "lossless":
+            if not run.header.tiers["weight"].is_lossless:
                 raise TierError(f"direction='update' needs lossless weights; {run.path} stores weights as "
                                 f"{run.header.tiers['weight'].name!r}, and w_t - w_(t+1) of rounded weights is rounding "
                                 "noise. Use direction='gradient' or record weights losslessly.")
@@ -280,7 +280,7 @@ def rsi(run, reference="final", *, steps=None, params=None, exclude_tail=None, s
         extra = _error_vars(run, group, rows, ref, out, space)
     else:
         extra = {}
-        if "rounded" in (run.header.tiers["grad"].name, run.header.tiers["weight"].name):
+        if run.header.tiers["grad"].rounds or run.header.tiers["weight"].rounds:
             attrs["error_note"] = f"no error bound for direction={direction!r} on a rounded tier"
     ds = per_step({**out, **extra}, run, sel, attrs)
     ds["random_walk"].attrs["long_name"] = "random walk (T - t)^(-1/2)"
@@ -387,12 +387,12 @@ def _tier_attrs(run: Run, group: ParamGroup) -> dict:
     g, w = run.header.tiers["grad"], run.header.tiers["weight"]
     out = {"tier": g.name if g.name == w.name else f"grad={g.name}, weight={w.name}",
            "grad_tier": g.name, "weight_tier": w.name,
-           "grad_max_rel_error": g.max_rel_error if g.name != "sketch" else float("nan"),
-           "weight_max_rel_error": w.max_rel_error if w.name != "sketch" else float("nan")}
-    if g.name == "sketch":
+           "grad_max_rel_error": g.max_rel_error if g.is_dense else float("nan"),
+           "weight_max_rel_error": w.max_rel_error if w.is_dense else float("nan")}
+    if g.is_sketch:
         out["sketch_k"] = sketch_k(run, group, "grad")
         out["error_note"] = "CountSketch estimates; gamma_stderr = sqrt((1 + gamma^2) / sketch_k)"
-    elif "rounded" in (g.name, w.name):
+    elif g.rounds or w.rounds:
         out["error_note"] = ("gamma_error_bound = asin(u_g) + u_g + asin(min(1, u_w (||w_t|| + ||w*||) / "
                              "||w_t - w*||)), u = 2^-(keepbits+1) per rounded array; ||G_t|| is the exact "
                              "norm the capture stored, the dot products use the rounded values")
@@ -406,12 +406,12 @@ def _error_vars(run: Run, group: ParamGroup, rows, ref: Reference, out: dict, sp
         k = sketch_k(run, group, "grad")
         gamma = np.nan_to_num(out["gamma"])
         return {"gamma_stderr": np.asarray(fmt.sketch_cosine_stderr(k, gamma)) if k else np.zeros(len(gamma))}
-    if g.name == "lossless" and w.name == "lossless":
+    if g.is_lossless and w.is_lossless:
         return {}
     ug, uw = g.max_rel_error, w.max_rel_error
-    wn = np.sqrt(run.per_tensor_scalar("weight_sqnorm", rows, group))
+    wn = np.sqrt(run.per_tensor_scalar(fmt.WEIGHT_SQNORM, rows, group))
     if ref.rows is not None:  # the reference was read from the (rounded) store too
-        rn = np.abs(ref.coef) @ np.sqrt(run.per_tensor_scalar("weight_sqnorm", ref.rows, group))
+        rn = np.abs(ref.coef) @ np.sqrt(run.per_tensor_scalar(fmt.WEIGHT_SQNORM, ref.rows, group))
     else:
         rn = 0.0
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -26,6 +26,7 @@ import xarray as xr
 
 from analysis._common import selected
 from analysis.engine import Pass
+from gradtrace_format import format as fmt
 from gradtrace_format.errors import AnalysisError
 from analysis.index import RSI_INDEX_RTOL, cancellation, index_for
 from analysis.rsi import _tier_attrs, rsi_from_products, rsi_space
@@ -88,7 +89,7 @@ def rsi_all_references(run, steps=None, references=None, *, fallback: bool = Tru
     gdiff = gv_tt[:, None] - gv_ts
     s = np.abs(vv_tt)[:, None] + 2.0 * np.abs(vv_ts) + np.abs(vv_ss)[None, :]
     sg = np.abs(gv_tt)[:, None] + np.abs(gv_ts)
-    gg = np.broadcast_to(run.per_tensor_scalar("grad_sqnorm", rows, group)[:, None], dist2.shape).copy()
+    gg = np.broadcast_to(run.per_tensor_scalar(fmt.GRAD_SQNORM, rows, group)[:, None], dist2.shape).copy()
     rel = cancellation(s, dist2)
     with np.errstate(divide="ignore", invalid="ignore"):
         gamma_err = np.where(gg > 0, cancellation(sg, np.sqrt(gg * np.maximum(dist2, 0.0))), 0.0) + rel

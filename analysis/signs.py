@@ -60,10 +60,10 @@ DEFINITION = definition("both_nonzero")
 
 
 def _attrs(run, group, denominator: str) -> dict:
-    tier = run.header.tiers["grad"].name
-    src = "packed sign bits (exact)" if tier == "sketch" else "stored values (signs exact)"
+    tier = run.header.tiers["grad"]
+    src = "packed sign bits (exact)" if tier.is_sketch else "stored values (signs exact)"
     return {"metric": "sign shift (percent)", "definition": definition(denominator), "denominator": denominator,
-            "tier": tier, "source": src, "max_error": 0.0, **group_attrs(group)}
+            "tier": tier.name, "source": src, "max_error": 0.0, **group_attrs(group)}
 
 
 def percent(disagree, both, n, denominator: str = "both_nonzero"):

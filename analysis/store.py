@@ -200,7 +200,7 @@ class Run:
 
     def dense(self, array: str) -> bool:
         """True when ``array`` ("grad" or "weight") is stored dense (lossless or rounded)."""
-        return self.header.tiers[array].name != "sketch"
+        return self.header.tiers[array].is_dense
 
     def array_ref(self, name: str) -> ArrayRef:
         if name not in self._arrays:
@@ -226,7 +226,7 @@ class Run:
         if len(rows) == 0:
             return np.zeros((0, len(group.indices)))
         sel = (rows, np.asarray(group.indices, dtype=np.int64))
-        arr = integrity.CheckedScalarArray(self._arrays[f"{name}_tensor"], self.header.n_steps)
+        arr = integrity.CheckedScalarArray(self._arrays[fmt.per_tensor_array(name)], self.header.n_steps)
         try:
             return np.asarray(arr.get_orthogonal_selection(sel), dtype=np.float64)
         except fmt.DamagedStoreError as err:
@@ -242,9 +242,9 @@ class Run:
 
     def sketch_plan(self, array: str = "grad") -> fmt.SketchPlan:
         tier = self.header.tiers[array]
-        if tier.name != "sketch":
+        if tier.is_dense:
             raise TierError(f"'{array}' is stored with tier {tier.name!r}, not as a sketch")
-        return fmt.SketchPlan.from_json(self._arrays[f"{array}_sketch"].attrs["sketch_plan"])
+        return fmt.SketchPlan.from_json(self._arrays[fmt.sketch_array(array)].attrs["sketch_plan"])
 
     # ------------------------------------------------------------------ steps
     def rows_of(self, steps) -> np.ndarray:
@@ -528,7 +528,7 @@ def _build_dataset(run: Run, group, specs, n: int, chunks: int | None) -> xr.Dat
                 per_step[name] = integrity.read_scalar(run._arrays[name], n)
             except fmt.DamagedStoreError as err:
                 raise err.with_steps(run.path, steps) from None
-    integrity.check_flags(run.path, per_step["flags"], per_step["grad_sqnorm"], per_step["weight_sqnorm"], steps)
+    integrity.check_flags(run.path, per_step["flags"], per_step[fmt.GRAD_SQNORM], per_step[fmt.WEIGHT_SQNORM], steps)
     tensors = header.tensors
     coords = {
         "step": ("step", steps),
@@ -536,13 +536,10 @@ def _build_dataset(run: Run, group, specs, n: int, chunks: int | None) -> xr.Dat
         "lr": ("step", per_step["lr"].astype(np.float64)),
         "loss": ("step", per_step["loss"].astype(np.float64)),
         "flags": ("step", per_step["flags"].astype(np.int32)),
-        "tensor": ("tensor", np.array([t.name for t in tensors], dtype=object)),
-        "tensor_offset": ("tensor", np.array([t.offset for t in tensors], dtype=np.int64)),
-        "tensor_size": ("tensor", np.array([t.size for t in tensors], dtype=np.int64)),
-        "tensor_shape": ("tensor", np.array([json.dumps(list(t.shape)) for t in tensors], dtype=object)),
+        **{t.name: (fmt.TENSOR_DIM, t.values(tensors, strings=object)) for t in fmt.TABLE_SPECS},
     }
     data = {}
-    for name in ("grad_sqnorm", "weight_sqnorm", "grad_dot_weight"):
+    for name in fmt.NORM_ARRAYS:
         data[name] = ("step", per_step[name].astype(np.float64))
     token = tokenize(run.location, run._token)
     for spec in specs:

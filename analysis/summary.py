@@ -55,7 +55,7 @@ def store_info(path, storage_options: dict | None = None) -> dict:
     d = h.n_params
     sizes = _sizes(str(path), run.storage_options)
     data_keys = [k for k in sizes if k in ("grad", "weight") or k.startswith(("grad_", "weight_"))
-                 and k.endswith(("_sketch", "_signbits", "_nonzero"))]
+                 and k.endswith(fmt.SKETCH_SUFFIXES)]
     data_bytes = sum(sizes[k] for k in data_keys)
     raw = 4 * d * (len(gsteps) + len(steps))  # float32 gradient rows + weight rows
     flagged = {}

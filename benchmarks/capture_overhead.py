@@ -195,7 +195,7 @@ def floors(model, tiers: list[str], root: Path) -> dict:
             encoded.clear()
             for name, vec in (("grad", g), ("weight", w)):
                 t = sw.tiers[name]
-                if t.name == "sketch":
+                if t.is_sketch:
                     sk = sw._sketchers[name]  # the writer's own compiled sketch and bit buffers
                     parts = {f"{name}_sketch": sk(vec).astype(np.float32)}
                     sb, nz = sk.bits
@@ -208,7 +208,7 @@ def floors(model, tiers: list[str], root: Path) -> dict:
                     cw = aw.chunks[1]
                     for j in range(aw.n_col_chunks):
                         piece = row[j * cw:(j + 1) * cw]
-                        if t.name == "rounded":
+                        if t.rounds:
                             piece = kernels.bitround_into(piece, int(t.keepbits), _scratch(piece.shape[0]))
                         encoded.append(aw.encode(piece) if piece.shape[0] == cw else
                                        aw.encode(np.concatenate([piece, np.full(cw - piece.shape[0], aw.fill)])))

@@ -100,7 +100,7 @@ def bench_tier(tier: str, tensors, G, W, root: Path) -> dict:
     dt = time.perf_counter() - t0
     sw.close()
     T, d = G.shape
-    names = ["grad"] if not tier.startswith("sketch") else ["grad_sketch", "grad_signbits", "grad_nonzero"]
+    names = list(fmt.stored_arrays("grad", fmt.Tier.parse(tier)))
     gbytes = sum(du(path / n) for n in names)
     g = zarr.open_group(str(path), mode="r")
     row = {"tier": tier, "bpp": gbytes / (T * d), "mbs": 2 * G.nbytes / dt / 1e6}
@@ -114,15 +114,15 @@ def bench_tier(tier: str, tensors, G, W, root: Path) -> dict:
         row["rel"] = float(np.max(np.abs(S[nz] - true64[nz]) / np.abs(true64[nz])))
         row["sign"] = float(np.mean(np.sign(S) == np.sign(true64)))
     else:
-        sk = np.asarray(g["grad_sketch"][:T]).astype(np.float64)
+        sk = np.asarray(g[fmt.sketch_array("grad")][:T]).astype(np.float64)
         est = (sk @ sk.T) / np.outer(np.linalg.norm(sk, axis=1), np.linalg.norm(sk, axis=1))
         true = (true64 @ true64.T) / np.outer(norms, norms)
         iu = np.triu_indices(T, 1)
         row["cos"] = float(np.max(np.abs(est - true)[iu]))
         row["rel"] = float("nan")
-        bits = np.unpackbits(np.asarray(g["grad_signbits"][:T]), axis=1)[:, :d].astype(bool)
+        bits = np.unpackbits(np.asarray(g[fmt.signbits_array("grad")][:T]), axis=1)[:, :d].astype(bool)
         row["sign"] = float(np.mean(bits == (G < 0)))
-        plan = fmt.SketchPlan.from_json(g["grad_sketch"].attrs["sketch_plan"])
+        plan = fmt.SketchPlan.from_json(g[fmt.sketch_array("grad")].attrs["sketch_plan"])
         sq = np.asarray(g["grad_sqnorm_tensor"][:T])  # exact, stored by the writer
         bound = fmt.sketch_cosine_stderr_tensors(plan, sq[:, None, :], sq[None, :, :])
         row["z"] = float(np.max((np.abs(est - true) / bound)[iu]))

@@ -560,7 +560,7 @@ class DeviceEncoder:
         self.sketchers: dict[str, DeviceSketcher] = {}
         shared: dict[tuple, DeviceSketcher] = {}
         for a, tier in self.tiers.items():
-            if tier.name == "sketch":
+            if tier.is_sketch:
                 key = (tier.sketch_dim, tier.seed)
                 if key not in shared:
                     shared[key] = DeviceSketcher(self.tensors, fmt.sketch_plan(self.tensors, *key), self.device)
@@ -573,12 +573,12 @@ class DeviceEncoder:
         for a, tier in self.tiers.items():
             if a == "grad" and not with_grad:
                 continue
-            if tier.name == "lossless":
+            if tier.is_lossless:
                 out[a] = (torch.float32, (self.d,))
-            elif tier.name == "rounded":
+            elif tier.rounds:
                 out[a] = (torch.int16 if tier.keepbits <= 7 else torch.float32, (self.d,))
             else:
-                out[f"{a}_sketch"] = (torch.float32, (self.sketchers[a].dim,))
+                out[fmt.sketch_array(a)] = (torch.float32, (self.sketchers[a].dim,))
                 out[f"{a}_bits"] = (torch.uint8, (2, nb))
         return out
 
@@ -589,12 +589,12 @@ class DeviceEncoder:
             if x is None:
                 continue
             tier = self.tiers[a]
-            if tier.name == "lossless":
+            if tier.is_lossless:
                 out[a] = x
-            elif tier.name == "rounded":
+            elif tier.rounds:
                 out[a] = encode_rounded(x, tier.keepbits)
             else:
-                out[f"{a}_sketch"] = self.sketchers[a](x)
+                out[fmt.sketch_array(a)] = self.sketchers[a](x)
                 out[f"{a}_bits"] = sign_planes(x)
         return out
 
@@ -649,13 +649,13 @@ def writer_rows(host: Mapping[str, np.ndarray], tiers: Mapping) -> tuple[tuple, 
     encoded: dict[str, dict[str, np.ndarray]] = {}
     for a in fmt.DATA_ARRAYS:
         tier = fmt.Tier.parse(tiers.get(a, "lossless"))
-        if tier.name == "sketch":
-            if f"{a}_sketch" not in host:
+        if tier.is_sketch:
+            if fmt.sketch_array(a) not in host:
                 continue
             bits = np.asarray(host[f"{a}_bits"])
-            encoded[a] = {f"{a}_sketch": np.asarray(host[f"{a}_sketch"]), f"{a}_signbits": bits[0],
-                          f"{a}_nonzero": bits[1]}
+            encoded[a] = {fmt.sketch_array(a): np.asarray(host[fmt.sketch_array(a)]), fmt.signbits_array(a): bits[0],
+                          fmt.nonzero_array(a): bits[1]}
         elif a in host:
             row = np.asarray(host[a])
-            encoded[a] = {a: decode_rounded(row) if tier.name == "rounded" else row}
+            encoded[a] = {a: decode_rounded(row) if tier.rounds else row}
     return (sc[0], sc[1], sc[2]), encoded

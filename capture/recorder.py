@@ -1232,7 +1232,7 @@ def restore_weights(model: torch.nn.Module, path: "str | os.PathLike", step: int
             "Build the same model (and unfreeze the same parameters) first."
         )
     tier = header.tiers["weight"]
-    if tier.name == "sketch":
+    if tier.is_sketch:
         raise StoreMismatchError(
             f"cannot restore from {path}: its weights are stored as a sketch (random projection + "
             "signs), from which the weights cannot be rebuilt. Record weights with the lossless or "
@@ -1260,7 +1260,7 @@ def restore_weights(model: torch.nn.Module, path: "str | os.PathLike", step: int
         row = fmt.layout_of(header).natural(row, len(header.tensors))
     if not np.isfinite(row).all():
         warnings.warn(f"gradtrace: the weights recorded at step {step} hold NaN or Inf", RuntimeWarning, stacklevel=2)
-    if tier.name == "rounded":
+    if tier.rounds:
         warnings.warn(
             f"gradtrace: {path} stores weights rounded to {tier.keepbits} mantissa bits (relative "
             f"error <= {tier.max_rel_error:.1e} per entry); the restored model is that close to w_{step}, "

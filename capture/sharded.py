@@ -304,7 +304,7 @@ class ShardedRecorder:
         g = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
         specs = {s.name: s for s in fmt.store_array_specs(fmt.header_of_group(g, self.path))}
         self._data = {name: _ArrayWriter(g[name], self.path, spec) for name, spec in specs.items()
-                      if spec.row_chunked and not name.endswith("_sketch")}
+                      if spec.row_chunked and name not in map(fmt.sketch_array, fmt.DATA_ARRAYS)}
         for aw in self._data.values():
             aw.durable = bool(durable)
             if aw.mode != "rows":  # every rank writes its own chunk files, never a shared shard file
@@ -316,7 +316,7 @@ class ShardedRecorder:
         self._pad = np.zeros(self.layout.rank_width, dtype=np.float32)
         self._sketch = {}
         for a, tier in self.tiers.items():
-            if tier.name == "sketch":
+            if tier.is_sketch:
                 plan = fmt.sketch_plan(self.tensors, tier.sketch_dim, tier.seed)
                 self._sketch[a] = _Sketch(self.tensors, plan, self._shards, inner)
         if int(queue_size) < 1:
@@ -480,7 +480,7 @@ class ShardedRecorder:
             at = 3 * n_t + 3
             for a, v in (("grad", g), ("weight", w)):
                 if a in self._sketch:
-                    aw = self.writer._w[f"{a}_sketch"]
+                    aw = self.writer._w[fmt.sketch_array(a)]
                     if v is None:
                         aw.clear_row(n)
                     else:
@@ -496,9 +496,10 @@ class ShardedRecorder:
                 flags |= FLAG_NONFINITE_WEIGHT
             values = {
                 "step": int(step), "epoch": int(epoch), "loss": float(tot[3 * n_t]) / self.world_size,
-                "lr": float(lr), "flags": int(flags), "grad_sqnorm": float(gg.sum()),
-                "weight_sqnorm": float(ww.sum()), "grad_dot_weight": float(gw.sum()),
-                "grad_sqnorm_tensor": gg, "weight_sqnorm_tensor": ww, "grad_dot_weight_tensor": gw,
+                "lr": float(lr), "flags": int(flags), fmt.GRAD_SQNORM: float(gg.sum()),
+                fmt.WEIGHT_SQNORM: float(ww.sum()), fmt.GRAD_DOT_WEIGHT: float(gw.sum()),
+                fmt.per_tensor_array(fmt.GRAD_SQNORM): gg, fmt.per_tensor_array(fmt.WEIGHT_SQNORM): ww,
+                fmt.per_tensor_array(fmt.GRAD_DOT_WEIGHT): gw,
             }
             if self.lag_band:
                 values[fmt.LAG_DOT_ARRAY] = tot[len(tot) - self.lag_band:].copy()
@@ -508,7 +509,7 @@ class ShardedRecorder:
     def _write_data(self, name: str, n: int, vec) -> None:
         """This rank's chunks of row n of ``name`` (its tier's arrays); None: remove them."""
         tier = self.tiers[name]
-        targets = [f"{name}_signbits", f"{name}_nonzero"] if tier.name == "sketch" else [name]
+        targets = [fmt.signbits_array(name), fmt.nonzero_array(name)] if tier.is_sketch else [name]
         if vec is None:
             for t in targets:
                 for j in self._chunks:
@@ -521,7 +522,7 @@ class ShardedRecorder:
         pad[: vec.shape[0]] = vec
         pad[vec.shape[0]:] = 0.0
         j0 = self._chunks.start
-        if tier.name == "sketch":
+        if tier.is_sketch:
             sb, nz = fmt.pack_signs(pad)
             cb = self.layout.chunk // 8
             for t, bits in zip(targets, (sb, nz)):
@@ -529,7 +530,7 @@ class ShardedRecorder:
                     self._data[t]._put_chunk((n, j), bits[(j - j0) * cb:(j - j0 + 1) * cb])
             return
         cw = self.layout.chunk
-        keep = int(tier.keepbits) if tier.name == "rounded" else None
+        keep = int(tier.keepbits) if tier.rounds else None
         aw = self._data[name]
         for j in self._chunks:
             aw._put_chunk((n, j), pad[(j - j0) * cw:(j - j0 + 1) * cw], keep)

@@ -894,7 +894,7 @@ class StoreWriter:
             self._unlock()
             raise
         for a, tier in self.tiers.items():
-            if tier.name == "sketch":
+            if tier.is_sketch:
                 plan = fmt.sketch_plan(self.tensors, tier.sketch_dim, tier.seed)
                 self._sketchers[a] = _FastSketcher(self.tensors, plan)
         self.n_nonfinite = int(self.header.extra.get("n_nonfinite_steps", 0))
@@ -1004,17 +1004,10 @@ class StoreWriter:
         self.group = g
         n_t = len(self.tensors)
         crc = fmt.codecs_for("scalar")  # the parameter table is checksummed too
-        names = g.create_array("tensor", shape=(n_t,), dtype=str, dimension_names=[fmt.TENSOR_DIM], compressors=crc)
-        names[:] = np.array([t.name for t in self.tensors])
-        for key, vals in (
-            ("tensor_offset", [t.offset for t in self.tensors]),
-            ("tensor_size", [t.size for t in self.tensors]),
-        ):
-            a = g.create_array(key, shape=(n_t,), dtype="int64", dimension_names=[fmt.TENSOR_DIM], compressors=crc)
-            a[:] = np.asarray(vals, dtype=np.int64)
-        shapes = g.create_array("tensor_shape", shape=(n_t,), dtype=str, dimension_names=[fmt.TENSOR_DIM],
-                                compressors=crc)
-        shapes[:] = np.array([json.dumps(list(t.shape)) for t in self.tensors])
+        for tspec in fmt.TABLE_SPECS:
+            a = g.create_array(tspec.name, shape=(n_t,), dtype=tspec.zarr_dtype, dimension_names=[fmt.TENSOR_DIM],
+                               compressors=crc)
+            a[:] = tspec.values(self.tensors)
         arrays = {}
         for spec in self._array_specs(self.header.param_chunk):
             arrays[spec.name] = g.create_array(
@@ -1261,8 +1254,8 @@ class StoreWriter:
                     tasks.extend(W[arr].row_tasks(n, row))
                 continue
             tier = self.tiers[name]
-            if tier.name == "sketch":
-                targets = (f"{name}_sketch", f"{name}_signbits", f"{name}_nonzero")
+            if tier.is_sketch:
+                targets = fmt.sketch_tier_arrays(name)
                 if vec is None:
                     for t in targets:
                         W[t].clear_row(n)
@@ -1270,7 +1263,7 @@ class StoreWriter:
                 tasks.append(functools.partial(self._write_sketch_row, name, n, vec))
             elif vec is None:
                 W[name].clear_row(n)  # reads as NaN, even over a torn row of a killed run
-            elif tier.name == "rounded":
+            elif tier.rounds:
                 tasks.extend(W[name].row_tasks(n, vec, keepbits=int(tier.keepbits)))
             else:
                 tasks.extend(W[name].row_tasks(n, vec))
@@ -1286,12 +1279,12 @@ class StoreWriter:
             "loss": float(loss),
             "lr": float(lr),
             "flags": int(flags),
-            "grad_sqnorm": gg_sum,
-            "weight_sqnorm": ww_sum,
-            "grad_dot_weight": gw_sum,
-            "grad_sqnorm_tensor": gg,
-            "weight_sqnorm_tensor": ww,
-            "grad_dot_weight_tensor": gw,
+            fmt.GRAD_SQNORM: gg_sum,
+            fmt.WEIGHT_SQNORM: ww_sum,
+            fmt.GRAD_DOT_WEIGHT: gw_sum,
+            fmt.per_tensor_array(fmt.GRAD_SQNORM): gg,
+            fmt.per_tensor_array(fmt.WEIGHT_SQNORM): ww,
+            fmt.per_tensor_array(fmt.GRAD_DOT_WEIGHT): gw,
         }
         if self.lag_band:
             values[fmt.LAG_DOT_ARRAY] = self._lag_dots(grad, lag_dots)
@@ -1343,7 +1336,7 @@ class StoreWriter:
             if a not in fmt.DATA_ARRAYS:
                 raise ValueError(f"encoded: unknown array {a!r}; give 'grad' and/or 'weight'")
             tier = self.tiers[a]
-            want = {f"{a}_sketch", f"{a}_signbits", f"{a}_nonzero"} if tier.name == "sketch" else {a}
+            want = set(fmt.stored_arrays(a, tier))
             if set(parts) != want:
                 raise ValueError(f"encoded[{a!r}] has {sorted(parts)}; the {tier.name} tier stores {sorted(want)}")
             rows = {}
@@ -1402,11 +1395,11 @@ class StoreWriter:
     def _write_sketch_row(self, name: str, n: int, vec: np.ndarray) -> None:
         sk = self._sketchers[name]
         W = self._w
-        W[f"{name}_sketch"].write_row(n, sk(vec).astype(np.float32))
+        W[fmt.sketch_array(name)].write_row(n, sk(vec).astype(np.float32))
         sb, nz = sk.bits
         kernels.pack_signs_into(vec, sb, nz)
-        W[f"{name}_signbits"].write_row(n, sb)
-        W[f"{name}_nonzero"].write_row(n, nz)
+        W[fmt.signbits_array(name)].write_row(n, sb)
+        W[fmt.nonzero_array(name)].write_row(n, nz)
 
     def _run(self, tasks: list[Callable[[], None]]) -> None:
         """Run a row's independent tasks, on the pool when there is one; all finish before return."""

@@ -60,31 +60,15 @@ def parse_params(text: str | None):
 
 
 def parse_ref(text: str):
-    """'final', 'step:N', 'mean:A:B', or a path to .npy / .safetensors / PyTorch checkpoint."""
-    t = text.strip()
-    low = t.lower()
-    if low == "final":
-        return "final"
-    if low.startswith("step:"):
-        try:
-            return int(t.split(":", 1)[1])
-        except ValueError as err:
-            raise UserError(f"--ref {text!r}: 'step:N' needs an integer step, e.g. step:100") from err
-    if low.startswith("mean:"):
-        parts = t.split(":")
-        try:
-            if len(parts) != 3:
-                raise ValueError
-            return slice(int(parts[1]), int(parts[2]))
-        except ValueError as err:
-            raise UserError(f"--ref {text!r}: 'mean:A:B' needs two integer steps, e.g. mean:900:999") from err
-    p = Path(t)
-    if not p.exists():
-        raise UserError(
-            f"--ref {text!r} is neither 'final', 'step:N', 'mean:A:B' nor an existing file "
-            "(.npy, .safetensors or a PyTorch checkpoint)"
-        )
-    return str(p)
+    """'final', 'step:N', 'mean:A:B', or a path to .npy / .safetensors / PyTorch checkpoint
+    (parsed by :func:`analysis.reference.parse_reference`)."""
+    from analysis.reference import parse_reference
+    from gradtrace_format.errors import BadReferenceError
+
+    try:
+        return parse_reference(text)
+    except BadReferenceError as err:
+        raise UserError(f"--ref: {err}") from None
 
 
 def parse_tail(text: str | None):

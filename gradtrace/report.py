@@ -189,9 +189,9 @@ def write_report(store, out_dir, *, h: int = 5, reference="final", exclude_tail=
 
 def _check_reference(run, reference):
     """An explicit reference that does not resolve is an error, not a note."""
-    if not (reference is None or (isinstance(reference, str) and reference.strip().lower() == "final")):
-        from analysis.reference import resolve_reference
+    from analysis.reference import parse_reference, resolve_reference
 
+    if not (reference is None or (isinstance(reference, str) and parse_reference(reference) == "final")):
         resolve_reference(run, reference)
 
 

@@ -193,6 +193,7 @@ Tiers (per array, ``grad`` and ``weight`` independently):
 from __future__ import annotations
 
 import dataclasses
+import enum
 import fcntl
 import json
 import math
@@ -233,6 +234,47 @@ SKETCH_DIM = "sketch"
 BYTE_DIM = "param_byte"
 
 DATA_ARRAYS = ("grad", "weight")
+
+# Array names: spelled here only; the writer, the readers and the tools ask for them.
+GRAD_SQNORM = "grad_sqnorm"  # ||G_t||^2
+WEIGHT_SQNORM = "weight_sqnorm"  # ||w_t||^2
+GRAD_DOT_WEIGHT = "grad_dot_weight"  # <G_t, w_t>
+NORM_ARRAYS = (GRAD_SQNORM, WEIGHT_SQNORM, GRAD_DOT_WEIGHT)
+
+
+def per_tensor_array(name: str) -> str:
+    """``grad_sqnorm`` -> ``grad_sqnorm_tensor``: the (step, tensor) array of a norm scalar."""
+    return f"{name}_tensor"
+
+
+def sketch_array(a: str) -> str:
+    """``grad`` -> ``grad_sketch``: the CountSketch of array ``a`` under the sketch tier."""
+    return f"{a}_sketch"
+
+
+def signbits_array(a: str) -> str:
+    """``grad`` -> ``grad_signbits``: np.packbits(x < 0) of array ``a`` under the sketch tier."""
+    return f"{a}_signbits"
+
+
+def nonzero_array(a: str) -> str:
+    """``grad`` -> ``grad_nonzero``: np.packbits(x != 0) of array ``a`` under the sketch tier."""
+    return f"{a}_nonzero"
+
+
+SKETCH_SUFFIXES = ("_sketch", "_signbits", "_nonzero")  # the names above less their ``a``
+
+
+def sketch_tier_arrays(a: str) -> tuple[str, str, str]:
+    """The three arrays the sketch tier stores for ``a``: sketch, sign bits, non-zero bits."""
+    return sketch_array(a), signbits_array(a), nonzero_array(a)
+
+
+def stored_arrays(a: str, tier: "Tier") -> tuple[str, ...]:
+    """Names of the arrays that hold ``a`` (``grad`` or ``weight``) under ``tier``."""
+    return sketch_tier_arrays(a) if tier.is_sketch else (a,)
+
+
 PER_STEP_ARRAYS: dict[str, tuple[str, Any]] = {
     # name: (dtype, fill value)
     "step": ("int64", -1),
@@ -240,11 +282,11 @@ PER_STEP_ARRAYS: dict[str, tuple[str, Any]] = {
     "loss": ("float64", float("nan")),
     "lr": ("float64", float("nan")),
     "flags": ("int32", 0),
-    "grad_sqnorm": ("float64", float("nan")),
-    "weight_sqnorm": ("float64", float("nan")),
-    "grad_dot_weight": ("float64", float("nan")),
+    GRAD_SQNORM: ("float64", float("nan")),
+    WEIGHT_SQNORM: ("float64", float("nan")),
+    GRAD_DOT_WEIGHT: ("float64", float("nan")),
 }
-PER_STEP_TENSOR_ARRAYS = ("grad_sqnorm_tensor", "weight_sqnorm_tensor", "grad_dot_weight_tensor")
+PER_STEP_TENSOR_ARRAYS = tuple(per_tensor_array(n) for n in NORM_ARRAYS)
 
 DEFAULT_PARAM_CHUNK = 2**18  # entries per chunk along "param": 1 MiB of float32 (see the docstring)
 SCALAR_CHUNK = 4096  # rows per chunk of the per-step arrays
@@ -254,7 +296,23 @@ DEFAULT_SKETCH_DIM = 2**14
 MIN_SKETCH_PER_TENSOR = 64
 
 TierName = Literal["lossless", "rounded", "sketch"]
-TIERS: tuple[str, ...] = ("lossless", "rounded", "sketch")
+
+
+class TierKind(str, enum.Enum):
+    """The three fidelity tiers. A ``str`` enum: ``TierKind.SKETCH == "sketch"`` and it
+    formats and serializes as its value, so headers read and write the same strings."""
+
+    LOSSLESS = "lossless"
+    ROUNDED = "rounded"
+    SKETCH = "sketch"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+TIERS: tuple[str, ...] = tuple(k.value for k in TierKind)
 
 
 class StoreError(Exception):
@@ -396,6 +454,51 @@ def tensor_table(named_shapes: Sequence[tuple[str, Sequence[int]]]) -> list[Tens
 
 
 @dataclasses.dataclass(frozen=True)
+class TableSpec:
+    """One array of the parameter table: dims ``(tensor,)``, written once when the store is
+    created, checksummed (``codecs_for("scalar")``). Readers use the header's table; these
+    arrays let plain ``xarray.open_zarr`` label the tensors.
+
+    Attributes:
+        name: array name.
+        dtype: ``"str"`` (a zarr variable-length string) or ``"int64"``.
+        field: the column of one :class:`TensorInfo` (a str or an int).
+    """
+
+    name: str
+    dtype: str
+    field: Any
+
+    def column(self, tensors: Sequence[TensorInfo]) -> list:
+        """The column's values, one per tensor, in table order."""
+        return [self.field(t) for t in tensors]
+
+    def values(self, tensors: Sequence[TensorInfo], strings: Any = None) -> np.ndarray:
+        """The column as an array: int64, or strings (numpy's ``str`` dtype, or ``strings``)."""
+        if self.dtype == "int64":
+            return np.asarray(self.column(tensors), dtype=np.int64)
+        return np.array(self.column(tensors), dtype=strings)
+
+    @property
+    def zarr_dtype(self) -> Any:
+        """The dtype to create the zarr array with (``str`` or ``"int64"``)."""
+        return str if self.dtype == "str" else self.dtype
+
+
+TENSOR_NAMES = "tensor"
+TENSOR_OFFSET = "tensor_offset"
+TENSOR_SIZE = "tensor_size"
+TENSOR_SHAPE = "tensor_shape"
+#: the parameter table's arrays, in the order the writer creates them
+TABLE_SPECS: tuple[TableSpec, ...] = (
+    TableSpec(TENSOR_NAMES, "str", lambda t: t.name),
+    TableSpec(TENSOR_OFFSET, "int64", lambda t: t.offset),
+    TableSpec(TENSOR_SIZE, "int64", lambda t: t.size),
+    TableSpec(TENSOR_SHAPE, "str", lambda t: json.dumps(list(t.shape))),  # e.g. "[64, 3, 3, 3]"
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class Tier:
     """How one array (``grad`` or ``weight``) is stored.
 
@@ -422,14 +525,42 @@ class Tier:
     def __post_init__(self):
         if self.name not in TIERS:
             raise ValueError(f"unknown fidelity tier {self.name!r}: choose one of {', '.join(TIERS)}")
-        if self.name == "rounded" and not 1 <= int(self.keepbits) <= 23:
+        # the name stays the plain string the header stores; ``kind`` is its parsed form
+        object.__setattr__(self, "name", str(TierKind(self.name).value))
+        if self.rounds and not 1 <= int(self.keepbits) <= 23:
             raise ValueError(f"keepbits={self.keepbits} is out of range: the rounded tier keeps 1..23 mantissa bits")
-        if self.name == "sketch" and int(self.sketch_dim) < 1:
+        if self.is_sketch and int(self.sketch_dim) < 1:
             raise ValueError(f"sketch_dim={self.sketch_dim} must be a positive number of buckets")
-        if not self.compress and self.name != "lossless":
+        if not self.compress and not self.is_lossless:
             raise ValueError(f"compress=False is an option of the lossless tier only, not of {self.name!r}")
-        if self.bitshuffle and (self.name != "lossless" or not self.compress):
+        if self.bitshuffle and (not self.is_lossless or not self.compress):
             raise ValueError("bitshuffle=True is an option of the compressed lossless tier only")
+
+    @property
+    def kind(self) -> TierKind:
+        """The tier as a :class:`TierKind` (compare with it, not with the ``name`` string)."""
+        return TierKind(self.name)
+
+    @property
+    def is_lossless(self) -> bool:
+        """True for the lossless tier (compressed or raw): the stored float32 values are exact."""
+        return self.kind is TierKind.LOSSLESS
+
+    @property
+    def rounds(self) -> bool:
+        """True for the rounded tier: the stored values are bit-rounded to ``keepbits`` bits."""
+        return self.kind is TierKind.ROUNDED
+
+    @property
+    def is_sketch(self) -> bool:
+        """True for the sketch tier: the array is stored as ``{a}_sketch`` plus two bit planes."""
+        return self.kind is TierKind.SKETCH
+
+    @property
+    def is_dense(self) -> bool:
+        """True where the array is stored as its full ``(step, param)`` float32 vector
+        (lossless or rounded), False for the sketch tier."""
+        return not self.is_sketch
 
     @classmethod
     def parse(cls, spec: "str | Tier | dict") -> "Tier":
@@ -447,9 +578,10 @@ class Tier:
             raise ValueError(
                 f"unknown fidelity tier {spec!r}: use 'lossless[:raw]', 'rounded[:KEEPBITS]' or 'sketch[:K]'"
             )
+        kind = TierKind(name)
         if not arg:
             return cls(name)
-        if name == "lossless":
+        if kind is TierKind.LOSSLESS:
             if arg.strip().lower() in ("raw", "none", "uncompressed"):
                 return cls(name, compress=False)
             if arg.strip().lower() in ("lz4", "compressed"):
@@ -463,10 +595,9 @@ class Tier:
             val = int(arg)
         except ValueError as err:
             raise ValueError(f"tier {spec!r}: the part after ':' must be an integer") from err
-        if name == "rounded":
+        if kind is TierKind.ROUNDED:
             return cls(name, keepbits=val)
-        if name == "sketch":
-            return cls(name, sketch_dim=val)
+        return cls(name, sketch_dim=val)
 
     def to_json(self) -> dict:
         d = {"tier": self.name}
@@ -474,10 +605,10 @@ class Tier:
             d["compress"] = False
         if self.bitshuffle:
             d["bitshuffle"] = True
-        if self.name == "rounded":
+        if self.rounds:
             d["keepbits"] = int(self.keepbits)
             d["max_rel_error"] = 2.0 ** -(int(self.keepbits) + 1)
-        if self.name == "sketch":
+        if self.is_sketch:
             d["sketch_dim"] = int(self.sketch_dim)
             d["seed"] = int(self.seed)
         return d
@@ -496,9 +627,9 @@ class Tier:
     @property
     def max_rel_error(self) -> float:
         """Per-entry relative error bound (0 for lossless, NaN for sketch: see sketch_cosine_stderr)."""
-        if self.name == "lossless":
+        if self.is_lossless:
             return 0.0
-        if self.name == "rounded":
+        if self.rounds:
             return 2.0 ** -(int(self.keepbits) + 1)
         return float("nan")
 
@@ -911,7 +1042,7 @@ def array_specs(
     for a in DATA_ARRAYS:
         tier = tiers[a]
         tattrs = {"gradtrace_tier": tier.to_json()}
-        if tier.name in ("lossless", "rounded"):
+        if tier.is_dense:
             kind = "raw" if not tier.compress else ("lossless_bitshuffle" if tier.bitshuffle else tier.name)
             specs.append(ArraySpec(a, (STEP_DIM, PARAM_DIM), "float32", float("nan"), d, pc, kind, tattrs))
         else:
@@ -920,14 +1051,14 @@ def array_specs(
             skc = min(sk, pc) if layout is None else param_chunk_width(sk, param_chunk)
             tattrs = {**tattrs, "sketch_plan": plan.to_json()}
             specs.append(
-                ArraySpec(f"{a}_sketch", (STEP_DIM, SKETCH_DIM), "float32", float("nan"), sk, skc, "lossless", tattrs)
+                ArraySpec(sketch_array(a), (STEP_DIM, SKETCH_DIM), "float32", float("nan"), sk, skc, "lossless", tattrs)
             )
             nb = (d + 7) // 8
             # a bit-plane chunk holds pc bytes (8 x pc parameters): one file per row and plane up
             # to 2M parameters, where pc / 8 bytes made five 26 KB files per row at d = 1M
             bc = int(min(nb, max(pc, 8))) if layout is None else int(layout.chunk) // 8
-            specs.append(ArraySpec(f"{a}_signbits", (STEP_DIM, BYTE_DIM), "uint8", 0, nb, bc, "bits", tattrs))
-            specs.append(ArraySpec(f"{a}_nonzero", (STEP_DIM, BYTE_DIM), "uint8", 0, nb, bc, "bits", tattrs))
+            specs.append(ArraySpec(signbits_array(a), (STEP_DIM, BYTE_DIM), "uint8", 0, nb, bc, "bits", tattrs))
+            specs.append(ArraySpec(nonzero_array(a), (STEP_DIM, BYTE_DIM), "uint8", 0, nb, bc, "bits", tattrs))
     return specs
 
 
@@ -1086,7 +1217,7 @@ INDEX_LAG_DIM = "index_lag"
 INDEX_CHECK_DIM = "index_check"
 INDEX_ANCHOR_DIM = "index_anchor"
 #: columns of ``index/check``: the per-row values a row is recognised by
-INDEX_CHECK_FIELDS = ("step", "flags", "grad_sqnorm", "weight_sqnorm", "grad_dot_weight")
+INDEX_CHECK_FIELDS = ("step", "flags", *NORM_ARRAYS)
 INDEX_CHUNK = 512  # full layout: 512 x 512 float64 = 2 MiB per chunk
 INDEX_BAND_CHUNK_ROWS = 4096
 INDEX_PRODUCTS = ("gg", "gv", "vv")

@@ -578,8 +578,7 @@ def check_table_arrays(path, header: fmt.Header, group) -> None:
     """The stored ``tensor``, ``tensor_offset`` and ``tensor_size`` arrays must equal the
     header's parameter table (readers use the header's)."""
     want = {
-        "tensor_offset": np.array([t.offset for t in header.tensors], dtype=np.int64),
-        "tensor_size": np.array([t.size for t in header.tensors], dtype=np.int64),
+        t.name: t.values(header.tensors) for t in fmt.TABLE_SPECS if t.dtype == "int64"
     }
     lay = fmt.layout_of(header)
     if lay is not None:  # a sharded store's shard table (what plain xarray readers use)
@@ -603,7 +602,7 @@ def norm_tolerance(tier: fmt.Tier, precision: str = "float64") -> float:
     float64 value: float64 summation order (lossless), plus ``2u + u^2`` with
     ``u = 2**-(keepbits+1)`` for the rounded tier; float32 Gram blocks add ~1e-5."""
     tol = 1e-9 if precision == "float64" else 1e-4
-    if tier.name == "rounded":
+    if tier.rounds:
         u = 2.0 ** -(int(tier.keepbits) + 1)
         tol += 2 * u + u * u
     return tol
@@ -619,9 +618,9 @@ def check_norms(run, rows: np.ndarray, sq: np.ndarray, group, precision: str = "
             the checksum was computed).
     """
     tier = run.header.tiers["grad"]
-    if tier.name == "sketch" or len(rows) == 0:
+    if tier.is_sketch or len(rows) == 0:
         return
-    stored = run.per_tensor_scalar("grad_sqnorm", np.asarray(rows), group)
+    stored = run.per_tensor_scalar(fmt.GRAD_SQNORM, np.asarray(rows), group)
     sq = np.asarray(sq, dtype=np.float64)
     both = np.isfinite(stored) & np.isfinite(sq)
     tol = norm_tolerance(tier, precision)
@@ -693,9 +692,9 @@ def verify_store(path, *, storage_options: dict | None = None, progress=None) ->
             scalars[spec.name] = np.concatenate(good) if good else np.zeros(0)
         if spec.name == "step" and "step" in scalars:
             steps = scalars["step"]
-    if {"flags", "grad_sqnorm", "weight_sqnorm"} <= set(scalars):
+    if {"flags", fmt.GRAD_SQNORM, fmt.WEIGHT_SQNORM} <= set(scalars):
         try:
-            check_flags(path, scalars["flags"], scalars["grad_sqnorm"], scalars["weight_sqnorm"], steps)
+            check_flags(path, scalars["flags"], scalars[fmt.GRAD_SQNORM], scalars[fmt.WEIGHT_SQNORM], steps)
         except fmt.DamagedStoreError as err:
             problems.append(f"{_rows_label(err.rows, steps)}: {err.reason}")
 

@@ -378,3 +378,26 @@ def test_weight_decay_from_the_header(tmp_path):
         check_dir(r, d.grads + lam * W, W, d.final_weight, range(4))
         assert "conv.weight=0.2" in r.attrs["weight_decay"] and "conv.bias=0" in r.attrs["weight_decay"]
     assert fmt.read_header(tmp_path / "s2True.zarr").settings["param_group_of"] == of
+
+
+def test_parse_reference_is_the_one_text_parser(data, tmp_path):
+    from analysis.reference import parse_reference
+    from gradtrace import cli
+
+    assert parse_reference(" Final ") == "final"
+    assert parse_reference("step:7") == 7 and parse_reference("STEP:7") == 7
+    assert parse_reference("mean:3:9") == slice(3, 9)
+    (tmp_path / "step:2").write_bytes(b"")  # an existing file is a file, whatever its name
+    assert parse_reference(str(tmp_path / "step:2")) == str(tmp_path / "step:2")
+    for text, why in (("step:x", "'step:N' needs an integer"), ("mean:1", "'mean:A:B' needs two integer"),
+                      ("mean:1:b", "'mean:A:B' needs two integer"), ("nowhere.npy", "does not exist as a file")):
+        with pytest.raises(ga.BadReferenceError, match=why):
+            parse_reference(text)
+        with pytest.raises(cli.UserError, match="--ref: reference .*" + why):
+            cli.parse_ref(text)  # the command line asks the same parser
+    # the library reads the text forms through it: step:N is that step's weights
+    a = ga.rsi(data.path, reference="step:2")
+    b = ga.rsi(data.path, reference=2)
+    np.testing.assert_allclose(a["rsi"].values, b["rsi"].values, rtol=1e-12, equal_nan=True)
+    with pytest.raises(ga.BadReferenceError, match="'mean:A:B' needs"):
+        ga.rsi(data.path, reference="mean:0")

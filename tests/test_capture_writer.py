@@ -441,3 +441,58 @@ def test_durable_fsyncs_every_shard_before_the_marker(tmp_path, small_shards, mo
             assert shard in synced, (t, name, sorted(synced))
         if t % R == 0:  # a new shard file: its directory entry too
             assert str(path / "grad") in synced, (t, sorted(synced))
+
+
+# the tier JSON the header and each data array's attributes stored before tiers became parsed
+# objects (TierKind): a reader written against the old strings reads the same bytes
+_TIER_JSON = {
+    "lossless": '{"tier": "lossless"}',
+    "lossless:raw": '{"tier": "lossless", "compress": false}',
+    "lossless:bitshuffle": '{"tier": "lossless", "bitshuffle": true}',
+    "rounded:9": '{"tier": "rounded", "keepbits": 9, "max_rel_error": 0.0009765625}',
+    "bf16": '{"tier": "rounded", "keepbits": 7, "max_rel_error": 0.00390625}',
+    "sketch:16": '{"tier": "sketch", "sketch_dim": 16, "seed": 0}',
+}
+
+
+@pytest.mark.parametrize("tier", sorted(_TIER_JSON))
+def test_stored_tier_json_is_unchanged(tmp_path, tier):
+    tensors = _table()
+    d = sum(t.size for t in tensors)
+    g, w = _rows(np.random.default_rng(1), 1, d)
+    sw = StoreWriter(tmp_path / "a.zarr", tensors, {"grad": tier, "weight": "lossless"}, param_chunk=8)
+    sw.append(0, g[0], w[0], loss=0.5, lr=0.1, epoch=0)
+    sw.close()
+    root = json.loads((tmp_path / "a.zarr" / "zarr.json").read_text())["attributes"]["gradtrace"]
+    assert json.dumps(root["tiers"]) == '{"grad": ' + _TIER_JSON[tier] + ', "weight": {"tier": "lossless"}}'
+    arrays = ["grad_sketch", "grad_signbits", "grad_nonzero"] if tier.startswith("sketch") else ["grad"]
+    for name in arrays:
+        attrs = json.loads((tmp_path / "a.zarr" / name / "zarr.json").read_text())["attributes"]
+        assert json.dumps(attrs["gradtrace_tier"]) == _TIER_JSON[tier], name
+    back = fmt.read_header(tmp_path / "a.zarr").tiers["grad"]
+    assert back == fmt.Tier.parse(tier) and type(back.name) is str
+
+
+@pytest.mark.parametrize("tier", ["lossless", "sketch:16"])
+def test_every_stored_array_is_named_by_the_format(tmp_path, tier):
+    """The parameter table is created from fmt.TABLE_SPECS, the data arrays from the array
+    specs; the store holds exactly these, under the names the format module spells."""
+    tensors = _table()
+    d = sum(t.size for t in tensors)
+    g, w = _rows(np.random.default_rng(2), 1, d)
+    sw = StoreWriter(tmp_path / "a.zarr", tensors, {"grad": tier, "weight": "lossless"}, param_chunk=8)
+    sw.append(0, g[0], w[0], loss=0.5, lr=0.1, epoch=0)
+    sw.close()
+    group = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")
+    header = fmt.read_header(tmp_path / "a.zarr")
+    for spec in fmt.TABLE_SPECS:
+        arr = group[spec.name]
+        assert arr.metadata.dimension_names == (fmt.TENSOR_DIM,)
+        assert list(arr[:]) == spec.column(tensors), spec.name
+    assert list(group[fmt.TENSOR_SHAPE][:]) == ["[3, 5]", "[7]", "[2, 2, 2]"]
+    specs = {s.name for s in fmt.store_array_specs(header)}
+    assert set(group.array_keys()) == specs | {s.name for s in fmt.TABLE_SPECS}
+    data = {n for a in fmt.DATA_ARRAYS for n in fmt.stored_arrays(a, header.tiers[a])}
+    assert data == ({"grad_sketch", "grad_signbits", "grad_nonzero", "weight"} if tier.startswith("sketch")
+                    else {"grad", "weight"})
+    assert data <= specs and set(fmt.PER_STEP_TENSOR_ARRAYS) <= specs and fmt.GRAD_SQNORM in specs

@@ -112,3 +112,19 @@ def test_sketch_stderr_bound_from_tensor_norms():
     assert got == pytest.approx(np.sqrt(2 * 1.0 * 4.0 / 64 / (6.0 * 6.0)))
     # the flat formula understates the error when the mass sits in a sketched tensor
     assert got > fmt.sketch_cosine_stderr(164, 0.0) / 2
+
+
+def test_tier_kind_and_predicates():
+    kinds = {"lossless": fmt.TierKind.LOSSLESS, "lossless:raw": fmt.TierKind.LOSSLESS,
+             "rounded:5": fmt.TierKind.ROUNDED, "bf16": fmt.TierKind.ROUNDED, "sketch:8": fmt.TierKind.SKETCH}
+    for spec, kind in kinds.items():
+        t = fmt.Tier.parse(spec)
+        assert t.kind is kind and t.kind == kind.value and f"{t.kind}" == kind.value
+        assert (t.is_lossless, t.rounds, t.is_sketch) == (kind is fmt.TierKind.LOSSLESS, kind is fmt.TierKind.ROUNDED,
+                                                          kind is fmt.TierKind.SKETCH)
+        assert t.is_dense is not t.is_sketch
+    # a TierKind given as the name is stored as the plain string
+    t = fmt.Tier(fmt.TierKind.SKETCH, sketch_dim=8)
+    assert type(t.name) is str and t == fmt.Tier.parse("sketch:8")
+    assert json.dumps(t.to_json()) == '{"tier": "sketch", "sketch_dim": 8, "seed": 0}'
+    assert fmt.TIERS == ("lossless", "rounded", "sketch")
