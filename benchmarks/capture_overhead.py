@@ -265,6 +265,36 @@ def phase_order(phases: list[str], r: int) -> list[str]:
     return phases[k:] + phases[:k]
 
 
+def _spin(stop) -> None:
+    x = 0
+    while not stop.is_set():
+        x += 1
+
+
+def busy_core_ratio(model, opt, batches, steps: int, start: int, device, rounds: int = 2) -> float:
+    """The bare step with a CPU-bound process spinning on another core, over the bare step alone
+    (median of ``rounds`` interleaved pairs). It measures the machine, not gradtrace: the cost to
+    the training of *any* work beside it (cores that share a physical core, a VM's CPU quota,
+    memory bandwidth). The writer's duty cycle times (this - 1) is what it costs at least."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    ratios = []
+    for _ in range(rounds):
+        alone = run_phase(model, opt, batches, steps, start, None, device)
+        stop = ctx.Event()
+        proc = ctx.Process(target=_spin, args=(stop,), daemon=True)
+        proc.start()
+        time.sleep(0.2)
+        try:
+            busy = run_phase(model, opt, batches, steps, start, None, device)
+        finally:
+            stop.set()
+            proc.join()
+        ratios.append(busy / alone)
+    return statistics.median(ratios)
+
+
 def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[str], device, root: Path,
           param_chunk: int | None = None, writer_threads: int = 1, lag_band: int = 0) -> list[dict]:
     """One row per tier; every repeat runs one bare phase and one recorded phase per tier."""
@@ -327,9 +357,11 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
         for t in tiers:
             m[t]["rec"].append(times[t] / steps * 1e3)
             m[t]["ratio"].append(times[t] / times["bare"])
+    beside = busy_core_ratio(model, opt, batches, steps, step, device) if device.type == "cpu" else None
     med = statistics.median
     return [
         {
+            "beside": beside,
             "model": {"mlp": "MLP 784-1024-256-10", "transformer": f"transformer LM, seq {hw}"}.get(name, f"{name} {hw}x{hw}"),
             "params": n_params,
             "batch": batch,
@@ -410,6 +442,16 @@ def main(argv=None) -> list[dict]:
             f"**{r['ratio']:.3f}** ({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) | {r['writer']:.1f} | "
             f"{r['record']:.2f} | {r['wait']:.2f} | {r['mb']:.3f} |"
         )
+    cpu_rows = [r for r in rows if r.get("beside") is not None]
+    if cpu_rows:
+        print("\nthis machine's core sharing: the bare step with a CPU-bound process on another core, over the bare "
+              "step alone; a writer busy for a share u of the step costs the training about 1 + u x (that - 1)\n")
+        print("| model | batch | bare step beside a busy core | writer CPU per row / bare step (u) | expected ratio from u |")
+        print("|---|---|---|---|---|")
+        for r in cpu_rows:
+            u = r["writer_cpu"] / r["bare"]
+            print(f"| {r['model']} ({r['tier']}) | {r['batch']} | {r['beside']:.2f}x | {u:.2f} | "
+                  f"{1 + u * (r['beside'] - 1):.2f}x |")
     print("\nns per parameter-step (gradient + weight of one parameter, one step); floors measured in this run\n")
     print("| model | tier | training thread | floor: memcpy | writer CPU | floor: read + codec + write | read | codec | write |")
     print("|---|---|---|---|---|---|---|---|---|")
