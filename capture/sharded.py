@@ -17,13 +17,22 @@ with ``sharded=True``, builds a :class:`ShardedRecorder` on every rank. Nothing 
   commit marker.
 * Commit across ranks: each rank enters the all-reduce after its chunk writes return, so when
   it completes on rank 0 every rank's data of the row is on disk (in the kernel: with
-  ``durable=True``, fsynced). That is the collective variant of the commit protocol; the
+  ``durable=True``, fsynced; at a URL: every chunk object's PUT has returned). That is the collective variant of the commit protocol; the
   alternative, one marker per rank with readers taking the minimum, costs every rank an atomic
   rename per step (measured here: README, "Sharded models") and every reader W files, while
   the all-reduce is needed for the scalars anyway, so the collective costs nothing extra. A
   kill of any rank stops the others in the all-reduce (gloo reports the lost peer) before rank
   0 commits the row, so every committed row is whole; resume rewrites the torn one.
 * Resume needs the same world size and shard layout (one-line ``StoreMismatchError`` else).
+* To object storage (``path`` an fsspec URL such as ``s3://bucket/run.zarr``, with
+  ``storage_options``): every rank opens its own :class:`capture.sink.RemoteSink` and puts its
+  row's chunk objects (one object per chunk, only the chunks of its own columns) in one
+  concurrent batch, which has returned before the rank enters the all-reduce; rank 0 then puts
+  the changed per-step blocks and the sketch row, and the root ``zarr.json`` (the marker) last.
+  A kill of any rank leaves every committed step whole, as on a local path. As for the
+  unsharded remote writer, a URL store is created new (``resume`` / ``overwrite`` refused in
+  one line on every rank) and its creation puts the root ``zarr.json`` last, after the shard
+  table.
 
 ``record()`` is collective: call it on every rank with the same step. The training thread only
 flattens the local shards (one copy of grad and weight); a writer thread per rank writes the
@@ -209,6 +218,8 @@ class ShardedRecorder:
     Args:
         process_group: the ranks that share the store (default: every rank); the recorder
             builds its own gloo group over them for its one all-reduce per step.
+        storage_options: fsspec options for a URL ``path`` (``endpoint_url``, ``key``,
+            ``secret``...), the same on every rank.
 
     ``writer_threads``, ``commit_interval`` and ``grads_by_reference`` are accepted and have no
     effect here: one writer thread per rank, every row committed as soon as all ranks wrote it,

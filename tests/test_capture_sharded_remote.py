@@ -148,3 +148,30 @@ def test_kill_one_rank_keeps_committed_steps_on_s3(s3, tmp_path):
         assert p.returncode != 0
         assert "ValueError: resume=True is for local paths only" in out, out[-2000:]
     assert fmt.read_header(store, storage_options=s3["opts"]).n_steps == n
+
+
+def test_remote_sharded_creation_puts_the_marker_last(s3, monkeypatch):
+    """Rank 0's writer of a sharded store at a URL (in process, no ranks needed): the root
+    ``zarr.json`` with the gradtrace header is first put once every array, the shard table
+    included, exists; a creation killed before it leaves no run."""
+    from capture.sharded import _ShardedStoreWriter
+    from capture.writer import StoreWriter
+
+    tensors = fmt.tensor_table([("a", (10, 6)), ("b", (10,))])
+    layout = fmt.sharded_layout(tensors, [[(0, 0, 5), (1, 0, 5)], [(0, 5, 10), (1, 5, 10)]], 16)
+    seen = []
+
+    def write_header(self):
+        s3["fs"].invalidate_cache()
+        seen.append(sorted(k.rsplit("/", 2)[-2] for k in s3["fs"].find(f"{BUCKET}/created.zarr")
+                           if k.endswith("/zarr.json") and k.count("/") > 2))
+        raise KeyboardInterrupt("killed at the marker")
+
+    monkeypatch.setattr(StoreWriter, "_write_header", write_header)
+    with pytest.raises(KeyboardInterrupt):
+        _ShardedStoreWriter(url("created.zarr"), tensors, {}, layout, storage_options=s3["opts"])
+    assert len(seen) == 1 and set(fmt.SHARD_ARRAYS) <= set(seen[0]) and {"grad", "weight", "step"} <= set(seen[0])
+    with pytest.raises(Exception, match="not a gradtrace run store"):
+        import analysis
+
+        analysis.open_run(url("created.zarr"), storage_options=s3["opts"])
