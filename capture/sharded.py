@@ -17,12 +17,13 @@ with ``sharded=True``, builds a :class:`ShardedRecorder` on every rank. Nothing 
   commit marker.
 * Commit across ranks: each rank enters the all-reduce after its chunk writes return, so when
   it completes on rank 0 every rank's data of the row is on disk (in the kernel: with
-  ``durable=True``, fsynced; at a URL: every chunk object's PUT has returned). That is the collective variant of the commit protocol; the
-  alternative, one marker per rank with readers taking the minimum, costs every rank an atomic
-  rename per step (measured here: README, "Sharded models") and every reader W files, while
-  the all-reduce is needed for the scalars anyway, so the collective costs nothing extra. A
-  kill of any rank stops the others in the all-reduce (gloo reports the lost peer) before rank
-  0 commits the row, so every committed row is whole; resume rewrites the torn one.
+  ``durable=True``, fsynced; at a URL: every chunk object's PUT has returned). That is the
+  collective variant of the commit protocol; the alternative, one marker per rank with
+  readers taking the minimum, costs every rank an atomic rename per step (measured here:
+  README, "Sharded models") and every reader W files, while the all-reduce is needed for the
+  scalars anyway, so the collective costs nothing extra. A kill of any rank stops the others
+  in the all-reduce (gloo reports the lost peer) before rank 0 commits the row, so every
+  committed row is whole; resume rewrites the torn one.
 * Resume needs the same world size and shard layout (one-line ``StoreMismatchError`` else).
 * To object storage (``path`` an fsspec URL such as ``s3://bucket/run.zarr``, with
   ``storage_options``): every rank opens its own :class:`capture.sink.RemoteSink` and puts its
@@ -352,8 +353,8 @@ class ShardedRecorder:
         self._record_s = 0.0
         self._wait_s = 0.0  # of it, blocked on a full queue (the writer thread is behind)
         self._jobs: queue.Queue = queue.Queue(maxsize=int(queue_size))
-        self._thread = threading.Thread(target=self._writer_loop, name=f"gradtrace-sharded:{_sink.store_name(self.path)}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._writer_loop, daemon=True,
+                                        name=f"gradtrace-sharded:{_sink.store_name(self.path)}")
         self._thread.start()
 
     # ------------------------------------------------------------------ context manager
