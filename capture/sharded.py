@@ -17,13 +17,23 @@ with ``sharded=True``, builds a :class:`ShardedRecorder` on every rank. Nothing 
   commit marker.
 * Commit across ranks: each rank enters the all-reduce after its chunk writes return, so when
   it completes on rank 0 every rank's data of the row is on disk (in the kernel: with
-  ``durable=True``, fsynced). That is the collective variant of the commit protocol; the
-  alternative, one marker per rank with readers taking the minimum, costs every rank an atomic
-  rename per step (measured here: README, "Sharded models") and every reader W files, while
-  the all-reduce is needed for the scalars anyway, so the collective costs nothing extra. A
-  kill of any rank stops the others in the all-reduce (gloo reports the lost peer) before rank
-  0 commits the row, so every committed row is whole; resume rewrites the torn one.
+  ``durable=True``, fsynced; at a URL: every chunk object's PUT has returned). That is the
+  collective variant of the commit protocol; the alternative, one marker per rank with
+  readers taking the minimum, costs every rank an atomic rename per step (measured here:
+  README, "Sharded models") and every reader W files, while the all-reduce is needed for the
+  scalars anyway, so the collective costs nothing extra. A kill of any rank stops the others
+  in the all-reduce (gloo reports the lost peer) before rank 0 commits the row, so every
+  committed row is whole; resume rewrites the torn one.
 * Resume needs the same world size and shard layout (one-line ``StoreMismatchError`` else).
+* To object storage (``path`` an fsspec URL such as ``s3://bucket/run.zarr``, with
+  ``storage_options``): every rank opens its own :class:`capture.sink.RemoteSink` and puts its
+  row's chunk objects (one object per chunk, only the chunks of its own columns) in one
+  concurrent batch, which has returned before the rank enters the all-reduce; rank 0 then puts
+  the changed per-step blocks and the sketch row, and the root ``zarr.json`` (the marker) last.
+  A kill of any rank leaves every committed step whole, as on a local path. As for the
+  unsharded remote writer, a URL store is created new (``resume`` / ``overwrite`` refused in
+  one line on every rank) and its creation puts the root ``zarr.json`` last, after the shard
+  table.
 
 ``record()`` is collective: call it on every rank with the same step. The training thread only
 flattens the local shards (one copy of grad and weight); a writer thread per rank writes the
@@ -45,7 +55,6 @@ import math
 import queue
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,6 +64,7 @@ import zarr
 from gradtrace_format import format as fmt
 from gradtrace_format.format import (FLAG_FINAL, FLAG_MISSING_GRAD, FLAG_NO_WEIGHT, FLAG_NONFINITE_GRAD, FLAG_NONFINITE_WEIGHT,
                              StoreMismatchError)
+from capture import sink as _sink
 from capture.schedules import every_step, parse_schedule, schedule_to_json
 from capture.writer import StoreWriter, _ArrayWriter, tensor_scalars
 
@@ -113,11 +123,17 @@ class _ShardedStoreWriter(StoreWriter):
         super().__init__(path, tensors, tiers, shard_files=False, **kw)
 
     def _write_header(self):
+        if getattr(self, "_creating", False):
+            return  # _create_in writes it once the shard table exists (the root marker last on a URL)
         self.header.extra["sharded"] = self.layout.to_json()
         super()._write_header()
 
     def _create_in(self, *args):
-        super()._create_in(*args)
+        self._creating = True
+        try:
+            super()._create_in(*args)
+        finally:
+            self._creating = False
         crc = fmt.codecs_for("scalar")
         sh = self.layout.shards
         cols = {
@@ -129,6 +145,7 @@ class _ShardedStoreWriter(StoreWriter):
             a = self.group.create_array(key, shape=(len(sh),), dtype="int64", dimension_names=[fmt.SHARD_DIM],
                                         compressors=crc)
             a[:] = np.asarray(cols[key], dtype=np.int64)
+        self._write_header()
 
     def _open_existing(self, resume_step, schedule, settings, source_dtype):
         g = zarr.open_group(str(self.path), mode="r", use_consolidated=False)
@@ -202,6 +219,8 @@ class ShardedRecorder:
     Args:
         process_group: the ranks that share the store (default: every rank); the recorder
             builds its own gloo group over them for its one all-reduce per step.
+        storage_options: fsspec options for a URL ``path`` (``endpoint_url``, ``key``,
+            ``secret``...), the same on every rank.
 
     ``writer_threads``, ``commit_interval`` and ``grads_by_reference`` are accepted and have no
     effect here: one writer thread per rank, every row committed as soon as all ranks wrote it,
@@ -212,7 +231,8 @@ class ShardedRecorder:
                  resume_step=None, overwrite=False, settings=None, expected_steps=None,
                  param_chunk=fmt.DEFAULT_PARAM_CHUNK, durable=False, grad_recorded=None, process_group=None,
                  scaler=None, weight_schedule=None, on_full="block", lag_band=0, parent=None,
-                 queue_size=2, writer_threads=1, commit_interval=1.0, grads_by_reference="auto"):
+                 queue_size=2, writer_threads=1, commit_interval=1.0, grads_by_reference="auto",
+                 storage_options=None):
         from capture.recorder import _run_settings, _trainable, _unwrap, parse_tiers
 
         unsupported = {"scaler": scaler is not None and scaler.is_enabled(), "on_full='skip'": on_full != "block",
@@ -226,10 +246,15 @@ class ShardedRecorder:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("Recorder(sharded): torch.distributed is not initialized; call "
                              "dist.init_process_group(...) on every rank before building the recorder")
-        if "://" in str(path):
-            raise ValueError(f"Recorder(sharded): {path} is a URL; sharded recording writes to a local or shared "
-                             "file system path for now (every rank must see the same directory)")
-        self.path = Path(path)
+        # a URL: every rank puts its own chunk objects through its own sink (capture/sink.py);
+        # checked on every rank before any collective, so that all raise the same one line
+        self._sink = _sink.open_sink(path, storage_options)
+        if self._sink is not None and (resume or overwrite):
+            raise ValueError(
+                f"{'resume' if resume else 'overwrite'}=True is for local paths only: {self._sink.url} is a URL, "
+                "where no lock can keep a second writer out; record to a new URL, or to a local path and upload "
+                "it when closed")
+        self.path = _sink.split_location(path)[0] if self._sink is None else self._sink.url
         self.model = _unwrap(model)
         self.optimizer = optimizer
         self.schedule = parse_schedule(schedule)
@@ -283,7 +308,7 @@ class ShardedRecorder:
                     schedule={**schedule_to_json(self.schedule), "description": self.schedule.describe()},
                     settings=_run_settings(model, self._params, optimizer, None, self.schedule, user, self.world_size),
                     source_dtype=",".join(sorted({str(p.dtype).replace("torch.", "") for _, p in self._params})),
-                    durable=durable, lag_band=self.lag_band,
+                    durable=durable, lag_band=self.lag_band, storage_options=storage_options,
                 )
                 state = ("ok", self.writer.n_written, self.writer.last_step)
             except Exception as e:  # noqa: BLE001 - every rank raises it below
@@ -298,12 +323,15 @@ class ShardedRecorder:
             if err is not None:
                 raise err
             cls = {"StoreMismatchError": StoreMismatchError, "FileExistsError": FileExistsError,
-                   "StoreLockedError": fmt.StoreLockedError, "FileNotFoundError": FileNotFoundError}
+                   "StoreLockedError": fmt.StoreLockedError, "FileNotFoundError": FileNotFoundError,
+                   "ValueError": ValueError, "OSError": OSError, "ImportError": ImportError}
             raise cls.get(state[1], RuntimeError)(f"(rank 0) {state[2]}")
         self._n, self._last_queued = int(state[1]), state[2]
-        g = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
+        g = (zarr.open_group(str(self.path), mode="r+", use_consolidated=False) if self._sink is None
+             else self._sink.open_group("r+"))
         specs = {s.name: s for s in fmt.store_array_specs(fmt.header_of_group(g, self.path))}
-        self._data = {name: _ArrayWriter(g[name], self.path, spec) for name, spec in specs.items()
+        # with a sink, _put_chunk stages each chunk object in this rank's sink (_write_row puts them)
+        self._data = {name: _ArrayWriter(g[name], self.path, spec, self._sink) for name, spec in specs.items()
                       if spec.row_chunked and name not in map(fmt.sketch_array, fmt.DATA_ARRAYS)}
         for aw in self._data.values():
             aw.durable = bool(durable)
@@ -325,8 +353,8 @@ class ShardedRecorder:
         self._record_s = 0.0
         self._wait_s = 0.0  # of it, blocked on a full queue (the writer thread is behind)
         self._jobs: queue.Queue = queue.Queue(maxsize=int(queue_size))
-        self._thread = threading.Thread(target=self._writer_loop, name=f"gradtrace-sharded:{self.path.name}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._writer_loop, daemon=True,
+                                        name=f"gradtrace-sharded:{_sink.store_name(self.path)}")
         self._thread.start()
 
     # ------------------------------------------------------------------ context manager
@@ -439,6 +467,8 @@ class ShardedRecorder:
         try:
             for name, vec in (("grad", g), ("weight", w)):
                 self._write_data(name, n, vec)
+            if self._sink is not None:  # this rank's chunk objects of the row, all landed before the all-reduce
+                self._sink.put_staged()
             if w is not None:
                 gg_l, ww_l, gw_l = tensor_scalars(self._local_table, g, w)
             else:  # ||G||^2 alone: the weights' place taken by the gradient (as StoreWriter does)
@@ -511,6 +541,8 @@ class ShardedRecorder:
         tier = self.tiers[name]
         targets = [fmt.signbits_array(name), fmt.nonzero_array(name)] if tier.is_sketch else [name]
         if vec is None:
+            if self._sink is not None:  # a new remote store: row n's objects were never put (no resume)
+                return
             for t in targets:
                 for j in self._chunks:
                     try:

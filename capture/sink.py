@@ -22,6 +22,10 @@ What stays local-only: the writer lock (an object store has no ``flock``: one wr
 the caller's job), the creation in a hidden directory renamed into place, ``resume`` and
 ``overwrite`` (both need the lock to be safe: the writer refuses them on a URL), and
 ``durable`` (a returned PUT is already durable in S3; nothing to fsync).
+
+A sharded recording (``capture/sharded.py``) gives every rank its own sink: each rank stages
+and puts only its own columns' chunk objects before the per-step all-reduce, and rank 0's
+:class:`capture.writer.StoreWriter` puts the per-step blocks and the marker after it.
 """
 
 from __future__ import annotations

@@ -577,6 +577,10 @@ class _ArrayWriter:
             shard, entry = self._shard_of(*coords)
             shard.put(entry, self.encode_parts(piece))
             return
+        if self.sink is not None:  # one chunk object, staged (capture.sharded: each rank puts its own)
+            self._hw = max(self._hw, coords[0])
+            self.sink.stage({self._rel(coords): self.encode(piece)})
+            return
         _put_direct(self._key(coords), self.encode(piece), self.durable)
 
     def _put_row_remote(self, n: int, vec: np.ndarray, keepbits: int | None) -> None:

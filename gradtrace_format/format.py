@@ -119,7 +119,10 @@ unsharded recording stores (the ranks' partial sketches are summed, float64, the
 Commit across ranks: a row is committed (rank 0 advances ``n_steps``) only after every rank
 has written its chunks of it. The per-step all-reduce of the scalars is issued by each rank
 after its chunk writes, so its completion on rank 0 is that guarantee (no extra collective, no
-per-rank marker for readers to combine). Resume needs the same world size and layout.
+per-rank marker for readers to combine). Resume needs the same world size and layout. The
+same layout and protocol hold in object storage (an fsspec URL): one object per chunk, each
+put by the rank owning its columns before that rank enters the all-reduce, and rank 0's root
+``zarr.json`` put last; such a store is created new (no resume on a URL).
 
 Query index (optional, derived; ``gradtrace index`` / :func:`analysis.index.build_index`):
 a sub-group ``index`` of T x T matrices from which every correlation, sign shift and

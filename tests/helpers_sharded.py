@@ -2,6 +2,8 @@
 and records it (``world == 1`` and ``--plain``: the same training unsharded, the reference).
 
     python tests/helpers_sharded.py RANK WORLD PORT STORE STEPS TIERS PARAM_CHUNK [--plain] [--resume] [--slow] [--wsched]
+        [--s3=ENDPOINT]  (STORE an s3:// URL on that moto server: tests/test_capture_sharded_remote.py)
+        [--putlog=DIR]   (log every RemoteSink put, with its monotonic start and end, to DIR/putsRANK.jsonl)
 """
 
 import sys
@@ -27,6 +29,37 @@ def batch():
     return torch.randn(32, 6, generator=g), torch.randn(32, 1, generator=g)
 
 
+def log_puts(folder, rank):
+    """Wrap ``RemoteSink.put`` / ``put_many`` to log each put's keys, start and end (the system-wide
+    monotonic clock: comparable across the ranks' processes) and, for the root marker, n_steps."""
+    import json
+
+    from capture.sink import RemoteSink
+
+    f = open(f"{folder}/puts{rank}.jsonl", "a", buffering=1)
+    put, put_many = RemoteSink.put, RemoteSink.put_many
+
+    def log(items, t0, t1):
+        rec = {"rank": rank, "t0": t0, "t1": t1, "keys": sorted(items)}
+        if "zarr.json" in items:
+            rec["n_steps"] = json.loads(bytes(items["zarr.json"]))["attributes"]["gradtrace"]["n_steps"]
+        f.write(json.dumps(rec) + "\n")
+
+    def logged_put(self, rel, data):
+        t0 = time.monotonic()
+        put(self, rel, data)
+        log({rel: data}, t0, time.monotonic())
+
+    def logged_put_many(self, items):
+        if len(items) <= 1:
+            return put_many(self, items)  # through put: logged there
+        t0 = time.monotonic()
+        put_many(self, items)
+        log(items, t0, time.monotonic())
+
+    RemoteSink.put, RemoteSink.put_many = logged_put, logged_put_many
+
+
 def main(argv):
     rank, world, port, store, steps, tiers, pc = argv[:7]
     rank, world, steps, pc = int(rank), int(world), int(steps), int(pc)
@@ -34,6 +67,12 @@ def main(argv):
     if "=" in tiers:  # "grad=sketch:24,weight=rounded:7"
         tiers = dict(kv.split("=") for kv in tiers.split(","))
     torch.set_num_threads(1)
+    opts = {}
+    for a in argv:
+        if a.startswith("--s3="):
+            opts = {"storage_options": {"endpoint_url": a[len("--s3="):], "key": "testing", "secret": "testing"}}
+        if a.startswith("--putlog="):
+            log_puts(a[len("--putlog="):], rank)
     model = build()
     if not plain:
         from torch.distributed.fsdp import fully_shard
@@ -48,11 +87,11 @@ def main(argv):
     if resume:  # replay the training up to the store's last committed step (deterministic)
         from gradtrace_format import format as fmt
 
-        h = fmt.read_header(store)
+        h = fmt.read_header(store, **opts)
         import zarr
 
         n = h.n_steps - (1 if h.has_final else 0)
-        start = int(zarr.open_group(store, mode="r")["step"][n - 1]) + 1 if n else 0
+        start = int(zarr.open_group(store, mode="r", **opts)["step"][n - 1]) + 1 if n else 0
         for _ in range(start):
             nn.functional.mse_loss(model(x), y).backward()
             opt.step()
@@ -60,7 +99,7 @@ def main(argv):
     extra = {}
     if "--wsched" in argv:  # weights every other step, and a lag band of 2
         extra = {"weight_schedule": "every:2", "lag_band": 2}
-    with Recorder(model, store, opt, tiers=tiers, param_chunk=pc, resume=resume, **extra) as rec:
+    with Recorder(model, store, opt, tiers=tiers, param_chunk=pc, resume=resume, **extra, **opts) as rec:
         for step in range(start, steps):
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
