@@ -29,12 +29,11 @@ has; a power cut may lose committed steps (readers then report them as damaged).
 the marker, and the marker after its rename. One writer at a time: ``.gradtrace.lock`` inside
 the store, ``fcntl.flock``-ed; creation happens in a hidden sibling directory renamed into place.
 
-Why chunks are written here and not through ``zarr.Array.__setitem__`` (measured on 2 cores,
-ext4, d = 914k float32, ``benchmarks/capture_overhead.py``): a row through zarr cost ~18 ms
-against ~7 ms for the same encode + put done directly; each one-value write of a per-step
-array cost ~2 ms through zarr (a read-modify-write of its chunk via the event loop) and
-~0.2 ms as an atomic rename of the rewritten chunk (ext4 flushes a file renamed over another),
-against ~5 us as an in-place write of the row's bytes. The writer encodes whole chunks with
+Why chunks are written here and not through ``zarr.Array.__setitem__``: through zarr a row
+costs its encode and put plus zarr's event loop and, for a one-value write of a per-step
+array, a read-modify-write of the whole chunk; here a row is encoded and appended directly
+and a per-step value is an in-place write of its bytes (``benchmarks/capture_overhead.py``
+measures what a row costs; README, "Performance"). The writer encodes whole chunks with
 the codecs the array's own metadata declares (:func:`chunk_encoder`); arrays whose codecs it
 does not know are written through zarr. ``tests/test_capture_writer.py`` checks that every
 byte decodes identically through zarr and xarray.

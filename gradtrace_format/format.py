@@ -71,23 +71,13 @@ Chunks and codecs (readers need not know them: Zarr records them per array):
   created whole (atomic rename) when its first row is written, and later writes touch only the
   bytes of the uncommitted row, never those of a committed one.
 
-Changes inside format version 1 (all additive; readers of the first v1 stores still work):
-
-* lossless codec Blosc zstd-1 -> lz4-1 (Zarr decodes either; nothing to do for readers);
-* default ``param_chunk`` 2**16 -> 2**18 (stored per store in the header and the arrays);
-* per-step-per-tensor chunk rows ``4096`` -> :func:`scalar_chunk_rows`;
-* per-step arrays zstd-3 -> uncompressed (in-place row writes: 5 us instead of ~2 ms per
-  value; readers decode either);
-* flag ``FLAG_LR_GROUPS_DIFFER`` (16): the optimizer's parameter groups had different learning
-  rates at that step; ``lr`` holds group 0's, ``settings["param_groups"]`` lists all groups;
-* sketch budget split ``proportional to size`` -> ``sqrt(size)`` with water-filling (the plan
-  is stored per store, so older stores read as before);
-* ``grad``, ``weight`` and sketch arrays of locally recorded stores in shard files (above);
-  zarr and zarrs read them natively, plain ``xarray.open_zarr`` included. zarrs does not
-  check the crc32c of a chunk it reads from a shard it does not read whole: gradtrace's
-  readers check those checksums themselves (``gradtrace_format.integrity.check_partial_crc``);
-* header field ``source_dtype``: dtype(s) of the recorded parameters before the float32 cast
-  (e.g. ``"float32"``, ``"bfloat16"``), checked on resume. Absent in older stores (None).
+Format version 1.0 is final: a reader takes every 1.x store, refuses a newer major version
+(upgrade gradtrace) and a store from before 1.0 (integer version: re-record it, or read it
+with the gradtrace that wrote it), each in one line (:func:`check_format_version`). A header
+without ``source_dtype`` (the recorded dtype before the float32 cast, checked on resume)
+reads it as None. zarrs (0.2) does not check the crc32c of a chunk it decodes from a shard it
+does not read whole: gradtrace's readers check those checksums themselves
+(``gradtrace_format.integrity.check_partial_crc``).
 
 Sharded stores (``capture.Recorder`` on every rank of an FSDP2 / DTensor model, each
 parameter split along dim 0 over W ranks): the parameter table (``tensor*`` arrays, the
@@ -867,9 +857,9 @@ def _crc():
 def _lossless_codecs():
     from zarr.codecs import BloscCodec
 
-    # lz4-1 without shuffle: blosc stores incompressible blocks as they are (0.5 ns per entry)
-    # and lz4 finds the runs of exact zeros of ReLU gradients at ~1 ns per entry; bit-shuffle
-    # first costs 3-4 ns per entry (benchmarks/tiers.py, benchmarks/capture_overhead.py)
+    # lz4-1 without shuffle: blosc stores incompressible blocks as they are and lz4 finds the
+    # runs of exact zeros of ReLU gradients, both cheaply; bit-shuffle first costs more than
+    # the compression itself (benchmarks/tiers.py, benchmarks/capture_overhead.py measure it)
     return [BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle", typesize=4), _crc()]
 
 
