@@ -157,7 +157,9 @@ def read_rows(arr, rows: np.ndarray, a: int, b: int, buf: str | None = None, abs
                     arr.get_basic_selection((sel, slice(a, b)), out=nd)
                 else:
                     arr.get_orthogonal_selection((sel, slice(a, b)), out=nd)
-    except Exception as err:  # noqa: BLE001 - a checksum or decode failure: name the chunks
+    except BaseException as err:  # noqa: BLE001 - a checksum or decode failure: name the chunks
+        if not integrity.decode_failure(err):
+            raise
         raise integrity.read_failed(arr, rows, a, b, err) from None
     if b > a:  # a missing chunk would read as the fill value: an error, never a number
         integrity.check_present(arr, rows, a, b, out, absent)

@@ -408,7 +408,11 @@ class _ShardFile:
                 _mkdirs(path.parent, durable)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self.fd = fd
-            self._pwrite(_EMPTY_ENTRY * int(n_entries), 0)
+            try:
+                self._pwrite(_EMPTY_ENTRY * int(n_entries), 0)
+            except BaseException:
+                self.close()
+                raise
             self.end = self.index_bytes
             self.created = True
         else:
@@ -499,6 +503,7 @@ class _ArrayWriter:
         self._shards: dict[tuple[int, int], _ShardFile] = {}
         self._done_shards: list[_ShardFile] = []
         self._shard_lock = threading.Lock()
+        self._dir_dirty = False  # a shard file was created since the directory's last fsync
         self.dtype = np.dtype(spec.dtype)
         self.fill = np.array(spec.fill_value, dtype=self.dtype)
         self.width = spec.width
@@ -600,6 +605,9 @@ class _ArrayWriter:
 
     def clear_row(self, n: int) -> None:
         """Remove row n's chunks (they then read as the fill value)."""
+        if self.mode == "zarr":  # codecs this module does not write (a shard key is not a row's chunk)
+            self.arr[n, :] = self.fill
+            return
         if self.sink is not None:  # remote stores are new: only rows this writer put have chunks
             if n <= self._hw:
                 self.sink.delete([self._rel((n, j)) for j in range(self.n_col_chunks)])
@@ -629,11 +637,26 @@ class _ArrayWriter:
                 f = self._shards.get(key)
                 if f is None or (n % R == 0 and not f.created):
                     if f is not None:
+                        self._shards.pop(key)
                         f.close()
                     f = _ShardFile(self._key(key), R * k, fresh=n % R == 0, durable=self.durable)
                     self._retire(key[0])
                     self._shards[key] = f
         return f, entry
+
+    def finish_row(self) -> None:
+        """After a row's tasks: with shards of one row, fsync (``durable``) and close that row's
+        shard files now, so that a wide model's rows (tens of files each) do not pile up open
+        file descriptors while commits are batched; the directory is fsynced at the next sync."""
+        if self.shard is None or self.shard[0] != 1 or not self._shards:
+            return
+        with self._shard_lock:
+            files, self._shards = list(self._shards.values()), {}
+        for f in files:
+            if self.durable:
+                f.sync()
+            self._dir_dirty |= f.created
+            f.close()
 
     def _retire(self, b: int) -> None:
         """Move open shard files of row blocks before ``b`` to the list closed after the next sync."""
@@ -647,6 +670,8 @@ class _ArrayWriter:
         b = n // R
         if self.mode == "patch":
             if b != self._ready_block:
+                if self.durable and self._fd is not None:  # its rows are committed with the next marker
+                    os.fsync(self._fd)
                 self.close_file()
                 path = self._key(self._block_coords(b))
                 self._prepare_block(path)
@@ -701,12 +726,14 @@ class _ArrayWriter:
         if self._fd is not None:
             os.fsync(self._fd)
         if self.shard is not None:
-            created = False
+            created = self._dir_dirty
             for f in [*self._done_shards, *self._shards.values()]:
                 f.sync()
                 created |= f.created
+                f.created = False  # its directory entry is fsynced below
             if created:
                 _fsync_dir(self.dir)
+            self._dir_dirty = False
             self.after_commit()
 
     def after_commit(self) -> None:
@@ -1271,6 +1298,8 @@ class StoreWriter:
             else:
                 tasks.extend(W[name].row_tasks(n, vec))
         self._run(tasks)
+        for aw in W.values():
+            aw.finish_row()
         gg_sum, ww_sum, gw_sum = float(gg.sum()), float(ww.sum()), float(gw.sum())
         if has_g and not math.isfinite(gg_sum):
             flags |= FLAG_NONFINITE_GRAD

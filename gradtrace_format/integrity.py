@@ -118,6 +118,7 @@ def _get_raw(arr, key: str, start: int | None = None, length: int | None = None,
 
 
 _EMPTY = 2**64 - 1
+_MAX_CHUNK = 1 << 40  # no chunk is this large: an index entry claiming more is damaged
 
 
 def _shard_entry(arr, coords) -> tuple[str, int, int] | None:
@@ -148,6 +149,8 @@ def _get_bytes(arr, coords) -> bytes | None:
     if found is None or (found[1] == _EMPTY and found[2] == _EMPTY):
         return None
     key, off, nb = found
+    if nb < 4 or nb > _MAX_CHUNK or off > _MAX_CHUNK * 1024:  # a damaged index entry
+        return b""  # fails the crc: reported as damage
     return _get_raw(arr, key, off, nb)
 
 
@@ -362,11 +365,19 @@ def _scan_shards(arr, rows, a: int, b: int, crc: bool) -> list[tuple[int, str, s
                     out.extend((r, chunk_file(arr, (r, j)), why) for r, j, _ in chunks)
                 continue
             table = np.frombuffer(index[: 16 * n], dtype="<u8").reshape(n, 2)
+            size = os.fstat(fd).st_size if fd is not None else None
             for r, j, entry in chunks:
                 off, nb = int(table[entry, 0]), int(table[entry, 1])
                 if off == _EMPTY and nb == _EMPTY:
                     if not crc:
                         out.append((r, chunk_file(arr, (r, j)), "the chunk is missing"))
+                    continue
+                # an entry no writer makes: a chunk holds at least its crc32c, lies past the
+                # index and inside the file (a zeroed or garbled index page)
+                if (nb < 4 or (at_start and off < index_len) or nb > _MAX_CHUNK
+                        or (size is not None and off + nb > size)):
+                    if not crc:  # reported once, by the presence check
+                        out.append((r, chunk_file(arr, (r, j)), "its shard index entry is damaged"))
                     continue
                 if not crc:
                     continue
@@ -433,6 +444,12 @@ def _raise_damaged(arr, found) -> None:
     files = [f for _, f, _ in found]
     reasons = sorted({why for _, _, why in found})
     raise fmt.damaged("the store", _name(arr), "; ".join(reasons), rows=rows, files=files)
+
+
+def decode_failure(err: BaseException) -> bool:
+    """True for what a failed read of stored bytes raises: any Exception, and the
+    ``PanicException`` (a BaseException) with which zarrs reports a chunk it cannot decode."""
+    return isinstance(err, Exception) or type(err).__name__ == "PanicException"
 
 
 def read_failed(arr, rows, a: int, b: int, err: BaseException) -> BaseException:
@@ -513,7 +530,9 @@ class CheckedRows:
                 check_partial_crc(self.arr, committed, a, b)
         except fmt.DamagedStoreError as err:
             raise err.with_steps(self.path, self.steps) from None
-        except Exception as err:  # noqa: BLE001
+        except BaseException as err:  # noqa: BLE001
+            if not decode_failure(err):
+                raise
             e = read_failed(self.arr, committed, a, b, err)
             if isinstance(e, fmt.DamagedStoreError):
                 raise e.with_steps(self.path, self.steps) from None

@@ -496,3 +496,23 @@ def test_every_stored_array_is_named_by_the_format(tmp_path, tier):
     assert data == ({"grad_sketch", "grad_signbits", "grad_nonzero", "weight"} if tier.startswith("sketch")
                     else {"grad", "weight"})
     assert data <= specs and set(fmt.PER_STEP_TENSOR_ARRAYS) <= specs and fmt.GRAD_SQNORM in specs
+
+
+def test_one_row_shards_do_not_pile_up_open_files(tmp_path, monkeypatch):
+    """Shards of one row (wide models) are closed after their row, even while commits are
+    batched: open file descriptors do not grow with uncommitted rows."""
+    import os
+
+    monkeypatch.setattr(fmt, "SHARD_BYTES", 64)
+    rng = np.random.default_rng(13)
+    tensors = _table()
+    g, w = _rows(rng, 6, sum(t.size for t in tensors))
+    sw = StoreWriter(tmp_path / "o.zarr", tensors, param_chunk=8)
+    assert sw._w["grad"].shard == (1, 2)
+    sw.append(0, g[0], w[0], commit=False)
+    base = len(os.listdir("/proc/self/fd"))
+    for t in range(1, 5):
+        sw.append(t, g[t], w[t], commit=False)
+        assert len(os.listdir("/proc/self/fd")) == base, t
+    sw.close()
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "o.zarr").grad.values, g[:5])

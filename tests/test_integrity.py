@@ -417,3 +417,20 @@ def test_planted_pickle_never_runs(clean, tmp_path, cli):
         assert cli(cmd, store).returncode == 0, cmd
     time.sleep(0.2)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("zarrs", ["1", "0"])
+def test_zeroed_shard_index_entry_is_damage_not_nan(copy, monkeypatch, zarrs):
+    """A committed chunk whose shard index entry was zeroed (a lost page): zarr-python reads
+    it as the fill value; gradtrace's readers, through zarrs or zarr-python, report the damage
+    with the step."""
+    from tests.helpers_stores import _shard_index_entry
+
+    monkeypatch.setenv("GRADTRACE_ZARRS", zarrs)
+    path, at = _shard_index_entry(copy, "grad", 3, 1)
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(b"\0" * 16)
+    with pytest.raises(fmt.DamagedStoreError, match="'grad' is damaged at step 3"):
+        ga.corr_matrix(ga.open_run(copy))
+    assert any("step 3" in p for p in integrity.verify_store(copy))
