@@ -9,7 +9,6 @@ row whole; resume on a URL is refused in one line.
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import subprocess
 import time
@@ -26,6 +25,8 @@ from tests.test_capture_sharded import PC, _natural, _run, _start
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
+from tests.helpers_s3 import moto_s3  # noqa: E402
+
 # each test starts 2-5 Python processes that import torch and join a gloo group
 pytestmark = pytest.mark.slow
 
@@ -35,18 +36,8 @@ BUCKET = "sharded"  # moto keeps one backend per process: a bucket of this modul
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server in a thread and an empty bucket (the ranks reach it over HTTP)."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-    fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
-    fs.makedirs(BUCKET, exist_ok=True)
-    try:
-        yield {"opts": opts, "flag": f"--s3={endpoint}", "fs": fs}
-    finally:
-        server.stop()
+    with moto_s3(BUCKET) as server:
+        yield {**server, "flag": f"--s3={server['endpoint']}"}
 
 
 def url(name: str) -> str:

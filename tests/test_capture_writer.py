@@ -511,8 +511,8 @@ def test_one_row_shards_do_not_pile_up_open_files(tmp_path, monkeypatch):
     assert sw._w["grad"].shard == (1, 2)
     sw.append(0, g[0], w[0], commit=False)
     base = len(os.listdir("/proc/self/fd"))
-    for t in range(1, 5):
+    for t in range(1, 5):  # kept open, they would be 4 more per row (2 arrays x 2 shard files)
         sw.append(t, g[t], w[t], commit=False)
-        assert len(os.listdir("/proc/self/fd")) == base, t
+        assert len(os.listdir("/proc/self/fd")) <= base + 2, t  # slack: another thread's file
     sw.close()
     np.testing.assert_array_equal(xr.open_zarr(tmp_path / "o.zarr").grad.values, g[:5])

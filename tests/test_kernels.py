@@ -6,26 +6,16 @@ import numpy as np
 import pytest
 
 from analysis import kernels
+from tests.helpers_kernels import kernel_data, use_backend
 
 
 @pytest.fixture(params=["numba", "numpy"])
 def backend(request, monkeypatch):
     """Run a test on the compiled kernels and again on the numpy fallback."""
-    if request.param == "numba":
-        kernels._get()
-        if kernels.BACKEND != "numba":
-            pytest.skip("numba is not importable here")
-    else:
-        monkeypatch.setattr(kernels, "_impl", kernels._NUMPY)
-        monkeypatch.setattr(kernels, "BACKEND", "numpy")
-    return request.param
+    return use_backend(kernels, request.param, monkeypatch)
 
 
-def _data(rng, rows=7, cols=3001):
-    x = rng.standard_normal((rows, cols)).astype(np.float32) * np.float32(10.0) ** rng.integers(-6, 3, size=(rows, 1))
-    x[2, ::5] = 0.0  # zeros, and negative zeros that count as zero
-    x[3, ::7] = -0.0
-    return x
+_data = kernel_data
 
 
 def test_ref_dist_matches_float64_numpy(backend):

@@ -11,7 +11,6 @@ a ``file://`` URL, and through the ``gradtrace`` command (``--storage-options`` 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from tests.helpers_stores import delete_chunk, flip_chunk_byte, make_store
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
+from tests.helpers_s3 import moto_s3  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "runs"
 
@@ -36,15 +37,12 @@ BUCKET = "runs"
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server in a thread, a bucket holding a lossless and a sketch-tier store."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-    fs = s3fs.S3FileSystem(**opts)
-    fs.mkdir(BUCKET)
-    root = tmp_path_factory.mktemp("remote")
+    with moto_s3(BUCKET) as server:
+        yield _with_stores(server, tmp_path_factory.mktemp("remote"))
+
+
+def _with_stores(server, root):
+    fs = server["fs"]
     # chunks of 64 entries: several chunks per row, so reads cross chunk boundaries (every chunk
     # is one request, about 10 ms each to this server)
     lossless = make_store(root / "run.zarr", steps=10, seed=31, param_chunk=64)
@@ -53,10 +51,7 @@ def s3(tmp_path_factory):
     for data in (lossless, sketch):
         fs.put(str(data.path), f"{BUCKET}/{data.path.name}", recursive=True)
     fs.invalidate_cache()
-    try:
-        yield {"opts": opts, "endpoint": endpoint, "fs": fs, "lossless": lossless, "sketch": sketch}
-    finally:
-        server.stop()
+    return {**server, "lossless": lossless, "sketch": sketch}
 
 
 def url(name: str) -> str:

@@ -10,7 +10,6 @@ root metadata is never taken for a run; bad URLs get one line naming the fix.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -35,6 +34,7 @@ torch = pytest.importorskip("torch")
 from capture import Recorder  # noqa: E402
 from capture import writer as writer_mod  # noqa: E402
 from capture.writer import StoreWriter  # noqa: E402
+from tests.helpers_s3 import moto_s3  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TENSORS = fmt.tensor_table([("a", (300,)), ("b", (7,))])
@@ -45,18 +45,8 @@ BUCKET = "capture"
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server in a thread and an empty bucket."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-    fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
-    fs.makedirs(BUCKET, exist_ok=True)
-    try:
-        yield {"opts": opts, "endpoint": endpoint, "fs": fs}
-    finally:
-        server.stop()
+    with moto_s3(BUCKET) as server:
+        yield server
 
 
 def url(name: str) -> str:
