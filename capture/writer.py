@@ -354,6 +354,33 @@ def codecs_encoder(codecs: list, dtype, parts: bool = False) -> Callable[[np.nda
     return lambda chunk: with_crc32c(enc(chunk))
 
 
+def shuffled_lz4_frames(arr: zarr.Array) -> bool:
+    """True when ``arr``'s chunks are float32 ``bytes`` (little endian) + Blosc lz4 with byte
+    shuffle, typesize 4 (+ crc32c), as the rounded tier stores them, inside shards or not:
+    the writer then encodes them with :func:`capture.kernels.shuffle_frame_into`."""
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+
+    codecs = list(arr.metadata.codecs)
+    if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+        codecs = list(codecs[0].codecs)
+    if codecs and isinstance(codecs[-1], Crc32cCodec):
+        codecs = codecs[:-1]
+    if np.dtype(arr.dtype) != np.float32 or len(codecs) != 2 or sys.byteorder != "little":
+        return False
+    b, c = codecs
+    return (isinstance(b, BytesCodec) and getattr(b.endian, "value", b.endian) == "little"
+            and isinstance(c, BloscCodec) and getattr(c.cname, "value", c.cname) == "lz4"
+            and getattr(c.shuffle, "value", c.shuffle) == "shuffle" and c.typesize == 4)
+
+
+def _frame_scratch(n: int) -> np.ndarray:
+    """A uint8 buffer of n bytes owned by the calling thread (the frame of one chunk)."""
+    buf = getattr(_local, "frame", None)
+    if buf is None or buf.shape[0] < n:
+        buf = _local.frame = np.empty(n, dtype=np.uint8)
+    return buf[:n]
+
+
 def _readonly_bytes(chunk: np.ndarray) -> np.ndarray:
     """A read-only uint8 view of the chunk's bytes (google_crc32c takes read-only buffers only)."""
     view = np.ascontiguousarray(chunk).view(np.uint8).view()
@@ -519,6 +546,10 @@ class _ArrayWriter:
             self.mode = "block"
         if sink is not None and self.mode == "patch":
             self.mode = "block"  # objects are immutable: the block is re-put whole at each commit
+        # the rounded tier's chunks: Blosc frames written by a compiled kernel (rounding, byte
+        # shuffle and frame in one pass; kernels.shuffle_frame_into), not by c-blosc
+        self.frames = spec.row_chunked and self.mode != "zarr" and self.chunks[1] >= 128 and \
+            shuffled_lz4_frames(arr)
         self._dirty = False  # remote block mode: the block changed since its last put
         self._hw = -1  # remote: highest row index whose chunks this writer put (a new store)
         if spec.row_chunked:
@@ -574,18 +605,36 @@ class _ArrayWriter:
             tasks.append(functools.partial(self._put_chunk, (n, j), piece, keepbits))
         return tasks
 
-    def _put_chunk(self, coords, piece: np.ndarray, keepbits: int | None = None) -> None:
+    def _frame_parts(self, piece: np.ndarray, keepbits: int | None) -> list:
+        """The chunk of ``bitround(piece, keepbits)`` as [Blosc frame, crc32c] (a view of this
+        thread's frame buffer, valid until its next chunk) for a ``frames`` array."""
+        buf = _frame_scratch(kernels.frame_capacity(piece.shape[0]))
+        view = buf[: kernels.shuffle_frame_into(piece, keepbits, buf)].view()
+        view.flags.writeable = False  # google_crc32c takes read-only buffers only
+        return [view, _CRC.pack(google_crc32c.value(view))] if self.crc else [view]
+
+    def _chunk_bytes(self, piece: np.ndarray, keepbits: int | None) -> bytes:
+        if self.frames:
+            return b"".join(bytes(p) for p in self._frame_parts(piece, keepbits))
         if keepbits is not None:
             piece = kernels.bitround_into(piece, keepbits, _scratch(piece.shape[0]))
+        return self.encode(piece)
+
+    def _put_chunk(self, coords, piece: np.ndarray, keepbits: int | None = None) -> None:
         if self.shard is not None:
             shard, entry = self._shard_of(*coords)
+            if self.frames:
+                shard.put(entry, self._frame_parts(piece, keepbits))
+                return
+            if keepbits is not None:
+                piece = kernels.bitround_into(piece, keepbits, _scratch(piece.shape[0]))
             shard.put(entry, self.encode_parts(piece))
             return
         if self.sink is not None:  # one chunk object, staged (capture.sharded: each rank puts its own)
             self._hw = max(self._hw, coords[0])
-            self.sink.stage({self._rel(coords): self.encode(piece)})
+            self.sink.stage({self._rel(coords): self._chunk_bytes(piece, keepbits)})
             return
-        _put_direct(self._key(coords), self.encode(piece), self.durable)
+        _put_direct(self._key(coords), self._chunk_bytes(piece, keepbits), self.durable)
 
     def _put_row_remote(self, n: int, vec: np.ndarray, keepbits: int | None) -> None:
         """Encode row n's chunks and stage them: ``StoreWriter.append`` puts every array's
@@ -598,9 +647,7 @@ class _ArrayWriter:
                 pad = np.full(cw, self.fill, dtype=self.dtype)
                 pad[: piece.shape[0]] = piece
                 piece = pad
-            if keepbits is not None:
-                piece = kernels.bitround_into(piece, keepbits, _scratch(cw))
-            items[self._rel((n, j))] = self.encode(piece)
+            items[self._rel((n, j))] = self._chunk_bytes(piece, keepbits)
         self.sink.stage(items)
 
     def clear_row(self, n: int) -> None:
