@@ -193,11 +193,14 @@ def floors(model, tiers: list[str], root: Path) -> dict:
 
         def codec():
             encoded.clear()
-            for name, vec in (("grad", g), ("weight", w)):
+            sk_w = sw._sketchers.get("weight")
+            both = sk_w.both(g, w) if sk_w is not None and sk_w.twin is not None else None
+            for col, (name, vec) in enumerate((("grad", g), ("weight", w))):
                 t = sw.tiers[name]
                 if t.is_sketch:
                     sk = sw._sketchers[name]  # the writer's own compiled sketch and bit buffers
-                    parts = {f"{name}_sketch": sk(vec).astype(np.float32)}
+                    row = sk(vec) if both is None else both[:, col]  # both rows in one sweep
+                    parts = {f"{name}_sketch": row.astype(np.float32)}
                     sb, nz = sk.bits
                     kernels.pack_signs_into(vec, sb, nz)
                     parts[f"{name}_signbits"], parts[f"{name}_nonzero"] = sb, nz
@@ -208,10 +211,14 @@ def floors(model, tiers: list[str], root: Path) -> dict:
                     cw = aw.chunks[1]
                     for j in range(aw.n_col_chunks):
                         piece = row[j * cw:(j + 1) * cw]
+                        if piece.shape[0] < cw:
+                            piece = np.concatenate([piece, np.full(cw - piece.shape[0], aw.fill)])
+                        if aw.frames:  # the rounded tier's frames: rounding, shuffle and frame in one pass
+                            encoded.append(b"".join(bytes(p) for p in aw._frame_parts(piece, t.keepbits)))
+                            continue
                         if t.rounds:
                             piece = kernels.bitround_into(piece, int(t.keepbits), _scratch(piece.shape[0]))
-                        encoded.append(aw.encode(piece) if piece.shape[0] == cw else
-                                       aw.encode(np.concatenate([piece, np.full(cw - piece.shape[0], aw.fill)])))
+                        encoded.append(aw.encode(piece))
 
         out[f"codec {tier}"] = _median_s(codec) / d * 1e9
         sw.abort()

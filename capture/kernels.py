@@ -183,6 +183,13 @@ def _shuffle_frame_np(x, drop, block, out):
     return pos
 
 
+def _sketch2_np(x, y, starts, sizes, offsets, codes, code_starts, out):
+    for r, row in enumerate((x, y)):
+        col = np.zeros(out.shape[0])
+        _sketch_np(row, starts, sizes, offsets, codes, code_starts, col)
+        out[:, r] = col
+
+
 def _compile(numba):
     jit = numba.njit(nogil=True, fastmath=_FASTMATH, cache=True)
 
@@ -244,6 +251,32 @@ def _compile(numba):
                     out[o + (k >> 1)] -= v
                 else:
                     out[o + (k >> 1)] += v
+
+    @exact
+    def sketch2(x, y, starts, sizes, offsets, codes, code_starts, out):  # pragma: no cover - compiled
+        # both rows in one sweep: the hash codes are read once, and the two sums of a bucket
+        # share a cache line (out is (dim, 2)); each row's additions in index order, as sketch
+        for t in range(starts.shape[0]):
+            sx = x[starts[t]:starts[t] + sizes[t]]
+            sy = y[starts[t]:starts[t] + sizes[t]]
+            ot = out[offsets[t]:]
+            if code_starts[t] < 0:  # copied exactly
+                for i in range(sx.shape[0]):
+                    ot[i, 0] = np.float64(sx[i])
+                    ot[i, 1] = np.float64(sy[i])
+                continue
+            c = codes[code_starts[t]:code_starts[t] + sizes[t]]
+            for i in range(sx.shape[0]):
+                k = c[i]
+                j = k >> 1
+                v = np.float64(sx[i])
+                u = np.float64(sy[i])
+                if k & 1:
+                    ot[j, 0] -= v
+                    ot[j, 1] -= u
+                else:
+                    ot[j, 0] += v
+                    ot[j, 1] += u
 
     @exact
     def put_u32(out, pos, v):  # pragma: no cover - compiled
@@ -443,10 +476,10 @@ def _compile(numba):
         put_u32(out, 12, pos)
         return pos
 
-    return tensor_sums, bitround, sketch, shuffle_frame
+    return tensor_sums, bitround, sketch, shuffle_frame, sketch2
 
 
-_NUMPY = (_tensor_sums_np, _bitround_np, _sketch_np, _shuffle_frame_np)
+_NUMPY = (_tensor_sums_np, _bitround_np, _sketch_np, _shuffle_frame_np, _sketch2_np)
 _impl: tuple | None = None
 _lock = threading.Lock()
 BACKEND = ""  # "numba" or "numpy", set at the first call
@@ -513,6 +546,18 @@ def sketch_into(x: np.ndarray, starts, sizes, offsets, codes: np.ndarray, code_s
     """
     out[:] = 0.0
     (_impl or _get())[2](x, _idx(starts), _idx(sizes), _idx(offsets), codes, _idx(code_starts), out)
+    return out
+
+
+def sketch2_into(x: np.ndarray, y: np.ndarray, starts, sizes, offsets, codes: np.ndarray, code_starts,
+                 out: np.ndarray) -> np.ndarray:
+    """:func:`sketch_into` of two rows with the same plan at once: ``out[:, 0]`` the sketch of
+    ``x``, ``out[:, 1]`` that of ``y`` (``out`` float64 of shape (plan.dim, 2), C order),
+    each equal bit for bit to :func:`sketch_into` of its row. One sweep reads the hash codes
+    once and keeps a bucket's two sums in one cache line (gradient and weights of a
+    ``sketch`` tier on both)."""
+    out[:] = 0.0
+    (_impl or _get())[4](x, y, _idx(starts), _idx(sizes), _idx(offsets), codes, _idx(code_starts), out)
     return out
 
 

@@ -172,8 +172,17 @@ class _FastSketcher:
     instead of the 16 of an int64 bucket and a float64 sign.
     """
 
-    def __init__(self, tensors: Sequence[TensorInfo], plan: fmt.SketchPlan):
+    def __init__(self, tensors: Sequence[TensorInfo], plan: fmt.SketchPlan, twin: "_FastSketcher | None" = None):
         self.plan = plan
+        if twin is not None and twin.plan.to_json() == plan.to_json():
+            # the same hashes (gradient and weights of one sketch tier): shared, and both rows
+            # sketched in one sweep (:meth:`both`)
+            self.__dict__.update({k: twin.__dict__[k] for k in ("starts", "sizes", "offsets", "codes", "code_starts")})
+            self.twin = twin
+            self.out = np.empty(plan.dim, dtype=np.float64)
+            self.bits = tuple(np.empty_like(b) for b in twin.bits)
+            return
+        self.twin = None
         self.starts = np.array([t.offset for t in tensors], dtype=np.int64)
         self.sizes = np.array([t.size for t in tensors], dtype=np.int64)
         self.offsets = np.array(plan.offsets, dtype=np.int64)
@@ -193,6 +202,14 @@ class _FastSketcher:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return kernels.sketch_into(x, self.starts, self.sizes, self.offsets, self.codes, self.code_starts, self.out)
+
+    def both(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The sketches of two rows (columns 0 and 1; float64, bit for bit those of ``self(x)``
+        and ``self(y)``) in one sweep over the shared hash codes."""
+        out = getattr(self, "_out2", None)
+        if out is None:
+            out = self._out2 = np.empty((self.plan.dim, 2), dtype=np.float64)
+        return kernels.sketch2_into(x, y, self.starts, self.sizes, self.offsets, self.codes, self.code_starts, out)
 
 
 # --------------------------------------------------------------------------------------
@@ -973,7 +990,7 @@ class StoreWriter:
         for a, tier in self.tiers.items():
             if tier.is_sketch:
                 plan = fmt.sketch_plan(self.tensors, tier.sketch_dim, tier.seed)
-                self._sketchers[a] = _FastSketcher(self.tensors, plan)
+                self._sketchers[a] = _FastSketcher(self.tensors, plan, twin=self._sketchers.get("grad"))
         self.n_nonfinite = int(self.header.extra.get("n_nonfinite_steps", 0))
         self._last_step = self._read_last_step()
         self._n = self.header.n_steps  # rows written; header.n_steps is the committed count
@@ -1325,7 +1342,14 @@ class StoreWriter:
         else:
             tasks = []
         W = self._w
-        for name, vec in (("grad", grad), ("weight", weight)):
+        rows = [("grad", grad), ("weight", weight)]
+        sk_w = self._sketchers.get("weight")
+        if sk_w is not None and sk_w.twin is not None and grad is not None and weight is not None \
+                and not pre and self._pool is None:
+            # one sketch tier on both: both rows in one sweep (a pool runs them side by side)
+            tasks.append(functools.partial(self._write_sketch_rows, n, grad, weight))
+            rows = []
+        for name, vec in rows:
             if name in pre:
                 for arr, row in pre[name].items():
                     tasks.extend(W[arr].row_tasks(n, row))
@@ -1471,10 +1495,15 @@ class StoreWriter:
         """Rows written, committed or not (>= ``n_steps``)."""
         return self._n
 
-    def _write_sketch_row(self, name: str, n: int, vec: np.ndarray) -> None:
+    def _write_sketch_rows(self, n: int, grad: np.ndarray, weight: np.ndarray) -> None:
+        both = self._sketchers["weight"].both(grad, weight)
+        for col, (name, vec) in enumerate((("grad", grad), ("weight", weight))):
+            self._write_sketch_row(name, n, vec, both[:, col].astype(np.float32))
+
+    def _write_sketch_row(self, name: str, n: int, vec: np.ndarray, sketch: np.ndarray | None = None) -> None:
         sk = self._sketchers[name]
         W = self._w
-        W[fmt.sketch_array(name)].write_row(n, sk(vec).astype(np.float32))
+        W[fmt.sketch_array(name)].write_row(n, sk(vec).astype(np.float32) if sketch is None else sketch)
         sb, nz = sk.bits
         kernels.pack_signs_into(vec, sb, nz)
         W[fmt.signbits_array(name)].write_row(n, sb)

@@ -79,3 +79,26 @@ def test_the_store_writer_loads_the_scalar_kernel_at_setup(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_two_row_sketch_equals_each_rows_sketch_bit_for_bit(backend):
+    """``sketch2_into`` (gradient and weights in one sweep) gives, per column, the float64
+    sums of ``format.Sketcher`` and of ``sketch_into`` bit for bit, exact tensors included."""
+    from capture.writer import _FastSketcher
+    from gradtrace_format import format as fmt
+
+    rng = np.random.default_rng(8)
+    tensors = fmt.tensor_table([("big", (300, 40)), ("tiny", (3,)), ("mid", (700,)), ("bias", (40,))])
+    d = sum(t.size for t in tensors)
+    g, w = _data(rng, rows=4, cols=d)[2:]
+    g[17] = np.nan
+    plan = fmt.sketch_plan(tensors, 512, 3)
+    assert any(plan.exact) and not all(plan.exact)  # both kinds of tensor
+    sk = _FastSketcher(tensors, plan)
+    twin = _FastSketcher(tensors, plan, twin=sk)
+    assert twin.codes is sk.codes
+    both = twin.both(g, w).copy()
+    ref = fmt.Sketcher(tensors, plan)
+    for col, row in enumerate((g, w)):
+        np.testing.assert_array_equal(both[:, col], sk(row))
+        np.testing.assert_array_equal(both[:, col], ref(row))  # the format's numpy definition
