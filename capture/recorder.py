@@ -61,6 +61,11 @@ from capture.writer import StoreWriter
 __all__ = ["Recorder", "RecorderWriteError", "restore_weights", "model_table", "parse_tiers"]
 
 MODEL_REPR_CHARS = 2000
+#: seconds between commits while the writer keeps up: a commit (the root metadata rewritten by
+#: rename, ~0.3-0.5 ms here) at every fast step would cost the writer more than its chunks of
+#: a small model; rows are committed this long after the previous commit at the latest
+COMMIT_GAP = 0.05
+_COMMIT = ("commit",)  # a writer job: commit every written row now (flush)
 
 
 class RecorderWriteError(RuntimeError):
@@ -305,8 +310,9 @@ class Recorder:
             down to the writer's pace; ``"skip"`` returns at once and stores the step as a
             skipped row (``FLAG_SKIPPED``: step, loss and lr only), so training never waits.
         commit_interval: while the writer is behind, rows are committed (the marker that
-            readers and a resume trust) at most every this many seconds; whenever the writer
-            catches up, at once. A kill loses the uncommitted rows besides the queued ones.
+            readers and a resume trust) at most every this many seconds; while it keeps up,
+            ``COMMIT_GAP`` (0.05 s) after the previous commit at the latest, and at once on
+            ``flush()`` and ``close()``. A kill loses the uncommitted rows besides the queued ones.
         lag_band: keep the last L recorded gradients (float32, where they live: on the GPU when
             training there) and store ``grad_lag_dot`` = <G_r, G_(r-k)> for k = 1..L rows back,
             in float64 from the full-precision gradient: lag series and mean correlations for
@@ -969,9 +975,29 @@ class Recorder:
         last_commit = time.perf_counter()
         cpu0 = time.thread_time()
         while True:
-            job = self._jobs.get()
+            pending = self._error is None and writer.n_steps < writer.n_written
+            try:
+                # caught up with rows not yet committed: commit when COMMIT_GAP has passed since
+                # the last commit, or at once when flush asks (_COMMIT), whichever comes first
+                wait = max(0.0, last_commit + COMMIT_GAP - time.perf_counter()) if pending else None
+                job = self._jobs.get(timeout=wait)
+            except queue.Empty:
+                job = _COMMIT
             if job is None:
                 return
+            if job is _COMMIT:
+                try:
+                    if self._error is None:
+                        writer.commit()
+                except BaseException as err:  # noqa: BLE001 - re-raised in the training thread
+                    self._error = (err, writer.last_step)
+                    try:
+                        writer.abort()
+                    except BaseException:  # noqa: BLE001
+                        pass
+                last_commit = time.perf_counter()
+                self._writer_cpu_s = time.thread_time() - cpu0
+                continue
             step, slot, epoch, flags, skipped = job
             try:
                 if self._error is not None:
@@ -1010,7 +1036,9 @@ class Recorder:
                     if stored & fmt.FLAG_NONFINITE_GRAD:
                         self._nonfinite_steps.append(step)
                 now = time.perf_counter()
-                if self._jobs.empty() or now - last_commit >= self.commit_interval:
+                # behind: every commit_interval; caught up: once COMMIT_GAP has passed (the wait
+                # above commits a row that is left when no job comes)
+                if now - last_commit >= (COMMIT_GAP if self._jobs.empty() else self.commit_interval):
                     writer.commit()
                     last_commit = time.perf_counter()
                 self._writer_s += time.perf_counter() - t0
@@ -1084,8 +1112,7 @@ class Recorder:
                     break
                 time.sleep(0.002)
             if self._error is None:
-                # the writer commits when its queue empties; this covers a commit it skipped
-                # while the last job was still being taken
+                self._jobs.put(_COMMIT)  # commit now, not COMMIT_GAP after the last commit
                 while self.writer.n_steps < self.writer.n_written and self._error is None:
                     time.sleep(0.002)
         finally:

@@ -352,3 +352,33 @@ def test_cuda_path_pinned_non_blocking_copies_are_exact(tmp_path):
         np.testing.assert_array_equal(ds.weight.values[i], w)
     assert np.isfinite(ds.loss.values[:6]).all()
     assert fmt.read_header(tmp_path / "gpu.zarr").settings["device"].startswith("cuda")
+
+
+def test_a_writer_that_keeps_up_commits_within_the_gap_not_at_every_step(tmp_path, monkeypatch):
+    """Fast steps share commits (the marker is rewritten at most every COMMIT_GAP while the
+    writer keeps up), rows left uncommitted are committed COMMIT_GAP later without any call,
+    and flush() commits at once."""
+    import time
+
+    from capture import recorder as rmod
+
+    monkeypatch.setattr(rmod, "COMMIT_GAP", 0.3)
+    headers = []
+    real = cw.StoreWriter._write_header
+    monkeypatch.setattr(cw.StoreWriter, "_write_header", lambda self: (headers.append(self.n_steps), real(self))[1])
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    with Recorder(model, tmp_path / "r.zarr", optimizer=opt) as rec:
+        train(model, opt, rec, 1, x=x, y=y)
+        time.sleep(0.6)
+        assert rec.writer.n_steps == 1  # committed by the writer's own wait, no flush
+        n_before = len(headers)
+        t0 = time.perf_counter()
+        train(model, opt, rec, 10, start=1, x=x, y=y)
+        fast = time.perf_counter() - t0 < 0.25
+        rec.flush()
+        assert rec.writer.n_steps == 11
+        if fast:  # ten steps inside one gap: one commit for them (and flush's), not ten
+            assert len(headers) - n_before <= 2, headers[n_before:]
