@@ -183,6 +183,36 @@ def _shuffle_frame_np(x, drop, block, out):
     return pos
 
 
+def _plain_frame_np(x, block, out):
+    bits = x.view(np.uint32)
+    n = bits.shape[0]
+    nfull, left = divmod(n, block)
+    nblocks = nfull + (left > 0)
+    parts, starts = [], []
+    pos = 16 + 4 * nblocks
+    for b in range(nblocks):
+        starts.append(pos)
+        w = bits[b * block:(b + 1) * block]
+        raw = w.view(np.uint8)
+        if b == nfull:  # a leftover block: one stream, raw
+            parts += [np.int32(raw.size).tobytes(), raw.tobytes()]
+            pos += 4 + raw.size
+            continue
+        sparse = np.count_nonzero(w == 0) * 8 >= block
+        for j in range(4):
+            p = raw[j * block:(j + 1) * block]
+            enc = p.tobytes()
+            if sparse:
+                runs = _lz4_zero_runs_np(p)
+                enc = runs if len(runs) < block else enc
+            parts += [np.int32(len(enc)).tobytes(), enc]
+            pos += 4 + len(enc)
+    head = np.array([2, 1, 0x20, 4], dtype=np.uint8).tobytes()
+    head += np.array([4 * n, 4 * block, pos], dtype="<u4").tobytes() + np.array(starts, dtype="<i4").tobytes()
+    out[:pos] = np.frombuffer(head + b"".join(parts), dtype=np.uint8)
+    return pos
+
+
 def _sketch2_np(x, y, starts, sizes, offsets, codes, code_starts, out):
     for r, row in enumerate((x, y)):
         col = np.zeros(out.shape[0])
@@ -191,6 +221,9 @@ def _sketch2_np(x, y, starts, sizes, offsets, codes, code_starts, out):
 
 
 def _compile(numba):
+    # helpers the frame kernels call are module globals: numba's disk cache keys a function
+    # by its closure variables, and a dispatcher in a closure misses the cache in every process
+    global _nb_put_u32, _nb_lz4_run, _nb_lz4_len, _nb_lz4_seq, _nb_lz4_ext, _nb_lz4_zero_runs
     jit = numba.njit(nogil=True, fastmath=_FASTMATH, cache=True)
 
     @jit
@@ -279,14 +312,14 @@ def _compile(numba):
                     ot[j, 1] += u
 
     @exact
-    def put_u32(out, pos, v):  # pragma: no cover - compiled
+    def _nb_put_u32(out, pos, v):  # pragma: no cover - compiled
         out[pos] = v & 0xFF
         out[pos + 1] = (v >> 8) & 0xFF
         out[pos + 2] = (v >> 16) & 0xFF
         out[pos + 3] = (v >> 24) & 0xFF
 
     @exact
-    def lz4_run(out, pos, n, v):  # pragma: no cover - compiled
+    def _nb_lz4_run(out, pos, n, v):  # pragma: no cover - compiled
         extra = n - 10
         p = pos
         out[p] = 16 | (15 if extra >= 15 else extra)
@@ -308,7 +341,7 @@ def _compile(numba):
         return p + 6 - pos
 
     @exact
-    def lz4_len(dst, o, r):  # pragma: no cover - compiled
+    def _nb_lz4_len(dst, o, r):  # pragma: no cover - compiled
         while r >= 255:
             dst[o] = 255
             o += 1
@@ -317,13 +350,13 @@ def _compile(numba):
         return o + 1
 
     @exact
-    def lz4_seq(dst, o, src, a, lit, ml):  # pragma: no cover - compiled
+    def _nb_lz4_seq(dst, o, src, a, lit, ml):  # pragma: no cover - compiled
         """One LZ4 sequence: ``lit`` literals from src[a:], then (ml > 0) a match of offset 1."""
         tm = 0 if ml == 0 else (15 if ml - 4 >= 15 else ml - 4)
         dst[o] = ((15 if lit >= 15 else lit) << 4) | tm
         o += 1
         if lit >= 15:
-            o = lz4_len(dst, o, lit - 15)
+            o = _nb_lz4_len(dst, o, lit - 15)
         d = dst[o:o + lit]  # a loop over two slices from 0 compiles to a vector copy; a
         s = src[a:a + lit]  # slice assignment copies element by element, 25x slower
         for k in range(lit):
@@ -334,15 +367,15 @@ def _compile(numba):
             dst[o + 1] = 0
             o += 2
             if ml - 4 >= 15:
-                o = lz4_len(dst, o, ml - 19)
+                o = _nb_lz4_len(dst, o, ml - 19)
         return o
 
     @exact
-    def lz4_ext(r):  # pragma: no cover - compiled
+    def _nb_lz4_ext(r):  # pragma: no cover - compiled
         return 0 if r < 15 else (r - 15) // 255 + 1
 
     @exact
-    def lz4_zero_runs(src, dst, minrun, runs):  # pragma: no cover - compiled
+    def _nb_lz4_zero_runs(src, dst, minrun, runs):  # pragma: no cover - compiled
         """``_lz4_zero_runs_np`` into ``dst`` when shorter than ``src``; returns its length, or
         ``len(src)`` without writing when it would not be shorter. A run of >= minrun (>= 16)
         zero bytes holds a zero 8-byte word at an 8-aligned offset, so the scan tests words
@@ -373,13 +406,13 @@ def _compile(numba):
                 j = last_end
             if j - i >= minrun and i + 1 <= last_start:
                 lit, ml = i + 1 - anchor, j - i - 1
-                size += 3 + lz4_ext(lit) + lit + (lz4_ext(ml - 4) if ml - 4 >= 15 else 0)
+                size += 3 + _nb_lz4_ext(lit) + lit + (_nb_lz4_ext(ml - 4) if ml - 4 >= 15 else 0)
                 runs[2 * nr] = i
                 runs[2 * nr + 1] = j
                 nr += 1
                 anchor = j
             w = max(w + 1, (j + 7) // 8)
-        size += 1 + lz4_ext(n - anchor) + n - anchor
+        size += 1 + _nb_lz4_ext(n - anchor) + n - anchor
         if size >= n:
             return n
         o = 0
@@ -387,9 +420,9 @@ def _compile(numba):
         for r in range(nr):
             i = runs[2 * r]
             j = runs[2 * r + 1]
-            o = lz4_seq(dst, o, src, anchor, i + 1 - anchor, j - i - 1)
+            o = _nb_lz4_seq(dst, o, src, anchor, i + 1 - anchor, j - i - 1)
             anchor = j
-        return lz4_seq(dst, o, src, anchor, n - anchor, 0)
+        return _nb_lz4_seq(dst, o, src, anchor, n - anchor, 0)
 
     @exact
     def shuffle_frame(x, drop, block, out):  # pragma: no cover - compiled
@@ -409,7 +442,7 @@ def _compile(numba):
         runs = np.empty(2 * (block // 16 + 1), dtype=np.int64)
         pos = 16 + 4 * nblocks
         for b in range(nblocks):
-            put_u32(out, 16 + 4 * b, pos)
+            _nb_put_u32(out, 16 + 4 * b, pos)
             m = block if b < nfull else left
             seg = bits[b * block:b * block + m]
             t = tmp[:m]
@@ -433,7 +466,7 @@ def _compile(numba):
                     acc_and &= v
                     zeros += v == 0
             if b == nfull:  # a leftover block: one stream (its four planes in a row), raw
-                put_u32(out, pos, 4 * m)
+                _nb_put_u32(out, pos, 4 * m)
                 pos += 4
                 for j in range(4):
                     sh = np.uint32(8 * j)
@@ -446,22 +479,22 @@ def _compile(numba):
                 sh = np.uint32(8 * j)
                 hi = (acc_or >> sh) & np.uint32(0xFF)
                 if hi == ((acc_and >> sh) & np.uint32(0xFF)):  # one byte value: an LZ4 run
-                    k = lz4_run(out, pos + 4, block, hi)
-                    put_u32(out, pos, k)
+                    k = _nb_lz4_run(out, pos + 4, block, hi)
+                    _nb_put_u32(out, pos, k)
                     pos += 4 + k
                 elif zeros * 8 >= block:  # an eighth of the entries zero: look for runs
                     for i in range(block):
                         plane[i] = np.uint8((t[i] >> sh) & np.uint32(0xFF))
-                    k = lz4_zero_runs(plane, out[pos + 4:], 16, runs)
+                    k = _nb_lz4_zero_runs(plane, out[pos + 4:], 16, runs)
                     if k >= block:  # no gain: the plane raw
                         k = block
                         dst = out[pos + 4:pos + 4 + block]
                         for i in range(block):
                             dst[i] = plane[i]
-                    put_u32(out, pos, k)
+                    _nb_put_u32(out, pos, k)
                     pos += 4 + k
                 else:
-                    put_u32(out, pos, block)
+                    _nb_put_u32(out, pos, block)
                     pos += 4
                     dst = out[pos:pos + block]
                     for i in range(block):
@@ -471,15 +504,68 @@ def _compile(numba):
         out[1] = 1
         out[2] = 0x21
         out[3] = 4
-        put_u32(out, 4, 4 * n)
-        put_u32(out, 8, 4 * block)
-        put_u32(out, 12, pos)
+        _nb_put_u32(out, 4, 4 * n)
+        _nb_put_u32(out, 8, 4 * block)
+        _nb_put_u32(out, 12, pos)
         return pos
 
-    return tensor_sums, bitround, sketch, shuffle_frame, sketch2
+    @exact
+    def plain_frame(x, block, out):  # pragma: no cover - compiled
+        # _plain_frame_np: no shuffle; each block split in four byte ranges, as c-blosc splits
+        bits = x.view(np.uint32)
+        xb = x.view(np.uint8)
+        n = bits.shape[0]
+        nfull = n // block
+        left = n - nfull * block
+        nblocks = nfull + (1 if left > 0 else 0)
+        neb = block  # bytes per split: 4 * block bytes in 4 splits
+        plane = np.empty(neb, dtype=np.uint8)
+        runs = np.empty(2 * (neb // 16 + 1), dtype=np.int64)
+        pos = 16 + 4 * nblocks
+        for b in range(nblocks):
+            _nb_put_u32(out, 16 + 4 * b, pos)
+            m = block if b < nfull else left
+            seg = bits[b * block:b * block + m]
+            zeros = 0
+            for i in range(m):
+                zeros += seg[i] == 0
+            if b == nfull:  # a leftover block: one stream, raw
+                _nb_put_u32(out, pos, 4 * m)
+                pos += 4
+                src = xb[4 * b * block:4 * b * block + 4 * m]
+                dst = out[pos:pos + 4 * m]
+                for i in range(4 * m):
+                    dst[i] = src[i]
+                pos += 4 * m
+                continue
+            for j in range(4):
+                src = xb[4 * b * block + j * neb:4 * b * block + (j + 1) * neb]
+                k = neb
+                if zeros * 8 >= block:  # an eighth of the entries zero: look for runs
+                    for i in range(neb):
+                        plane[i] = src[i]
+                    k = _nb_lz4_zero_runs(plane, out[pos + 4:], 16, runs)
+                _nb_put_u32(out, pos, min(k, neb))
+                pos += 4
+                if k >= neb:  # no gain: the bytes as they are
+                    dst = out[pos:pos + neb]
+                    for i in range(neb):
+                        dst[i] = src[i]
+                    k = neb
+                pos += k
+        out[0] = 2
+        out[1] = 1
+        out[2] = 0x20
+        out[3] = 4
+        _nb_put_u32(out, 4, 4 * n)
+        _nb_put_u32(out, 8, 4 * block)
+        _nb_put_u32(out, 12, pos)
+        return pos
+
+    return tensor_sums, bitround, sketch, shuffle_frame, sketch2, plain_frame
 
 
-_NUMPY = (_tensor_sums_np, _bitround_np, _sketch_np, _shuffle_frame_np, _sketch2_np)
+_NUMPY = (_tensor_sums_np, _bitround_np, _sketch_np, _shuffle_frame_np, _sketch2_np, _plain_frame_np)
 _impl: tuple | None = None
 _lock = threading.Lock()
 BACKEND = ""  # "numba" or "numpy", set at the first call
@@ -600,3 +686,19 @@ def shuffle_frame_into(x: np.ndarray, keepbits: int | None, out: np.ndarray, blo
     drop = 0 if keepbits is None or keepbits >= 23 else 23 - int(keepbits)
     block = min(int(block), n)  # a Blosc block is never longer than its chunk
     return int((_impl or _get())[3](x, drop, block, out))
+
+
+def plain_frame_into(x: np.ndarray, out: np.ndarray, block: int = FRAME_BLOCK) -> int:
+    """The Blosc chunk (lz4, no shuffle, typesize 4) of the float32 ``x`` written into the
+    uint8 ``out``; returns its length. The lossless tier's frames, as
+    :func:`shuffle_frame_into` makes the rounded tier's: each block split in four byte ranges
+    as c-blosc splits it; a split is an LZ4 block of literals and runs of 16+ zero bytes (the
+    exact zeros of ReLU gradients) when its block has an eighth of its entries zero and that
+    is shorter, else its bytes as they are. Decoded: ``x`` bit for bit."""
+    n = x.shape[0]
+    if n < 128 or block < 128:
+        raise ValueError(f"a Blosc frame of split blocks needs at least 128 entries and blocks of 128 (got {n}, {block})")
+    block = min(int(block), n)
+    if out.shape[0] < frame_capacity(n, block):
+        raise ValueError(f"the frame buffer holds {out.shape[0]} bytes, {frame_capacity(n, block)} needed")
+    return int((_impl or _get())[5](x, block, out))

@@ -371,10 +371,12 @@ def codecs_encoder(codecs: list, dtype, parts: bool = False) -> Callable[[np.nda
     return lambda chunk: with_crc32c(enc(chunk))
 
 
-def shuffled_lz4_frames(arr: zarr.Array) -> bool:
-    """True when ``arr``'s chunks are float32 ``bytes`` (little endian) + Blosc lz4 with byte
-    shuffle, typesize 4 (+ crc32c), as the rounded tier stores them, inside shards or not:
-    the writer then encodes them with :func:`capture.kernels.shuffle_frame_into`."""
+def lz4_frames(arr: zarr.Array) -> str | None:
+    """``"shuffle"`` when ``arr``'s chunks are float32 ``bytes`` (little endian) + Blosc lz4
+    with byte shuffle, typesize 4 (+ crc32c), as the rounded tier stores them, ``"plain"``
+    for the same without shuffle (the lossless tier), inside shards or not; None otherwise.
+    The writer encodes the first with :func:`capture.kernels.shuffle_frame_into`, the second
+    with :func:`capture.kernels.plain_frame_into`."""
     from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 
     codecs = list(arr.metadata.codecs)
@@ -383,11 +385,12 @@ def shuffled_lz4_frames(arr: zarr.Array) -> bool:
     if codecs and isinstance(codecs[-1], Crc32cCodec):
         codecs = codecs[:-1]
     if np.dtype(arr.dtype) != np.float32 or len(codecs) != 2 or sys.byteorder != "little":
-        return False
+        return None
     b, c = codecs
-    return (isinstance(b, BytesCodec) and getattr(b.endian, "value", b.endian) == "little"
-            and isinstance(c, BloscCodec) and getattr(c.cname, "value", c.cname) == "lz4"
-            and getattr(c.shuffle, "value", c.shuffle) == "shuffle" and c.typesize == 4)
+    if not (isinstance(b, BytesCodec) and getattr(b.endian, "value", b.endian) == "little"
+            and isinstance(c, BloscCodec) and getattr(c.cname, "value", c.cname) == "lz4" and c.typesize == 4):
+        return None
+    return {"shuffle": "shuffle", "noshuffle": "plain"}.get(getattr(c.shuffle, "value", c.shuffle))
 
 
 def _frame_scratch(n: int) -> np.ndarray:
@@ -563,10 +566,11 @@ class _ArrayWriter:
             self.mode = "block"
         if sink is not None and self.mode == "patch":
             self.mode = "block"  # objects are immutable: the block is re-put whole at each commit
-        # the rounded tier's chunks: Blosc frames written by a compiled kernel (rounding, byte
-        # shuffle and frame in one pass; kernels.shuffle_frame_into), not by c-blosc
-        self.frames = spec.row_chunked and self.mode != "zarr" and self.chunks[1] >= 128 and \
-            shuffled_lz4_frames(arr)
+        # the rounded and lossless tiers' chunks: Blosc frames written by a compiled kernel
+        # (rounding, shuffle and frame in one pass; kernels.shuffle_frame_into and
+        # plain_frame_into), not by c-blosc; None: through self.encode
+        self.frames = lz4_frames(arr) if spec.row_chunked and self.mode != "zarr" and self.chunks[1] >= 128 \
+            else None
         self._dirty = False  # remote block mode: the block changed since its last put
         self._hw = -1  # remote: highest row index whose chunks this writer put (a new store)
         if spec.row_chunked:
@@ -626,7 +630,13 @@ class _ArrayWriter:
         """The chunk of ``bitround(piece, keepbits)`` as [Blosc frame, crc32c] (a view of this
         thread's frame buffer, valid until its next chunk) for a ``frames`` array."""
         buf = _frame_scratch(kernels.frame_capacity(piece.shape[0]))
-        view = buf[: kernels.shuffle_frame_into(piece, keepbits, buf)].view()
+        if self.frames == "plain":
+            if keepbits is not None:  # not a pipeline the format makes; kept exact all the same
+                piece = kernels.bitround_into(piece, keepbits, _scratch(piece.shape[0]))
+            n = kernels.plain_frame_into(piece, buf)
+        else:
+            n = kernels.shuffle_frame_into(piece, keepbits, buf)
+        view = buf[:n].view()
         view.flags.writeable = False  # google_crc32c takes read-only buffers only
         return [view, _CRC.pack(google_crc32c.value(view))] if self.crc else [view]
 

@@ -63,10 +63,11 @@ Chunks and codecs (readers need not know them: Zarr records them per array):
   stores made with ``StoreWriter(shard_files=False)`` have one object per chunk, keyed
   ``c.<row>.<col>``, in one flat directory per array.
   Lossless values: Blosc lz4, clevel 1, no shuffle (``lossless:bitshuffle``: bit-shuffle);
-  rounded: Blosc lz4, clevel 1, byte-shuffle (gradtrace's writer makes these frames itself:
-  a byte plane of one value, or with runs of 16+ zero bytes, is LZ4, any other plane stored
-  as it is; any Blosc decoder reads them); raw (``lossless:raw``): no compressor; bit planes:
-  Blosc lz4, clevel 5, no shuffle. Every chunk ends with its crc32c.
+  rounded: Blosc lz4, clevel 1, byte-shuffle; raw (``lossless:raw``): no compressor; bit
+  planes: Blosc lz4, clevel 5, no shuffle. Every chunk ends with its crc32c. gradtrace's
+  writer makes the lossless and rounded Blosc frames itself (``capture.kernels``): a split
+  of one byte value, or with runs of 16+ zero bytes, is LZ4, any other split stored as it
+  is; any Blosc decoder reads them.
 * per-step arrays: ``(4096,)`` rows per chunk; per-step-per-tensor arrays: as many rows as
   keep a chunk near 64 KiB (:func:`scalar_chunk_rows`). Stored uncompressed (8 bytes per
   value), so the writer updates a step by writing that row's bytes in place: a chunk file is

@@ -1,5 +1,6 @@
-"""The rounded tier's Blosc frames (capture.kernels.shuffle_frame_into): written by a compiled
-kernel instead of c-blosc, read by every Blosc decoder as the values format.bitround gives."""
+"""The rounded and lossless tiers' Blosc frames (capture.kernels.shuffle_frame_into,
+plain_frame_into): written by a compiled kernel instead of c-blosc, read by every Blosc
+decoder as the values format.bitround gives (the values themselves for lossless)."""
 
 from __future__ import annotations
 
@@ -63,15 +64,32 @@ def test_frames_decode_to_bitround_bit_for_bit(backend, n, block, keepbits):
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+@pytest.mark.parametrize("n, block", [(128, 16384), (1003, 16384), (16384, 16384), (3 * 16384 + 136, 16384),
+                                      (5000, 512), (262144, 16384)])
+def test_plain_frames_decode_to_the_values_bit_for_bit(backend, n, block):
+    rng = np.random.default_rng(n)
+    x = _gradient_like(rng, n)
+    out = np.full(kernels.frame_capacity(n, block), 0xAB, dtype=np.uint8)
+    frame = out[: kernels.plain_frame_into(x, out, block)]
+    got = np.frombuffer(Blosc("lz4", 1, Blosc.NOSHUFFLE).decode(frame.tobytes()), dtype=np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), x.view(np.uint32))
+
+
 def test_backends_write_the_same_bytes(monkeypatch):
     rng = np.random.default_rng(1)
     cases = [(_gradient_like(rng, n), keepbits) for n, keepbits in
              [(3 * 16384 + 136, 7), (20000, 10), (16384, None), (4096, 3), (1003, 7)]]
+
+    def plain(x):
+        out = np.empty(kernels.frame_capacity(x.size), dtype=np.uint8)
+        return out[: kernels.plain_frame_into(x, out)].tobytes()
+
     use_backend(kernels, "numba", monkeypatch)
-    compiled = [_frame(x, keepbits).tobytes() for x, keepbits in cases]
+    compiled = [(_frame(x, keepbits).tobytes(), plain(x)) for x, keepbits in cases]
     use_backend(kernels, "numpy", monkeypatch)
-    for (x, keepbits), a in zip(cases, compiled):
+    for (x, keepbits), (a, b) in zip(cases, compiled):
         assert _frame(x, keepbits).tobytes() == a, (x.size, keepbits)
+        assert plain(x) == b, x.size
 
 
 @pytest.mark.parametrize("value", [0.0, -0.0, 1.0, -3.5e-7])
@@ -133,22 +151,27 @@ def test_frames_are_at_most_an_eighth_larger_than_c_blosc():
         assert ours < 0.55 * 4 * n  # the two zero planes are gone
 
 
-def test_a_rounded_store_reads_the_same_through_every_reader(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tiers, keep", [(("rounded:7", "rounded:10"), (7, 10)), (("lossless", "lossless"), (None, None))])
+def test_a_store_of_frames_reads_the_same_through_every_reader(tmp_path, tiers, keep):
     """A store written with frames: zarr-python, zarrs (gradtrace's reader) and plain
-    xarray.open_zarr all give format.bitround of the rows."""
+    xarray.open_zarr all give format.bitround of the rows (lossless: the rows)."""
     from analysis.store import ArrayRef, open_run, zarrs_available
 
     rng = np.random.default_rng(3)
     tensors = fmt.tensor_table([("a", (600,)), ("b", (40, 10)), ("c", (3,))])
     d = sum(t.size for t in tensors)
     rows = [(_gradient_like(rng, d), rng.standard_normal(d).astype(np.float32)) for _ in range(5)]
-    sw = StoreWriter(tmp_path / "r.zarr", tensors, {"grad": "rounded:7", "weight": "rounded:10"}, param_chunk=256)
-    assert sw._w["grad"].frames and sw._w["weight"].frames
+    sw = StoreWriter(tmp_path / "r.zarr", tensors, dict(zip(("grad", "weight"), tiers)), param_chunk=256)
+    assert sw._w["grad"].frames == sw._w["weight"].frames == ("plain" if keep[0] is None else "shuffle")
     for t, (g, w) in enumerate(rows):
         sw.append(t, g, w, loss=1.0, lr=0.1)
     sw.close()
-    want_g = np.stack([fmt.bitround(g, 7) for g, _ in rows]).view(np.uint32)
-    want_w = np.stack([fmt.bitround(w, 10) for _, w in rows]).view(np.uint32)
+
+    def stored(x, k):
+        return x if k is None else fmt.bitround(x, k)
+
+    want_g = np.stack([stored(g, keep[0]) for g, _ in rows]).view(np.uint32)
+    want_w = np.stack([stored(w, keep[1]) for _, w in rows]).view(np.uint32)
     plain = xr.open_zarr(tmp_path / "r.zarr", consolidated=False)
     np.testing.assert_array_equal(plain["grad"].values[:5].view(np.uint32), want_g)
     np.testing.assert_array_equal(plain["weight"].values[:5].view(np.uint32), want_w)
