@@ -571,6 +571,7 @@ class _ArrayWriter:
         # plain_frame_into), not by c-blosc; None: through self.encode
         self.frames = lz4_frames(arr) if spec.row_chunked and self.mode != "zarr" and self.chunks[1] >= 128 \
             else None
+        self._frame_cap = kernels.frame_capacity(self.chunks[1]) if self.frames else 0
         self._dirty = False  # remote block mode: the block changed since its last put
         self._hw = -1  # remote: highest row index whose chunks this writer put (a new store)
         if spec.row_chunked:
@@ -629,7 +630,7 @@ class _ArrayWriter:
     def _frame_parts(self, piece: np.ndarray, keepbits: int | None) -> list:
         """The chunk of ``bitround(piece, keepbits)`` as [Blosc frame, crc32c] (a view of this
         thread's frame buffer, valid until its next chunk) for a ``frames`` array."""
-        buf = _frame_scratch(kernels.frame_capacity(piece.shape[0]))
+        buf = _frame_scratch(self._frame_cap)
         if self.frames == "plain":
             if keepbits is not None:  # not a pipeline the format makes; kept exact all the same
                 piece = kernels.bitround_into(piece, keepbits, _scratch(piece.shape[0]))
@@ -783,7 +784,9 @@ class _ArrayWriter:
         damages nothing committed."""
         buf = self._blockbuf
         buf[i * self.row_bytes: i * self.row_bytes + len(data)] = data
-        crc = _CRC.pack(google_crc32c.value(bytes(buf)))
+        view = np.frombuffer(buf, dtype=np.uint8).view()  # no copy of the block per row
+        view.flags.writeable = False  # google_crc32c takes read-only buffers only
+        crc = _CRC.pack(google_crc32c.value(view))
         if os.pwrite(self._fd, crc, len(buf)) != 4:
             raise OSError("short write of a chunk checksum")
 
