@@ -62,7 +62,8 @@ from capture.writer import StoreWriter  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Consolidated metadata")  # printed at every close
 
-TIERS = ["lossless", "rounded:12", "rounded:10", "rounded:7", "rounded:4", "sketch:262144", "sketch:16384"]
+TIERS = ["lossless", "rounded:12", "rounded:10", "rounded:7", "rounded:7:small", "rounded:4", "sketch:262144",
+         "sketch:16384"]
 
 
 def real_rows(rows: int, hw: int, batch: int, every: int = 3, warmup: int = 10):

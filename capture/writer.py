@@ -571,6 +571,8 @@ class _ArrayWriter:
         # plain_frame_into), not by c-blosc; None: through self.encode
         self.frames = lz4_frames(arr) if spec.row_chunked and self.mode != "zarr" and self.chunks[1] >= 128 \
             else None
+        if spec.attrs.get("gradtrace_tier", {}).get("small"):
+            self.frames = None  # rounded:K:small: c-blosc's LZ4 search over every plane
         self._frame_cap = kernels.frame_capacity(self.chunks[1]) if self.frames else 0
         self._dirty = False  # remote block mode: the block changed since its last put
         self._hw = -1  # remote: highest row index whose chunks this writer put (a new store)

@@ -509,6 +509,12 @@ class Tier:
             Smaller on dense float data (gradients without exact zeros), at 3-4x the encode
             CPU of plain lz4, which already compresses the runs of exact zeros that ReLU
             networks' gradients hold (README, fidelity tiers, has the measured sizes).
+        small: ``rounded`` only (``"rounded:7:small"``): the writer lets c-blosc search every
+            byte plane for LZ4 matches, the sign-and-exponent plane included: ~20-30% smaller
+            chunks of gradients (rounded:7 on a CNN: 1.27 against 1.64 bytes per entry) at
+            1.5-2 ns more writer CPU per entry. Without it the writer's own frames store that
+            plane as it is (``capture.kernels.shuffle_frame_into``). The same codec either way:
+            readers see no difference.
     """
 
     name: str = "lossless"
@@ -517,6 +523,7 @@ class Tier:
     seed: int = 0
     compress: bool = True
     bitshuffle: bool = False
+    small: bool = False
 
     def __post_init__(self):
         if self.name not in TIERS:
@@ -531,6 +538,8 @@ class Tier:
             raise ValueError(f"compress=False is an option of the lossless tier only, not of {self.name!r}")
         if self.bitshuffle and (not self.is_lossless or not self.compress):
             raise ValueError("bitshuffle=True is an option of the compressed lossless tier only")
+        if self.small and not self.rounds:
+            raise ValueError(f"small=True is an option of the rounded tier only, not of {self.name!r}")
 
     @property
     def kind(self) -> TierKind:
@@ -560,8 +569,9 @@ class Tier:
 
     @classmethod
     def parse(cls, spec: "str | Tier | dict") -> "Tier":
-        """``"lossless"``, ``"lossless:raw"``, ``"rounded"``, ``"rounded:10"``, ``"sketch"``,
-        ``"sketch:4096"``, ``"lossless:bitshuffle"``, a dict or a Tier."""
+        """``"lossless"``, ``"lossless:raw"``, ``"rounded"``, ``"rounded:10"``,
+        ``"rounded:7:small"``, ``"sketch"``, ``"sketch:4096"``, ``"lossless:bitshuffle"``, a
+        dict or a Tier."""
         if isinstance(spec, Tier):
             return spec
         if isinstance(spec, dict):
@@ -575,6 +585,17 @@ class Tier:
                 f"unknown fidelity tier {spec!r}: use 'lossless[:raw]', 'rounded[:KEEPBITS]' or 'sketch[:K]'"
             )
         kind = TierKind(name)
+        if kind is TierKind.ROUNDED:
+            parts = [a.strip().lower() for a in arg.split(":")] if arg else []
+            small = "small" in parts
+            rest = [a for a in parts if a != "small"]
+            if len(rest) > 1:
+                raise ValueError(f"tier {spec!r}: the rounded tier takes ':KEEPBITS', ':small' or both")
+            try:
+                keep = int(rest[0]) if rest else DEFAULT_KEEPBITS
+            except ValueError as err:
+                raise ValueError(f"tier {spec!r}: use 'rounded:KEEPBITS' (an integer) and/or ':small'") from err
+            return cls(name, keepbits=keep, small=small)
         if not arg:
             return cls(name)
         if kind is TierKind.LOSSLESS:
@@ -591,8 +612,6 @@ class Tier:
             val = int(arg)
         except ValueError as err:
             raise ValueError(f"tier {spec!r}: the part after ':' must be an integer") from err
-        if kind is TierKind.ROUNDED:
-            return cls(name, keepbits=val)
         return cls(name, sketch_dim=val)
 
     def to_json(self) -> dict:
@@ -604,6 +623,8 @@ class Tier:
         if self.rounds:
             d["keepbits"] = int(self.keepbits)
             d["max_rel_error"] = 2.0 ** -(int(self.keepbits) + 1)
+            if self.small:
+                d["small"] = True
         if self.is_sketch:
             d["sketch_dim"] = int(self.sketch_dim)
             d["seed"] = int(self.seed)
@@ -618,6 +639,7 @@ class Tier:
             seed=int(d.get("seed", 0)),
             compress=bool(d.get("compress", True)),
             bitshuffle=bool(d.get("bitshuffle", False)),
+            small=bool(d.get("small", False)),
         )
 
     @property
@@ -1045,7 +1067,8 @@ def array_specs(
         else:
             plan = sketch_plan(tensors, tier.sketch_dim, tier.seed)
             sk = plan.dim
-            skc = min(sk, pc) if layout is None else param_chunk_width(sk, param_chunk)
+            # equal chunks (a sketch just past a chunk's width made a second chunk mostly fill)
+            skc = param_chunk_width(sk, param_chunk)
             tattrs = {**tattrs, "sketch_plan": plan.to_json()}
             specs.append(
                 ArraySpec(sketch_array(a), (STEP_DIM, SKETCH_DIM), "float32", float("nan"), sk, skc, "lossless", tattrs)

@@ -181,3 +181,34 @@ def test_a_store_of_frames_reads_the_same_through_every_reader(tmp_path, tiers, 
         arr = ArrayRef(str(tmp_path / "r.zarr"), "grad", zarrs=True).open()
         np.testing.assert_array_equal(np.asarray(arr[:5]).view(np.uint32), want_g)
     np.testing.assert_array_equal(run.natural("grad", 4).values.view(np.uint32), want_g[4])
+
+
+def test_rounded_small_keeps_c_bloscs_search_and_smaller_chunks(tmp_path):
+    """``rounded:7:small``: the same codec and values, chunks from c-blosc's LZ4 search over
+    every byte plane (smaller on gradients with scattered zeros); the tier says so in the store."""
+    assert fmt.Tier.parse("rounded:7:small") == fmt.Tier("rounded", keepbits=7, small=True)
+    assert fmt.Tier.parse("rounded:small") == fmt.Tier("rounded", small=True)
+    assert fmt.Tier.from_json(fmt.Tier.parse("rounded:9:small").to_json()).small
+    for bad in ("rounded:7:tiny", "rounded:7:8"):
+        with pytest.raises(ValueError, match="rounded"):
+            fmt.Tier.parse(bad)
+    with pytest.raises(ValueError, match="rounded tier only"):
+        fmt.Tier("lossless", small=True)
+    rng = np.random.default_rng(9)
+    tensors = fmt.tensor_table([("a", (4096,))])
+    g = (rng.standard_normal((4, 4096)) * 1e-3).astype(np.float32)
+    g[rng.random(g.shape) < 0.45] = 0.0  # scattered zeros, as conv gradients have
+    sizes = {}
+    for tier in ("rounded:7", "rounded:7:small"):
+        path = tmp_path / f"{tier.replace(':', '-')}.zarr"
+        sw = StoreWriter(path, tensors, {"grad": tier, "weight": "lossless"}, param_chunk=4096)
+        assert (sw._w["grad"].frames is None) == tier.endswith("small")
+        for t in range(4):
+            sw.append(t, g[t], g[t], loss=1.0, lr=0.1)
+        sw.close()
+        arr = zarr.open_array(path / "grad", mode="r")
+        np.testing.assert_array_equal(arr[:4].view(np.uint32), fmt.bitround(g, 7).view(np.uint32))
+        sizes[tier] = sum(f.stat().st_size for f in (path / "grad").rglob("c*"))
+        assert fmt.Tier.from_json(zarr.open_group(path, mode="r").attrs["gradtrace"]["tiers"]["grad"]).small == \
+            tier.endswith("small")
+    assert sizes["rounded:7:small"] < 0.97 * sizes["rounded:7"], sizes
