@@ -105,22 +105,22 @@ def _lz4_run_np(n: int, v: int) -> bytes:
     return bytes(out)
 
 
-ZERO_RUN = 16  # zero bytes in a row that a plane's LZ4 block stores as one match
+BYTE_RUN = 16  # bytes of one value in a row that a split's LZ4 block stores as one match
 
 
 def _lz4_len_np(r: int) -> bytes:
     return b"\xff" * (r // 255) + bytes([r % 255])
 
 
-def _lz4_zero_runs_np(src: np.ndarray) -> bytes:
-    """The LZ4 block of the kernel's ``lz4_zero_runs``: every maximal run of at least
-    ``ZERO_RUN`` zero bytes (cut at n - 5, starting before n - 12) is one literal zero and a
-    match of offset 1 over the rest; everything else is literals."""
+def _lz4_byte_runs_np(src: np.ndarray) -> bytes:
+    """The LZ4 block of the kernel's ``lz4_byte_runs``: every maximal run of at least
+    ``BYTE_RUN`` bytes of one value (cut at n - 5, starting before n - 12) is one literal and
+    a match of offset 1 over the rest; everything else is literals."""
     n = src.shape[0]
-    z = np.concatenate(([0], (src == 0).view(np.int8), [0]))
-    edges = np.flatnonzero(np.diff(z))
-    starts, ends = edges[::2], np.minimum(edges[1::2], n - 5)
-    keep = (ends - starts >= ZERO_RUN) & (starts + 1 <= n - 12)
+    change = np.flatnonzero(src[1:] != src[:-1]) + 1
+    starts = np.concatenate(([0], change))
+    ends = np.minimum(np.concatenate((change, [n])), n - 5)
+    keep = (ends - starts >= BYTE_RUN) & (starts + 1 <= n - 12)
     out = bytearray()
     anchor = 0
     for i, j in zip(starts[keep].tolist(), ends[keep].tolist()):
@@ -165,14 +165,14 @@ def _shuffle_frame_np(x, drop, block, out):
             parts += [np.int32(len(raw)).tobytes(), raw]
             pos += 4 + len(raw)
             continue
-        sparse = np.count_nonzero(w == 0) * 8 >= block
+        sparse = np.count_nonzero(w[1:] == w[:-1]) * 8 >= block  # entries equal to the one before
         for j in range(4):
             p = planes[j]
             enc = p.tobytes()
             if np.all(p == p[0]):
                 enc = _lz4_run_np(block, int(p[0]))
             elif sparse:
-                runs = _lz4_zero_runs_np(p)
+                runs = _lz4_byte_runs_np(p)
                 enc = runs if len(runs) < block else enc
             parts += [np.int32(len(enc)).tobytes(), enc]
             pos += 4 + len(enc)
@@ -198,12 +198,12 @@ def _plain_frame_np(x, block, out):
             parts += [np.int32(raw.size).tobytes(), raw.tobytes()]
             pos += 4 + raw.size
             continue
-        sparse = np.count_nonzero(w == 0) * 8 >= block
+        sparse = np.count_nonzero(w[1:] == w[:-1]) * 8 >= block  # entries equal to the one before
         for j in range(4):
             p = raw[j * block:(j + 1) * block]
             enc = p.tobytes()
             if sparse:
-                runs = _lz4_zero_runs_np(p)
+                runs = _lz4_byte_runs_np(p)
                 enc = runs if len(runs) < block else enc
             parts += [np.int32(len(enc)).tobytes(), enc]
             pos += 4 + len(enc)
@@ -223,7 +223,7 @@ def _sketch2_np(x, y, starts, sizes, offsets, codes, code_starts, out):
 def _compile(numba):
     # helpers the frame kernels call are module globals: numba's disk cache keys a function
     # by its closure variables, and a dispatcher in a closure misses the cache in every process
-    global _nb_put_u32, _nb_lz4_run, _nb_lz4_len, _nb_lz4_seq, _nb_lz4_ext, _nb_lz4_zero_runs
+    global _nb_put_u32, _nb_lz4_run, _nb_lz4_len, _nb_lz4_seq, _nb_lz4_ext, _nb_lz4_byte_runs
     jit = numba.njit(nogil=True, fastmath=_FASTMATH, cache=True)
 
     @jit
@@ -375,15 +375,16 @@ def _compile(numba):
         return 0 if r < 15 else (r - 15) // 255 + 1
 
     @exact
-    def _nb_lz4_zero_runs(src, dst, minrun, runs):  # pragma: no cover - compiled
-        """``_lz4_zero_runs_np`` into ``dst`` when shorter than ``src``; returns its length, or
+    def _nb_lz4_byte_runs(src, dst, minrun, runs):  # pragma: no cover - compiled
+        """``_lz4_byte_runs_np`` into ``dst`` when shorter than ``src``; returns its length, or
         ``len(src)`` without writing when it would not be shorter. A run of >= minrun (>= 16)
-        zero bytes holds a zero 8-byte word at an 8-aligned offset, so the scan tests words
-        and looks at bytes only around a zero word. ``runs`` is
-        an int64 scratch of at least ``2 * (len(src) // 16 + 1)``."""
+        bytes of one value holds an 8-aligned 8-byte word of that byte, so the scan tests
+        words and looks at bytes only around such a word. ``runs`` is an int64 scratch of at
+        least ``2 * (len(src) // 16 + 1)``."""
         n = src.shape[0]
         nw = n // 8
         words = src[:8 * nw].view(np.uint64)
+        ones = np.uint64(0x0101010101010101)
         anchor = 0
         last_start = n - 12
         last_end = n - 5
@@ -391,16 +392,19 @@ def _compile(numba):
         nr = 0
         w = 0
         while w < nw:
-            if words[w] != 0:
+            wv = words[w]
+            v = wv & np.uint64(0xFF)
+            if wv != v * ones:
                 w += 1
                 continue
+            b = src[8 * w]
             i = 8 * w
-            while i > anchor and src[i - 1] == 0:
+            while i > anchor and src[i - 1] == b:
                 i -= 1
             j = 8 * (w + 1)
-            while j + 8 <= last_end and words[j // 8] == 0:
+            while j + 8 <= last_end and words[j // 8] == wv:
                 j += 8
-            while j < last_end and src[j] == 0:
+            while j < last_end and src[j] == b:
                 j += 1
             if j > last_end:
                 j = last_end
@@ -448,7 +452,6 @@ def _compile(numba):
             t = tmp[:m]
             acc_or = np.uint32(0)
             acc_and = np.uint32(0xFFFFFFFF)
-            zeros = 0
             if drop > 0:
                 for i in range(m):
                     v = seg[i]
@@ -457,14 +460,18 @@ def _compile(numba):
                     t[i] = v
                     acc_or |= v
                     acc_and &= v
-                    zeros += v == 0
             else:
                 for i in range(m):
                     v = seg[i]
                     t[i] = v
                     acc_or |= v
                     acc_and &= v
-                    zeros += v == 0
+            # entries equal to the one before (runs of exact zeros, of a fill value): where an
+            # eighth of a block is, its planes are searched for runs of one byte value
+            rep = 0
+            t1 = t[1:]
+            for i in range(m - 1):
+                rep += t1[i] == t[i]
             if b == nfull:  # a leftover block: one stream (its four planes in a row), raw
                 _nb_put_u32(out, pos, 4 * m)
                 pos += 4
@@ -482,10 +489,10 @@ def _compile(numba):
                     k = _nb_lz4_run(out, pos + 4, block, hi)
                     _nb_put_u32(out, pos, k)
                     pos += 4 + k
-                elif zeros * 8 >= block:  # an eighth of the entries zero: look for runs
+                elif rep * 8 >= block:  # an eighth of the entries repeat: look for runs
                     for i in range(block):
                         plane[i] = np.uint8((t[i] >> sh) & np.uint32(0xFF))
-                    k = _nb_lz4_zero_runs(plane, out[pos + 4:], 16, runs)
+                    k = _nb_lz4_byte_runs(plane, out[pos + 4:], 16, runs)
                     if k >= block:  # no gain: the plane raw
                         k = block
                         dst = out[pos + 4:pos + 4 + block]
@@ -526,9 +533,10 @@ def _compile(numba):
             _nb_put_u32(out, 16 + 4 * b, pos)
             m = block if b < nfull else left
             seg = bits[b * block:b * block + m]
-            zeros = 0
-            for i in range(m):
-                zeros += seg[i] == 0
+            rep = 0  # entries equal to the one before, as in shuffle_frame
+            s1 = seg[1:]
+            for i in range(m - 1):
+                rep += s1[i] == seg[i]
             if b == nfull:  # a leftover block: one stream, raw
                 _nb_put_u32(out, pos, 4 * m)
                 pos += 4
@@ -541,10 +549,10 @@ def _compile(numba):
             for j in range(4):
                 src = xb[4 * b * block + j * neb:4 * b * block + (j + 1) * neb]
                 k = neb
-                if zeros * 8 >= block:  # an eighth of the entries zero: look for runs
+                if rep * 8 >= block:  # an eighth of the entries repeat: look for runs
                     for i in range(neb):
                         plane[i] = src[i]
-                    k = _nb_lz4_zero_runs(plane, out[pos + 4:], 16, runs)
+                    k = _nb_lz4_byte_runs(plane, out[pos + 4:], 16, runs)
                 _nb_put_u32(out, pos, min(k, neb))
                 pos += 4
                 if k >= neb:  # no gain: the bytes as they are
@@ -671,10 +679,13 @@ def shuffle_frame_into(x: np.ndarray, keepbits: int | None, out: np.ndarray, blo
     Any Blosc 1 or 2 decoder reads it as it reads ``numcodecs.Blosc("lz4", shuffle=SHUFFLE)``'s
     own chunk of the same values; the bytes differ. Blocks of ``block`` entries are split into
     their four byte planes as c-blosc splits them; a plane of one repeated byte value (the zero
-    low halves of ``rounded:7``) is stored as an LZ4 run of ~10 bytes, any other plane raw.
-    Blosc's own encoder spends ~2 ns per entry making LZ4 find the few short repeats of the
-    sign-and-exponent plane; here a plane costs one pass, for chunks ~7% larger at
-    ``rounded:7``. A last block shorter than ``block`` is one raw stream, as Blosc stores a
+    low halves of ``rounded:7``) is stored as one LZ4 run (~1 byte per 255), a plane with
+    runs of 16+ bytes of one value (ReLU zeros, a fill) as an LZ4 block of literals and those
+    runs when an eighth of the block's entries equal the one before and that is shorter, any
+    other plane raw. Blosc's own encoder spends 1-2 ns per entry making LZ4 find the short
+    repeats of the sign-and-exponent plane; here a plane costs a pass or two, for chunks
+    15-30% larger on gradients (``rounded:K:small`` has the writer use c-blosc's encoder
+    instead). A last block shorter than ``block`` is one raw stream, as Blosc stores a
     leftover block. ``x``: contiguous float32 with at least 128 entries (Blosc splits only
     blocks of 128 entries or more); ``block`` at least 128.
     """
@@ -692,9 +703,10 @@ def plain_frame_into(x: np.ndarray, out: np.ndarray, block: int = FRAME_BLOCK) -
     """The Blosc chunk (lz4, no shuffle, typesize 4) of the float32 ``x`` written into the
     uint8 ``out``; returns its length. The lossless tier's frames, as
     :func:`shuffle_frame_into` makes the rounded tier's: each block split in four byte ranges
-    as c-blosc splits it; a split is an LZ4 block of literals and runs of 16+ zero bytes (the
-    exact zeros of ReLU gradients) when its block has an eighth of its entries zero and that
-    is shorter, else its bytes as they are. Decoded: ``x`` bit for bit."""
+    as c-blosc splits it; a split is an LZ4 block of literals and runs of 16+ bytes of one
+    value (the exact zeros of ReLU gradients) when an eighth of its block's entries equal the
+    one before and that is shorter, else its bytes as they are (a repeated non-zero float is
+    a 4-byte pattern, not a byte run: stored as it is). Decoded: ``x`` bit for bit."""
     n = x.shape[0]
     if n < 128 or block < 128:
         raise ValueError(f"a Blosc frame of split blocks needs at least 128 entries and blocks of 128 (got {n}, {block})")
@@ -702,3 +714,4 @@ def plain_frame_into(x: np.ndarray, out: np.ndarray, block: int = FRAME_BLOCK) -
     if out.shape[0] < frame_capacity(n, block):
         raise ValueError(f"the frame buffer holds {out.shape[0]} bytes, {frame_capacity(n, block)} needed")
     return int((_impl or _get())[5](x, block, out))
+

@@ -66,7 +66,7 @@ Chunks and codecs (readers need not know them: Zarr records them per array):
   rounded: Blosc lz4, clevel 1, byte-shuffle; raw (``lossless:raw``): no compressor; bit
   planes: Blosc lz4, clevel 5, no shuffle. Every chunk ends with its crc32c. gradtrace's
   writer makes the lossless and rounded Blosc frames itself (``capture.kernels``): a split
-  of one byte value, or with runs of 16+ zero bytes, is LZ4, any other split stored as it
+  of one byte value, or with runs of 16+ bytes of one value, is LZ4, any other split stored as it
   is; any Blosc decoder reads them.
 * per-step arrays: ``(4096,)`` rows per chunk; per-step-per-tensor arrays: as many rows as
   keep a chunk near 64 KiB (:func:`scalar_chunk_rows`). Stored uncompressed (8 bytes per

@@ -79,6 +79,10 @@ def test_backends_write_the_same_bytes(monkeypatch):
     rng = np.random.default_rng(1)
     cases = [(_gradient_like(rng, n), keepbits) for n, keepbits in
              [(3 * 16384 + 136, 7), (20000, 10), (16384, None), (4096, 3), (1003, 7)]]
+    padded = _gradient_like(rng, 16384 * 2)
+    padded[20000:] = np.nan  # an edge chunk's fill: runs of one non-zero byte value per split
+    padded[3000:3400] = 1.0
+    cases += [(padded, 7), (padded, None)]
 
     def plain(x):
         out = np.empty(kernels.frame_capacity(x.size), dtype=np.uint8)
@@ -90,6 +94,10 @@ def test_backends_write_the_same_bytes(monkeypatch):
     for (x, keepbits), (a, b) in zip(cases, compiled):
         assert _frame(x, keepbits).tobytes() == a, (x.size, keepbits)
         assert plain(x) == b, x.size
+    frame = np.frombuffer(compiled[-2][0], dtype=np.uint8)
+    assert len(frame) < 0.75 * 2 * padded.size  # the NaN fill's planes are runs
+    want = fmt.bitround(padded, 7)
+    np.testing.assert_array_equal(_decode(frame).view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("value", [0.0, -0.0, 1.0, -3.5e-7])
@@ -112,9 +120,10 @@ def test_lz4_runs_decode_at_every_length_boundary():
             assert got == bytes([v]) * n, (n, v)
 
 
-def test_zero_runs_of_a_plane_decode_through_liblz4():
-    """The zero-run LZ4 blocks of planes with runs at the start, the end, across the 12- and
-    5-byte limits at the end of a block, and of every length around the 16-byte threshold."""
+def test_byte_runs_of_a_plane_decode_through_liblz4():
+    """The byte-run LZ4 blocks of planes with runs (of zeros, 0xFF and other values) at the
+    start, the end, across the 12- and 5-byte limits at the end of a block, side by side, and
+    of every length around the 16-byte threshold."""
     rng = np.random.default_rng(5)
     cases = []
     for n in (128, 1024, 16384):
@@ -122,7 +131,7 @@ def test_zero_runs_of_a_plane_decode_through_liblz4():
             p = rng.integers(1, 256, n).astype(np.uint8)
             for _ in range(int(rng.integers(0, 25))):
                 a = int(rng.integers(0, n))
-                p[a: a + int(rng.integers(1, 40 if rng.random() < 0.5 else 400))] = 0
+                p[a: a + int(rng.integers(1, 40 if rng.random() < 0.5 else 400))] = rng.choice([0, 0, 255, 7])
             cases.append(p)
         for tail in range(1, 40):
             p = rng.integers(1, 256, n).astype(np.uint8)
@@ -131,7 +140,7 @@ def test_zero_runs_of_a_plane_decode_through_liblz4():
             cases.append(p)
         cases.append(np.zeros(n, dtype=np.uint8))
     for p in cases:
-        block = kernels._lz4_zero_runs_np(p)
+        block = kernels._lz4_byte_runs_np(p)
         assert numcodecs.lz4.decompress(struct.pack("<I", p.size) + block) == p.tobytes()
 
 
