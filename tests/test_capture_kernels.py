@@ -102,3 +102,23 @@ def test_two_row_sketch_equals_each_rows_sketch_bit_for_bit(backend):
     for col, row in enumerate((g, w)):
         np.testing.assert_array_equal(both[:, col], sk(row))
         np.testing.assert_array_equal(both[:, col], ref(row))  # the format's numpy definition
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 4095, 4096, 4097, 4096 * 3 + 5, 100_003])
+def test_pack_signs_equals_the_format_definition(backend, n):
+    """Sign and non-zero bit planes: ``format.pack_signs`` bit for bit at every tail length
+    and across the kernel's 4096-entry blocks; NaN counts as non-zero, -0.0 as zero."""
+    from gradtrace_format import format as fmt
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(np.float32)
+    x[rng.random(n) < 0.3] = 0.0
+    x[rng.random(n) < 0.1] = -0.0
+    for i, v in zip(range(0, n, max(1, n // 5)), (np.nan, -np.inf, np.inf, -np.nan, -1e-45)):
+        x[i] = v
+    nb = (n + 7) // 8
+    sb, nz = np.full(nb, 0xAA, dtype=np.uint8), np.full(nb, 0xAA, dtype=np.uint8)
+    kernels.pack_signs_into(x, sb, nz)
+    want_sb, want_nz = fmt.pack_signs(x)
+    np.testing.assert_array_equal(sb, want_sb)
+    np.testing.assert_array_equal(nz, want_nz)
