@@ -707,6 +707,12 @@ def pack_signs_into(x: np.ndarray, signbits: np.ndarray, nonzero: np.ndarray) ->
     (_impl or _get())[6](np.ascontiguousarray(x, dtype=np.float32), signbits, nonzero)
 
 
+def _check_frame_input(x: np.ndarray) -> None:
+    if x.dtype != np.float32 or x.ndim != 1 or not x.flags.c_contiguous:
+        raise ValueError(f"a Blosc frame is made of a contiguous 1-d float32 array, not {x.dtype} of shape {x.shape}"
+                         f"{'' if x.flags.c_contiguous else ' (not contiguous)'}: pass np.ascontiguousarray(x, np.float32)")
+
+
 def frame_capacity(n: int, block: int = FRAME_BLOCK) -> int:
     """Bytes :func:`shuffle_frame_into` may write for ``n`` float32 entries (every plane raw)."""
     block = max(1, min(block, n))
@@ -732,6 +738,7 @@ def shuffle_frame_into(x: np.ndarray, keepbits: int | None, out: np.ndarray, blo
     leftover block. ``x``: contiguous float32 with at least 128 entries (Blosc splits only
     blocks of 128 entries or more); ``block`` at least 128.
     """
+    _check_frame_input(x)
     n = x.shape[0]
     if n < 128 or block < 128:
         raise ValueError(f"a shuffled frame needs at least 128 entries and blocks of 128 (got {n}, {block})")
@@ -750,6 +757,7 @@ def plain_frame_into(x: np.ndarray, out: np.ndarray, block: int = FRAME_BLOCK) -
     value (the exact zeros of ReLU gradients) when an eighth of its block's entries equal the
     one before and that is shorter, else its bytes as they are (a repeated non-zero float is
     a 4-byte pattern, not a byte run: stored as it is). Decoded: ``x`` bit for bit."""
+    _check_frame_input(x)
     n = x.shape[0]
     if n < 128 or block < 128:
         raise ValueError(f"a Blosc frame of split blocks needs at least 128 entries and blocks of 128 (got {n}, {block})")

@@ -65,7 +65,14 @@ MODEL_REPR_CHARS = 2000
 #: rename, ~0.3-0.5 ms here) at every fast step would cost the writer more than its chunks of
 #: a small model; rows are committed this long after the previous commit at the latest
 COMMIT_GAP = 0.05
-_COMMIT = ("commit",)  # a writer job: commit every written row now (flush)
+
+
+class _Commit:
+    """A writer job: commit every row written so far, then set ``done`` (flush waits on it:
+    the queue is FIFO, so every job queued before it has been written and is committed)."""
+
+    def __init__(self):
+        self.done = threading.Event()
 
 
 class RecorderWriteError(RuntimeError):
@@ -978,14 +985,16 @@ class Recorder:
             pending = self._error is None and writer.n_steps < writer.n_written
             try:
                 # caught up with rows not yet committed: commit when COMMIT_GAP has passed since
-                # the last commit, or at once when flush asks (_COMMIT), whichever comes first
-                wait = max(0.0, last_commit + COMMIT_GAP - time.perf_counter()) if pending else None
+                # the last commit, or at once when flush asks (a _Commit job), whichever comes first
+                gap = min(COMMIT_GAP, self.commit_interval)
+                wait = max(0.0, last_commit + gap - time.perf_counter()) if pending else None
                 job = self._jobs.get(timeout=wait)
             except queue.Empty:
-                job = _COMMIT
+                job = _Commit()
             if job is None:
                 return
-            if job is _COMMIT:
+            if isinstance(job, _Commit):
+                t0 = time.perf_counter()
                 try:
                     if self._error is None:
                         writer.commit()
@@ -995,7 +1004,10 @@ class Recorder:
                         writer.abort()
                     except BaseException:  # noqa: BLE001
                         pass
+                finally:
+                    job.done.set()
                 last_commit = time.perf_counter()
+                self._writer_s += last_commit - t0
                 self._writer_cpu_s = time.thread_time() - cpu0
                 continue
             step, slot, epoch, flags, skipped = job
@@ -1038,7 +1050,8 @@ class Recorder:
                 now = time.perf_counter()
                 # behind: every commit_interval; caught up: once COMMIT_GAP has passed (the wait
                 # above commits a row that is left when no job comes)
-                if now - last_commit >= (COMMIT_GAP if self._jobs.empty() else self.commit_interval):
+                gap = min(COMMIT_GAP, self.commit_interval)
+                if now - last_commit >= (gap if self._jobs.empty() else self.commit_interval):
                     writer.commit()
                     last_commit = time.perf_counter()
                 self._writer_s += time.perf_counter() - t0
@@ -1112,9 +1125,13 @@ class Recorder:
                     break
                 time.sleep(0.002)
             if self._error is None:
-                self._jobs.put(_COMMIT)  # commit now, not COMMIT_GAP after the last commit
-                while self.writer.n_steps < self.writer.n_written and self._error is None:
-                    time.sleep(0.002)
+                # commit now, not COMMIT_GAP after the last commit; the job runs after every job
+                # queued before it (a skipped step holds no buffer: the loop above cannot see it)
+                job = _Commit()
+                self._jobs.put(job)
+                while not job.done.wait(0.05):
+                    if self._error is not None or not self._thread.is_alive():
+                        break
         finally:
             self._quiet.clear()
         if self._error is not None:

@@ -536,6 +536,7 @@ class _ArrayWriter:
         self.crc = bool(self.meta.codecs) and isinstance(list(self.meta.codecs)[-1], Crc32cCodec)
         self.durable = False  # StoreWriter(durable=True) sets it: fsync chunk files
         self._blockbuf: bytearray | None = None  # patch mode with crc: the ready block's bytes
+        self._dirty_rows = (1 << 62, 0)  # patch mode with crc: rows of _blockbuf not yet in the file
         self.chunks = tuple(int(c) for c in self.meta.chunk_grid.chunk_shape)
         self.shard: tuple[int, int] | None = None  # (rows, chunks) of a shard file
         from zarr.codecs import ShardingCodec
@@ -645,7 +646,7 @@ class _ArrayWriter:
 
     def _chunk_bytes(self, piece: np.ndarray, keepbits: int | None) -> bytes:
         if self.frames:
-            return b"".join(bytes(p) for p in self._frame_parts(piece, keepbits))
+            return b"".join(self._frame_parts(piece, keepbits))  # one copy off the frame buffer
         if keepbits is not None:
             piece = kernels.bitround_into(piece, keepbits, _scratch(piece.shape[0]))
         return self.encode(piece)
@@ -747,6 +748,7 @@ class _ArrayWriter:
         b = n // R
         if self.mode == "patch":
             if b != self._ready_block:
+                self.flush_rows()  # the finished block's rows, then its file is closed
                 if self.durable and self._fd is not None:  # its rows are committed with the next marker
                     os.fsync(self._fd)
                 self.close_file()
@@ -758,10 +760,16 @@ class _ArrayWriter:
             if value.shape != self.row_shape:
                 value = np.broadcast_to(value, self.row_shape)
             data = np.ascontiguousarray(value).tobytes()
-            if os.pwrite(self._fd, data, (n - b * R) * self.row_bytes) != len(data):
-                raise OSError(f"short write to {self._key(self._block_coords(b))}")
+            i = n - b * R
             if self.crc:
-                self._patch_crc(n - b * R, data)
+                # kept in memory until the commit (flush_rows): the file and its crc change
+                # together once per commit, not at every row, so a kill between rows leaves
+                # a block whose crc matches it for any reader
+                self._blockbuf[i * self.row_bytes: i * self.row_bytes + len(data)] = data
+                self._dirty_rows = (min(self._dirty_rows[0], i), max(self._dirty_rows[1], i + 1))
+                return
+            if os.pwrite(self._fd, data, i * self.row_bytes) != len(data):
+                raise OSError(f"short write to {self._key(self._block_coords(b))}")
             return
         if b != self.block_index:
             if self._dirty:  # remote: the previous block's rows land before the next block starts
@@ -777,20 +785,23 @@ class _ArrayWriter:
         else:
             atomic_put(self._key(self._block_coords(b)), self.encode(self.block), self.durable)
 
-    def _patch_crc(self, i: int, data: bytes) -> None:
-        """Patch mode with a checksum: rewrite the block's crc32c after row i's bytes.
-
-        Between the row's pwrite and this one the stored crc still covers the old row (the
-        fill value): a reader accepts a block whose crc matches it with its uncommitted rows
-        set to the fill value (:func:`gradtrace_format.integrity.decode_scalar_block`), so a kill here
-        damages nothing committed."""
+    def flush_rows(self) -> None:
+        """Patch mode with a checksum: write the rows set since the last flush and the block's
+        crc32c in one pwrite (from the first such row to the block's end). The commit calls it
+        before the marker; a kill inside this one write can leave the crc stale for rows not
+        yet committed, which gradtrace's readers accept (the crc of the committed rows + fill,
+        :func:`gradtrace_format.integrity.decode_scalar_block`)."""
+        lo, hi = self._dirty_rows
+        if hi <= lo or self._fd is None:
+            return
         buf = self._blockbuf
-        buf[i * self.row_bytes: i * self.row_bytes + len(data)] = data
-        view = np.frombuffer(buf, dtype=np.uint8).view()  # no copy of the block per row
+        view = np.frombuffer(buf, dtype=np.uint8).view()  # no copy of the block for its crc
         view.flags.writeable = False  # google_crc32c takes read-only buffers only
-        crc = _CRC.pack(google_crc32c.value(view))
-        if os.pwrite(self._fd, crc, len(buf)) != 4:
-            raise OSError("short write of a chunk checksum")
+        at = lo * self.row_bytes
+        data = bytes(buf[at:]) + _CRC.pack(google_crc32c.value(view))
+        if os.pwrite(self._fd, data, at) != len(data):
+            raise OSError(f"short write to {self._key(self._block_coords(self._ready_block))}")
+        self._dirty_rows = (1 << 62, 0)
 
     def pending(self) -> dict:
         """Remote block mode: ``{key: encoded block}`` when the block changed since its last put,
@@ -850,6 +861,7 @@ class _ArrayWriter:
         self._done_shards, self._shards = [], {}
         if self._fd is not None:
             fd, self._fd, self._ready_block = self._fd, None, -1
+            self._dirty_rows = (1 << 62, 0)  # rows never flushed were never committed
             os.close(fd)
 
     def _prepare_block(self, path: Path) -> None:
@@ -1488,6 +1500,8 @@ class StoreWriter:
         """Advance the commit marker over every row written so far (one atomic rename)."""
         if self.header.n_steps == self._n:
             return
+        for name in self._scalar_names:  # per-step rows and their block crc, before the marker
+            self._w[name].flush_rows()
         if self.durable:  # the rows' chunks are on disk before the marker says so
             for aw in self._w.values():
                 aw.sync()

@@ -70,9 +70,10 @@ Chunks and codecs (readers need not know them: Zarr records them per array):
   is; any Blosc decoder reads them.
 * per-step arrays: ``(4096,)`` rows per chunk; per-step-per-tensor arrays: as many rows as
   keep a chunk near 64 KiB (:func:`scalar_chunk_rows`). Stored uncompressed (8 bytes per
-  value), so the writer updates a step by writing that row's bytes in place: a chunk file is
-  created whole (atomic rename) when its first row is written, and later writes touch only the
-  bytes of the uncommitted row, never those of a committed one.
+  value), so the writer updates steps by writing their rows' bytes in place: a chunk file is
+  created whole (atomic rename) when its first row is written, and later writes (the rows
+  written since the last commit and the chunk's crc32c, in one write at the commit) touch only
+  bytes of uncommitted rows and the crc, never those of a committed row.
 
 Format version 1.0 is final: a reader takes every 1.x store, refuses a newer major version
 (upgrade gradtrace) and a store from before 1.0 (integer version: re-record it, or read it
@@ -589,7 +590,7 @@ class Tier:
             parts = [a.strip().lower() for a in arg.split(":")] if arg else []
             small = "small" in parts
             rest = [a for a in parts if a != "small"]
-            if len(rest) > 1:
+            if len(rest) > 1 or parts.count("small") > 1:
                 raise ValueError(f"tier {spec!r}: the rounded tier takes ':KEEPBITS', ':small' or both")
             try:
                 keep = int(rest[0]) if rest else DEFAULT_KEEPBITS

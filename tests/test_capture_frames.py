@@ -198,7 +198,7 @@ def test_rounded_small_keeps_c_bloscs_search_and_smaller_chunks(tmp_path):
     assert fmt.Tier.parse("rounded:7:small") == fmt.Tier("rounded", keepbits=7, small=True)
     assert fmt.Tier.parse("rounded:small") == fmt.Tier("rounded", small=True)
     assert fmt.Tier.from_json(fmt.Tier.parse("rounded:9:small").to_json()).small
-    for bad in ("rounded:7:tiny", "rounded:7:8"):
+    for bad in ("rounded:7:tiny", "rounded:7:8", "rounded:small:small"):
         with pytest.raises(ValueError, match="rounded"):
             fmt.Tier.parse(bad)
     with pytest.raises(ValueError, match="rounded tier only"):

@@ -516,3 +516,23 @@ def test_one_row_shards_do_not_pile_up_open_files(tmp_path, monkeypatch):
         assert len(os.listdir("/proc/self/fd")) <= base + 2, t  # slack: another thread's file
     sw.close()
     np.testing.assert_array_equal(xr.open_zarr(tmp_path / "o.zarr").grad.values, g[:5])
+
+
+def test_per_step_blocks_stay_readable_between_commits(tmp_path):
+    """Uncommitted rows' per-step values reach the file with the commit, together with the
+    block's crc: between commits (where a kill may come) plain zarr reads every block with
+    a valid crc, the committed rows and the fill value after them."""
+    tensors = _table()
+    d = sum(t.size for t in tensors)
+    g, w = _rows(np.random.default_rng(2), 5, d)
+    sw = StoreWriter(tmp_path / "a.zarr", tensors, {"grad": "lossless", "weight": "lossless"})
+    for t in range(3):
+        sw.append(t, g[t], w[t], loss=float(t), lr=0.1)
+    for t in (3, 4):
+        sw.append(t, g[t], w[t], loss=float(t), lr=0.1, commit=False)
+    group = zarr.open_group(str(tmp_path / "a.zarr"), mode="r", use_consolidated=False)
+    np.testing.assert_array_equal(group["loss"][:5], [0.0, 1.0, 2.0, np.nan, np.nan])  # crc checked
+    np.testing.assert_array_equal(group["step"][:5], [0, 1, 2, -1, -1])
+    sw.commit()
+    np.testing.assert_array_equal(group["loss"][:5], [0.0, 1.0, 2.0, 3.0, 4.0])
+    sw.close()

@@ -190,8 +190,9 @@ def test_truncated_metadata_says_damaged(copy, cli):
 
 
 def test_kill_between_row_and_checksum_damages_nothing_committed(tmp_path, monkeypatch):
-    """The per-step arrays are patched in place, row then crc: a kill in between leaves a crc
-    over the old row, which readers accept for the uncommitted rows only."""
+    """The per-step arrays are patched in place at each commit, rows and crc in one write: a
+    kill that cuts that write after the rows leaves a crc over the old rows, which readers
+    accept for the uncommitted rows only."""
     from capture import writer as cw
 
     tensors = fmt.tensor_table([("a", (40,)), ("b", (3,))])
@@ -208,9 +209,18 @@ def test_kill_between_row_and_checksum_damages_nothing_committed(tmp_path, monke
         raise Killed
 
     sw.append(3, rows[3], rows[3], loss=3.0, commit=False)  # batched commits: written, not committed
-    monkeypatch.setattr(cw._ArrayWriter, "_patch_crc", die)
+    sw.append(4, rows[4], rows[4], loss=4.0, commit=False)
+
+    def torn(self):  # the commit's write of rows + crc, cut after the rows (a kill mid-write)
+        lo, hi = self._dirty_rows
+        if hi > lo and self._fd is not None:
+            at = lo * self.row_bytes
+            os.pwrite(self._fd, bytes(self._blockbuf[at: hi * self.row_bytes]), at)
+        die()
+
+    monkeypatch.setattr(cw._ArrayWriter, "flush_rows", torn)
     with pytest.raises(Killed):
-        sw.append(4, rows[4], rows[4], loss=4.0, commit=False)
+        sw.commit()
     monkeypatch.undo()
     sw._close_files()
     sw._unlock()  # what the OS does for a killed process (abort() would commit row 3)
