@@ -214,7 +214,7 @@ def floors(model, tiers: list[str], root: Path) -> dict:
                         if piece.shape[0] < cw:
                             piece = np.concatenate([piece, np.full(cw - piece.shape[0], aw.fill)])
                         if aw.frames:  # the rounded tier's frames: rounding, shuffle and frame in one pass
-                            encoded.append(b"".join(bytes(p) for p in aw._frame_parts(piece, t.keepbits)))
+                            encoded.append(b"".join(aw._frame_parts(piece, t.keepbits)))  # one copy, as for c-blosc's bytes
                             continue
                         if t.rounds:
                             piece = kernels.bitround_into(piece, int(t.keepbits), _scratch(piece.shape[0]))
