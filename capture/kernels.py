@@ -90,7 +90,8 @@ def _sketch_np(x, starts, sizes, offsets, codes, code_starts, out):
 # one int32 start per block, then per block its byte planes (split streams), each an int32 size
 # and either the plane's raw bytes (size == plane length) or an LZ4 block of one repeated byte.
 FRAME_BLOCK = 16384  # entries per block (64 KB of float32, c-blosc's own choice at clevel 1)
-_FLAGS_SHUFFLE_LZ4 = 0x21  # BLOSC_DOSHUFFLE | LZ4 format << 5; bit 0x10 clear: planes split
+_FLAGS_SHUFFLE_LZ4 = 0x21  # BLOSC_DOSHUFFLE | LZ4 format << 5; bit 0x10 clear: blocks split
+_FLAGS_LZ4 = 0x20  # LZ4 format << 5, no shuffle, blocks split
 
 
 def _lz4_run_np(n: int, v: int) -> bytes:
@@ -148,43 +149,8 @@ def _rounded_bits_np(x, drop):
     return out.view(np.uint32)
 
 
-def _shuffle_frame_np(x, drop, block, out):
+def _frame_np(x, drop, shuffle, block, out):
     bits = _rounded_bits_np(x, drop)
-    n = bits.shape[0]
-    nfull, left = divmod(n, block)
-    nblocks = nfull + (left > 0)
-    parts = []
-    pos = 16 + 4 * nblocks
-    starts = []
-    for b in range(nblocks):
-        starts.append(pos)
-        w = bits[b * block:(b + 1) * block]
-        planes = np.ascontiguousarray(w.view(np.uint8).reshape(-1, 4).T)  # the byte shuffle
-        if b == nfull:  # a leftover block: one stream, stored raw
-            raw = planes.tobytes()
-            parts += [np.int32(len(raw)).tobytes(), raw]
-            pos += 4 + len(raw)
-            continue
-        sparse = np.count_nonzero(w[1:] == w[:-1]) * 8 >= block  # entries equal to the one before
-        for j in range(4):
-            p = planes[j]
-            enc = p.tobytes()
-            if np.all(p == p[0]):
-                enc = _lz4_run_np(block, int(p[0]))
-            elif sparse:
-                runs = _lz4_byte_runs_np(p)
-                enc = runs if len(runs) < block else enc
-            parts += [np.int32(len(enc)).tobytes(), enc]
-            pos += 4 + len(enc)
-    head = np.array([2, 1, _FLAGS_SHUFFLE_LZ4, 4], dtype=np.uint8).tobytes()
-    head += np.array([4 * n, 4 * block, pos], dtype="<u4").tobytes() + np.array(starts, dtype="<i4").tobytes()
-    frame = np.frombuffer(head + b"".join(parts), dtype=np.uint8)
-    out[:pos] = frame
-    return pos
-
-
-def _plain_frame_np(x, block, out):
-    bits = x.view(np.uint32)
     n = bits.shape[0]
     nfull, left = divmod(n, block)
     nblocks = nfull + (left > 0)
@@ -194,7 +160,9 @@ def _plain_frame_np(x, block, out):
         starts.append(pos)
         w = bits[b * block:(b + 1) * block]
         raw = w.view(np.uint8)
-        if b == nfull:  # a leftover block: one stream, raw
+        if shuffle:  # the byte shuffle: the block's four byte planes in a row
+            raw = np.ascontiguousarray(raw.reshape(-1, 4).T).reshape(-1)
+        if b == nfull:  # a leftover block: one stream, stored raw
             parts += [np.int32(raw.size).tobytes(), raw.tobytes()]
             pos += 4 + raw.size
             continue
@@ -202,12 +170,14 @@ def _plain_frame_np(x, block, out):
         for j in range(4):
             p = raw[j * block:(j + 1) * block]
             enc = p.tobytes()
-            if sparse:
+            if shuffle and np.all(p == p[0]):
+                enc = _lz4_run_np(block, int(p[0]))
+            elif sparse:
                 runs = _lz4_byte_runs_np(p)
                 enc = runs if len(runs) < block else enc
             parts += [np.int32(len(enc)).tobytes(), enc]
             pos += 4 + len(enc)
-    head = np.array([2, 1, 0x20, 4], dtype=np.uint8).tobytes()
+    head = np.array([2, 1, _FLAGS_SHUFFLE_LZ4 if shuffle else _FLAGS_LZ4, 4], dtype=np.uint8).tobytes()
     head += np.array([4 * n, 4 * block, pos], dtype="<u4").tobytes() + np.array(starts, dtype="<i4").tobytes()
     out[:pos] = np.frombuffer(head + b"".join(parts), dtype=np.uint8)
     return pos
@@ -229,7 +199,7 @@ def _sketch2_np(x, y, starts, sizes, offsets, codes, code_starts, out):
 def _compile(numba):
     # helpers the frame kernels call are module globals: numba's disk cache keys a function
     # by its closure variables, and a dispatcher in a closure misses the cache in every process
-    global _nb_put_u32, _nb_lz4_run, _nb_lz4_len, _nb_lz4_seq, _nb_lz4_ext, _nb_lz4_byte_runs
+    global _nb_put_u32, _nb_lz4_run, _nb_lz4_len, _nb_lz4_seq, _nb_lz4_ext, _nb_lz4_byte_runs, _nb_put_split
     jit = numba.njit(nogil=True, fastmath=_FASTMATH, cache=True)
 
     @jit
@@ -435,9 +405,23 @@ def _compile(numba):
         return _nb_lz4_seq(dst, o, src, anchor, n - anchor, 0)
 
     @exact
-    def shuffle_frame(x, drop, block, out):  # pragma: no cover - compiled
-        # every loop runs over slices from index 0: an index like pos + i keeps numba's
-        # negative-index check in the loop, which then does not vectorize (7x slower)
+    def _nb_put_split(out, pos, src, try_runs, runs):  # pragma: no cover - compiled
+        """One split of a block at ``pos``: its int32 size, then an LZ4 block of literals and
+        byte runs when ``try_runs`` and that is shorter, else ``src``'s bytes; the next pos."""
+        n = src.shape[0]
+        k = _nb_lz4_byte_runs(src, out[pos + 4:], 16, runs) if try_runs else n
+        if k >= n:  # no gain: the bytes as they are
+            k = n
+            dst = out[pos + 4:pos + 4 + n]
+            for i in range(n):
+                dst[i] = src[i]
+        _nb_put_u32(out, pos, k)
+        return pos + 4 + k
+
+    @exact
+    def frame(x, drop, shuffle, block, out):  # pragma: no cover - compiled
+        # _frame_np. Every loop runs over slices from index 0: an index like pos + i keeps
+        # numba's negative-index check in the loop, which then does not vectorize (7x slower)
         bits = x.view(np.uint32)
         n = bits.shape[0]
         nfull = n // block
@@ -447,15 +431,19 @@ def _compile(numba):
         mask = np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)
         sd = np.uint32(drop)
         special = np.uint32(0x7F800000)
+        xb = x.view(np.uint8)
         tmp = np.empty(block, dtype=np.uint32)
+        tbytes = tmp.view(np.uint8)
         plane = np.empty(block, dtype=np.uint8)
+        copy = shuffle or drop > 0  # else the block is read where it is
         runs = np.empty(2 * (block // 16 + 1), dtype=np.int64)
         pos = 16 + 4 * nblocks
         for b in range(nblocks):
             _nb_put_u32(out, 16 + 4 * b, pos)
             m = block if b < nfull else left
             seg = bits[b * block:b * block + m]
-            t = tmp[:m]
+            t = tmp[:m] if copy else seg
+            tb = tbytes[:4 * m] if copy else xb[4 * b * block:4 * b * block + 4 * m]
             acc_or = np.uint32(0)
             acc_and = np.uint32(0xFFFFFFFF)
             if drop > 0:
@@ -466,110 +454,52 @@ def _compile(numba):
                     t[i] = v
                     acc_or |= v
                     acc_and &= v
-            else:
+            elif shuffle:
                 for i in range(m):
                     v = seg[i]
                     t[i] = v
                     acc_or |= v
                     acc_and &= v
+            if b == nfull:  # a leftover block: one stream, raw (shuffled: its planes in a row)
+                _nb_put_u32(out, pos, 4 * m)
+                pos += 4
+                if shuffle:
+                    for j in range(4):
+                        sh = np.uint32(8 * j)
+                        dst = out[pos:pos + m]
+                        for i in range(m):
+                            dst[i] = np.uint8((t[i] >> sh) & np.uint32(0xFF))
+                        pos += m
+                else:
+                    dst = out[pos:pos + 4 * m]
+                    for i in range(4 * m):
+                        dst[i] = tb[i]
+                    pos += 4 * m
+                continue
             # entries equal to the one before (runs of exact zeros, of a fill value): where an
-            # eighth of a block is, its planes are searched for runs of one byte value
+            # eighth of a block is, its splits are searched for runs of one byte value
             rep = 0
             t1 = t[1:]
             for i in range(m - 1):
                 rep += t1[i] == t[i]
-            if b == nfull:  # a leftover block: one stream (its four planes in a row), raw
-                _nb_put_u32(out, pos, 4 * m)
-                pos += 4
-                for j in range(4):
-                    sh = np.uint32(8 * j)
-                    dst = out[pos:pos + m]
-                    for i in range(m):
-                        dst[i] = np.uint8((t[i] >> sh) & np.uint32(0xFF))
-                    pos += m
-                continue
+            try_runs = rep * 8 >= block
             for j in range(4):
-                sh = np.uint32(8 * j)
+                if not shuffle:  # split j: the block's j-th quarter of bytes
+                    pos = _nb_put_split(out, pos, tb[j * block:(j + 1) * block], try_runs, runs)
+                    continue
+                sh = np.uint32(8 * j)  # split j: byte plane j
                 hi = (acc_or >> sh) & np.uint32(0xFF)
                 if hi == ((acc_and >> sh) & np.uint32(0xFF)):  # one byte value: an LZ4 run
                     k = _nb_lz4_run(out, pos + 4, block, hi)
                     _nb_put_u32(out, pos, k)
                     pos += 4 + k
-                elif rep * 8 >= block:  # an eighth of the entries repeat: look for runs
-                    for i in range(block):
-                        plane[i] = np.uint8((t[i] >> sh) & np.uint32(0xFF))
-                    k = _nb_lz4_byte_runs(plane, out[pos + 4:], 16, runs)
-                    if k >= block:  # no gain: the plane raw
-                        k = block
-                        dst = out[pos + 4:pos + 4 + block]
-                        for i in range(block):
-                            dst[i] = plane[i]
-                    _nb_put_u32(out, pos, k)
-                    pos += 4 + k
-                else:
-                    _nb_put_u32(out, pos, block)
-                    pos += 4
-                    dst = out[pos:pos + block]
-                    for i in range(block):
-                        dst[i] = np.uint8((t[i] >> sh) & np.uint32(0xFF))
-                    pos += block
+                    continue
+                for i in range(block):
+                    plane[i] = np.uint8((t[i] >> sh) & np.uint32(0xFF))
+                pos = _nb_put_split(out, pos, plane, try_runs, runs)
         out[0] = 2
         out[1] = 1
-        out[2] = 0x21
-        out[3] = 4
-        _nb_put_u32(out, 4, 4 * n)
-        _nb_put_u32(out, 8, 4 * block)
-        _nb_put_u32(out, 12, pos)
-        return pos
-
-    @exact
-    def plain_frame(x, block, out):  # pragma: no cover - compiled
-        # _plain_frame_np: no shuffle; each block split in four byte ranges, as c-blosc splits
-        bits = x.view(np.uint32)
-        xb = x.view(np.uint8)
-        n = bits.shape[0]
-        nfull = n // block
-        left = n - nfull * block
-        nblocks = nfull + (1 if left > 0 else 0)
-        neb = block  # bytes per split: 4 * block bytes in 4 splits
-        plane = np.empty(neb, dtype=np.uint8)
-        runs = np.empty(2 * (neb // 16 + 1), dtype=np.int64)
-        pos = 16 + 4 * nblocks
-        for b in range(nblocks):
-            _nb_put_u32(out, 16 + 4 * b, pos)
-            m = block if b < nfull else left
-            seg = bits[b * block:b * block + m]
-            rep = 0  # entries equal to the one before, as in shuffle_frame
-            s1 = seg[1:]
-            for i in range(m - 1):
-                rep += s1[i] == seg[i]
-            if b == nfull:  # a leftover block: one stream, raw
-                _nb_put_u32(out, pos, 4 * m)
-                pos += 4
-                src = xb[4 * b * block:4 * b * block + 4 * m]
-                dst = out[pos:pos + 4 * m]
-                for i in range(4 * m):
-                    dst[i] = src[i]
-                pos += 4 * m
-                continue
-            for j in range(4):
-                src = xb[4 * b * block + j * neb:4 * b * block + (j + 1) * neb]
-                k = neb
-                if rep * 8 >= block:  # an eighth of the entries repeat: look for runs
-                    for i in range(neb):
-                        plane[i] = src[i]
-                    k = _nb_lz4_byte_runs(plane, out[pos + 4:], 16, runs)
-                _nb_put_u32(out, pos, min(k, neb))
-                pos += 4
-                if k >= neb:  # no gain: the bytes as they are
-                    dst = out[pos:pos + neb]
-                    for i in range(neb):
-                        dst[i] = src[i]
-                    k = neb
-                pos += k
-        out[0] = 2
-        out[1] = 1
-        out[2] = 0x20
+        out[2] = _FLAGS_SHUFFLE_LZ4 if shuffle else _FLAGS_LZ4
         out[3] = 4
         _nb_put_u32(out, 4, 4 * n)
         _nb_put_u32(out, 8, 4 * block)
@@ -613,11 +543,10 @@ def _compile(numba):
                 nz[a // 8 + full] = zb
                 sb[a // 8 + full] = sbb
 
-    return tensor_sums, bitround, sketch, shuffle_frame, sketch2, plain_frame, pack_signs
+    return tensor_sums, bitround, sketch, frame, sketch2, pack_signs
 
 
-_NUMPY = (_tensor_sums_np, _bitround_np, _sketch_np, _shuffle_frame_np, _sketch2_np, _plain_frame_np,
-          _pack_signs_np)
+_NUMPY = (_tensor_sums_np, _bitround_np, _sketch_np, _frame_np, _sketch2_np, _pack_signs_np)
 _impl: tuple | None = None
 _lock = threading.Lock()
 BACKEND = ""  # "numba" or "numpy", set at the first call
@@ -704,7 +633,7 @@ def pack_signs_into(x: np.ndarray, signbits: np.ndarray, nonzero: np.ndarray) ->
     ``ceil(len(x) / 8)``, zero padded): sign bits of the non-zero entries, and non-zero bits,
     of the contiguous float32 ``x`` (the compiled kernel reads ``x`` once; numpy's route
     makes three row-sized temporaries, 3x slower)."""
-    (_impl or _get())[6](np.ascontiguousarray(x, dtype=np.float32), signbits, nonzero)
+    (_impl or _get())[5](np.ascontiguousarray(x, dtype=np.float32), signbits, nonzero)
 
 
 def _check_frame_input(x: np.ndarray) -> None:
@@ -714,11 +643,11 @@ def _check_frame_input(x: np.ndarray) -> None:
 
 
 def frame_capacity(n: int, block: int = FRAME_BLOCK) -> int:
-    """Bytes :func:`shuffle_frame_into` may write for ``n`` float32 entries (every plane raw)."""
+    """Bytes :func:`shuffle_frame_into` or :func:`plain_frame_into` may write for ``n`` float32
+    entries: every split raw (an LZ4 block is written only where it is shorter)."""
     block = max(1, min(block, n))
     nblocks = -(-n // block)
-    # every plane raw, or an LZ4 block that may pass the plane's length before it is dropped
-    return 16 + 4 * nblocks + 4 * 4 * nblocks + 4 * n + block // 64 + 64
+    return 16 + 4 * nblocks + 4 * 4 * nblocks + 4 * n
 
 
 def shuffle_frame_into(x: np.ndarray, keepbits: int | None, out: np.ndarray, block: int = FRAME_BLOCK) -> int:
@@ -746,7 +675,7 @@ def shuffle_frame_into(x: np.ndarray, keepbits: int | None, out: np.ndarray, blo
         raise ValueError(f"the frame buffer holds {out.shape[0]} bytes, {frame_capacity(n, block)} needed")
     drop = 0 if keepbits is None or keepbits >= 23 else 23 - int(keepbits)
     block = min(int(block), n)  # a Blosc block is never longer than its chunk
-    return int((_impl or _get())[3](x, drop, block, out))
+    return int((_impl or _get())[3](x, drop, True, block, out))
 
 
 def plain_frame_into(x: np.ndarray, out: np.ndarray, block: int = FRAME_BLOCK) -> int:
@@ -764,5 +693,5 @@ def plain_frame_into(x: np.ndarray, out: np.ndarray, block: int = FRAME_BLOCK) -
     block = min(int(block), n)
     if out.shape[0] < frame_capacity(n, block):
         raise ValueError(f"the frame buffer holds {out.shape[0]} bytes, {frame_capacity(n, block)} needed")
-    return int((_impl or _get())[5](x, block, out))
+    return int((_impl or _get())[3](x, 0, False, block, out))
 
