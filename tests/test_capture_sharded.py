@@ -175,13 +175,12 @@ def _committed(store):
         return 0
 
 
-def test_kill_one_rank_keeps_every_committed_step_and_resume(tmp_path):
-    steps = 60
-    store, ref = tmp_path / "k.zarr", tmp_path / "ref.zarr"
-    procs = _start(2, store, steps, "lossless", "--slow")
+def _kill_rank_1_after(procs, committed, n: int) -> str:
+    """Wait until ``committed()`` reaches n steps, SIGKILL rank 1, and return rank 0's output
+    (gloo makes rank 0 fail on the lost peer); every process is gone afterwards."""
     try:
         t0 = time.time()
-        while _committed(store) < 5:
+        while committed() < n:
             assert time.time() - t0 < 200, "the sharded run committed no step"
             assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-2000:]
             time.sleep(0.02)
@@ -197,6 +196,14 @@ def test_kill_one_rank_keeps_every_committed_step_and_resume(tmp_path):
                 p.kill()
                 p.wait()
     assert procs[0].returncode != 0
+    return out0
+
+
+def test_kill_one_rank_keeps_every_committed_step_and_resume(tmp_path):
+    steps = 60
+    store, ref = tmp_path / "k.zarr", tmp_path / "ref.zarr"
+    procs = _start(2, store, steps, "lossless", "--slow")
+    out0 = _kill_rank_1_after(procs, lambda: _committed(store), 5)
     h = fmt.read_header(store)
     n = h.n_steps
     assert 5 <= n < steps and not h.closed, (n, out0[-1500:])

@@ -9,9 +9,6 @@ row whole; resume on a URL is refused in one line.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +17,7 @@ import zarr
 
 from gradtrace_format import format as fmt
 from gradtrace_format.integrity import verify_store
-from tests.test_capture_sharded import PC, _natural, _run, _start
+from tests.test_capture_sharded import PC, _kill_rank_1_after, _natural, _run, _start
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -94,24 +91,7 @@ def test_kill_one_rank_keeps_committed_steps_on_s3(s3, tmp_path):
     steps, name = 60, "killed.zarr"
     store = url(name)
     procs = _start(2, store, steps, "lossless", "--slow", s3["flag"])
-    try:
-        t0 = time.time()
-        while _committed(s3["fs"], name) < 4:
-            assert time.time() - t0 < 200, "the sharded run committed no step"
-            assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-2000:]
-            time.sleep(0.05)
-        procs[1].send_signal(signal.SIGKILL)
-        try:
-            out0 = procs[0].communicate(timeout=60)[0]  # gloo reports the lost peer
-        except subprocess.TimeoutExpired:
-            procs[0].kill()
-            out0 = procs[0].communicate()[0]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert procs[0].returncode != 0
+    out0 = _kill_rank_1_after(procs, lambda: _committed(s3["fs"], name), 4)
     h = fmt.read_header(store, storage_options=s3["opts"])
     n = h.n_steps
     assert 4 <= n < steps and not h.closed, (n, out0[-1500:])
