@@ -636,12 +636,6 @@ def pack_signs_into(x: np.ndarray, signbits: np.ndarray, nonzero: np.ndarray) ->
     (_impl or _get())[5](np.ascontiguousarray(x, dtype=np.float32), signbits, nonzero)
 
 
-def _check_frame_input(x: np.ndarray) -> None:
-    if x.dtype != np.float32 or x.ndim != 1 or not x.flags.c_contiguous:
-        raise ValueError(f"a Blosc frame is made of a contiguous 1-d float32 array, not {x.dtype} of shape {x.shape}"
-                         f"{'' if x.flags.c_contiguous else ' (not contiguous)'}: pass np.ascontiguousarray(x, np.float32)")
-
-
 def frame_capacity(n: int, block: int = FRAME_BLOCK) -> int:
     """Bytes :func:`shuffle_frame_into` or :func:`plain_frame_into` may write for ``n`` float32
     entries: every split raw (an LZ4 block is written only where it is shorter)."""
@@ -667,31 +661,31 @@ def shuffle_frame_into(x: np.ndarray, keepbits: int | None, out: np.ndarray, blo
     leftover block. ``x``: contiguous float32 with at least 128 entries (Blosc splits only
     blocks of 128 entries or more); ``block`` at least 128.
     """
-    _check_frame_input(x)
-    n = x.shape[0]
-    if n < 128 or block < 128:
-        raise ValueError(f"a shuffled frame needs at least 128 entries and blocks of 128 (got {n}, {block})")
-    if out.shape[0] < frame_capacity(n, block):
-        raise ValueError(f"the frame buffer holds {out.shape[0]} bytes, {frame_capacity(n, block)} needed")
-    drop = 0 if keepbits is None or keepbits >= 23 else 23 - int(keepbits)
-    block = min(int(block), n)  # a Blosc block is never longer than its chunk
-    return int((_impl or _get())[3](x, drop, True, block, out))
+    return _frame_into(x, keepbits, True, out, block)
 
 
-def plain_frame_into(x: np.ndarray, out: np.ndarray, block: int = FRAME_BLOCK) -> int:
+def plain_frame_into(x: np.ndarray, out: np.ndarray, block: int = FRAME_BLOCK, keepbits: int | None = None) -> int:
     """The Blosc chunk (lz4, no shuffle, typesize 4) of the float32 ``x`` written into the
     uint8 ``out``; returns its length. The lossless tier's frames, as
     :func:`shuffle_frame_into` makes the rounded tier's: each block split in four byte ranges
     as c-blosc splits it; a split is an LZ4 block of literals and runs of 16+ bytes of one
     value (the exact zeros of ReLU gradients) when an eighth of its block's entries equal the
     one before and that is shorter, else its bytes as they are (a repeated non-zero float is
-    a 4-byte pattern, not a byte run: stored as it is). Decoded: ``x`` bit for bit."""
-    _check_frame_input(x)
+    a 4-byte pattern, not a byte run: stored as it is). Decoded: ``x`` bit for bit, or
+    ``format.bitround(x, keepbits)``."""
+    return _frame_into(x, keepbits, False, out, block)
+
+
+def _frame_into(x: np.ndarray, keepbits: int | None, shuffle: bool, out: np.ndarray, block: int) -> int:
+    if x.dtype != np.float32 or x.ndim != 1 or not x.flags.c_contiguous:
+        raise ValueError(f"a Blosc frame is made of a contiguous 1-d float32 array, not {x.dtype} of shape {x.shape}"
+                         f"{'' if x.flags.c_contiguous else ' (not contiguous)'}: pass np.ascontiguousarray(x, np.float32)")
     n = x.shape[0]
-    if n < 128 or block < 128:
+    if n < 128 or block < 128:  # Blosc splits only blocks of 128 entries or more
         raise ValueError(f"a Blosc frame of split blocks needs at least 128 entries and blocks of 128 (got {n}, {block})")
-    block = min(int(block), n)
+    block = min(int(block), n)  # a Blosc block is never longer than its chunk
     if out.shape[0] < frame_capacity(n, block):
         raise ValueError(f"the frame buffer holds {out.shape[0]} bytes, {frame_capacity(n, block)} needed")
-    return int((_impl or _get())[3](x, 0, False, block, out))
+    drop = 0 if keepbits is None or keepbits >= 23 else 23 - int(keepbits)
+    return int((_impl or _get())[3](x, drop, shuffle, block, out))
 

@@ -635,9 +635,7 @@ class _ArrayWriter:
         thread's frame buffer, valid until its next chunk) for a ``frames`` array."""
         buf = _frame_scratch(self._frame_cap)
         if self.frames == "plain":
-            if keepbits is not None:  # not a pipeline the format makes; kept exact all the same
-                piece = kernels.bitround_into(piece, keepbits, _scratch(piece.shape[0]))
-            n = kernels.plain_frame_into(piece, buf)
+            n = kernels.plain_frame_into(piece, buf, keepbits=keepbits)
         else:
             n = kernels.shuffle_frame_into(piece, keepbits, buf)
         view = buf[:n].view()

@@ -66,13 +66,26 @@ def test_frames_decode_to_bitround_bit_for_bit(backend, n, block, keepbits):
 
 @pytest.mark.parametrize("n, block", [(128, 16384), (1003, 16384), (16384, 16384), (3 * 16384 + 136, 16384),
                                       (5000, 512), (262144, 16384)])
-def test_plain_frames_decode_to_the_values_bit_for_bit(backend, n, block):
+@pytest.mark.parametrize("keepbits", [None, 7])
+def test_plain_frames_decode_to_the_values_bit_for_bit(backend, n, block, keepbits):
     rng = np.random.default_rng(n)
     x = _gradient_like(rng, n)
     out = np.full(kernels.frame_capacity(n, block), 0xAB, dtype=np.uint8)
-    frame = out[: kernels.plain_frame_into(x, out, block)]
+    frame = out[: kernels.plain_frame_into(x, out, block, keepbits=keepbits)]
     got = np.frombuffer(Blosc("lz4", 1, Blosc.NOSHUFFLE).decode(frame.tobytes()), dtype=np.float32)
-    np.testing.assert_array_equal(got.view(np.uint32), x.view(np.uint32))
+    want = x if keepbits is None else fmt.bitround(x, keepbits)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_frames_refuse_what_they_cannot_encode():
+    out = np.empty(kernels.frame_capacity(1024), dtype=np.uint8)
+    for bad in (np.zeros(1024), np.zeros(2048, np.float32)[::2], np.zeros((32, 32), np.float32)):
+        with pytest.raises(ValueError, match="contiguous 1-d float32"):
+            kernels.shuffle_frame_into(bad, 7, out)
+    with pytest.raises(ValueError, match="at least 128 entries"):
+        kernels.plain_frame_into(np.zeros(100, np.float32), out)
+    with pytest.raises(ValueError, match="frame buffer holds"):
+        kernels.plain_frame_into(np.zeros(1024, np.float32), out[:100])
 
 
 def test_backends_write_the_same_bytes(monkeypatch):
