@@ -983,10 +983,10 @@ class Recorder:
         cpu0 = time.thread_time()
         while True:
             pending = self._error is None and writer.n_steps < writer.n_written
+            gap = min(COMMIT_GAP, self.commit_interval)
             try:
-                # caught up with rows not yet committed: commit when COMMIT_GAP has passed since
+                # caught up with rows not yet committed: commit when the gap has passed since
                 # the last commit, or at once when flush asks (a _Commit job), whichever comes first
-                gap = min(COMMIT_GAP, self.commit_interval)
                 wait = max(0.0, last_commit + gap - time.perf_counter()) if pending else None
                 job = self._jobs.get(timeout=wait)
             except queue.Empty:
@@ -999,11 +999,7 @@ class Recorder:
                     if self._error is None:
                         writer.commit()
                 except BaseException as err:  # noqa: BLE001 - re-raised in the training thread
-                    self._error = (err, writer.last_step)
-                    try:
-                        writer.abort()
-                    except BaseException:  # noqa: BLE001
-                        pass
+                    self._writer_failed(err, writer.last_step)
                 finally:
                     job.done.set()
                 last_commit = time.perf_counter()
@@ -1048,24 +1044,28 @@ class Recorder:
                     if stored & fmt.FLAG_NONFINITE_GRAD:
                         self._nonfinite_steps.append(step)
                 now = time.perf_counter()
-                # behind: every commit_interval; caught up: once COMMIT_GAP has passed (the wait
+                # behind: every commit_interval; caught up: once the gap has passed (the wait
                 # above commits a row that is left when no job comes)
-                gap = min(COMMIT_GAP, self.commit_interval)
                 if now - last_commit >= (gap if self._jobs.empty() else self.commit_interval):
                     writer.commit()
                     last_commit = time.perf_counter()
                 self._writer_s += time.perf_counter() - t0
                 self._writer_cpu_s = time.thread_time() - cpu0
             except BaseException as err:  # noqa: BLE001 - re-raised in the training thread
-                self._error = (err, step)
-                try:
-                    writer.abort()  # commits the rows written whole before this one
-                except BaseException:  # noqa: BLE001
-                    pass
+                self._writer_failed(err, step)
             finally:
                 if slot is not None:
                     slot.refs = None
                     self._free.put(slot)
+
+    def _writer_failed(self, err: BaseException, step) -> None:
+        """Keep the writer's error for the training thread and stop the store where it is
+        (``abort`` commits the rows written whole before the failure)."""
+        self._error = (err, step)
+        try:
+            self.writer.abort()
+        except BaseException:  # noqa: BLE001 - the store stays consistent either way
+            pass
 
     def _warn_changed(self) -> None:
         self._warned_changed = True
