@@ -1,10 +1,13 @@
-"""Compiled encodings of the capture stage: per-tensor scalar sums, bit rounding, CountSketch.
+"""Compiled encodings of the capture stage: per-tensor scalar sums, bit rounding, CountSketch,
+sign planes and Blosc frames.
 
 The writer's per-row work, each a fused sweep over the float32 row: ``tensor_sums`` forms the
 per-step, per-tensor scalars (``||G||^2``, ``||w||^2``, ``<G, w>``) in one pass instead of
-three einsums; ``bitround_into``, ``sketch_into`` and ``pack_signs_into`` are the rounded and
-sketch tiers' encodings, each equal bit for bit to its numpy definition in
-:mod:`gradtrace_format.format` (``bitround``, ``Sketcher``, ``pack_signs``).
+three einsums; ``bitround_into``, ``sketch_into`` (``sketch2_into`` for gradient and weights
+in one sweep) and ``pack_signs_into`` are the rounded and sketch tiers' encodings, each equal
+bit for bit to its numpy definition in :mod:`gradtrace_format.format` (``bitround``,
+``Sketcher``, ``pack_signs``); ``shuffle_frame_into`` and ``plain_frame_into`` write the
+rounded and lossless tiers' chunks as Blosc frames that decode to those values bit for bit.
 
 ``tensor_sums`` adds in a compiler-chosen order (``fastmath={"reassoc", "contract"}``), so
 its float64 sums can differ from the numpy route in the last bits, as BLAS blocking does;
