@@ -477,7 +477,8 @@ class Recorder:
         self._wait_s = 0.0
         self._warned_nonfinite = False
         self._closed = False
-        self._error: tuple[BaseException, int | None] | None = None
+        # (error, what failed: "write step S" or "commit the steps up to S")
+        self._error: tuple[BaseException, str] | None = None
         # writer-thread counters
         self._writer_s = 0.0
         self._writer_cpu_s = 0.0  # CPU time of the writer thread (its pool's threads not included)
@@ -999,7 +1000,7 @@ class Recorder:
                     if self._error is None:
                         writer.commit()
                 except BaseException as err:  # noqa: BLE001 - re-raised in the training thread
-                    self._writer_failed(err, writer.last_step)
+                    self._writer_failed(err, f"commit the steps up to step {writer.last_step}")
                 finally:
                     job.done.set()
                 last_commit = time.perf_counter()
@@ -1047,21 +1048,25 @@ class Recorder:
                 # behind: every commit_interval; caught up: once the gap has passed (the wait
                 # above commits a row that is left when no job comes)
                 if now - last_commit >= (gap if self._jobs.empty() else self.commit_interval):
-                    writer.commit()
+                    try:
+                        writer.commit()
+                    except BaseException as err:  # noqa: BLE001 - the step was written, its commit failed
+                        self._writer_failed(err, f"commit the steps up to step {writer.last_step}")
+                        continue
                     last_commit = time.perf_counter()
                 self._writer_s += time.perf_counter() - t0
                 self._writer_cpu_s = time.thread_time() - cpu0
             except BaseException as err:  # noqa: BLE001 - re-raised in the training thread
-                self._writer_failed(err, step)
+                self._writer_failed(err, f"write step {step}")
             finally:
                 if slot is not None:
                     slot.refs = None
                     self._free.put(slot)
 
-    def _writer_failed(self, err: BaseException, step) -> None:
+    def _writer_failed(self, err: BaseException, what: str) -> None:
         """Keep the writer's error for the training thread and stop the store where it is
         (``abort`` commits the rows written whole before the failure)."""
-        self._error = (err, step)
+        self._error = (err, what)
         try:
             self.writer.abort()
         except BaseException:  # noqa: BLE001 - the store stays consistent either way
@@ -1094,7 +1099,7 @@ class Recorder:
         return all(r._version == v for r, v in zip(slot.refs, slot.versions))
 
     def _raise_writer_error(self):
-        err, step = self._error
+        err, what = self._error
         n = self.writer.n_steps if self.writer is not None else 0
         # the writer's last step is that of its last row written, committed or not
         last = self.writer.last_step if self.writer is not None and self.writer.n_written == n else None
@@ -1105,7 +1110,7 @@ class Recorder:
         elif isinstance(err, OSError):
             hint = " Free disk space or fix the path's permissions, then restart from a checkpoint with resume=True."
         raise RecorderWriteError(
-            f"gradtrace could not write step {step} to {self.path}: {type(err).__name__}: {err}. "
+            f"gradtrace could not {what} to {self.path}: {type(err).__name__}: {err}. "
             f"The store is consistent and holds the {n} steps committed before it"
             + (f" (last step {last})" if last is not None else "")
             + f"; recording has stopped.{hint}"
@@ -1190,7 +1195,7 @@ class Recorder:
             self.writer.update_settings(recorder_summary=self._summary_core())
             self.writer.close(final, final_step, epoch=epoch)
         except BaseException as err:
-            self._error = (err, final_step)
+            self._error = (err, "close the store" + (f" (final step {final_step})" if final_step is not None else ""))
             self._raise_writer_error()
 
     # ------------------------------------------------------------------ reporting

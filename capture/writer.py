@@ -45,6 +45,7 @@ and benchmarks that need stores without torch.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import itertools
 import json
@@ -1160,7 +1161,8 @@ class StoreWriter:
                 + "). Resume with the same model, or record to a new path."
             )
         for a in fmt.DATA_ARRAYS:
-            if header.tiers[a] != self.tiers[a]:
+            # ``small`` picks the writer's encoder, not what is stored: a store resumes with or without it
+            if dataclasses.replace(header.tiers[a], small=False) != dataclasses.replace(self.tiers[a], small=False):
                 raise StoreMismatchError(
                     f"cannot resume {self.path}: it stores '{a}' with tier {header.tiers[a].to_json()}, "
                     f"but this recorder asks for {self.tiers[a].to_json()}. Use the same tier, or a new path."

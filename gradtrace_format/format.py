@@ -515,7 +515,8 @@ class Tier:
             chunks of gradients (rounded:7 on a CNN: 1.27 against 1.64 bytes per entry) at
             1.5-2 ns more writer CPU per entry. Without it the writer's own frames store that
             plane as it is (``capture.kernels.shuffle_frame_into``). The same codec either way:
-            readers see no difference.
+            readers see no difference, and a store resumes with or without the option (its
+            header keeps the first run's tier).
     """
 
     name: str = "lossless"

@@ -276,6 +276,36 @@ def test_disk_full_is_raised_to_the_training_loop_and_the_store_stays_consistent
     np.testing.assert_array_equal(xr.open_zarr(path).step.values, [0, 1, 2, 3, 4])
 
 
+def test_a_failed_commit_is_reported_as_a_commit_not_as_a_lost_step(tmp_path, monkeypatch):
+    """The rows were written, their commit marker was not: the error says so, and the store
+    holds the steps of the commits before it."""
+    torch.manual_seed(3)
+    path = tmp_path / "nocommit.zarr"
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(model, path, opt)
+    real, calls = cw.StoreWriter.commit, {"n": 0}
+
+    def flaky(self):
+        if self.n_steps < self.n_written:  # a commit with rows to commit
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise OSError(errno.EIO, "Input/output error", str(self.path))
+        real(self)
+
+    monkeypatch.setattr(cw.StoreWriter, "commit", flaky)
+    with pytest.raises(RecorderWriteError, match=r"could not commit the steps up to step \d+ to .*: OSError.*"
+                                                 r"Input/output error.*2 steps committed") as info:
+        for step in range(20):
+            train(model, opt, rec, 1, start=step)
+            rec.flush()
+    assert "could not write step" not in str(info.value)
+    with pytest.raises(RecorderWriteError):
+        rec.close()
+    monkeypatch.undo()
+    assert fmt.read_header(path).n_steps == 2
+
+
 def test_unwritable_path_fails_at_construction(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(OSError):

@@ -171,6 +171,28 @@ def test_resume_inside_a_block_keeps_committed_rows(tmp_path):
     assert not list(path.rglob("*.partial"))
 
 
+def test_rounded_small_resumes_as_rounded_and_back_but_no_other_tier(tmp_path):
+    """``small`` picks the encoder, not the stored values: a store resumes with or without it;
+    another keepbits is refused with a line that names both tiers."""
+    rng = np.random.default_rng(5)
+    tensors = _table()
+    g, w = _rows(rng, 6, sum(t.size for t in tensors))
+    path = tmp_path / "small.zarr"
+    small = {"grad": fmt.Tier.parse("rounded:7:small"), "weight": fmt.Tier.parse("lossless")}
+    plain = {"grad": fmt.Tier.parse("rounded:7"), "weight": fmt.Tier.parse("lossless")}
+    for t, tiers in enumerate([small, plain, small]):
+        sw = StoreWriter(path, tensors, tiers=tiers, mode="resume" if t else "create")
+        for s in (2 * t, 2 * t + 1):
+            sw.append(s, g[s], w[s])
+        sw.close()
+    ds = xr.open_zarr(path)
+    np.testing.assert_array_equal(ds.grad.values, fmt.bitround(g, 7))
+    np.testing.assert_array_equal(ds.weight.values, w)
+    assert fmt.read_header(path).tiers["grad"] == small["grad"]  # the first run's
+    with pytest.raises(fmt.StoreMismatchError, match=r"cannot resume .*tier .*rounded.*asks for .*'keepbits': 8"):
+        StoreWriter(path, tensors, tiers={**plain, "grad": fmt.Tier.parse("rounded:8")}, mode="resume")
+
+
 def test_resume_step_drops_later_rows(tmp_path):
     rng = np.random.default_rng(4)
     tensors = _table()
