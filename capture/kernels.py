@@ -192,6 +192,17 @@ def _pack_signs_np(x, signbits, nonzero):
     nonzero[:] = np.packbits(nz)
 
 
+def _pack_signs_at_np(x, pos, signbits, nonzero):
+    r = pos % 8
+    b = pos // 8
+    xx = np.concatenate([np.zeros(r, np.float32), x])  # zeros: no sign bit, no non-zero bit
+    nz = xx != 0
+    for plane, bits in ((signbits, np.packbits(np.signbit(xx) & nz)), (nonzero, np.packbits(nz))):
+        if r:  # the byte's first r bits are the previous tensor's (its padding below them is 0)
+            bits[0] |= plane[b]
+        plane[b:b + bits.shape[0]] = bits
+
+
 def _sketch2_np(x, y, starts, sizes, offsets, codes, code_starts, out):
     for r, row in enumerate((x, y)):
         col = np.zeros(out.shape[0])
@@ -203,6 +214,7 @@ def _compile(numba):
     # helpers the frame kernels call are module globals: numba's disk cache keys a function
     # by its closure variables, and a dispatcher in a closure misses the cache in every process
     global _nb_put_u32, _nb_lz4_run, _nb_lz4_len, _nb_lz4_seq, _nb_lz4_ext, _nb_lz4_byte_runs, _nb_put_split
+    global _nb_pack_signs
     jit = numba.njit(nogil=True, fastmath=_FASTMATH, cache=True)
 
     @jit
@@ -510,7 +522,7 @@ def _compile(numba):
         return pos
 
     @exact
-    def pack_signs(x, sb, nz):  # pragma: no cover - compiled
+    def _nb_pack_signs(x, sb, nz):  # pragma: no cover - compiled
         # in blocks of 4096 entries: a vector loop makes one byte (0 or 1) per entry and bit
         # plane, then each 8 of them become one byte by a multiply (byte k -> bit 7 - k, the
         # order of np.packbits): one read of x, no row-sized temporaries
@@ -546,10 +558,37 @@ def _compile(numba):
                 nz[a // 8 + full] = zb
                 sb[a // 8 + full] = sbb
 
-    return tensor_sums, bitround, sketch, frame, sketch2, pack_signs
+    @exact
+    def pack_signs(x, sb, nz):  # pragma: no cover - compiled
+        _nb_pack_signs(x, sb, nz)
+
+    @exact
+    def pack_signs_at(x, pos, sb, nz):  # pragma: no cover - compiled
+        # x's bits at bit positions pos.. of the planes: first the entries that complete the
+        # byte the previous tensor ended in (its bits there are set, the rest zero padded)
+        bits = x.view(np.uint32)
+        n = bits.shape[0]
+        head = min((8 - pos % 8) % 8, n)
+        if head:
+            b = pos // 8
+            zb = nz[b]
+            sbb = sb[b]
+            for k in range(head):
+                v = bits[k]
+                z = np.uint8(1) if (v & np.uint32(0x7FFFFFFF)) != 0 else np.uint8(0)
+                sh = np.uint8(7 - (pos + k) % 8)
+                zb |= z << sh
+                sbb |= (np.uint8(v >> np.uint32(31)) & z) << sh
+            nz[b] = zb
+            sb[b] = sbb
+        if n > head:
+            a = (pos + head) // 8
+            _nb_pack_signs(x[head:], sb[a:], nz[a:])
+
+    return tensor_sums, bitround, sketch, frame, sketch2, pack_signs, pack_signs_at
 
 
-_NUMPY = (_tensor_sums_np, _bitround_np, _sketch_np, _frame_np, _sketch2_np, _pack_signs_np)
+_NUMPY = (_tensor_sums_np, _bitround_np, _sketch_np, _frame_np, _sketch2_np, _pack_signs_np, _pack_signs_at_np)
 _impl: tuple | None = None
 _lock = threading.Lock()
 BACKEND = ""  # "numba" or "numpy", set at the first call
@@ -637,6 +676,42 @@ def pack_signs_into(x: np.ndarray, signbits: np.ndarray, nonzero: np.ndarray) ->
     of the contiguous float32 ``x`` (the compiled kernel reads ``x`` once; numpy's route
     makes three row-sized temporaries, 3x slower)."""
     (_impl or _get())[5](np.ascontiguousarray(x, dtype=np.float32), signbits, nonzero)
+
+
+def pack_signs_at(x: np.ndarray, pos: int, signbits: np.ndarray, nonzero: np.ndarray) -> None:
+    """:func:`pack_signs_into` of one piece of a row: the contiguous float32 ``x`` holds the
+    row's entries ``pos, pos + 1, ...`` and its bits go to those positions of ``signbits`` and
+    ``nonzero``. The pieces of a row, packed in order from position 0, give the planes of the
+    whole row bit for bit (a piece that starts inside a byte completes the byte the piece
+    before it ended in, whose remaining bits that one left at 0)."""
+    if x.shape[0]:
+        (_impl or _get())[6](np.ascontiguousarray(x, dtype=np.float32), int(pos), signbits, nonzero)
+
+
+def sketch_parts_into(xs, y: np.ndarray | None, starts, sizes, offsets, codes: np.ndarray, code_starts,
+                      out: np.ndarray) -> np.ndarray:
+    """:func:`sketch_into` (``y`` None; ``out`` of shape (dim,)) or :func:`sketch2_into` (``y``
+    the flat second row; ``out`` of shape (dim, 2)) of a row given as one contiguous float32
+    array per tensor (``xs[t]`` holds tensor t's ``sizes[t]`` entries): the same float64 sums,
+    bit for bit (each tensor's additions in index order, tensor after tensor)."""
+    impl = _impl or _get()
+    if impl is _NUMPY:  # the numpy versions sketch whole rows: join the pieces
+        x = np.concatenate(list(xs)) if len(xs) else np.zeros(0, np.float32)
+        if y is None:
+            return sketch_into(x, starts, sizes, offsets, codes, code_starts, out)
+        return sketch2_into(x, y, starts, sizes, offsets, codes, code_starts, out)
+    out[:] = 0.0
+    starts, sizes, offsets, code_starts = _idx(starts), _idx(sizes), _idx(offsets), _idx(code_starts)
+    zero = np.zeros(1, dtype=np.int64)
+    for t, x in enumerate(xs):
+        if not sizes[t]:
+            continue
+        args = (zero, sizes[t:t + 1], offsets[t:t + 1], codes, code_starts[t:t + 1], out)
+        if y is None:
+            impl[2](x, *args)
+        else:
+            impl[4](x, y[starts[t]:starts[t] + sizes[t]], *args)
+    return out
 
 
 def frame_capacity(n: int, block: int = FRAME_BLOCK) -> int:

@@ -122,3 +122,58 @@ def test_pack_signs_equals_the_format_definition(backend, n):
     want_sb, want_nz = fmt.pack_signs(x)
     np.testing.assert_array_equal(sb, want_sb)
     np.testing.assert_array_equal(nz, want_nz)
+
+
+def _pieces(rng, d: int) -> list[int]:
+    """Piece sizes summing to d: zero-size, one-entry and sub-byte pieces among larger ones."""
+    sizes, left = [], d
+    while left:
+        n = int(min(left, rng.choice([0, 1, 3, 5, 7, 8, 9, 13, 4095, 4097, 20_000])))
+        sizes.append(n)
+        left -= n
+    return sizes
+
+
+def test_pack_signs_of_pieces_packed_in_order_are_the_whole_rows_planes(backend):
+    """``pack_signs_at``: a row packed piece by piece (pieces starting inside a byte, of 0, 1
+    and 9 entries, across the 4096-entry blocks) into buffers holding stale bytes gives
+    ``format.pack_signs`` of the whole row bit for bit."""
+    from gradtrace_format import format as fmt
+
+    rng = np.random.default_rng(21)
+    for d in (1, 13, 4103, 61_111):
+        x = rng.standard_normal(d).astype(np.float32)
+        x[rng.random(d) < 0.3] = 0.0
+        x[rng.random(d) < 0.1] = -0.0
+        x[:: max(1, d // 3)] = np.nan
+        nb = (d + 7) // 8
+        sb, nz = np.full(nb, 0xAA, dtype=np.uint8), np.full(nb, 0x55, dtype=np.uint8)
+        pos = 0
+        for n in _pieces(rng, d):
+            kernels.pack_signs_at(x[pos:pos + n].copy(), pos, sb, nz)
+            pos += n
+        want_sb, want_nz = fmt.pack_signs(x)
+        np.testing.assert_array_equal(sb, want_sb)
+        np.testing.assert_array_equal(nz, want_nz)
+
+
+def test_sketch_of_a_row_in_pieces_equals_the_flat_rows_sketch_bit_for_bit(backend):
+    """``sketch_parts_into`` (one array per tensor, as a CPU model's .grad tensors) gives the
+    float64 sums of ``sketch_into`` and ``sketch2_into`` of the joined row bit for bit."""
+    from gradtrace_format import format as fmt
+
+    rng = np.random.default_rng(22)
+    tensors = fmt.tensor_table([("big", (300, 40)), ("empty", (0,)), ("tiny", (3,)), ("mid", (700,)),
+                                ("bias", (40,))])
+    d = sum(t.size for t in tensors)
+    g, w = _data(rng, rows=4, cols=d)[2:]
+    plan = fmt.sketch_plan(tensors, 512, 3)
+    from capture.writer import _FastSketcher
+
+    sk = _FastSketcher(tensors, plan)
+    parts = [g[t.offset:t.offset + t.size].copy() for t in tensors]
+    args = (sk.starts, sk.sizes, sk.offsets, sk.codes, sk.code_starts)
+    one = kernels.sketch_parts_into(parts, None, *args, np.full(plan.dim, 7.0)).copy()
+    np.testing.assert_array_equal(one, kernels.sketch_into(g, *args, np.empty(plan.dim)))
+    two = kernels.sketch_parts_into(parts, w, *args, np.full((plan.dim, 2), 7.0)).copy()
+    np.testing.assert_array_equal(two, kernels.sketch2_into(g, w, *args, np.empty((plan.dim, 2))))
