@@ -13,7 +13,9 @@ The training thread only does cheap work:
    use): if the writer is behind, this blocks (backpressure, bounded memory);
 3. gradients and weights are flattened into it with one ``torch.cat`` each (on CUDA: into a
    device staging buffer, then one non-blocking copy to pinned host memory and a CUDA event;
-   no ``.item()`` sync; the loss travels the same way);
+   no ``.item()`` sync; the loss travels the same way). On a CPU, once the loop has shown that
+   it drops its gradients, the ``.grad`` tensors themselves go to the writer, which reads them
+   in place (``capture.writer.SplitRow``), and the weights are read ahead by a helper thread;
 4. the buffer is queued to a writer thread that runs :class:`capture.writer.StoreWriter`
    (float64 scalars, encoding, chunk writes with crc32c, commit marker).
 
@@ -33,7 +35,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -56,15 +58,16 @@ from gradtrace_format.format import (
 )
 from capture.schedules import Schedule, every_step, parse_schedule, schedule_to_json
 from capture.sink import split_location, store_name
-from capture.writer import StoreWriter
+from capture.writer import SplitRow, StoreWriter
 
 __all__ = ["Recorder", "RecorderWriteError", "restore_weights", "model_table", "parse_tiers"]
 
 MODEL_REPR_CHARS = 2000
-#: seconds between commits while the writer keeps up: a commit (the root metadata rewritten by
-#: rename, ~0.3-0.5 ms here) at every fast step would cost the writer more than its chunks of
-#: a small model; rows are committed this long after the previous commit at the latest
-COMMIT_GAP = 0.05
+#: seconds between commits while the writer keeps up: a commit (the per-step rows and the root
+#: metadata, ~0.5-1 ms of CPU beside a fast training step here) at every fast step would cost
+#: the writer more than its chunks of a small model; rows are committed this long after the
+#: previous commit at the latest
+COMMIT_GAP = 0.1
 
 
 class _Commit:
@@ -73,6 +76,23 @@ class _Commit:
 
     def __init__(self):
         self.done = threading.Event()
+
+
+class _Held(NamedTuple):
+    """A written row whose gradients the writer read by reference, not yet checked."""
+
+    step: int
+    slot: "_Slot"
+    weight: "np.ndarray | None"
+    loss: float
+    lr: float
+    epoch: int
+    flags: int
+    stored: int  # the flags append returned
+
+
+class _CommitFailed(Exception):
+    """A commit failed and was reported (``_writer_failed``); the caller only stops."""
 
 
 class RecorderWriteError(RuntimeError):
@@ -318,7 +338,7 @@ class Recorder:
             skipped row (``FLAG_SKIPPED``: step, loss and lr only), so training never waits.
         commit_interval: while the writer is behind, rows are committed (the marker that
             readers and a resume trust) at most every this many seconds; while it keeps up,
-            ``COMMIT_GAP`` (0.05 s) after the previous commit at the latest, and at once on
+            ``COMMIT_GAP`` (0.1 s) after the previous commit at the latest, and at once on
             ``flush()`` and ``close()``. A kill loses the uncommitted rows besides the queued ones.
         lag_band: keep the last L recorded gradients (float32, where they live: on the GPU when
             training there) and store ``grad_lag_dot`` = <G_r, G_(r-k)> for k = 1..L rows back,
@@ -465,6 +485,7 @@ class Recorder:
         self._grad_ids: tuple = ()  # id() of each parameter's .grad at the last record() call
         self._pf_hook = None  # optimizer hook of the weights read ahead (rank 0, CPU)
         self._n_prefetched = 0
+        self._readahead_cpu_s = 0.0  # CPU time of the helper thread that reads the weights ahead
         _warn_threads(self._cuda, self.d)
         self._steps_per_epoch = getattr(self.schedule, "steps_per_epoch", None)
 
@@ -705,7 +726,7 @@ class Recorder:
             self._fill_cuda(slot, grads, weights, inv_scale, with_weights)
         else:
             if self._by_ref and not n_missing:
-                # no copy on the training thread: the writer flattens them, then checks that
+                # no copy on the training thread: the writer reads them in place, then checks that
                 # no version counter moved (see grads_by_reference)
                 # the .grad tensors themselves (not detached views): their ids identify them
                 slot.refs = list(grads)
@@ -749,7 +770,9 @@ class Recorder:
         return [(p._version, p.data_ptr()) for _, p in self._params]
 
     def _prefetch_loop(self) -> None:
+        cpu0 = time.thread_time()
         while True:
+            self._readahead_cpu_s = time.thread_time() - cpu0
             self._pf_go.wait()
             self._pf_go.clear()
             if self._closed:
@@ -980,18 +1003,35 @@ class Recorder:
 
     def _writer_loop(self) -> None:
         writer = self.writer
-        last_commit = time.perf_counter()
+        self._last_commit = time.perf_counter()
         cpu0 = time.thread_time()
+        # a row of referenced gradients, written but not yet checked (_Held): it keeps its buffer
+        # and no commit covers it until the training thread has dropped its gradients
+        held: _Held | None = None
         while True:
+            if held is not None and self._released(held.slot):
+                held = self._settle(held)
             pending = self._error is None and writer.n_steps < writer.n_written
             gap = min(COMMIT_GAP, self.commit_interval)
             try:
-                # caught up with rows not yet committed: commit when the gap has passed since
-                # the last commit, or at once when flush asks (a _Commit job), whichever comes first
-                wait = max(0.0, last_commit + gap - time.perf_counter()) if pending else None
+                # caught up with rows not yet committed: commit when the gap has passed since the
+                # last commit, or at once when flush asks (a _Commit job), whichever comes first;
+                # while a held row waits for its check, look again after a gap
+                if held is not None:
+                    wait = gap
+                elif pending:
+                    wait = max(0.0, self._last_commit + gap - time.perf_counter())
+                else:
+                    wait = None
                 job = self._jobs.get(timeout=wait)
             except queue.Empty:
+                if held is not None:
+                    continue  # its check first (above), then the commit
                 job = _Commit()
+            if held is not None:
+                # a job (or close) comes after a record() call: the ids of the gradients it saw are
+                # published, so the check does not wait unless the loop kept the same tensors
+                held = self._settle(held)
             if job is None:
                 return
             if isinstance(job, _Commit):
@@ -1003,8 +1043,8 @@ class Recorder:
                     self._writer_failed(err, f"commit the steps up to step {writer.last_step}")
                 finally:
                     job.done.set()
-                last_commit = time.perf_counter()
-                self._writer_s += last_commit - t0
+                self._last_commit = time.perf_counter()
+                self._writer_s += self._last_commit - t0
                 self._writer_cpu_s = time.thread_time() - cpu0
                 continue
             step, slot, epoch, flags, skipped = job
@@ -1012,13 +1052,20 @@ class Recorder:
                 if self._error is not None:
                     continue  # drain after a failure; the slots go back below
                 t0 = time.perf_counter()
+                # behind: commit every commit_interval; caught up: once the gap has passed (rows
+                # before this one; the wait above commits a row that is left when no job comes)
+                self._maybe_commit(gap)
                 if slot is None:  # skipped by on_full="skip": step, loss, lr and flags only
                     writer.append(step, None, None, loss=skipped[0], lr=skipped[1], epoch=epoch, flags=flags,
                                   commit=False)
                 else:
                     for ev in slot.events:
                         ev.synchronize()
-                    if slot.refs is not None:
+                    grad = slot.grad_np
+                    if slot.refs is not None and writer.reads_split():
+                        # read in place by the writer's kernels: no copy of the whole row
+                        grad = SplitRow([r.detach().reshape(-1).numpy() for r in slot.refs], self.tensors)
+                    elif slot.refs is not None:
                         torch.cat([r.reshape(-1) for r in slot.refs], out=slot.grad)
                     loss, lr = float(slot.scalars_np[0]), float(slot.scalars_np[1])
                     weight = None if flags & FLAG_NO_WEIGHT else slot.weight_np
@@ -1032,36 +1079,72 @@ class Recorder:
                                                commit=False, scalars=scalars, encoded=encoded,
                                                lag_dots=host.get("lag_dots"))
                     else:
-                        stored = writer.append(step, slot.grad_np, weight, loss=loss, lr=lr, epoch=epoch,
+                        stored = writer.append(step, grad, weight, loss=loss, lr=lr, epoch=epoch,
                                                flags=flags, commit=False)
-                    if slot.refs is not None and not self._references_unchanged(slot):
-                        # the gradient changed in place while (or before) the writer read it:
-                        # what was read may be wrong, so the step is stored without it
-                        writer.rewind()
-                        stored = writer.append(step, None, weight, loss=loss, lr=lr, epoch=epoch,
-                                               flags=flags | FLAG_SKIPPED, commit=False)
-                        self._n_grad_changed += 1
-                        self._by_ref = self._by_ref_allowed = False
-                    if stored & fmt.FLAG_NONFINITE_GRAD:
+                    if slot.refs is not None:
+                        # checked (and the buffer returned) once the training thread has dropped
+                        # these gradients: at the next job, or a gap later (_settle)
+                        held, slot = _Held(step, slot, weight, loss, lr, epoch, flags, stored), None
+                    elif stored & fmt.FLAG_NONFINITE_GRAD:
                         self._nonfinite_steps.append(step)
-                now = time.perf_counter()
-                # behind: every commit_interval; caught up: once the gap has passed (the wait
-                # above commits a row that is left when no job comes)
-                if now - last_commit >= (gap if self._jobs.empty() else self.commit_interval):
-                    try:
-                        writer.commit()
-                    except BaseException as err:  # noqa: BLE001 - the step was written, its commit failed
-                        self._writer_failed(err, f"commit the steps up to step {writer.last_step}")
-                        continue
-                    last_commit = time.perf_counter()
+                if held is None:
+                    self._maybe_commit(gap)
                 self._writer_s += time.perf_counter() - t0
                 self._writer_cpu_s = time.thread_time() - cpu0
             except BaseException as err:  # noqa: BLE001 - re-raised in the training thread
-                self._writer_failed(err, f"write step {step}")
+                if not isinstance(err, _CommitFailed):
+                    self._writer_failed(err, f"write step {step}")
             finally:
                 if slot is not None:
                     slot.refs = None
                     self._free.put(slot)
+
+    def _maybe_commit(self, gap: float) -> None:
+        """Commit the rows written so far when ``gap`` has passed since the last commit (the
+        writer is caught up) or ``commit_interval`` (it is behind)."""
+        writer = self.writer
+        if writer.n_steps == writer.n_written:
+            return
+        if time.perf_counter() - self._last_commit < (gap if self._jobs.empty() else self.commit_interval):
+            return
+        try:
+            writer.commit()
+        except BaseException as err:  # the rows were written, their commit failed
+            self._writer_failed(err, f"commit the steps up to step {writer.last_step}")
+            raise _CommitFailed() from err
+        self._last_commit = time.perf_counter()
+
+    def _released(self, slot: _Slot) -> bool:
+        """Whether the training thread can no longer change the gradients ``slot`` refers to:
+        each has been dropped from its parameter, or the training thread waits in flush/close."""
+        # never read p.grad here: backward assigns it without the GIL (a segfault when read
+        # from this thread); the training thread publishes the ids of the current .grad
+        # tensors at every record() call (ids of live objects are unique: we hold refs)
+        return self._quiet.is_set() or not any(a == id(r) for a, r in zip(self._grad_ids, slot.refs))
+
+    def _settle(self, held: "_Held") -> None:
+        """Check a held row once its gradients are released (waiting for that if need be):
+        a gradient changed in place while (or before) the writer read it may have been read
+        wrong, so the row is written again without it (``FLAG_SKIPPED``) and the recorder
+        copies gradients from then on. The buffer goes back to the pool."""
+        slot = held.slot
+        try:
+            if self._error is None:
+                stored = held.stored
+                if not self._references_unchanged(slot):
+                    self.writer.rewind()
+                    stored = self.writer.append(held.step, None, held.weight, loss=held.loss, lr=held.lr,
+                                                epoch=held.epoch, flags=held.flags | FLAG_SKIPPED, commit=False)
+                    self._n_grad_changed += 1
+                    self._by_ref = self._by_ref_allowed = False
+                if stored & fmt.FLAG_NONFINITE_GRAD:
+                    self._nonfinite_steps.append(held.step)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the training thread
+            self._writer_failed(err, f"write step {held.step}")
+        finally:
+            slot.refs = None
+            self._free.put(slot)
+        return None
 
     def _writer_failed(self, err: BaseException, what: str) -> None:
         """Keep the writer's error for the training thread and stop the store where it is
@@ -1087,13 +1170,7 @@ class Recorder:
         """After the writer read the referenced gradients: wait until the training thread can
         no longer change them (each has been dropped from its parameter, or the training
         thread waits in flush/close), then compare their version counters."""
-        # never read p.grad here: backward assigns it without the GIL (a segfault when read
-        # from this thread); the training thread publishes the ids of the current .grad
-        # tensors at every record() call (ids of live objects are unique: we hold refs)
-        ids = [id(r) for r in slot.refs]
-        while not self._quiet.is_set():
-            if not any(a == b for a, b in zip(self._grad_ids, ids)):
-                break
+        while not self._released(slot):
             self._stepped.wait(0.05)
             self._stepped.clear()
         return all(r._version == v for r, v in zip(slot.refs, slot.versions))
@@ -1125,13 +1202,9 @@ class Recorder:
         self._quiet.set()  # the training thread changes no gradient while it waits here
         self._release_prefetched()
         try:
-            while (self._n_slots and self._free.qsize() < self._n_slots) or not self._jobs.empty():
-                if self._error is not None:
-                    break
-                time.sleep(0.002)
             if self._error is None:
-                # commit now, not COMMIT_GAP after the last commit; the job runs after every job
-                # queued before it (a skipped step holds no buffer: the loop above cannot see it)
+                # commit now, not COMMIT_GAP after the last commit: the job runs after every job
+                # queued before it, and the writer checks a row it holds first (_quiet is set)
                 job = _Commit()
                 self._jobs.put(job)
                 while not job.done.wait(0.05):
@@ -1214,6 +1287,7 @@ class Recorder:
             "wait_seconds": round(self._wait_s, 6),
             "writer_seconds": round(self._writer_s, 6),
             "writer_cpu_seconds": round(self._writer_cpu_s, 6),
+            "readahead_cpu_seconds": round(self._readahead_cpu_s, 6),
         }
 
     def summary(self) -> dict:
@@ -1227,8 +1301,9 @@ class Recorder:
             ``n_grad_changed_steps`` (gradients changed in place after ``record()``),
             ``grads_by_reference``, ``record_seconds`` (training-thread time in ``record``),
             ``wait_seconds`` (of it, blocked on a busy writer), ``writer_seconds`` (wall) and
-            ``writer_cpu_seconds`` (CPU time of the writer thread), ``closed`` and ``error``
-            (None or the message).
+            ``writer_cpu_seconds`` (CPU time of the writer thread), ``readahead_cpu_seconds``
+            (CPU time of the helper thread that copies the weights ahead, on CPU), ``closed``
+            and ``error`` (None or the message).
         """
         out = {"path": str(self.path), "rank": self.rank, "active": self.active}
         out.update(self._summary_core())

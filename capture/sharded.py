@@ -117,6 +117,8 @@ class _ShardedStoreWriter(StoreWriter):
     shard table is stored as arrays, resume checks the layout, and rows are appended as
     per-step values only (every rank writes its own data chunks)."""
 
+    _split_ok = False
+
     def __init__(self, path, tensors, tiers, layout: fmt.ShardedLayout, **kw):
         self.layout = layout
         # one file per chunk: a multi-row shard file would be appended to by several ranks

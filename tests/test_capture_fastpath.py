@@ -243,3 +243,37 @@ def test_warns_once_when_torch_takes_every_core(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Recorder(model, tmp_path / "c.zarr").close(record_final=False)
+
+
+def test_referenced_gradients_reach_the_writer_in_pieces_and_commit_without_a_flush(tmp_path, monkeypatch):
+    """In reference mode the writer reads the .grad tensors in place (a SplitRow, no copy of
+    the row), checks them once the loop has dropped them, and commits them on its own: the
+    last recorded row is committed a gap after the loop's next record() call, with no flush."""
+    from capture import kernels
+    from capture import writer as cw
+
+    kinds = []
+    real = cw.StoreWriter.append
+
+    def spy(self, step, grad, weight, **kw):
+        kinds.append(type(grad).__name__)
+        return real(self, step, grad, weight, **kw)
+
+    monkeypatch.setattr(cw.StoreWriter, "append", spy)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "r.zarr"
+    rec = Recorder(model, path, opt, schedule="every:2")
+    seen = loop(model, opt, rec, 12)  # records 0, 2, ..., 10; record(11) drops step 10's gradients
+    assert rec.summary()["grads_by_reference"]
+    if kernels.BACKEND == "numba":
+        assert "SplitRow" in kinds
+    deadline = time.monotonic() + 5
+    while fmt.read_header(path).n_steps < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fmt.read_header(path).n_steps == 6
+    rec.close()
+    _, flags, g, _ = stored(path)
+    for i, t in enumerate(range(0, 12, 2)):
+        np.testing.assert_array_equal(g[i], seen[t][0])
+    assert not (flags & fmt.FLAG_SKIPPED).any()

@@ -292,6 +292,7 @@ def test_atomic_put_leaves_old_content_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
+    monkeypatch.setattr(cw, "_RENAMEAT2", None)  # the rename path (an exchange is tested below)
     monkeypatch.setattr(cw.os, "replace", boom)
     with pytest.raises(OSError):
         cw.atomic_put(target, b"new")
@@ -439,6 +440,14 @@ def test_durable_fsyncs_every_shard_before_the_marker(tmp_path, small_shards, mo
         events.append(("replace", str(dst)))
         real_replace(src, dst)
 
+    real_exchange = cw._exchange
+
+    def exchange(src, dst):  # the marker swapped in by renameat2(RENAME_EXCHANGE) where there is one
+        done = real_exchange(src, dst)
+        if done:
+            events.append(("replace", str(dst)))
+        return done
+
     rng = np.random.default_rng(12)
     tensors = _table()
     g, w = _rows(rng, 7, sum(t.size for t in tensors))
@@ -446,6 +455,7 @@ def test_durable_fsyncs_every_shard_before_the_marker(tmp_path, small_shards, mo
     sw = StoreWriter(path, tensors, param_chunk=8, durable=True)
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(cw, "_exchange", exchange)
     for t in range(6):
         events.append(("row", t))
         sw.append(t, g[t], w[t])
@@ -558,3 +568,84 @@ def test_per_step_blocks_stay_readable_between_commits(tmp_path):
     sw.commit()
     np.testing.assert_array_equal(group["loss"][:5], [0.0, 1.0, 2.0, 3.0, 4.0])
     sw.close()
+
+
+@pytest.mark.parametrize("tiers", ["lossless", "rounded:7", "rounded:5:small", "sketch:64",
+                                   {"grad": "sketch:64", "weight": "lossless"}, "lossless:raw"])
+@pytest.mark.parametrize("threads,lag_band", [(1, 0), (2, 0), (1, 2)])
+def test_a_split_gradient_stores_what_the_flat_one_stores(tmp_path, tiers, threads, lag_band):
+    """``SplitRow`` (a CPU model's .grad tensors, read in place): every stored array, per-step
+    scalars and per-tensor sums included, equals the flat row's bit for bit: chunks inside one
+    tensor, chunks across several, a size-0 tensor, the padded edge chunk, rows without
+    weights, a writer pool, and a lag band (which joins the pieces)."""
+    from capture.recorder import parse_tiers
+    from capture.writer import SplitRow
+
+    tensors = fmt.tensor_table([("a", (700,)), ("e", (0,)), ("b", (3, 5)), ("c", (300, 2)), ("d", (9,))])
+    d = sum(t.size for t in tensors)
+    rng = np.random.default_rng(9)
+    g, w = _rows(rng, 5, d)
+    g[:, 100:400] = 0.0  # runs of zeros, as ReLU gradients have
+    out = {}
+    for how in ("flat", "split"):
+        path = tmp_path / f"{how}.zarr"
+        sw = StoreWriter(path, tensors, parse_tiers(tiers), param_chunk=256, threads=threads, lag_band=lag_band)
+        if how == "split":
+            from capture import kernels
+
+            assert sw.reads_split() == (kernels.BACKEND == "numba" and not lag_band)
+        for t in range(5):
+            row = g[t] if how == "flat" else SplitRow([g[t, x.offset:x.offset + x.size].copy() for x in tensors],
+                                                      tensors)
+            sw.append(t, row, None if t == 2 else w[t])
+        sw.close()
+        group = zarr.open_group(str(path), mode="r")
+        out[how] = {name: np.asarray(arr[...]) for name, arr in group.arrays()}
+    assert out["flat"].keys() == out["split"].keys()
+    for name, want in out["flat"].items():
+        np.testing.assert_array_equal(out["split"][name], want, err_msg=name)
+    assert np.isfinite(out["split"]["grad_sqnorm"]).all()
+
+
+def test_split_row_pieces_are_views_inside_a_tensor_and_copies_across():
+    from capture.writer import SplitRow
+
+    tensors = fmt.tensor_table([("a", (10,)), ("e", (0,)), ("b", (4,)), ("c", (6,))])
+    flat = np.arange(20, dtype=np.float32)
+    row = SplitRow([flat[t.offset:t.offset + t.size].copy() for t in tensors], tensors)
+    inside = row.piece(11, 14)
+    assert np.shares_memory(inside, row.parts[2]) and list(inside) == [11, 12, 13]
+    for a, b in [(0, 20), (8, 12), (9, 10), (10, 10), (13, 20), (3, 17)]:
+        np.testing.assert_array_equal(row.piece(a, b), flat[a:b])
+    buf = np.full(20, -1, np.float32)
+    assert row.piece(8, 16, buf).base is buf or np.shares_memory(row.piece(8, 16, buf), buf)
+    np.testing.assert_array_equal(row.flat(), flat)
+    with pytest.raises(ValueError, match=r"tensor 'b' needs a contiguous float32 array of 4 entries"):
+        SplitRow([flat[:10], flat[:0], flat[10:13], flat[14:]], tensors)
+
+
+@pytest.mark.parametrize("how", ["exchange", "rename", "exchange refused"])
+def test_atomic_put_replaces_the_file_whole_and_leaves_no_temporary(tmp_path, monkeypatch, how):
+    """The commit marker's write: a reader that opened the old file keeps reading it whole, a
+    new open reads the new one, and no temporary is left, whether the swap is an exchange
+    (``renameat2``), a plain rename, or an exchange the file system refuses (then renames)."""
+    import errno as errno_
+
+    if how == "rename":
+        monkeypatch.setattr(cw, "_RENAMEAT2", None)
+    elif how == "exchange refused":
+        monkeypatch.setattr(cw, "_RENAMEAT2", lambda *a: -1)
+        monkeypatch.setattr(cw, "ctypes_errno", lambda: errno_.EINVAL)
+    elif cw._RENAMEAT2 is None:
+        pytest.skip("renameat2 is not available here")
+    p = tmp_path / "zarr.json"
+    cw.atomic_put(p, b"first")  # a new file: renamed into place
+    with open(p, "rb") as old:
+        cw.atomic_put(p, b"second " * 100)
+        assert old.read() == b"first"
+    assert p.read_bytes() == b"second " * 100
+    cw.atomic_put(p, b"third", durable=True)
+    assert p.read_bytes() == b"third"
+    assert [x.name for x in tmp_path.iterdir()] == ["zarr.json"]
+    if how == "exchange refused":
+        assert cw._RENAMEAT2 is None  # not asked again
