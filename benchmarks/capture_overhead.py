@@ -27,7 +27,8 @@ exact zeros of real ones); ``--model cnn`` is a 4-block CNN of ~0.9-1.0M paramet
 inputs, the ~10M-parameter case.
 
 Besides the ratio, every row gives the cost per parameter-step (one parameter's gradient and
-weight, one step) of the training thread inside ``record()`` and of the writer thread's CPU
+weight, one step) of the training thread inside ``record()``, of the helper thread that copies
+the weights ahead during the next forward/backward (CPU only) and of the writer thread's CPU
 (``time.thread_time``), beside floors measured in the same run on the same gradients: one
 memcpy of the weights (the training thread's floor: it must copy the weights before the
 update), one read of gradient and weights (the per-tensor float64 scalars), the tier's codec
@@ -334,7 +335,7 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
     init_model = copy.deepcopy(model.state_dict())
     init_opt = copy.deepcopy(opt.state_dict())
     bare: list[float] = []
-    m = {t: {k: [] for k in ("rec", "ratio", "writer", "record", "wait", "mb", "writer_cpu")} for t in tiers}
+    m = {t: {k: [] for k in ("rec", "ratio", "writer", "record", "wait", "mb", "writer_cpu", "readahead_cpu")} for t in tiers}
     step = 10
     for r in range(repeats):
         times = {}
@@ -355,6 +356,7 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
                 mt = m[phase]
                 mt["writer"].append(s["writer_seconds"] / steps * 1e3)
                 mt["writer_cpu"].append(s["writer_cpu_seconds"] / steps * 1e3)
+                mt["readahead_cpu"].append(s["readahead_cpu_seconds"] / steps * 1e3)
                 mt["record"].append(s["record_seconds"] / steps * 1e3)
                 mt["wait"].append(s["wait_seconds"] / steps * 1e3)
                 mt["mb"].append(store_bytes(path) / (steps + 1) / 1e6)
@@ -383,6 +385,7 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
             "wait": med(m[t]["wait"]),
             "mb": med(m[t]["mb"]),
             "writer_cpu": med(m[t]["writer_cpu"]),
+            "readahead_cpu": med(m[t]["readahead_cpu"]),
             "floors": floor,
         }
         for t in tiers
@@ -460,17 +463,19 @@ def main(argv=None) -> list[dict]:
             print(f"| {r['model']} ({r['tier']}) | {r['batch']} | {r['beside']:.2f}x | {u:.2f} | "
                   f"{1 + u * (r['beside'] - 1):.2f}x |")
     print("\nns per parameter-step (gradient + weight of one parameter, one step); floors measured in this run\n")
-    print("| model | tier | training thread | floor: memcpy | writer CPU | floor: read + codec + write | read | codec | write |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | tier | training thread | read-ahead thread | floor: memcpy | writer CPU | floor: read + codec + write "
+          "| read | codec | write |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f, d = r["floors"], r["params"]
         main = r["record"] * 1e6 / d
+        ahead = r["readahead_cpu"] * 1e6 / d
         writer = r["writer_cpu"] * 1e6 / d
         codec, write = f[f"codec {r['tier']}"], f[f"write {r['tier']}"]
-        r["ns"] = {"main": main, "writer": writer, "memcpy": f["memcpy"], "read": f["read"], "codec": codec,
-                   "write": write}
+        r["ns"] = {"main": main, "readahead": ahead, "writer": writer, "memcpy": f["memcpy"], "read": f["read"],
+                   "codec": codec, "write": write}
         print(
-            f"| {r['model']} | {r['tier']} | **{main:.2f}** | {f['memcpy']:.2f} | **{writer:.2f}** | "
+            f"| {r['model']} | {r['tier']} | **{main:.2f}** | {ahead:.2f} | {f['memcpy']:.2f} | **{writer:.2f}** | "
             f"{f['read'] + codec + write:.2f} | {f['read']:.2f} | {codec:.2f} | {write:.2f} |"
         )
     return rows

@@ -83,7 +83,8 @@ def test_capture_overhead_fast_mlp_prints_ns_beside_floors(tmp_path, capsys):
         assert r["beside"] > 0.5  # a ratio of two step times (a busy core beside can only slow it)
         ns = r["ns"]
         assert r["params"] == 784 * 1024 + 1024 + 1024 * 256 + 256 + 256 * 10 + 10
-        assert all(v > 0 for v in ns.values())
+        assert all(v > 0 for k, v in ns.items() if k != "readahead")
+        assert ns["readahead"] >= 0  # the weights' copy ahead of record() (0 when none landed in time)
         assert ns["codec"] > 0 and ns["write"] > 0 and ns["memcpy"] < ns["codec"]
 
 
