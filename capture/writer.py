@@ -572,6 +572,10 @@ _EMPTY_ENTRY = b"\xff" * 16  # a shard index entry of a chunk that is not there 
 _ENTRY = struct.Struct("<QQ")
 
 
+#: First allocation of a shard file's blocks ahead of its appends (then doubled as it fills).
+PREALLOC = 4 << 20
+
+
 class _ShardFile:
     """One open shard file of a row-chunked array: chunks are appended, then indexed.
 
@@ -589,6 +593,8 @@ class _ShardFile:
         self.index_bytes = 16 * int(n_entries)
         self.lock = threading.Lock()
         self.created = False
+        self.alloc = 0  # bytes of the file allocated (_grow); the file may hold zeros past self.end
+        self.end = 0
         if fresh:  # the shard's first row is being written: nothing in it is committed
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -623,11 +629,30 @@ class _ShardFile:
         if os.pwrite(self.fd, data, offset) != len(data):
             raise OSError(f"short write to {self.path}")
 
+    def _grow(self, n: int) -> None:
+        """Allocate the file's blocks ahead of the appends (doubling, from 8 chunks of ``n``
+        bytes, at most PREALLOC at first): a
+        write into allocated blocks costs ext4 less CPU than one that allocates as it goes
+        (0.5-0.6 against 0.9 ms per 3.7 MB on the test VM). :meth:`close` trims the file to
+        its chunks; a killed writer leaves zeros past them, which no index entry points to."""
+        want = max(self.end, 2 * self.alloc, self.end + min(8 * n, PREALLOC))
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(self.fd, self.alloc, want - self.alloc)
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise  # ENOSPC: the disk is full now, not at the next chunk
+                self.alloc = 1 << 62  # the file system cannot: plain appends
+                return
+        self.alloc = want
+
     def put(self, entry: int, parts: list) -> None:
         """Append one chunk, given as buffers written one after the other, and index it."""
         n = sum(memoryview(p).nbytes for p in parts)
         with self.lock:
             off, self.end = self.end, self.end + n
+            if self.end > self.alloc:
+                self._grow(n)
         if os.pwritev(self.fd, parts, off) != n:
             raise OSError(f"short write to {self.path}")
         self._pwrite(_ENTRY.pack(off, n), 16 * entry)
@@ -641,7 +666,11 @@ class _ShardFile:
     def close(self) -> None:
         if self.fd is not None:
             fd, self.fd = self.fd, None
-            os.close(fd)
+            try:
+                if self.alloc > self.end and self.alloc < 1 << 62:
+                    os.ftruncate(fd, self.end)  # the blocks allocated ahead and not used
+            finally:
+                os.close(fd)
 
 
 class _ArrayWriter:

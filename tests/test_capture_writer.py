@@ -649,3 +649,59 @@ def test_atomic_put_replaces_the_file_whole_and_leaves_no_temporary(tmp_path, mo
     assert [x.name for x in tmp_path.iterdir()] == ["zarr.json"]
     if how == "exchange refused":
         assert cw._RENAMEAT2 is None  # not asked again
+
+
+@pytest.mark.parametrize("fallocate", ["works", "unsupported"])
+def test_shard_files_allocated_ahead_end_at_their_last_chunk(tmp_path, monkeypatch, fallocate):
+    """Shard files get their blocks allocated ahead of the appends (posix_fallocate, doubling);
+    once closed each file ends at its last chunk, and every chunk reads back. A file system
+    without fallocate gets plain appends; a full disk at allocation is an error at once."""
+    import errno as errno_
+    import os
+
+    if fallocate == "unsupported":
+        def refuse(fd, off, n):
+            raise OSError(errno_.EOPNOTSUPP, "Operation not supported")
+
+        monkeypatch.setattr(os, "posix_fallocate", refuse)
+    rng = np.random.default_rng(13)
+    tensors = _table()
+    g, w = _rows(rng, 9, sum(t.size for t in tensors))
+    path = tmp_path / "p.zarr"
+    sw = StoreWriter(path, tensors, param_chunk=8)
+    for t in range(9):
+        sw.append(t, g[t], w[t])
+        if t == 4 and fallocate == "works":  # open shard files hold allocated blocks past their chunks
+            assert any(f.alloc > f.end for f in sw._w["grad"]._shards.values())
+    sw.close()
+    for name in ("grad", "weight"):
+        for f in (path / name).glob("c.*"):
+            raw = f.read_bytes()
+            ends, k, index_end = [], 0, len(raw)
+            while 16 * (k + 1) <= index_end:  # the index: entries up to the first chunk's bytes
+                o, nb = (int(x) for x in np.frombuffer(raw[16 * k: 16 * k + 16], dtype="<u8"))
+                if o != 2**64 - 1:
+                    ends.append(o + nb)
+                    index_end = min(index_end, o)
+                k += 1
+            assert len(raw) == max(ends), (f, len(raw), max(ends))
+    ds = xr.open_zarr(path)
+    np.testing.assert_array_equal(ds.grad.values, g)
+    np.testing.assert_array_equal(ds.weight.values, w)
+
+
+def test_a_full_disk_at_allocation_is_an_error_at_once(tmp_path, monkeypatch):
+    import errno as errno_
+    import os
+
+    def full(fd, off, n):
+        raise OSError(errno_.ENOSPC, "No space left on device")
+
+    tensors = _table()
+    g, w = _rows(np.random.default_rng(14), 1, sum(t.size for t in tensors))
+    sw = StoreWriter(tmp_path / "f.zarr", tensors, param_chunk=8)
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="No space left"):
+        sw.append(0, g[0], w[0])
+    monkeypatch.undo()
+    sw.abort()
