@@ -214,7 +214,7 @@ def _compile(numba):
     # helpers the frame kernels call are module globals: numba's disk cache keys a function
     # by its closure variables, and a dispatcher in a closure misses the cache in every process
     global _nb_put_u32, _nb_lz4_run, _nb_lz4_len, _nb_lz4_seq, _nb_lz4_ext, _nb_lz4_byte_runs, _nb_put_split
-    global _nb_pack_signs
+    global _nb_pack_signs, _nb_pack_at
     jit = numba.njit(nogil=True, fastmath=_FASTMATH, cache=True)
 
     @jit
@@ -564,6 +564,41 @@ def _compile(numba):
 
     @exact
     def pack_signs_at(x, pos, sb, nz):  # pragma: no cover - compiled
+        _nb_pack_at(x, pos, sb, nz)
+
+    @exact
+    def sketch2_signs(x, y, pos, size, offset, codes, code_start, out, sbx, nzx, sby, nzy):  # pragma: no cover
+        # one tensor of two rows: its CountSketch (as sketch2: each bucket's additions in index
+        # order) and both rows' sign planes, block by block, so that the planes read entries
+        # the sketch has just brought into cache
+        B = 4096
+        ot = out[offset:]
+        for a in range(0, size, B):
+            m = min(B, size - a)
+            sx = x[a:a + m]
+            sy = y[a:a + m]
+            if code_start < 0:  # copied exactly
+                for i in range(m):
+                    ot[a + i, 0] = np.float64(sx[i])
+                    ot[a + i, 1] = np.float64(sy[i])
+            else:
+                c = codes[code_start + a:code_start + a + m]
+                for i in range(m):
+                    k = c[i]
+                    j = k >> 1
+                    v = np.float64(sx[i])
+                    u = np.float64(sy[i])
+                    if k & 1:
+                        ot[j, 0] -= v
+                        ot[j, 1] -= u
+                    else:
+                        ot[j, 0] += v
+                        ot[j, 1] += u
+            _nb_pack_at(sx, pos + a, sbx, nzx)
+            _nb_pack_at(sy, pos + a, sby, nzy)
+
+    @exact
+    def _nb_pack_at(x, pos, sb, nz):  # pragma: no cover - compiled
         # x's bits at bit positions pos.. of the planes: first the entries that complete the
         # byte the previous tensor ended in (its bits there are set, the rest zero padded)
         bits = x.view(np.uint32)
@@ -585,10 +620,10 @@ def _compile(numba):
             a = (pos + head) // 8
             _nb_pack_signs(x[head:], sb[a:], nz[a:])
 
-    return tensor_sums, bitround, sketch, frame, sketch2, pack_signs, pack_signs_at
+    return tensor_sums, bitround, sketch, frame, sketch2, pack_signs, pack_signs_at, sketch2_signs
 
 
-_NUMPY = (_tensor_sums_np, _bitround_np, _sketch_np, _frame_np, _sketch2_np, _pack_signs_np, _pack_signs_at_np)
+_NUMPY = (_tensor_sums_np, _bitround_np, _sketch_np, _frame_np, _sketch2_np, _pack_signs_np, _pack_signs_at_np, None)
 _impl: tuple | None = None
 _lock = threading.Lock()
 BACKEND = ""  # "numba" or "numpy", set at the first call
@@ -711,6 +746,35 @@ def sketch_parts_into(xs, y: np.ndarray | None, starts, sizes, offsets, codes: n
             impl[2](x, *args)
         else:
             impl[4](x, y[starts[t]:starts[t] + sizes[t]], *args)
+    return out
+
+
+def sketch2_signs_parts_into(xs, y: np.ndarray, starts, sizes, offsets, codes: np.ndarray, code_starts,
+                             out: np.ndarray, x_bits: tuple, y_bits: tuple) -> np.ndarray:
+    """:func:`sketch_parts_into` of two float32 rows (``out`` of shape (dim, 2)) and, in the same
+    sweep, :func:`pack_signs_at` of both into ``x_bits`` and ``y_bits`` (``(signbits, nonzero)``
+    each, of ``ceil(d / 8)`` bytes): the same sums and planes bit for bit, each tensor's entries
+    read once from memory (a block's planes are packed right after its sketch)."""
+    impl = _impl or _get()
+    if impl[7] is None:  # the numpy versions: one after the other
+        sketch_parts_into(xs, y, starts, sizes, offsets, codes, code_starts, out)
+        pos = 0
+        for x in xs:
+            pack_signs_at(x, pos, *x_bits)
+            pos += x.shape[0]
+        pack_signs_into(y, *y_bits)
+        return out
+    out[:] = 0.0
+    starts, sizes, offsets, code_starts = _idx(starts), _idx(sizes), _idx(offsets), _idx(code_starts)
+    y = np.ascontiguousarray(y, dtype=np.float32)  # the planes read the float32 bit patterns
+    for t, x in enumerate(xs):
+        n = int(sizes[t])
+        if n:
+            s = int(starts[t])
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if x.shape[0] != n or y.shape[0] < s + n:
+                raise ValueError(f"sketch2_signs_parts_into: tensor {t} has {n} entries, its piece {x.shape[0]}")
+            impl[7](x, y[s:s + n], s, n, int(offsets[t]), codes, int(code_starts[t]), out, *x_bits, *y_bits)
     return out
 
 

@@ -277,13 +277,18 @@ class _FastSketcher:
     def both(self, x: "np.ndarray | SplitRow", y: np.ndarray) -> np.ndarray:
         """The sketches of two rows (columns 0 and 1; float64, bit for bit those of ``self(x)``
         and ``self(y)``) in one sweep over the shared hash codes."""
-        out = getattr(self, "_out2", None)
-        if out is None:
-            out = self._out2 = np.empty((self.plan.dim, 2), dtype=np.float64)
+        out = self.out2()
         if isinstance(x, SplitRow):
             return kernels.sketch_parts_into(x.parts, y, self.starts, self.sizes, self.offsets, self.codes,
                                              self.code_starts, out)
         return kernels.sketch2_into(x, y, self.starts, self.sizes, self.offsets, self.codes, self.code_starts, out)
+
+    def out2(self) -> np.ndarray:
+        """The float64 (dim, 2) buffer of two rows' sketches."""
+        out = getattr(self, "_out2", None)
+        if out is None:
+            out = self._out2 = np.empty((self.plan.dim, 2), dtype=np.float64)
+        return out
 
     def signs(self, x: "np.ndarray | SplitRow") -> tuple[np.ndarray, np.ndarray]:
         """``format.pack_signs(x)`` into this sketcher's buffers (sign bits, non-zero bits)."""
@@ -1734,16 +1739,23 @@ class StoreWriter:
         """Rows written, committed or not (>= ``n_steps``)."""
         return self._n
 
-    def _write_sketch_rows(self, n: int, grad: np.ndarray, weight: np.ndarray) -> None:
-        both = self._sketchers["weight"].both(grad, weight)
+    def _write_sketch_rows(self, n: int, grad: "np.ndarray | SplitRow", weight: np.ndarray) -> None:
+        sk_g, sk_w = self._sketchers["grad"], self._sketchers["weight"]
+        packed = isinstance(grad, SplitRow)
+        if packed:  # sketch and sign planes of both rows in one sweep over each tensor
+            both = kernels.sketch2_signs_parts_into(grad.parts, weight, sk_w.starts, sk_w.sizes, sk_w.offsets,
+                                                    sk_w.codes, sk_w.code_starts, sk_w.out2(), sk_g.bits, sk_w.bits)
+        else:
+            both = sk_w.both(grad, weight)
         for col, (name, vec) in enumerate((("grad", grad), ("weight", weight))):
-            self._write_sketch_row(name, n, vec, both[:, col].astype(np.float32))
+            self._write_sketch_row(name, n, vec, both[:, col].astype(np.float32), packed=packed)
 
-    def _write_sketch_row(self, name: str, n: int, vec: np.ndarray, sketch: np.ndarray | None = None) -> None:
+    def _write_sketch_row(self, name: str, n: int, vec: np.ndarray, sketch: np.ndarray | None = None,
+                          packed: bool = False) -> None:
         sk = self._sketchers[name]
         W = self._w
         W[fmt.sketch_array(name)].write_row(n, sk(vec).astype(np.float32) if sketch is None else sketch)
-        sb, nz = sk.signs(vec)
+        sb, nz = sk.bits if packed else sk.signs(vec)
         W[fmt.signbits_array(name)].write_row(n, sb)
         W[fmt.nonzero_array(name)].write_row(n, nz)
 

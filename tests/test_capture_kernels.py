@@ -177,3 +177,30 @@ def test_sketch_of_a_row_in_pieces_equals_the_flat_rows_sketch_bit_for_bit(backe
     np.testing.assert_array_equal(one, kernels.sketch_into(g, *args, np.empty(plan.dim)))
     two = kernels.sketch_parts_into(parts, w, *args, np.full((plan.dim, 2), 7.0)).copy()
     np.testing.assert_array_equal(two, kernels.sketch2_into(g, w, *args, np.empty((plan.dim, 2))))
+
+
+def test_sketch_and_sign_planes_in_one_sweep_equal_them_apart(backend):
+    """``sketch2_signs_parts_into``: the sketch of both rows and both rows' sign planes, block
+    by block per tensor (tensors starting inside a byte, longer than a block, exactly copied
+    ones), equal ``sketch2_into`` and ``format.pack_signs`` of the joined rows bit for bit."""
+    from capture.writer import _FastSketcher
+    from gradtrace_format import format as fmt
+
+    rng = np.random.default_rng(23)
+    tensors = fmt.tensor_table([("a", (5,)), ("big", (3, 4001)), ("empty", (0,)), ("c", (13,)), ("d", (9000,))])
+    d = sum(t.size for t in tensors)
+    g, w = _data(rng, rows=4, cols=d)[2:].astype(np.float32)  # rows as the writer has them
+    plan = fmt.sketch_plan(tensors, 600, 5)
+    assert any(plan.exact) and not all(plan.exact)
+    sk = _FastSketcher(tensors, plan)
+    nb = (d + 7) // 8
+    gb = (np.full(nb, 0xAA, np.uint8), np.full(nb, 0x55, np.uint8))
+    wb = (np.full(nb, 0x0F, np.uint8), np.full(nb, 0xF0, np.uint8))
+    parts = [g[t.offset:t.offset + t.size].copy() for t in tensors]
+    args = (sk.starts, sk.sizes, sk.offsets, sk.codes, sk.code_starts)
+    both = kernels.sketch2_signs_parts_into(parts, w, *args, np.full((plan.dim, 2), 3.0), gb, wb).copy()
+    np.testing.assert_array_equal(both, kernels.sketch2_into(g, w, *args, np.empty((plan.dim, 2))))
+    for row, bits in ((g, gb), (w, wb)):
+        want = fmt.pack_signs(row)
+        np.testing.assert_array_equal(bits[0], want[0])
+        np.testing.assert_array_equal(bits[1], want[1])
