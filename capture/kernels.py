@@ -719,8 +719,12 @@ def pack_signs_at(x: np.ndarray, pos: int, signbits: np.ndarray, nonzero: np.nda
     ``nonzero``. The pieces of a row, packed in order from position 0, give the planes of the
     whole row bit for bit (a piece that starts inside a byte completes the byte the piece
     before it ended in, whose remaining bits that one left at 0)."""
-    if x.shape[0]:
-        (_impl or _get())[6](np.ascontiguousarray(x, dtype=np.float32), int(pos), signbits, nonzero)
+    n, pos = x.shape[0], int(pos)
+    if pos < 0 or (pos + n + 7) // 8 > min(signbits.shape[0], nonzero.shape[0]):
+        raise ValueError(f"pack_signs_at: {n} entries at bit {pos} do not fit planes of "
+                         f"{min(signbits.shape[0], nonzero.shape[0])} bytes")
+    if n:
+        (_impl or _get())[6](np.ascontiguousarray(x, dtype=np.float32), pos, signbits, nonzero)
 
 
 def sketch_parts_into(xs, y: np.ndarray | None, starts, sizes, offsets, codes: np.ndarray, code_starts,
@@ -764,9 +768,13 @@ def sketch2_signs_parts_into(xs, y: np.ndarray, starts, sizes, offsets, codes: n
             pos += x.shape[0]
         pack_signs_into(y, *y_bits)
         return out
-    out[:] = 0.0
     starts, sizes, offsets, code_starts = _idx(starts), _idx(sizes), _idx(offsets), _idx(code_starts)
     y = np.ascontiguousarray(y, dtype=np.float32)  # the planes read the float32 bit patterns
+    d = int((starts + sizes).max()) if sizes.size else 0
+    if y.shape[0] < d or min(b.shape[0] for b in (*x_bits, *y_bits)) < (d + 7) // 8:
+        raise ValueError(f"sketch2_signs_parts_into: rows of {d} entries need {d} weights and planes of "
+                         f"{(d + 7) // 8} bytes")
+    out[:] = 0.0
     for t, x in enumerate(xs):
         n = int(sizes[t])
         if n:

@@ -204,3 +204,17 @@ def test_sketch_and_sign_planes_in_one_sweep_equal_them_apart(backend):
         want = fmt.pack_signs(row)
         np.testing.assert_array_equal(bits[0], want[0])
         np.testing.assert_array_equal(bits[1], want[1])
+
+
+def test_the_plane_kernels_refuse_what_does_not_fit():
+    """The compiled kernels do not check bounds: their entry points do."""
+    x = np.ones(20, np.float32)
+    small = np.zeros(2, np.uint8)
+    with pytest.raises(ValueError, match="do not fit planes of 2 bytes"):
+        kernels.pack_signs_at(x, 0, small, small.copy())
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.pack_signs_at(x[:3], -1, np.zeros(8, np.uint8), np.zeros(8, np.uint8))
+    big = (np.zeros(3, np.uint8), np.zeros(3, np.uint8))
+    with pytest.raises(ValueError, match="planes of 3 bytes"):
+        kernels.sketch2_signs_parts_into([x], x, [0], [20], [0], np.zeros(20, np.int32), [0],
+                                         np.zeros((4, 2)), big, (small, small.copy()))
