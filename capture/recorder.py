@@ -245,6 +245,7 @@ class _Slot:
         self.stage: dict = {}
         self.refs: list[torch.Tensor] | None = None  # gradients held by reference (CPU)
         self.versions: list[int] | None = None
+        self.call_no = 0  # the record() call that filled refs (Recorder._n_calls)
         self.prefetch: list | None = None  # parameter state when the weights were read ahead
         self.host: dict | None = None  # pinned host copies of the device encoder's output
         self.host_np: dict | None = None
@@ -320,7 +321,8 @@ class Recorder:
         settings: extra settings to store in the header (e.g. ``{"grad_clip": 1.0}``).
         expected_steps: number of rows to preallocate (optional).
         queue_size: steps that may wait for the writer; the pool holds ``queue_size + 1``
-            buffers of 2 d float32 each, allocated on first use.
+            buffers of 2 d float32 each, allocated on first use (one more on a CPU, where the
+            writer keeps the buffer of a row read by reference until it has checked it).
         param_chunk: chunk width of the stored rows along ``param``.
         writer_threads: threads the writer uses to encode and write one row's chunks (and
             reduce its per-tensor scalars) concurrently. 1 (default) suits a machine whose
@@ -483,6 +485,7 @@ class Recorder:
         self._n_grad_changed = 0
         self._warned_changed = False
         self._grad_ids: tuple = ()  # id() of each parameter's .grad at the last record() call
+        self._n_calls = 0  # record() calls so far (a row read by reference knows its own)
         self._pf_hook = None  # optimizer hook of the weights read ahead (rank 0, CPU)
         self._n_prefetched = 0
         self._readahead_cpu_s = 0.0  # CPU time of the helper thread that reads the weights ahead
@@ -534,7 +537,9 @@ class Recorder:
         self.lag_band = int(lag_band)
         self._dev_ring: list = []  # device path: the last lag_band gradients (None: no gradient)
         self._last_queued = self.writer.last_step
-        self._pool_size = int(queue_size) + 1
+        # one more buffer where gradients may go by reference: the writer keeps a row's buffer
+        # until it has checked the row, after the loop's next record() call
+        self._pool_size = int(queue_size) + 1 + bool(self._by_ref_allowed)
         self._n_slots = 0
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -599,8 +604,12 @@ class Recorder:
             return False
         if self._ref_probe is not None:
             self._probe_references()
-        if self._by_ref:  # before waking the writer: it compares its references with these
+        if not self._cuda:
+            # before waking the writer: it releases a row it read by reference once these ids
+            # differ from its references (published even after reference mode ends: the last
+            # rows read by reference may still be waiting for their check)
             self._grad_ids = tuple(id(p.grad) for _, p in self._params)
+        self._n_calls += 1
         self._stepped.set()
         if self._n_grad_changed and not self._warned_changed:
             self._warn_changed()
@@ -731,6 +740,7 @@ class Recorder:
                 # the .grad tensors themselves (not detached views): their ids identify them
                 slot.refs = list(grads)
                 slot.versions = [g._version for g in grads]
+                slot.call_no = self._n_calls
             else:
                 # a copy that is multiplied afterwards must have landed first (blocking copy)
                 self._flat(grads, slot.grad, non_blocking=inv_scale is None)
@@ -1018,7 +1028,7 @@ class Recorder:
                 # last commit, or at once when flush asks (a _Commit job), whichever comes first;
                 # while a held row waits for its check, look again after a gap
                 if held is not None:
-                    wait = gap
+                    wait = max(gap, 0.01)  # a commit_interval of 0 must not spin
                 elif pending:
                     wait = max(0.0, self._last_commit + gap - time.perf_counter())
                 else:
@@ -1026,7 +1036,16 @@ class Recorder:
                 job = self._jobs.get(timeout=wait)
             except queue.Empty:
                 if held is not None:
-                    continue  # its check first (above), then the commit
+                    # its check first (above); the rows before it are committed meanwhile, so
+                    # that a pause of the loop leaves only the held row uncommitted
+                    if self._error is None and writer.n_steps < writer.n_written - 1 \
+                            and time.perf_counter() - self._last_commit >= gap:
+                        try:
+                            writer.commit(exclude_last=True)
+                        except BaseException as err:  # noqa: BLE001 - re-raised in the training thread
+                            self._writer_failed(err, f"commit the steps up to step {writer.last_step}")
+                        self._last_commit = time.perf_counter()
+                    continue
                 job = _Commit()
             if held is not None:
                 # a job (or close) comes after a record() call: the ids of the gradients it saw are
@@ -1115,12 +1134,14 @@ class Recorder:
         self._last_commit = time.perf_counter()
 
     def _released(self, slot: _Slot) -> bool:
-        """Whether the training thread can no longer change the gradients ``slot`` refers to:
-        each has been dropped from its parameter, or the training thread waits in flush/close."""
+        """Whether the row read by reference from ``slot`` can be checked now: the training
+        thread waits in flush/close, or a later record() call has come (its gradients are
+        other tensors, or the loop kept these, which ``_references_unchanged`` then refuses)."""
         # never read p.grad here: backward assigns it without the GIL (a segfault when read
         # from this thread); the training thread publishes the ids of the current .grad
         # tensors at every record() call (ids of live objects are unique: we hold refs)
-        return self._quiet.is_set() or not any(a == id(r) for a, r in zip(self._grad_ids, slot.refs))
+        return self._quiet.is_set() or self._n_calls > slot.call_no \
+            or not any(a == id(r) for a, r in zip(self._grad_ids, slot.refs))
 
     def _settle(self, held: "_Held") -> None:
         """Check a held row once its gradients are released (waiting for that if need be):
@@ -1173,6 +1194,11 @@ class Recorder:
         while not self._released(slot):
             self._stepped.wait(0.05)
             self._stepped.clear()
+        if not self._quiet.is_set() and any(a == id(r) for a, r in zip(self._grad_ids, slot.refs)):
+            # a later record() saw some of these very tensors: the loop keeps its gradients
+            # (zero_grad(set_to_none=False) after reference mode began), so they may change at
+            # any moment and what was read cannot be vouched for
+            return False
         return all(r._version == v for r, v in zip(slot.refs, slot.versions))
 
     def _raise_writer_error(self):

@@ -328,54 +328,12 @@ def _mkdirs(parent: Path, durable: bool) -> None:
             _fsync_dir(q.parent)
 
 
-def _renameat2():
-    """libc's ``renameat2`` (Linux, glibc >= 2.28), or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_RENAMEAT2 = _renameat2()
-_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
-
-
-def _exchange(tmp: Path, path: Path) -> bool:
-    """Swap ``tmp`` and an existing ``path`` in one atomic step (``RENAME_EXCHANGE``); False
-    where the system or the file system does not offer it (or ``path`` does not exist)."""
-    global _RENAMEAT2
-    if _RENAMEAT2 is None:
-        return False
-    if _RENAMEAT2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        _RENAMEAT2 = None  # not here: plain renames from now on
-    return False
-
-
-def ctypes_errno() -> int:
-    import ctypes
-
-    return ctypes.get_errno()
-
-
 def atomic_put(path: Path, data, durable: bool = False) -> None:
     """Write ``data`` (bytes-like) to ``path`` through a temporary file and an atomic rename.
 
-    Where ``path`` exists and the file system can (Linux: ext4, xfs, btrfs, tmpfs), the rename
-    is an exchange (``renameat2(RENAME_EXCHANGE)``) and the old content, now under the
-    temporary name, is unlinked after it: ext4 starts writeback of a file renamed over another
-    one (``auto_da_alloc``), which cost a commit ~0.1-0.5 ms of CPU on the test VM (an exchange
-    and an unlink: ~0.05 ms in all). A kill between the two leaves the old content under the
-    ``.partial`` name, which readers ignore and the next writer removes.
+    A rename over an existing file, not an exchange (``renameat2(RENAME_EXCHANGE)``, ~0.1 ms
+    cheaper here): ext4 starts writeback of a file renamed over another one (``auto_da_alloc``),
+    so after a power cut the root metadata is the old or the new one, never an empty file.
 
     With ``durable``, the file is fsynced before the rename and the directory after it, so the
     new content survives a power cut once this returns."""
@@ -391,10 +349,7 @@ def atomic_put(path: Path, data, durable: bool = False) -> None:
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        if _exchange(tmp, path):
-            os.unlink(tmp)  # the old content
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
         if durable:
             _fsync_dir(path.parent)
     except BaseException:
@@ -581,6 +536,25 @@ _ENTRY = struct.Struct("<QQ")
 PREALLOC = 4 << 20
 
 
+def _libc_fallocate():
+    """Linux's ``fallocate(fd, mode, offset, len)`` (not glibc's ``posix_fallocate``, which
+    writes zeros block by block where the file system has no fallocate), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).fallocate64
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_FALLOCATE = _libc_fallocate()
+
+
 class _ShardFile:
     """One open shard file of a row-chunked array: chunks are appended, then indexed.
 
@@ -622,13 +596,20 @@ class _ShardFile:
                     f"shard file {path} is missing although committed rows are in it: the store is "
                     "damaged; record to a new path (gradtrace verify lists what is left)."
                 ) from err
-            self.end = os.fstat(self.fd).st_size
-            if self.end < self.index_bytes:
+            size = os.fstat(self.fd).st_size
+            if size < self.index_bytes:
                 os.close(self.fd)
                 raise fmt.StoreError(
-                    f"shard file {path} has {self.end} bytes, less than its index ({self.index_bytes}): "
+                    f"shard file {path} has {size} bytes, less than its index ({self.index_bytes}): "
                     "the store is damaged; record to a new path."
                 )
+            # appends go after the last chunk an index entry points to, over the zeros a
+            # killed writer's allocation ahead may have left (close trims what is left of them)
+            index = np.frombuffer(os.pread(self.fd, self.index_bytes, 0), dtype="<u8").reshape(-1, 2)
+            used = index[index[:, 0] != np.uint64(2**64 - 1)]
+            ends = used[:, 0] + used[:, 1]
+            self.end = int(min(size, max(self.index_bytes, int(ends.max()) if ends.size else 0)))
+            self.alloc = size
 
     def _pwrite(self, data, offset: int) -> None:
         if os.pwrite(self.fd, data, offset) != len(data):
@@ -636,19 +617,15 @@ class _ShardFile:
 
     def _grow(self, n: int) -> None:
         """Allocate the file's blocks ahead of the appends (doubling, from 8 chunks of ``n``
-        bytes, at most PREALLOC at first): a
-        write into allocated blocks costs ext4 less CPU than one that allocates as it goes
-        (0.5-0.6 against 0.9 ms per 3.7 MB on the test VM). :meth:`close` trims the file to
-        its chunks; a killed writer leaves zeros past them, which no index entry points to."""
+        bytes, at most PREALLOC at first): a write into allocated blocks costs ext4 less CPU
+        than one that allocates as it goes (0.5-0.6 against 0.9 ms per 3.7 MB on the test VM).
+        :meth:`close` trims the file to its chunks; a killed writer leaves zeros past them,
+        which no index entry points to. Linux's ``fallocate`` only: where the file system
+        cannot (or the disk has no room for the blocks ahead), plain appends from then on."""
         want = max(self.end, 2 * self.alloc, self.end + min(8 * n, PREALLOC))
-        if hasattr(os, "posix_fallocate"):
-            try:
-                os.posix_fallocate(self.fd, self.alloc, want - self.alloc)
-            except OSError as err:
-                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    raise  # ENOSPC: the disk is full now, not at the next chunk
-                self.alloc = 1 << 62  # the file system cannot: plain appends
-                return
+        if _FALLOCATE is None or _FALLOCATE(self.fd, 0, self.alloc, want - self.alloc) != 0:
+            self.alloc = 1 << 62  # never again for this file; a full disk fails at the write
+            return
         self.alloc = want
 
     def put(self, entry: int, parts: list) -> None:
@@ -1711,9 +1688,12 @@ class StoreWriter:
         self._ring_free = [b for b in self._ring_free if not any(b is x for x in ring)]
         self._ring = ring
 
-    def commit(self) -> None:
-        """Advance the commit marker over every row written so far (one atomic rename)."""
-        if self.header.n_steps == self._n:
+    def commit(self, *, exclude_last: bool = False) -> None:
+        """Advance the commit marker over every row written so far (one atomic rename), or
+        with ``exclude_last`` over all but the last one (which stays uncommitted: the Recorder
+        does so while it cannot yet check a row it read by reference)."""
+        n = self._n - 1 if exclude_last else self._n
+        if self.header.n_steps >= n:
             return
         for name in self._scalar_names:  # per-step rows and their block crc, before the marker
             self._w[name].flush_rows()
@@ -1727,9 +1707,11 @@ class StoreWriter:
             self.sink.put_staged(pending)
             for name in self._scalar_names:
                 self._w[name]._dirty = False
-        self.header.n_steps = self._n
-        self.header.has_final = self._has_final
-        self.header.extra["n_nonfinite_steps"] = self.n_nonfinite
+        self.header.n_steps = n
+        # the state after row n - 1: the last row's, or the one before it (kept for rewind)
+        _, has_final, n_nonfinite, _ = self._before if exclude_last else (None, self._has_final, self.n_nonfinite, None)
+        self.header.has_final = has_final
+        self.header.extra["n_nonfinite_steps"] = n_nonfinite
         self._write_header()
         for aw in self._w.values():
             aw.after_commit()

@@ -90,8 +90,8 @@ def test_a_gradient_changed_in_place_in_reference_mode_is_not_stored(tmp_path):
     gate = {"hold": False}
     orig = rmod.Recorder._references_unchanged
 
-    def slow_check(self, slot):  # the writer reads the gradient before the loop changes it
-        while gate["hold"]:
+    def slow_check(self, slot):  # row 7 (the 8th record() call) is checked after the loop changed it
+        while gate["hold"] and slot.call_no == 8:
             time.sleep(0.001)
         return orig(self, slot)
 
@@ -150,9 +150,11 @@ def test_on_full_skip_never_waits_and_flags_what_it_dropped(tmp_path, monkeypatc
         seen = loop(model, opt, rec, 20)
         summary = rec.summary()
         release.set()
-    # two buffers: step 0 (held by the stuck writer) and step 1 (queued); 2..19 are skipped
-    assert summary["wait_seconds"] == 0 and summary["n_skipped_steps"] == 18
-    n_skipped = 18
+    # three buffers (queue_size + 1, and one for the row a writer holds until its check on a
+    # CPU): step 0 (held by the stuck writer), steps 1 and 2 (queued); 3..19 are skipped
+    assert rec._pool_size == 3
+    assert summary["wait_seconds"] == 0 and summary["n_skipped_steps"] == 17
+    n_skipped = 17
     ds, flags, g, w = stored(tmp_path / "r.zarr")
     steps = np.asarray(ds.step.values)
     skipped = (flags & fmt.FLAG_SKIPPED) != 0
@@ -277,3 +279,74 @@ def test_referenced_gradients_reach_the_writer_in_pieces_and_commit_without_a_fl
     for i, t in enumerate(range(0, 12, 2)):
         np.testing.assert_array_equal(g[i], seen[t][0])
     assert not (flags & fmt.FLAG_SKIPPED).any()
+
+
+def _finishes(fn, timeout=60):
+    """Run fn in a thread; True when it returned within timeout (a hang fails the test)."""
+    out = {}
+    th = threading.Thread(target=lambda: out.setdefault("v", fn()), daemon=True)
+    th.start()
+    th.join(timeout)
+    return not th.is_alive()
+
+
+@pytest.mark.parametrize("change", ["scale_in_place_once", "keep_tensors_later"])
+def test_loops_that_change_course_in_reference_mode_never_hang(tmp_path, change):
+    """After reference mode has begun, the loop scales a gradient in place once, or starts to
+    keep its .grad tensors (zero_grad(set_to_none=False)): the rows read by reference are
+    still checked (the training thread publishes its gradients' ids at every record()), the
+    changed ones are stored without their gradient, and training never waits forever."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "r.zarr"
+    seen = {}
+
+    def train():
+        with Recorder(model, path, opt, queue_size=1) as rec:
+            for t in range(24):
+                x, y = batch(t)
+                nn.functional.cross_entropy(model(x), y).backward()
+                seen[t] = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy()
+                rec.record(t)
+                if change == "scale_in_place_once" and t == 8:
+                    time.sleep(0.02)  # the writer has read the row by now
+                    for p in model.parameters():
+                        p.grad.mul_(3.0)
+                opt.step()
+                opt.zero_grad(set_to_none=not (change == "keep_tensors_later" and t >= 8))
+            return rec.summary()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert _finishes(train)
+    _, flags, g, _ = stored(path)
+    skipped = (flags[:24] & fmt.FLAG_SKIPPED) != 0
+    assert skipped.any() and skipped.sum() <= 2
+    for t in np.flatnonzero(~skipped):
+        np.testing.assert_array_equal(g[t], seen[t])
+    assert np.isnan(g[:24][skipped]).all()
+
+
+def test_rows_before_a_held_row_are_committed_while_the_loop_pauses(tmp_path):
+    """A pause of the loop (an evaluation, a checkpoint) after record(): every recorded row but
+    the last is committed within the commit gap; the last one (read by reference, its gradient
+    still the parameters' .grad) waits for the next record() or flush()."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "r.zarr"
+    rec = Recorder(model, path, opt)
+    for t in range(10):
+        x, y = batch(t)
+        nn.functional.cross_entropy(model(x), y).backward()
+        rec.record(t)
+        opt.step()  # the gradients stay the parameters' .grad: the loop zeroes them next step
+        if t < 9:
+            opt.zero_grad()
+    assert rec.summary()["grads_by_reference"]
+    deadline = time.monotonic() + 10
+    while fmt.read_header(path).n_steps < 9 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fmt.read_header(path).n_steps == 9
+    rec.flush()
+    assert fmt.read_header(path).n_steps == 10
+    rec.close()
