@@ -214,7 +214,7 @@ def _compile(numba):
     # helpers the frame kernels call are module globals: numba's disk cache keys a function
     # by its closure variables, and a dispatcher in a closure misses the cache in every process
     global _nb_put_u32, _nb_lz4_run, _nb_lz4_len, _nb_lz4_seq, _nb_lz4_ext, _nb_lz4_byte_runs, _nb_put_split
-    global _nb_pack_signs, _nb_pack_at
+    global _nb_pack_signs, _nb_pack_at, _nb_scatter2
     jit = numba.njit(nogil=True, fastmath=_FASTMATH, cache=True)
 
     @jit
@@ -277,30 +277,34 @@ def _compile(numba):
                     out[o + (k >> 1)] += v
 
     @exact
+    def _nb_scatter2(sx, sy, c, ot, at, copy):  # pragma: no cover - compiled
+        # entries of one tensor of two rows into its buckets ot (dim_t, 2): bucket c[i] >> 1,
+        # minus where c[i] is odd, in index order; copy: entry i into ot[at + i] (exact tensors)
+        if copy:
+            for i in range(sx.shape[0]):
+                ot[at + i, 0] = np.float64(sx[i])
+                ot[at + i, 1] = np.float64(sy[i])
+            return
+        for i in range(sx.shape[0]):
+            k = c[i]
+            j = k >> 1
+            v = np.float64(sx[i])
+            u = np.float64(sy[i])
+            if k & 1:
+                ot[j, 0] -= v
+                ot[j, 1] -= u
+            else:
+                ot[j, 0] += v
+                ot[j, 1] += u
+
+    @exact
     def sketch2(x, y, starts, sizes, offsets, codes, code_starts, out):  # pragma: no cover - compiled
         # both rows in one sweep: the hash codes are read once, and the two sums of a bucket
         # share a cache line (out is (dim, 2)); each row's additions in index order, as sketch
         for t in range(starts.shape[0]):
-            sx = x[starts[t]:starts[t] + sizes[t]]
-            sy = y[starts[t]:starts[t] + sizes[t]]
-            ot = out[offsets[t]:]
-            if code_starts[t] < 0:  # copied exactly
-                for i in range(sx.shape[0]):
-                    ot[i, 0] = np.float64(sx[i])
-                    ot[i, 1] = np.float64(sy[i])
-                continue
-            c = codes[code_starts[t]:code_starts[t] + sizes[t]]
-            for i in range(sx.shape[0]):
-                k = c[i]
-                j = k >> 1
-                v = np.float64(sx[i])
-                u = np.float64(sy[i])
-                if k & 1:
-                    ot[j, 0] -= v
-                    ot[j, 1] -= u
-                else:
-                    ot[j, 0] += v
-                    ot[j, 1] += u
+            cs = max(code_starts[t], 0)
+            _nb_scatter2(x[starts[t]:starts[t] + sizes[t]], y[starts[t]:starts[t] + sizes[t]],
+                         codes[cs:cs + sizes[t]], out[offsets[t]:], 0, code_starts[t] < 0)
 
     @exact
     def _nb_put_u32(out, pos, v):  # pragma: no cover - compiled
@@ -573,27 +577,12 @@ def _compile(numba):
         # the sketch has just brought into cache
         B = 4096
         ot = out[offset:]
+        cs = max(code_start, 0)
         for a in range(0, size, B):
             m = min(B, size - a)
             sx = x[a:a + m]
             sy = y[a:a + m]
-            if code_start < 0:  # copied exactly
-                for i in range(m):
-                    ot[a + i, 0] = np.float64(sx[i])
-                    ot[a + i, 1] = np.float64(sy[i])
-            else:
-                c = codes[code_start + a:code_start + a + m]
-                for i in range(m):
-                    k = c[i]
-                    j = k >> 1
-                    v = np.float64(sx[i])
-                    u = np.float64(sy[i])
-                    if k & 1:
-                        ot[j, 0] -= v
-                        ot[j, 1] -= u
-                    else:
-                        ot[j, 0] += v
-                        ot[j, 1] += u
+            _nb_scatter2(sx, sy, codes[cs + a:cs + a + m], ot, a, code_start < 0)
             _nb_pack_at(sx, pos + a, sbx, nzx)
             _nb_pack_at(sy, pos + a, sby, nzy)
 

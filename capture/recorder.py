@@ -605,9 +605,9 @@ class Recorder:
         if self._ref_probe is not None:
             self._probe_references()
         if not self._cuda:
-            # before waking the writer: it releases a row it read by reference once these ids
-            # differ from its references (published even after reference mode ends: the last
-            # rows read by reference may still be waiting for their check)
+            # before waking the writer: a row it read by reference whose tensors are still
+            # among these at a later call cannot be checked (published even after reference
+            # mode ends: the last rows read by reference may still be waiting for their check)
             self._grad_ids = tuple(id(p.grad) for _, p in self._params)
         self._n_calls += 1
         self._stepped.set()
@@ -1137,11 +1137,14 @@ class Recorder:
         """Whether the row read by reference from ``slot`` can be checked now: the training
         thread waits in flush/close, or a later record() call has come (its gradients are
         other tensors, or the loop kept these, which ``_references_unchanged`` then refuses)."""
+        return self._quiet.is_set() or self._n_calls > slot.call_no
+
+    def _kept(self, slot: _Slot) -> bool:
+        """Whether the last record() call saw any of ``slot``'s gradient tensors as a .grad."""
         # never read p.grad here: backward assigns it without the GIL (a segfault when read
         # from this thread); the training thread publishes the ids of the current .grad
         # tensors at every record() call (ids of live objects are unique: we hold refs)
-        return self._quiet.is_set() or self._n_calls > slot.call_no \
-            or not any(a == id(r) for a, r in zip(self._grad_ids, slot.refs))
+        return any(a == id(r) for a, r in zip(self._grad_ids, slot.refs))
 
     def _settle(self, held: "_Held") -> None:
         """Check a held row once its gradients are released (waiting for that if need be):
@@ -1194,7 +1197,7 @@ class Recorder:
         while not self._released(slot):
             self._stepped.wait(0.05)
             self._stepped.clear()
-        if not self._quiet.is_set() and any(a == id(r) for a, r in zip(self._grad_ids, slot.refs)):
+        if not self._quiet.is_set() and self._kept(slot):
             # a later record() saw some of these very tensors: the loop keeps its gradients
             # (zero_grad(set_to_none=False) after reference mode began), so they may change at
             # any moment and what was read cannot be vouched for

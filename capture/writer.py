@@ -201,9 +201,7 @@ class SplitRow:
     def piece(self, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
         """Entries ``[a, b)`` as one contiguous array: a view of the tensor that holds them
         all, else a copy into ``out[: b - a]`` (a new array when ``out`` is None)."""
-        i = int(np.searchsorted(self.ends, a, side="right"))
-        while i < len(self.parts) and self.ends[i] == self.starts[i]:
-            i += 1  # size-0 tensors hold nothing
+        i = int(np.searchsorted(self.ends, a, side="right"))  # the tensor holding entry a (never size 0)
         if i < len(self.parts) and b <= self.ends[i]:
             s = int(self.starts[i])
             return self.parts[i][a - s : b - s]
