@@ -361,6 +361,8 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
                 mt["wait"].append(s["wait_seconds"] / steps * 1e3)
                 mt["mb"].append(store_bytes(path) / (steps + 1) / 1e6)
                 shutil.rmtree(path)
+            print(f"  {name} round {r + 1}/{repeats} {phase}: {times[phase] / steps * 1e3:.2f} ms/step",
+                  file=sys.stderr, flush=True)  # a run cut short still tells its phases
             step += steps
         bare.append(times["bare"] / steps * 1e3)
         for t in tiers:

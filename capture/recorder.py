@@ -10,7 +10,8 @@ The training thread only does cheap work:
 
 1. the schedule is asked first; a step it skips costs one Python call;
 2. a free buffer is taken from a small pool (``queue_size + 1`` buffers, allocated on first
-   use): if the writer is behind, this blocks (backpressure, bounded memory);
+   use on a CPU, when the Recorder is made on CUDA): if the writer is behind, this blocks
+   (backpressure, bounded memory);
 3. gradients and weights are flattened into it with one ``torch.cat`` each (on CUDA: into a
    device staging buffer, then one non-blocking copy to pinned host memory and a CUDA event;
    no ``.item()`` sync; the loss travels the same way). On a CPU, once the loop has shown that
@@ -147,6 +148,24 @@ def _scalar(v) -> float:
     if v is None:
         return math.nan
     return float(v.detach().reshape(-1)[0]) if isinstance(v, torch.Tensor) else float(v)
+
+
+def _check_one(v: torch.Tensor, what: str) -> None:
+    if v.numel() != 1:
+        raise ValueError(
+            f"record: {what} must be a scalar, got a tensor of shape {tuple(v.shape)}; "
+            f"pass {what}.mean() or the value the optimizer used"
+        )
+
+
+def _host_value(v) -> float:
+    """The float of a skipped step's loss or lr: a float, or ``(pinned host tensor, event)``
+    of a copy off the device, waited for here (in the writer thread, not the training one)."""
+    if isinstance(v, tuple):
+        host, ev = v
+        ev.synchronize()
+        return float(host[0])
+    return v
 
 
 def lag_dots(g: torch.Tensor, ring: list, band: int) -> torch.Tensor:
@@ -322,7 +341,10 @@ class Recorder:
         expected_steps: number of rows to preallocate (optional).
         queue_size: steps that may wait for the writer; the pool holds ``queue_size + 1``
             buffers of 2 d float32 each, allocated on first use (one more on a CPU, where the
-            writer keeps the buffer of a row read by reference until it has checked it).
+            writer keeps the buffer of a row read by reference until it has checked it). On
+            CUDA all of them are allocated here, each with 2 d float32 of device staging and
+            pinned host memory for what crosses to the host, so that ``record()`` never
+            allocates and a pool that does not fit fails now.
         param_chunk: chunk width of the stored rows along ``param``.
         writer_threads: threads the writer uses to encode and write one row's chunks (and
             reduce its per-tensor scalars) concurrently. 1 (default) suits a machine whose
@@ -542,6 +564,14 @@ class Recorder:
         self._pool_size = int(queue_size) + 1 + bool(self._by_ref_allowed)
         self._n_slots = 0
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        if self._cuda:
+            # on a GPU every buffer is made now, and the device encoder (its sketch hash codes
+            # computed and copied to the device once): record() then never allocates device or
+            # pinned memory, nor waits for a copy, and a pool that does not fit fails here, not
+            # at the step where the writer first falls behind
+            for _ in range(self._pool_size):
+                self._free.put(self._make_slot())
+            self._n_slots = self._pool_size
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._writer_loop, name=f"gradtrace-writer:{store_name(self.path)}", daemon=True)
         self._thread.start()
@@ -657,7 +687,7 @@ class Recorder:
             slot = self._take_slot()
         if slot is None:  # on_full="skip": the writer is behind; store the step as skipped
             self._jobs.put((step, None, int(epoch), flags | FLAG_SKIPPED | FLAG_NO_WEIGHT,
-                            (_scalar(loss), _scalar(lr_value))))
+                            (self._skipped_value(loss, "loss"), self._skipped_value(lr_value, "lr"))))
             self._n_skipped += 1
             if self.lag_band and self._cuda:
                 self._push_dev_ring(None)
@@ -694,7 +724,26 @@ class Recorder:
             if self._n_slots >= self._pool_size:
                 return None
             self._n_slots += 1
-        return _Slot(self.d, self._cuda, dense=self._encoder is None)
+        return self._make_slot()
+
+    def _make_slot(self) -> _Slot:
+        """A new buffer; on CUDA with its device staging vectors and, when the device encodes,
+        the pinned host buffers of the encoded payload."""
+        enc = self._encoder
+        slot = _Slot(self.d, self._cuda, dense=enc is None)
+        if enc is not None:
+            slot.stage[enc.device] = (torch.empty(self.d, dtype=torch.float32, device=enc.device),
+                                      torch.empty(self.d, dtype=torch.float32, device=enc.device))
+            payload = dict(enc.payload())
+            if self.lag_band:
+                payload["lag_dots"] = (torch.float64, (self.lag_band,))
+            slot.host = {k: torch.empty(shape, dtype=dtype, pin_memory=True) for k, (dtype, shape) in payload.items()}
+            slot.host_np = {k: v.numpy() for k, v in slot.host.items()}
+        elif self._cuda:
+            for dev, (_, lo, hi) in self._device_groups.items():
+                slot.stage[dev] = (torch.empty(hi - lo, dtype=torch.float32, device=dev),
+                                   torch.empty(hi - lo, dtype=torch.float32, device=dev))
+        return slot
 
     def _take_slot(self) -> _Slot | None:
         slot = self._new_slot()
@@ -750,27 +799,36 @@ class Recorder:
                     self._ref_probe = [list(grads), [g._version for g in grads]]
             if with_weights:
                 self._flat(weights, slot.weight, non_blocking=True)
+        scalar_devs: list = []  # devices whose side stream copies the loss or lr
         for i, v in enumerate((loss, lr)):
             if v is None:
                 slot.scalars_np[i] = math.nan
             elif isinstance(v, torch.Tensor):
-                if v.numel() != 1:
-                    what = "loss" if i == 0 else "lr"
-                    raise ValueError(
-                        f"record: {what} must be a scalar, got a tensor of shape {tuple(v.shape)}; "
-                        f"pass {what}.mean() or the value the optimizer used"
-                    )
+                _check_one(v, "loss" if i == 0 else "lr")
                 if v.device.type == "cuda":
-                    with torch.cuda.stream(self._side_stream(v.device)):
-                        slot.scalars[i : i + 1].copy_(v.detach().reshape(1), non_blocking=True)
+                    # a snapshot on the training stream: v may be a temporary that the caller
+                    # frees at once (the callbacks' averaged loss), whose memory the training
+                    # stream may reuse before the side stream reads it, or an lr that a
+                    # scheduler changes in place; the side stream reads it after the snapshot
+                    src = v.detach().reshape(1).to(torch.float64, copy=True)
+                    side = self._side_stream(v.device)
+                    side.wait_stream(torch.cuda.current_stream(v.device))
+                    src.record_stream(side)
+                    with torch.cuda.stream(side):
+                        slot.scalars[i : i + 1].copy_(src, non_blocking=True)
+                    if v.device not in scalar_devs:
+                        scalar_devs.append(v.device)
                 else:
                     slot.scalars[i : i + 1].copy_(v.detach().reshape(1))
             else:
                 slot.scalars_np[i] = float(v)
         if self._cuda:
             slot.events = []
-            for dev in self._devices:
-                ev = torch.cuda.Event()
+            devs = self._devices
+            devs += [x for x in scalar_devs if x not in devs]  # a loss on a device without parameters
+            for dev in devs:
+                # blocking: the writer's synchronize() sleeps instead of spinning a core
+                ev = torch.cuda.Event(blocking=True)
                 ev.record(self._side_stream(dev))
                 slot.events.append(ev)
 
@@ -842,6 +900,25 @@ class Recorder:
 
     # ------------------------------------------------------------------ CUDA
 
+    def _skipped_value(self, v, what: str):
+        """A skipped step's loss or lr for the writer without a sync on the training thread: a
+        CUDA tensor is copied on its device's side stream into pinned memory, with an event
+        (:func:`_host_value` waits for it); anything else as a float."""
+        if isinstance(v, torch.Tensor):
+            _check_one(v, what)
+        if not (isinstance(v, torch.Tensor) and v.device.type == "cuda"):
+            return _scalar(v)
+        src = v.detach().reshape(1).to(torch.float64, copy=True)  # a snapshot on the training stream
+        side = self._side_stream(v.device)
+        side.wait_stream(torch.cuda.current_stream(v.device))
+        src.record_stream(side)
+        host = torch.empty(1, dtype=torch.float64, pin_memory=True)
+        with torch.cuda.stream(side):
+            host.copy_(src, non_blocking=True)
+            ev = torch.cuda.Event(blocking=True)
+            ev.record(side)
+        return host, ev
+
     def _side_stream(self, device: torch.device):
         """The copy stream of ``device`` (one per device, created on first use)."""
         streams = self.__dict__.setdefault("_streams", {})
@@ -875,13 +952,7 @@ class Recorder:
             return
         for dev, members in self._device_groups.items():
             idx, lo, hi = members
-            stage = slot.stage.get(dev)
-            if stage is None:
-                stage = slot.stage[dev] = (
-                    torch.empty(hi - lo, dtype=torch.float32, device=dev),
-                    torch.empty(hi - lo, dtype=torch.float32, device=dev),
-                )
-            sg, sw = stage
+            sg, sw = slot.stage[dev]
             contiguous = idx == list(range(idx[0], idx[0] + len(idx)))
             train = torch.cuda.current_stream(dev)
             with torch.cuda.device(dev):
@@ -916,16 +987,7 @@ class Recorder:
 
     def _fill_encoded(self, slot: _Slot, enc, grads, weights, inv_scale, with_weights: bool) -> None:
         dev = enc.device
-        stage = slot.stage.get(dev)
-        if stage is None:
-            stage = slot.stage[dev] = (torch.empty(self.d, dtype=torch.float32, device=dev),
-                                       torch.empty(self.d, dtype=torch.float32, device=dev))
-            payload = dict(enc.payload())
-            if self.lag_band:
-                payload["lag_dots"] = (torch.float64, (self.lag_band,))
-            slot.host = {k: torch.empty(shape, dtype=dtype, pin_memory=True) for k, (dtype, shape) in payload.items()}
-            slot.host_np = {k: v.numpy() for k, v in slot.host.items()}
-        sg, sw = stage
+        sg, sw = slot.stage[dev]
         with torch.cuda.device(dev):
             torch.cat([g.reshape(-1).float() for g in grads], out=sg)
             if inv_scale is not None:
@@ -1075,8 +1137,8 @@ class Recorder:
                 # before this one; the wait above commits a row that is left when no job comes)
                 self._maybe_commit(gap)
                 if slot is None:  # skipped by on_full="skip": step, loss, lr and flags only
-                    writer.append(step, None, None, loss=skipped[0], lr=skipped[1], epoch=epoch, flags=flags,
-                                  commit=False)
+                    writer.append(step, None, None, loss=_host_value(skipped[0]), lr=_host_value(skipped[1]),
+                                  epoch=epoch, flags=flags, commit=False)
                 else:
                     for ev in slot.events:
                         ev.synchronize()

@@ -37,7 +37,7 @@ def loop(model, opt, rec, steps, after_record=None, set_to_none=True):
         loss.backward()
         ps = list(model.parameters())
         seen[t] = (torch.cat([p.grad.reshape(-1) for p in ps]).numpy().copy(),
-                   torch.cat([p.detach().reshape(-1) for p in ps]).numpy().copy())
+                   torch.cat([p.detach().reshape(-1) for p in ps]).numpy().copy(), float(loss))
         rec.record(t, loss=loss)
         if after_record is not None:
             after_record(t, model)
@@ -160,7 +160,9 @@ def test_on_full_skip_never_waits_and_flags_what_it_dropped(tmp_path, monkeypatc
     skipped = (flags & fmt.FLAG_SKIPPED) != 0
     assert skipped.sum() == n_skipped and list(steps[:20]) == list(range(20))
     assert np.isnan(g[skipped]).all() and np.isnan(w[skipped]).all()
-    assert np.isfinite(ds.loss.values[skipped]).all()  # the loss of a skipped step is kept
+    # the loss of a skipped step is kept, and the lr
+    np.testing.assert_array_equal(ds.loss.values[:20], [seen[t][2] for t in range(20)])
+    np.testing.assert_array_equal(ds.lr.values[:20], 0.1)
     for t in np.flatnonzero(~skipped[:20]):
         np.testing.assert_array_equal(g[t], seen[t][0])
     run = ga.open_run(tmp_path / "r.zarr")

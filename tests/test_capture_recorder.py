@@ -364,7 +364,7 @@ def test_cuda_path_pinned_non_blocking_copies_are_exact(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
     x, y = (t.to(dev) for t in data())
-    keep = []
+    keep, losses = [], []
     with Recorder(model, tmp_path / "gpu.zarr", opt, scaler=scaler, queue_size=1) as rec:
         for step in range(6):
             with torch.autocast("cuda", dtype=torch.float16):
@@ -372,7 +372,12 @@ def test_cuda_path_pinned_non_blocking_copies_are_exact(tmp_path):
             scaler.scale(loss).backward()
             inv = 1.0 / scaler.get_scale()
             keep.append((flat([p.grad for p in model.parameters()]) * np.float32(inv), flat(model.parameters())))
-            rec.record(step, loss=loss)  # no sync here: the loss goes through pinned memory too
+            losses.append(loss.detach().double().clone())
+            # no sync here: the loss goes through pinned memory too. A temporary, as the callbacks
+            # pass it, freed at once and its memory written over by the training stream: the
+            # recorder must have taken its value before
+            rec.record(step, loss=loss.detach() * 1.0)
+            torch.full((64,), -7.0, device=dev)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad()
@@ -380,8 +385,75 @@ def test_cuda_path_pinned_non_blocking_copies_are_exact(tmp_path):
     for i, (g, w) in enumerate(keep):
         np.testing.assert_array_equal(ds.grad.values[i], g)
         np.testing.assert_array_equal(ds.weight.values[i], w)
-    assert np.isfinite(ds.loss.values[:6]).all()
+    np.testing.assert_array_equal(ds.loss.values[:6], [float(v) for v in losses])
     assert fmt.read_header(tmp_path / "gpu.zarr").settings["device"].startswith("cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tier", ["lossless", "rounded:7", "sketch:64"])
+def test_cuda_pool_and_device_encoder_are_made_with_the_recorder(tmp_path, tier):
+    """On a GPU the Recorder makes its whole pool (device staging, pinned host buffers) and the
+    device encoder when it is made: record() allocates nothing, and a pool that does not fit
+    fails at construction."""
+    model = Net().to("cuda")
+    rec = Recorder(model, tmp_path / "pool.zarr", tiers=tier, queue_size=2)
+    try:
+        assert rec._n_slots == rec._pool_size == 3
+        assert ("_encoder" in rec.__dict__) and ((rec._encoder is None) == (tier == "lossless"))
+        slots = [rec._free.get_nowait() for _ in range(3)]
+        for slot in slots:
+            assert all(t.device.type == "cuda" and t.numel() == rec.d for pair in slot.stage.values() for t in pair)
+            host = list(slot.host.values()) if slot.host else [slot.grad, slot.weight]
+            assert all(t.is_pinned() for t in host)
+            rec._free.put(slot)
+    finally:
+        rec.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tier", ["lossless", "sketch:64"])
+def test_cuda_on_full_skip_keeps_the_loss_and_lr_of_what_it_dropped(tmp_path, monkeypatch, tier):
+    """On a GPU with on_full="skip" and the writer stuck: the skipped steps keep their loss (a
+    device temporary, freed at once) and a device lr, copied off the side stream into pinned
+    memory (no sync on the training thread); the steps recorded hold their gradients exactly."""
+    import threading
+
+    real = cw.StoreWriter.append
+    release = threading.Event()
+
+    def stuck(self, step, grad, weight, **kw):
+        if grad is not None or kw.get("encoded") is not None:
+            release.wait(30)
+        return real(self, step, grad, weight, **kw)
+
+    monkeypatch.setattr(cw.StoreWriter, "append", stuck)
+    torch.manual_seed(6)
+    dev = torch.device("cuda")
+    model = Net().to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = (t.to(dev) for t in data())
+    lr = torch.tensor(0.25, device=dev)
+    grads, losses = [], []
+    with Recorder(model, tmp_path / "skip.zarr", opt, tiers=tier, on_full="skip", queue_size=1) as rec:
+        for step in range(12):
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            grads.append(flat([p.grad for p in model.parameters()]))
+            losses.append(float(loss))
+            rec.record(step, loss=loss.detach() * 1.0, lr=lr * 1.0)
+            torch.full((64,), -7.0, device=dev)  # the training stream reuses the freed memory
+            opt.step()
+            opt.zero_grad()
+        n_skipped = rec.summary()["n_skipped_steps"]
+        release.set()
+    ds = xr.open_zarr(tmp_path / "skip.zarr")
+    skipped = (np.asarray(ds.flags.values[:12]) & fmt.FLAG_SKIPPED) != 0
+    assert n_skipped >= 8 and skipped.sum() == n_skipped
+    np.testing.assert_array_equal(ds.loss.values[:12], losses)
+    np.testing.assert_array_equal(ds.lr.values[:12], 0.25)
+    if tier == "lossless":
+        for t in np.flatnonzero(~skipped):
+            np.testing.assert_array_equal(ds.grad.values[t], grads[t])
 
 
 def test_a_writer_that_keeps_up_commits_within_the_gap_not_at_every_step(tmp_path, monkeypatch):
