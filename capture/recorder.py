@@ -670,12 +670,16 @@ class Recorder:
         flags = FLAG_MISSING_GRAD if n_missing else 0
         self._n_missing += bool(n_missing)
 
-        lr_value = lr
+        lr_value, lr_differ = lr, None
         if lr_value is None and self.optimizer is not None:
             groups = self.optimizer.param_groups
             lr_value = groups[0]["lr"]
-            if len(groups) > 1 and any(g["lr"] != lr_value for g in groups[1:]):
-                flags |= FLAG_LR_GROUPS_DIFFER
+            if len(groups) > 1:
+                lrs = [g["lr"] for g in groups]
+                if any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in lrs):
+                    lr_differ = self._lrs_differ_on_device(lrs)  # read by the writer: no sync here
+                elif any(x != lr_value for x in lrs[1:]):
+                    flags |= FLAG_LR_GROUPS_DIFFER
         if epoch is None:
             epoch = step // self._steps_per_epoch if self._steps_per_epoch else -1
         with_weights = self.weight_schedule is None or bool(self.weight_schedule(step))
@@ -687,7 +691,7 @@ class Recorder:
             slot = self._take_slot()
         if slot is None:  # on_full="skip": the writer is behind; store the step as skipped
             self._jobs.put((step, None, int(epoch), flags | FLAG_SKIPPED | FLAG_NO_WEIGHT,
-                            (self._skipped_value(loss, "loss"), self._skipped_value(lr_value, "lr"))))
+                            (self._skipped_value(loss, "loss"), self._skipped_value(lr_value, "lr")), lr_differ))
             self._n_skipped += 1
             if self.lag_band and self._cuda:
                 self._push_dev_ring(None)
@@ -699,7 +703,7 @@ class Recorder:
         except BaseException:
             self._free.put(slot)
             raise
-        self._jobs.put((step, slot, int(epoch), flags, None))
+        self._jobs.put((step, slot, int(epoch), flags, None, lr_differ))
         self._last_queued = self._last_seen = step
         self._n_queued += 1
         if self._nonfinite_steps and not self._warned_nonfinite:
@@ -899,6 +903,18 @@ class Recorder:
             self._free.put(slot)
 
     # ------------------------------------------------------------------ CUDA
+
+    def _lrs_differ_on_device(self, lrs: list):
+        """Whether the param groups' lrs differ, compared where the CUDA ones live and copied
+        off the device like a skipped step's loss (``(pinned host tensor, event)``): a
+        comparison on the host would read them with a sync at every step."""
+        dev = next(x.device for x in lrs if isinstance(x, torch.Tensor) and x.device.type == "cuda")
+        vals = torch.stack([
+            x.detach().reshape(()).to(dev, torch.float64) if isinstance(x, torch.Tensor) and x.device.type == "cuda"
+            else torch.full((), float(x), dtype=torch.float64, device=dev)  # a fill, not a copy from the host
+            for x in lrs
+        ])
+        return self._skipped_value((vals[1:] != vals[0]).any().to(torch.float64), "lr")
 
     def _skipped_value(self, v, what: str):
         """A skipped step's loss or lr for the writer without a sync on the training thread: a
@@ -1128,7 +1144,9 @@ class Recorder:
                 self._writer_s += self._last_commit - t0
                 self._writer_cpu_s = time.thread_time() - cpu0
                 continue
-            step, slot, epoch, flags, skipped = job
+            step, slot, epoch, flags, skipped, lr_differ = job
+            if lr_differ is not None and _host_value(lr_differ):
+                flags |= FLAG_LR_GROUPS_DIFFER
             try:
                 if self._error is not None:
                     continue  # drain after a failure; the slots go back below

@@ -37,7 +37,7 @@ def loop(model, opt, rec, steps, after_record=None, set_to_none=True):
         loss.backward()
         ps = list(model.parameters())
         seen[t] = (torch.cat([p.grad.reshape(-1) for p in ps]).numpy().copy(),
-                   torch.cat([p.detach().reshape(-1) for p in ps]).numpy().copy(), float(loss))
+                   torch.cat([p.detach().reshape(-1) for p in ps]).numpy().copy(), float(loss.detach()))
         rec.record(t, loss=loss)
         if after_record is not None:
             after_record(t, model)
@@ -270,12 +270,12 @@ def test_referenced_gradients_reach_the_writer_in_pieces_and_commit_without_a_fl
     rec = Recorder(model, path, opt, schedule="every:2")
     seen = loop(model, opt, rec, 12)  # records 0, 2, ..., 10; record(11) drops step 10's gradients
     assert rec.summary()["grads_by_reference"]
-    if kernels.BACKEND == "numba":
-        assert "SplitRow" in kinds
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20  # a loaded machine: the commit comes a gap after the writer's last row
     while fmt.read_header(path).n_steps < 6 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert fmt.read_header(path).n_steps == 6
+    if kernels.BACKEND == "numba":  # asked once the writer has had every row (it may lag the loop)
+        assert "SplitRow" in kinds
     rec.close()
     _, flags, g, _ = stored(path)
     for i, t in enumerate(range(0, 12, 2)):
