@@ -103,6 +103,27 @@ def test_lr_groups_are_stored_and_flagged(tmp_path):
     assert [g["lr"] for g in s["param_groups"]] == [0.1, 0.01] and s["lr_groups_differ"]
 
 
+@pytest.mark.cuda
+def test_cuda_tensor_lrs_of_param_groups_are_compared_on_the_device(tmp_path):
+    """Tensor lrs on the GPU (capturable optimizers keep them there): group 0's lr is stored and
+    the groups' difference flagged, both read off the device by the writer, not by record()."""
+    model = Net().to("cuda")
+    dev = torch.device("cuda")
+    opt = torch.optim.SGD([
+        {"params": model.conv.parameters(), "lr": torch.tensor(0.1, device=dev)},
+        {"params": list(model.fc.parameters()) + list(model.head.parameters()) + list(model.bn.parameters()),
+         "lr": torch.tensor(0.01, device=dev)},
+    ], lr=torch.tensor(0.1, device=dev), foreach=False)  # the single-tensor step, as on a CPU
+    x, y = (t.to(dev) for t in data())
+    with Recorder(model, tmp_path / "g.zarr", opt) as rec:
+        train(model, opt, rec, 2, x=x, y=y)
+        opt.param_groups[1]["lr"].fill_(0.1)  # the same values now: no flag
+        train(model, opt, rec, 2, start=2, x=x, y=y)
+    ds = xr.open_zarr(tmp_path / "g.zarr")
+    assert list(ds.flags.values[:4] & fmt.FLAG_LR_GROUPS_DIFFER) == [16, 16, 0, 0]
+    np.testing.assert_array_equal(ds.lr.values[:4], float(torch.tensor(0.1)))
+
+
 def test_missing_grads_are_zeros_and_flagged(tmp_path):
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
