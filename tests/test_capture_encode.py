@@ -370,6 +370,8 @@ def test_device_encoder_gives_the_stored_rows(device, tiers):
     d = sum(t.size for t in table)
     g, w = _vector(rng, d) * np.float32(1e-10), _vector(rng, d) * np.float32(1e-10)
     e = enc.DeviceEncoder(table, tiers, device)
+    # fewer, larger chunks on a GPU (kernel launches), the same results
+    assert e.scalars.chunk == (enc.CUDA_CHUNK if device == "cuda" else enc.DEFAULT_CHUNK)
     for gv in (g, None):  # a step, then the final iterate
         out = e.encode(None if gv is None else _gpu(gv, device), _gpu(w, device))
         spec = e.payload(with_grad=gv is not None)
