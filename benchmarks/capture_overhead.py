@@ -157,13 +157,16 @@ def _median_s(f, n: int | None = None) -> float:
     return statistics.median(ts)
 
 
-def floors(model, tiers: list[str], root: Path) -> dict:
+def floors(model, tiers: list[str], root: Path, steps: int = 1) -> dict:
     """ns per parameter-step of the floors, on the model's current gradient and weights.
 
     ``memcpy``: one copy of the weights (float32, d entries). ``read``: the per-tensor float64
     scalars of gradient and weights (one sweep over both). Per tier: ``codec`` (the writer's
-    encoders on both rows, with its rounding or sketch kernels) and ``write`` (its encoded
-    bytes into fresh chunk files, page cache).
+    encoders on both rows, with its rounding or sketch kernels), ``write`` (its encoded
+    bytes appended to an open file, page cache, median of a few rows) and ``write_phase``
+    (the same bytes ``steps`` times into one new file, once: as many new page-cache pages as
+    a recorded phase takes; on a VM whose host hands out memory lazily a new page can cost
+    several times a recycled one, and long phases meet that cost).
     """
     import numpy as np
 
@@ -236,6 +239,12 @@ def floors(model, tiers: list[str], root: Path) -> dict:
 
         os.sync()
         out[f"write {tier}"] = _median_s(write) / d * 1e9
+        os.close(fd)
+        fd = os.open(files / "phase", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            write()
+        out[f"write_phase {tier}"] = (time.perf_counter() - t0) / steps / d * 1e9
         os.close(fd)
         shutil.rmtree(files)
         os.sync()
@@ -328,7 +337,7 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
     run_phase(model, opt, batches, 5, 0, None, device)  # warm-up
     x, y = batches[0]
     nn.CrossEntropyLoss()(model(x), y).backward()
-    floor = floors(model, tiers, root)
+    floor = floors(model, tiers, root, steps)
     opt.zero_grad()
     # every phase starts from the same weights and optimizer state, so bare and recorded
     # phases run the very same arithmetic (denormals, NaNs and all)
@@ -466,19 +475,20 @@ def main(argv=None) -> list[dict]:
                   f"{1 + u * (r['beside'] - 1):.2f}x |")
     print("\nns per parameter-step (gradient + weight of one parameter, one step); floors measured in this run\n")
     print("| model | tier | training thread | read-ahead thread | floor: memcpy | writer CPU | floor: read + codec + write "
-          "| read | codec | write |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| read | codec | write | write, a phase's bytes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f, d = r["floors"], r["params"]
         main = r["record"] * 1e6 / d
         ahead = r["readahead_cpu"] * 1e6 / d
         writer = r["writer_cpu"] * 1e6 / d
         codec, write = f[f"codec {r['tier']}"], f[f"write {r['tier']}"]
+        phase = f[f"write_phase {r['tier']}"]
         r["ns"] = {"main": main, "readahead": ahead, "writer": writer, "memcpy": f["memcpy"], "read": f["read"],
-                   "codec": codec, "write": write}
+                   "codec": codec, "write": write, "write_phase": phase}
         print(
             f"| {r['model']} | {r['tier']} | **{main:.2f}** | {ahead:.2f} | {f['memcpy']:.2f} | **{writer:.2f}** | "
-            f"{f['read'] + codec + write:.2f} | {f['read']:.2f} | {codec:.2f} | {write:.2f} |"
+            f"{f['read'] + codec + write:.2f} | {f['read']:.2f} | {codec:.2f} | {write:.2f} | {phase:.2f} |"
         )
     return rows
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks import capture_overhead, tiers, two_run
+from benchmarks import capture_overhead, page_cache, tiers, two_run
 
 
 def test_phase_order_rotates_every_phase_through_every_position():
@@ -85,7 +85,7 @@ def test_capture_overhead_fast_mlp_prints_ns_beside_floors(tmp_path, capsys):
         assert r["params"] == 784 * 1024 + 1024 + 1024 * 256 + 256 + 256 * 10 + 10
         assert all(v > 0 for k, v in ns.items() if k != "readahead")
         assert ns["readahead"] >= 0  # the weights' copy ahead of record() (0 when none landed in time)
-        assert ns["codec"] > 0 and ns["write"] > 0 and ns["memcpy"] < ns["codec"]
+        assert ns["codec"] > 0 and ns["write"] > 0 and ns["write_phase"] > 0 and ns["memcpy"] < ns["codec"]
 
 
 def test_transformer_benchmark_model_shapes():
@@ -94,3 +94,10 @@ def test_transformer_benchmark_model_shapes():
     m = capture_overhead.TinyLM(vocab=64, width=32, layers=2, heads=4, seq=8)
     assert m(torch.randint(0, 64, (3, 8))).shape == (24, 64)
     assert abs(sum(p.numel() for p in capture_overhead.TinyLM().parameters()) - 185e6) < 1e6
+
+
+def test_page_cache_floor_tiny(tmp_path):
+    rows = page_cache.main(["--gb", "0.004", "--block-mb", "1", "--params", "1000", "--dir", str(tmp_path)])
+    assert [r["case"] for r in rows] == ["new pages", "new pages again", "after deleting 1 and 2"]
+    assert all(r["gb_s"] > 0 and r["ns_per_param_step"] >= 0 for r in rows)
+    assert not list(tmp_path.iterdir())  # every file it wrote is removed
