@@ -171,6 +171,30 @@ def test_on_full_skip_never_waits_and_flags_what_it_dropped(tmp_path, monkeypatc
     assert np.isfinite(lag.values).all()
 
 
+def test_on_full_skip_refuses_a_loss_that_is_not_a_scalar_as_a_recorded_step_does(tmp_path, monkeypatch):
+    model = mlp()
+    from capture import writer as cw
+
+    real = cw.StoreWriter.append
+    release = threading.Event()
+
+    def stuck(self, step, grad, weight, **kw):
+        if grad is not None:
+            release.wait(30)
+        return real(self, step, grad, weight, **kw)
+
+    monkeypatch.setattr(cw.StoreWriter, "append", stuck)
+    with Recorder(model, tmp_path / "r.zarr", on_full="skip", queue_size=1, grads_by_reference=False) as rec:
+        x, y = batch(0)
+        for step in range(2):  # step 0 in the stuck writer, step 1 queued: the pool is taken
+            nn.functional.cross_entropy(model(x), y).backward()
+            rec.record(step)
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+        with pytest.raises(ValueError, match=r"record: loss must be a scalar, got a tensor of shape \(32,\)"):
+            rec.record(2, loss=losses)  # would be skipped: still refused
+        release.set()
+
+
 def test_weight_schedule_stores_weights_on_its_steps_only(tmp_path):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
