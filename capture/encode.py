@@ -174,15 +174,13 @@ class ScalarReducer:
         self._order = torch.as_tensor(order, **dev)
         self._per_tensor3 = torch.as_tensor(np.tile(np.bincount(own, minlength=self.n), 3).astype(np.int64), **dev)
         self._rows = torch.as_tensor([0, 3, 1], **dev)  # gg, ww, gw in a flattened 2 x 2 Gram
-        self._buf: torch.Tensor | None = None
+        # the working buffer, made once here and reused by every call (CPU pages, CUDA pool)
+        self._buf = torch.empty(min(self.chunk // P, nb), 2, P, dtype=torch.float64, device=self.device)
 
     def _blocks_gram(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """(n_blocks, 2, 2) float64 Gram matrices of the blocks (zero padded at the end)."""
         P = self.block
         gram = torch.empty(self.n_blocks, 2, 2, dtype=torch.float64, device=self.device)
-        if self._buf is None:  # reused: no per-step allocation (CPU pages, CUDA pool)
-            rows = min(self.chunk // P, self.n_blocks)
-            self._buf = torch.empty(rows, 2, P, dtype=torch.float64, device=self.device)
         for a in range(0, self.d, self.chunk):
             b = min(a + self.chunk, self.d)
             m = b - a
@@ -448,15 +446,14 @@ class DeviceSketcher:
         if len(src):
             self._exact = (torch.as_tensor(src, device=self.device),
                            torch.as_tensor(np.concatenate(dst_exact), device=self.device))
-        self._buf: torch.Tensor | None = None
+        # the working block, made once here (CUDA: with the Recorder, not in its first record())
+        self._buf = torch.empty(min(self.chunk, max(self.d, 1)), dtype=torch.float64, device=self.device)
 
     def _sums(self, x: torch.Tensor) -> torch.Tensor:
         """float64 (plan.dim,): every entry times its sign added into its bucket (exact
         tensors' buckets then hold 0.0 + x_i, which turns -0.0 into +0.0: callers overwrite)."""
         if x.shape[0] != self.d:
             raise ValueError(f"x has {x.shape[0]} entries, the parameter table {self.d}")
-        if self._buf is None:
-            self._buf = torch.empty(min(self.chunk, max(self.d, 1)), dtype=torch.float64, device=self.device)
         out = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         for a in range(0, self.d, self.chunk):
             b = min(a + self.chunk, self.d)

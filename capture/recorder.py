@@ -159,12 +159,13 @@ def _check_one(v: torch.Tensor, what: str) -> None:
 
 
 def _host_value(v) -> float:
-    """The float of a skipped step's loss or lr: a float, or ``(pinned host tensor, event)``
-    of a copy off the device, waited for here (in the writer thread, not the training one)."""
+    """The float of a value :meth:`Recorder._off_device` prepared: a float, or ``(device
+    tensor, side stream)``, read here (in the writer thread) by a copy on that stream and a
+    wait for that stream alone."""
     if isinstance(v, tuple):
-        host, ev = v
-        ev.synchronize()
-        return float(host[0])
+        t, stream = v
+        with torch.cuda.stream(stream):
+            return float(t.reshape(-1)[0])
     return v
 
 
@@ -343,8 +344,9 @@ class Recorder:
             buffers of 2 d float32 each, allocated on first use (one more on a CPU, where the
             writer keeps the buffer of a row read by reference until it has checked it). On
             CUDA all of them are allocated here, each with 2 d float32 of device staging and
-            pinned host memory for what crosses to the host, so that ``record()`` never
-            allocates and a pool that does not fit fails now.
+            pinned host memory for what crosses to the host, whether or not the writer ever
+            falls behind: ``record()`` allocates none of them, and a pool that does not fit
+            fails now, before the store is created.
         param_chunk: chunk width of the stored rows along ``param``.
         writer_threads: threads the writer uses to encode and write one row's chunks (and
             reduce its per-tensor scalars) concurrently. 1 (default) suits a machine whose
@@ -533,6 +535,23 @@ class Recorder:
         self.writer: StoreWriter | None = None
         if not self.active:
             return
+        self.lag_band = int(lag_band)
+        if self.lag_band < 0:  # before the pool, whose buffers it sizes (the store says it again)
+            raise ValueError(f"lag_band={lag_band} must be >= 0 (gradient rows back)")
+        self._dev_ring: list = []  # device path: the last lag_band gradients (None: no gradient)
+        # one more buffer where gradients may go by reference: the writer keeps a row's buffer
+        # until it has checked the row, after the loop's next record() call
+        self._pool_size = int(queue_size) + 1 + bool(self._by_ref_allowed)
+        self._n_slots = 0
+        self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        if self._cuda:
+            # on a GPU the pool's buffers are made now (each with its device staging), and the
+            # device encoder (its sketch hash codes and working buffers): record() allocates
+            # none of them, never waits for their setup, and a pool that does not fit fails
+            # here, before the store is created, not at the step where the writer falls behind
+            for _ in range(self._pool_size):
+                self._free.put(self._make_slot())
+            self._n_slots = self._pool_size
         mode = "resume" if resume else ("overwrite" if overwrite else "create")
         user_settings = dict(settings or {})
         if self.weight_schedule is not None:
@@ -556,22 +575,7 @@ class Recorder:
             durable=durable,
             storage_options=storage_options,
         )
-        self.lag_band = int(lag_band)
-        self._dev_ring: list = []  # device path: the last lag_band gradients (None: no gradient)
         self._last_queued = self.writer.last_step
-        # one more buffer where gradients may go by reference: the writer keeps a row's buffer
-        # until it has checked the row, after the loop's next record() call
-        self._pool_size = int(queue_size) + 1 + bool(self._by_ref_allowed)
-        self._n_slots = 0
-        self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
-        if self._cuda:
-            # on a GPU every buffer is made now, and the device encoder (its sketch hash codes
-            # computed and copied to the device once): record() then never allocates device or
-            # pinned memory, nor waits for a copy, and a pool that does not fit fails here, not
-            # at the step where the writer first falls behind
-            for _ in range(self._pool_size):
-                self._free.put(self._make_slot())
-            self._n_slots = self._pool_size
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._writer_loop, name=f"gradtrace-writer:{store_name(self.path)}", daemon=True)
         self._thread.start()
@@ -677,7 +681,11 @@ class Recorder:
             if len(groups) > 1:
                 lrs = [g["lr"] for g in groups]
                 if any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in lrs):
-                    lr_differ = self._lrs_differ_on_device(lrs)  # read by the writer: no sync here
+                    differ = self._lrs_differ_on_device(lrs)  # read by the writer: no sync here
+                    if differ is True:
+                        flags |= FLAG_LR_GROUPS_DIFFER
+                    elif differ is not None:
+                        lr_differ = self._off_device(differ, "lr")
                 elif any(x != lr_value for x in lrs[1:]):
                     flags |= FLAG_LR_GROUPS_DIFFER
         if epoch is None:
@@ -691,7 +699,7 @@ class Recorder:
             slot = self._take_slot()
         if slot is None:  # on_full="skip": the writer is behind; store the step as skipped
             self._jobs.put((step, None, int(epoch), flags | FLAG_SKIPPED | FLAG_NO_WEIGHT,
-                            (self._skipped_value(loss, "loss"), self._skipped_value(lr_value, "lr")), lr_differ))
+                            (self._off_device(loss, "loss"), self._off_device(lr_value, "lr")), lr_differ))
             self._n_skipped += 1
             if self.lag_band and self._cuda:
                 self._push_dev_ring(None)
@@ -905,35 +913,43 @@ class Recorder:
     # ------------------------------------------------------------------ CUDA
 
     def _lrs_differ_on_device(self, lrs: list):
-        """Whether the param groups' lrs differ, compared where the CUDA ones live and copied
-        off the device like a skipped step's loss (``(pinned host tensor, event)``): a
-        comparison on the host would read them with a sync at every step."""
+        """Whether the param groups' lrs differ from group 0's, compared as the host comparison
+        ``lr != lrs[0]`` would (in the tensor's dtype) but where the CUDA ones live: True when
+        two plain numbers already differ, else a device bool tensor (None: nothing to
+        compare on the device). A comparison on the host would read them with a sync."""
         dev = next(x.device for x in lrs if isinstance(x, torch.Tensor) and x.device.type == "cuda")
-        vals = torch.stack([
-            x.detach().reshape(()).to(dev, torch.float64) if isinstance(x, torch.Tensor) and x.device.type == "cuda"
-            else torch.full((), float(x), dtype=torch.float64, device=dev)  # a fill, not a copy from the host
-            for x in lrs
-        ])
-        return self._skipped_value((vals[1:] != vals[0]).any().to(torch.float64), "lr")
 
-    def _skipped_value(self, v, what: str):
-        """A skipped step's loss or lr for the writer without a sync on the training thread: a
-        CUDA tensor is copied on its device's side stream into pinned memory, with an event
-        (:func:`_host_value` waits for it); anything else as a float."""
+        def here(x):  # a CUDA tensor on dev (an async copy between GPUs); a CPU one as a number
+            if isinstance(x, torch.Tensor):
+                return x.detach().reshape(()).to(dev) if x.device.type == "cuda" else float(x)
+            return x
+
+        first = here(lrs[0])
+        on_device = []
+        for x in map(here, lrs[1:]):
+            if isinstance(first, torch.Tensor):
+                on_device.append(torch.ne(first, x))
+            elif isinstance(x, torch.Tensor):
+                on_device.append(torch.ne(x, first))
+            elif x != first:
+                return True
+        return torch.stack(on_device).any() if on_device else None
+
+    def _off_device(self, v, what: str):
+        """A loss, lr or flag for the writer without a sync on the training thread: a CUDA
+        tensor becomes ``(snapshot, side stream)``: a float64 copy made on the training stream
+        (``v`` may be a temporary the caller frees at once, or an lr a scheduler changes in
+        place), which the device's side stream is made to wait for; :func:`_host_value`
+        reads it there. Anything else: a float."""
         if isinstance(v, torch.Tensor):
             _check_one(v, what)
         if not (isinstance(v, torch.Tensor) and v.device.type == "cuda"):
             return _scalar(v)
-        src = v.detach().reshape(1).to(torch.float64, copy=True)  # a snapshot on the training stream
+        src = v.detach().reshape(1).to(torch.float64, copy=True)
         side = self._side_stream(v.device)
         side.wait_stream(torch.cuda.current_stream(v.device))
         src.record_stream(side)
-        host = torch.empty(1, dtype=torch.float64, pin_memory=True)
-        with torch.cuda.stream(side):
-            host.copy_(src, non_blocking=True)
-            ev = torch.cuda.Event(blocking=True)
-            ev.record(side)
-        return host, ev
+        return src, side
 
     def _side_stream(self, device: torch.device):
         """The copy stream of ``device`` (one per device, created on first use)."""
@@ -1145,11 +1161,11 @@ class Recorder:
                 self._writer_cpu_s = time.thread_time() - cpu0
                 continue
             step, slot, epoch, flags, skipped, lr_differ = job
-            if lr_differ is not None and _host_value(lr_differ):
-                flags |= FLAG_LR_GROUPS_DIFFER
             try:
                 if self._error is not None:
                     continue  # drain after a failure; the slots go back below
+                if lr_differ is not None and _host_value(lr_differ):
+                    flags |= FLAG_LR_GROUPS_DIFFER
                 t0 = time.perf_counter()
                 # behind: commit every commit_interval; caught up: once the gap has passed (rows
                 # before this one; the wait above commits a row that is left when no job comes)

@@ -1,8 +1,11 @@
 """The Recorder's CUDA branch, run without a GPU: ``torch.cuda``'s streams, events and stream
 contexts replaced by stand-ins, the parameters' "devices" CPU ones. This checks the branch's
 own logic (device staging, per-device groups, the device encoder, the pool, lag ring,
-weight schedule, skipped steps) on every CI run; what only a GPU can show (stream order,
-pinned copies, atomics) is in the tests marked ``cuda``.
+weight schedule, steps skipped for want of a buffer) on every CI run. Not covered here: the
+pool made in ``__init__`` (the Recorder is switched to the branch after it is made), and a
+loss or lr that is itself a CUDA tensor (the snapshot, the side stream's wait, the writer's
+read); those, and what only a GPU can show (stream order, pinned copies, atomics), are in the
+tests marked ``cuda``.
 
 Each case records the same training twice, through the CUDA branch and through the CPU
 path, and compares the stores: every array bit for bit, but the float64 per-step sums, which

@@ -652,6 +652,9 @@ def test_shard_files_of_chunks_without_a_crc_are_never_allocated_ahead(tmp_path)
         f = cw._ShardFile(tmp_path / f"c.{ahead}", 4, fresh=True, durable=False, ahead=ahead)
         f.put(0, [chunk])
         f.put(1, [chunk[:10]])
+        if ahead and f.alloc == 1 << 62:
+            f.close()
+            pytest.skip("this file system refuses fallocate")
         size = os.fstat(f.fd).st_size
         assert (size > f.end) == ahead and f.end == 64 + 1010, (ahead, size, f.end)
         f.close()
