@@ -818,14 +818,7 @@ class Recorder:
             elif isinstance(v, torch.Tensor):
                 _check_one(v, "loss" if i == 0 else "lr")
                 if v.device.type == "cuda":
-                    # a snapshot on the training stream: v may be a temporary that the caller
-                    # frees at once (the callbacks' averaged loss), whose memory the training
-                    # stream may reuse before the side stream reads it, or an lr that a
-                    # scheduler changes in place; the side stream reads it after the snapshot
-                    src = v.detach().reshape(1).to(torch.float64, copy=True)
-                    side = self._side_stream(v.device)
-                    side.wait_stream(torch.cuda.current_stream(v.device))
-                    src.record_stream(side)
+                    src, side = self._snapshot(v)
                     with torch.cuda.stream(side):
                         slot.scalars[i : i + 1].copy_(src, non_blocking=True)
                     if v.device not in scalar_devs:
@@ -935,21 +928,26 @@ class Recorder:
                 return True
         return torch.stack(on_device).any() if on_device else None
 
-    def _off_device(self, v, what: str):
-        """A loss, lr or flag for the writer without a sync on the training thread: a CUDA
-        tensor becomes ``(snapshot, side stream)``: a float64 copy made on the training stream
-        (``v`` may be a temporary the caller frees at once, or an lr a scheduler changes in
-        place), which the device's side stream is made to wait for; :func:`_host_value`
-        reads it there. Anything else: a float."""
-        if isinstance(v, torch.Tensor):
-            _check_one(v, what)
-        if not (isinstance(v, torch.Tensor) and v.device.type == "cuda"):
-            return _scalar(v)
+    def _snapshot(self, v: torch.Tensor) -> tuple:
+        """``(float64 copy of the one-element CUDA tensor v, v's side stream)``: the copy is made
+        on the training stream (v may be a temporary the caller frees at once, such as the
+        callbacks' averaged loss, or an lr a scheduler changes in place), and the side stream
+        is made to wait for it, so that what the side stream then reads is this step's value."""
         src = v.detach().reshape(1).to(torch.float64, copy=True)
         side = self._side_stream(v.device)
         side.wait_stream(torch.cuda.current_stream(v.device))
         src.record_stream(side)
         return src, side
+
+    def _off_device(self, v, what: str):
+        """A loss, lr or flag for the writer without a sync on the training thread: a CUDA
+        tensor as its :meth:`_snapshot`, which :func:`_host_value` reads in the writer;
+        anything else as a float."""
+        if isinstance(v, torch.Tensor):
+            _check_one(v, what)
+        if not (isinstance(v, torch.Tensor) and v.device.type == "cuda"):
+            return _scalar(v)
+        return self._snapshot(v)
 
     def _side_stream(self, device: torch.device):
         """The copy stream of ``device`` (one per device, created on first use)."""

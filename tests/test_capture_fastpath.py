@@ -132,20 +132,10 @@ def test_a_gradient_changed_in_place_in_reference_mode_is_not_stored(tmp_path):
     assert 7 not in run.grad_steps and 8 in run.grad_steps
 
 
-def test_on_full_skip_never_waits_and_flags_what_it_dropped(tmp_path, monkeypatch):
+def test_on_full_skip_never_waits_and_flags_what_it_dropped(tmp_path, stuck_writer):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    from capture import writer as cw
-
-    real = cw.StoreWriter.append
-    release = threading.Event()
-
-    def stuck(self, step, grad, weight, **kw):  # the writer is stuck until the loop ends
-        if grad is not None:
-            release.wait(30)
-        return real(self, step, grad, weight, **kw)
-
-    monkeypatch.setattr(cw.StoreWriter, "append", stuck)
+    release = stuck_writer  # the writer is stuck until the loop ends
     with Recorder(model, tmp_path / "r.zarr", opt, on_full="skip", queue_size=1) as rec:
         seen = loop(model, opt, rec, 20)
         summary = rec.summary()
@@ -171,19 +161,9 @@ def test_on_full_skip_never_waits_and_flags_what_it_dropped(tmp_path, monkeypatc
     assert np.isfinite(lag.values).all()
 
 
-def test_on_full_skip_refuses_a_loss_that_is_not_a_scalar_as_a_recorded_step_does(tmp_path, monkeypatch):
+def test_on_full_skip_refuses_a_loss_that_is_not_a_scalar_as_a_recorded_step_does(tmp_path, stuck_writer):
     model = mlp()
-    from capture import writer as cw
-
-    real = cw.StoreWriter.append
-    release = threading.Event()
-
-    def stuck(self, step, grad, weight, **kw):
-        if grad is not None:
-            release.wait(30)
-        return real(self, step, grad, weight, **kw)
-
-    monkeypatch.setattr(cw.StoreWriter, "append", stuck)
+    release = stuck_writer
     with Recorder(model, tmp_path / "r.zarr", on_full="skip", queue_size=1, grads_by_reference=False) as rec:
         x, y = batch(0)
         for step in range(2):  # step 0 in the stuck writer, step 1 queued: the pool is taken

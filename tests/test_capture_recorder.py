@@ -433,21 +433,11 @@ def test_cuda_pool_and_device_encoder_are_made_with_the_recorder(tmp_path, tier)
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("tier", ["lossless", "sketch:64"])
-def test_cuda_on_full_skip_keeps_the_loss_and_lr_of_what_it_dropped(tmp_path, monkeypatch, tier):
+def test_cuda_on_full_skip_keeps_the_loss_and_lr_of_what_it_dropped(tmp_path, stuck_writer, tier):
     """On a GPU with on_full="skip" and the writer stuck: the skipped steps keep their loss (a
-    device temporary, freed at once) and a device lr, copied off the side stream into pinned
-    memory (no sync on the training thread); the steps recorded hold their gradients exactly."""
-    import threading
-
-    real = cw.StoreWriter.append
-    release = threading.Event()
-
-    def stuck(self, step, grad, weight, **kw):
-        if grad is not None or kw.get("encoded") is not None:
-            release.wait(30)
-        return real(self, step, grad, weight, **kw)
-
-    monkeypatch.setattr(cw.StoreWriter, "append", stuck)
+    device temporary, freed at once) and a device lr, read off the device by the writer (no
+    sync on the training thread); the steps recorded hold their gradients exactly."""
+    release = stuck_writer
     torch.manual_seed(6)
     dev = torch.device("cuda")
     model = Net().to(dev)
