@@ -234,11 +234,11 @@ class ShardedRecorder:
                  param_chunk=fmt.DEFAULT_PARAM_CHUNK, durable=False, grad_recorded=None, process_group=None,
                  scaler=None, weight_schedule=None, on_full="block", lag_band=0, parent=None,
                  queue_size=2, writer_threads=1, commit_interval=1.0, grads_by_reference="auto",
-                 storage_options=None):
+                 storage_options=None, page_cache="keep"):
         from capture.recorder import _run_settings, _trainable, _unwrap, parse_tiers
 
         unsupported = {"scaler": scaler is not None and scaler.is_enabled(), "on_full='skip'": on_full != "block",
-                       "parent": parent is not None}
+                       "parent": parent is not None, "page_cache='drop'": page_cache != "keep"}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise ValueError(f"Recorder(sharded): {', '.join(bad)} not supported for sharded models yet; "

@@ -44,6 +44,7 @@ and benchmarks that need stores without torch.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import errno
@@ -553,6 +554,121 @@ def _libc_fallocate():
 _FALLOCATE = _libc_fallocate()
 
 
+def _libc_sync_file_range():
+    """Linux's ``sync_file_range(fd, offset, nbytes, flags)`` (not in Python's os module), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
+#: page_cache="drop": bytes of appended chunks whose writeback may be under way (beside the
+#: last row's) before the writer waits for the oldest and drops it from the page cache.
+WRITE_BEHIND = 64 << 20
+
+PAGE_CACHE_MODES = ("keep", "drop")
+
+
+def _errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
+
+
+class _WriteBehind:
+    """``page_cache="drop"``: keep a store's chunk bytes out of the page cache as they are written.
+
+    After each row, the byte ranges its chunks were appended to are handed to the kernel's
+    writeback (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: starts it, does not wait). Once more
+    than :data:`WRITE_BEHIND` bytes beside the newest row's are in flight, the oldest ranges are
+    waited for and dropped (``posix_fadvise(POSIX_FADV_DONTNEED)``: clean pages only, so nothing
+    that is not on the disk leaves memory). The page cache then holds a bounded window of the
+    store instead of everything written, and the pages it frees are the ones the next rows
+    reuse. Only whole pages inside a range are dropped, so a page that the next append shares
+    is never read back from the disk. A range holds its own descriptor (``os.dup``), so shard
+    files close as before.
+
+    Not durability: commits are as with ``page_cache="keep"`` (``durable`` fsyncs). A write
+    error the kernel reports while waiting (EIO, ENOSPC...) is raised as :class:`OSError`
+    naming the file, where the page cache would have kept it quiet; a file system that cannot
+    (EINVAL, ENOSYS, ESPIPE, EOPNOTSUPP) turns this off for the writer.
+    """
+
+    _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.EOPNOTSUPP, errno.EBADF}
+
+    def __init__(self, lag: int | None = None):
+        self.lag = WRITE_BEHIND if lag is None else int(lag)
+        self.on = _SYNC_FILE_RANGE is not None
+        self.pending: collections.deque = collections.deque()  # (fd, lo, hi, path), oldest first
+        self.bytes = 0
+        self.row_bytes = 0  # of the newest row: never waited for at its own row
+        self.dropped = 0  # bytes dropped so far (tests, benchmarks)
+
+    def add(self, fd: int, lo: int, hi: int, path: Path) -> None:
+        """Start the writeback of bytes [lo, hi) of ``fd``, appended by the current row."""
+        if not self.on or hi <= lo:
+            return
+        own = os.dup(fd)
+        if _SYNC_FILE_RANGE(own, lo, hi - lo, _SFR_WRITE) != 0:
+            err = _errno()
+            os.close(own)
+            self._failed(err, path)
+            return
+        self.pending.append((own, lo, hi, path))
+        self.bytes += hi - lo
+        self.row_bytes += hi - lo
+
+    def row_done(self) -> None:
+        """After a row's ranges are added: wait for and drop the oldest beyond the window."""
+        newest, self.row_bytes = self.row_bytes, 0
+        while self.pending and self.bytes - newest > self.lag:
+            self._drop(wait=True)
+
+    def _drop(self, wait: bool) -> None:
+        fd, lo, hi, path = self.pending.popleft()
+        self.bytes -= hi - lo
+        try:
+            if wait and _SYNC_FILE_RANGE(fd, lo, hi - lo, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER) != 0:
+                self._failed(_errno(), path)
+                return
+            os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            self.dropped += hi - lo
+        finally:
+            os.close(fd)
+
+    def _failed(self, err: int, path: Path) -> None:
+        if err in self._UNSUPPORTED:
+            self.on = False  # this file system does not: the page cache keeps the store's pages
+            self.close()
+            return
+        self.close()
+        raise OSError(err, f"writing {path} back to the disk failed: {os.strerror(err)}; the rows since the last "
+                      "commit are not on the disk (check the disk and its free space, then resume)")
+
+    def close(self, drop: bool = True) -> None:
+        """Drop what is clean of the ranges still in flight (no wait) and release them."""
+        while self.pending:
+            fd, lo, hi, _ = self.pending.popleft()
+            try:
+                if drop:
+                    os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        self.bytes = self.row_bytes = 0
+
+
 class _ShardFile:
     """One open shard file of a row-chunked array: chunks are appended, then indexed.
 
@@ -609,6 +725,7 @@ class _ShardFile:
             ends = used[:, 0] + used[:, 1]
             self.end = int(min(size, max(self.index_bytes, int(ends.max()) if ends.size else 0)))
             self.alloc = size
+        self.marked = self.end  # appends before this were handed to page_cache="drop" (_WriteBehind)
 
     def _pwrite(self, data, offset: int) -> None:
         if os.pwrite(self.fd, data, offset) != len(data):
@@ -892,10 +1009,16 @@ class _ArrayWriter:
                     self._shards[key] = f
         return f, entry
 
-    def finish_row(self) -> None:
-        """After a row's tasks: with shards of one row, fsync (``durable``) and close that row's
-        shard files now, so that a wide model's rows (tens of files each) do not pile up open
-        file descriptors while commits are batched; the directory is fsynced at the next sync."""
+    def finish_row(self, behind: "_WriteBehind | None" = None) -> None:
+        """After a row's tasks: hand the bytes the row appended to ``behind`` (``page_cache=
+        "drop"``); with shards of one row, fsync (``durable``) and close that row's shard files
+        now, so that a wide model's rows (tens of files each) do not pile up open file
+        descriptors while commits are batched; the directory is fsynced at the next sync."""
+        if behind is not None and self.shard is not None:
+            for f in list(self._shards.values()):
+                if f.fd is not None and f.end > f.marked:
+                    behind.add(f.fd, f.marked, f.end, f.path)
+                    f.marked = f.end
         if self.shard is None or self.shard[0] != 1 or not self._shards:
             return
         with self._shard_lock:
@@ -1094,6 +1217,12 @@ class StoreWriter:
             created every few steps instead of one per chunk and step. False: one file per
             chunk. A resumed store keeps the layout it was created with.
         storage_options: fsspec options for a URL (``endpoint_url``, ``key``, ``secret``...).
+        page_cache: ``"keep"`` (default) leaves the chunks written in the page cache, as any
+            file write does; ``"drop"`` hands each row's chunk bytes to the disk's writeback at
+            once and drops them from the page cache once written (:class:`_WriteBehind`), so a
+            long run holds a bounded window of the store in memory instead of filling the page
+            cache (and evicting a data set's pages) with it. Local stores with shard files; on
+            a URL it has nothing to do.
 
     One writer at a time: the writer holds an exclusive ``fcntl.flock`` on the store's lock
     file (:data:`LOCK_NAME`) from creation or resume until :meth:`close` / :meth:`abort` (the
@@ -1125,7 +1254,10 @@ class StoreWriter:
         durable: bool = False,
         shard_files: bool = True,
         storage_options: dict | None = None,
+        page_cache: str = "keep",
     ):
+        if page_cache not in PAGE_CACHE_MODES:
+            raise ValueError(f"page_cache={page_cache!r}: use 'keep' (the default) or 'drop'")
         self.sink = _sink.open_sink(path, storage_options)  # None: a local directory
         self.path = _sink.split_location(path)[0] if self.sink is None else self.sink.url
         # shard files are appended to: local directories only (an object cannot be appended to)
@@ -1141,6 +1273,8 @@ class StoreWriter:
             raise ValueError(f"lag_band={lag_band} must be >= 0 (gradient rows back)")
         self.lag_band = int(lag_band)
         self.durable = bool(durable)
+        # page_cache="drop": local stores only (a URL's objects never sit in this page cache)
+        self._behind = _WriteBehind() if page_cache == "drop" and self.sink is None else None
         self._lock_fd: weakref.finalize | None = None
         if int(threads) < 1:
             raise ValueError(f"threads={threads} must be >= 1")
@@ -1581,7 +1715,9 @@ class StoreWriter:
                 tasks.extend(W[name].row_tasks(n, vec))
         self._run(tasks)
         for aw in W.values():
-            aw.finish_row()
+            aw.finish_row(self._behind)
+        if self._behind is not None:
+            self._behind.row_done()
         gg_sum, ww_sum, gw_sum = float(gg.sum()), float(ww.sum()), float(gw.sum())
         if has_g and not math.isfinite(gg_sum):
             flags |= FLAG_NONFINITE_GRAD
@@ -1834,6 +1970,8 @@ class StoreWriter:
     def _close_files(self) -> None:
         for aw in getattr(self, "_w", {}).values():
             aw.close_file()
+        if getattr(self, "_behind", None) is not None:
+            self._behind.close()
 
     def _shutdown_pool(self) -> None:
         if self._pool is not None:

@@ -1,0 +1,196 @@
+"""page_cache="drop": the same store as "keep", its chunk bytes out of the page cache once on
+the disk, write errors raised instead of kept quiet, and no effect where the kernel cannot."""
+
+import ctypes
+import errno
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import xarray as xr
+
+from capture import Recorder
+from capture import writer as cw
+from capture.writer import StoreWriter
+from gradtrace_format import format as fmt
+
+pytestmark = pytest.mark.skipif(cw._SYNC_FILE_RANGE is None, reason="sync_file_range is Linux's")
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def _fs_type(path: Path) -> str:
+    """The file system type of the mount holding ``path`` (longest mount point that is a prefix)."""
+    best, kind = "", "?"
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        point = left.split()[4]
+        if (str(path) + "/").startswith(point.rstrip("/") + "/") and len(point) >= len(best):
+            best, kind = point, right.split()[0]
+    return kind
+
+
+def _resident(root: Path, names=("grad", "weight")) -> tuple[int, int]:
+    """(pages in the page cache, pages) of the chunk files of ``names`` (mincore on a mapping)."""
+    cached = total = 0
+    for name in names:
+        for p in (root / name).rglob("*"):
+            size = p.stat().st_size if p.is_file() and p.name != "zarr.json" else 0
+            if not size:
+                continue
+            with open(p, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
+                pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+                vec = (ctypes.c_ubyte * pages)()
+                view = np.frombuffer(m, dtype=np.uint8)
+                assert _LIBC.mincore(view.ctypes.data, size, vec) == 0
+                del view
+                cached += sum(v & 1 for v in vec)
+                total += pages
+    return cached, total
+
+
+def _write(path, mode, rows=12, d=300_000, **kw):
+    rng = np.random.default_rng(0)
+    tensors = fmt.tensor_table([("a", (d // 3,)), ("b", (d - d // 3,))])
+    sw = StoreWriter(path, tensors, {"grad": "lossless", "weight": "rounded:7"}, page_cache=mode, **kw)
+    for s in range(rows):
+        g = rng.standard_normal(d).astype(np.float32)
+        g[::7] = 0.0
+        sw.append(s, g, rng.standard_normal(d).astype(np.float32), loss=1.0 / (s + 1), lr=0.1)
+    return sw
+
+
+def _assert_same_store(a: Path, b: Path):
+    x, y = xr.open_zarr(a), xr.open_zarr(b)
+    assert set(x.data_vars) == set(y.data_vars)
+    for name in x.data_vars:
+        np.testing.assert_array_equal(x[name].values, y[name].values, err_msg=name)
+
+
+def test_drop_stores_what_keep_stores_and_leaves_its_chunks_out_of_the_page_cache(tmp_path, monkeypatch):
+    if _fs_type(tmp_path) in ("tmpfs", "ramfs", "overlay", "?"):
+        pytest.skip(f"{tmp_path} is on {_fs_type(tmp_path)}: its pages are its storage")
+    monkeypatch.setattr(cw, "WRITE_BEHIND", 0)  # nothing in flight beside the last row
+    keep = _write(tmp_path / "keep.zarr", "keep")
+    keep.close()
+    drop = _write(tmp_path / "drop.zarr", "drop")
+    assert drop._behind.on and drop._behind.dropped > 0
+    row_bytes = drop._behind.bytes  # the last row's, still in flight
+    drop.close()
+    assert not drop._behind.pending and drop._behind.bytes == 0
+    cached, total = _resident(tmp_path / "keep.zarr")
+    assert cached == total > 1000  # "keep" leaves every page written in the page cache
+    cached, total = _resident(tmp_path / "drop.zarr")
+    # every row but the last (dropped at close where written back already) is out of the
+    # cache, up to the partial pages at the ranges' ends and the shard indexes
+    assert cached <= row_bytes // mmap.PAGESIZE + 64, (cached, total)
+    assert cached < total // 4
+    _assert_same_store(tmp_path / "keep.zarr", tmp_path / "drop.zarr")  # (reading caches the pages)
+
+
+def test_drop_keeps_a_window_of_write_behind_bytes_in_flight(tmp_path, monkeypatch):
+    monkeypatch.setattr(cw, "WRITE_BEHIND", 3 << 20)
+    sw = _write(tmp_path / "w.zarr", "drop", rows=10)
+    behind = sw._behind
+    assert behind.dropped > 0
+    # in flight after the last row: at most the window beside the newest row's bytes
+    newest = sum(hi - lo for _, lo, hi, _ in list(behind.pending)[-4:])
+    assert behind.bytes <= (3 << 20) + newest
+    assert behind.bytes == sum(hi - lo for _, lo, hi, _ in behind.pending)
+    fds = [fd for fd, *_ in behind.pending]
+    sw.close()
+    for fd in fds:  # each range's own descriptor is released
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_a_write_error_the_kernel_reports_is_raised_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(cw, "WRITE_BEHIND", 0)
+    real = cw._SYNC_FILE_RANGE
+
+    def failing(fd, off, n, flags):
+        return -1 if flags & cw._SFR_WAIT_AFTER else real(fd, off, n, flags)
+
+    monkeypatch.setattr(cw, "_SYNC_FILE_RANGE", failing)
+    monkeypatch.setattr(cw, "_errno", lambda: errno.EIO)
+    with pytest.raises(OSError, match=r"writing .*(grad|weight).* back to the disk failed: .*Input/output error") as info:
+        _write(tmp_path / "e.zarr", "drop", rows=4)
+    assert info.value.errno == errno.EIO
+
+
+def test_a_file_system_that_cannot_turns_it_off_and_the_store_is_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(cw, "WRITE_BEHIND", 0)
+    calls = []
+
+    def unsupported(fd, off, n, flags):
+        calls.append(flags)
+        return -1
+
+    monkeypatch.setattr(cw, "_SYNC_FILE_RANGE", unsupported)
+    monkeypatch.setattr(cw, "_errno", lambda: errno.EINVAL)
+    sw = _write(tmp_path / "u.zarr", "drop", rows=5)
+    assert not sw._behind.on and not sw._behind.pending
+    assert len(calls) == 1  # tried once, then off for the writer
+    sw.close()
+    keep = _write(tmp_path / "k.zarr", "keep", rows=5)
+    keep.close()
+    _assert_same_store(tmp_path / "k.zarr", tmp_path / "u.zarr")
+
+
+def test_drop_survives_a_rewind_and_a_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(cw, "WRITE_BEHIND", 0)
+    sw = _write(tmp_path / "r.zarr", "drop", rows=6)
+    sw.abort()  # a stop without close: committed rows kept, store resumable
+    d = 300_000
+    tensors = fmt.tensor_table([("a", (d // 3,)), ("b", (d - d // 3,))])
+    sw = StoreWriter(tmp_path / "r.zarr", tensors, {"grad": "lossless", "weight": "rounded:7"}, mode="resume",
+                     resume_step=4, page_cache="drop")
+    rng = np.random.default_rng(1)
+    for s in range(4, 9):
+        sw.append(s, rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32),
+                  loss=0.5, lr=0.1)
+    sw.close()
+    ref = _write(tmp_path / "ref.zarr", "keep", rows=4)
+    rng = np.random.default_rng(1)
+    for s in range(4, 9):
+        ref.append(s, rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32),
+                   loss=0.5, lr=0.1)
+    ref.close()
+    _assert_same_store(tmp_path / "ref.zarr", tmp_path / "r.zarr")
+
+
+def test_recorder_page_cache(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
+    with pytest.raises(ValueError, match=r"page_cache='lru': use 'keep' \(the default\) or 'drop'"):
+        Recorder(model, tmp_path / "bad.zarr", page_cache="lru")
+    assert not (tmp_path / "bad.zarr").exists()
+    stores = {}
+    for mode in ("keep", "drop"):
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        stores[mode] = tmp_path / f"{mode}.zarr"
+        with Recorder(net, stores[mode], optimizer=opt, page_cache=mode) as rec:
+            for step in range(5):
+                x = torch.randn(8, 10, generator=torch.Generator().manual_seed(step))
+                loss = net(x).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                rec.record(step, loss=loss)
+                opt.step()
+    _assert_same_store(stores["keep"], stores["drop"])
+
+
+def test_sharded_recording_refuses_drop_in_one_line(tmp_path):
+    from capture.sharded import ShardedRecorder
+
+    model = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=r"Recorder\(sharded\): page_cache='drop' not supported for sharded models"):
+        ShardedRecorder(model, tmp_path / "s.zarr", page_cache="drop")
+    assert not (tmp_path / "s.zarr").exists()
