@@ -34,6 +34,8 @@ memcpy of the weights (the training thread's floor: it must copy the weights bef
 update), one read of gradient and weights (the per-tensor float64 scalars), the tier's codec
 (the writer's own encoders, rounding and sketch kernels included) and the page-cache write
 of its bytes into fresh files.
+``--page-cache keep drop`` records every tier both ways (``Recorder(page_cache=...)``; rows
+``TIER`` and ``TIER/drop``); the write floors are the page cache's (kept pages) either way.
 ``--writer-threads N`` is passed to ``Recorder(writer_threads=N)``; ``--threads N`` sets the
 training's torch threads (on a CPU host the writer thread competes with them for cores).
 
@@ -337,7 +339,7 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
     run_phase(model, opt, batches, 5, 0, None, device)  # warm-up
     x, y = batches[0]
     nn.CrossEntropyLoss()(model(x), y).backward()
-    floor = floors(model, tiers, root, steps)
+    floor = floors(model, sorted({t.split("/")[0] for t in tiers}), root, steps)
     opt.zero_grad()
     # every phase starts from the same weights and optimizer state, so bare and recorded
     # phases run the very same arithmetic (denormals, NaNs and all)
@@ -355,10 +357,12 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
             if phase == "bare":
                 times[phase] = run_phase(model, opt, batches, steps, step, None, device)
             else:
-                path = root / f"{name}-{hw}-{batch}-{phase.replace(':', '-')}-{r}.zarr"
+                path = root / f"{name}-{hw}-{batch}-{phase.replace(':', '-').replace('/', '-')}-{r}.zarr"
                 kw = {"param_chunk": param_chunk} if param_chunk else {}
-                rec = Recorder(model, path, opt, tiers=phase, overwrite=True, expected_steps=steps,
-                               writer_threads=writer_threads, lag_band=lag_band, **kw)
+                tier, _, page_cache = phase.partition("/")  # "lossless/drop": Recorder(page_cache="drop")
+                rec = Recorder(model, path, opt, tiers=tier, overwrite=True, expected_steps=steps,
+                               writer_threads=writer_threads, lag_band=lag_band, page_cache=page_cache or "keep",
+                               **kw)
                 times[phase] = run_phase(model, opt, batches, steps, step, rec, device)
                 s = rec.summary()
                 rec.close()
@@ -417,6 +421,9 @@ def main(argv=None) -> list[dict]:
                          "--tier is an alias")
     ap.add_argument("--writer-threads", type=int, default=1, help="Recorder(writer_threads=N) (default 1)")
     ap.add_argument("--lag-band", type=int, default=0, help="Recorder(lag_band=L) (default 0)")
+    ap.add_argument("--page-cache", nargs="+", default=["keep"], choices=["keep", "drop"],
+                    help="Recorder(page_cache=...) (default keep); both: every tier with each, rows "
+                         "'TIER' and 'TIER/drop'")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for the training (default: torch's own, = cores); on a "
                          "small CPU host, cores - 1 leaves the writer thread a core")
@@ -444,7 +451,8 @@ def main(argv=None) -> list[dict]:
             for hw in args.hw or default_hw:
                 default_batch = [{"mlp": 256, "transformer": 8}.get(model, 64 if args.quick or hw > 8 else 256)]
                 for batch in args.batch or default_batch:
-                    rows += bench(model, hw, batch, steps, repeats, args.tiers, device, root,
+                    tiers = [t if pc == "keep" else f"{t}/drop" for t in args.tiers for pc in args.page_cache]
+                    rows += bench(model, hw, batch, steps, repeats, tiers, device, root,
                                   args.param_chunk, args.writer_threads, args.lag_band)
                     print(f"done: {rows[-1]['model']} batch {batch}", file=sys.stderr, flush=True)
     finally:
@@ -482,8 +490,9 @@ def main(argv=None) -> list[dict]:
         main = r["record"] * 1e6 / d
         ahead = r["readahead_cpu"] * 1e6 / d
         writer = r["writer_cpu"] * 1e6 / d
-        codec, write = f[f"codec {r['tier']}"], f[f"write {r['tier']}"]
-        phase = f[f"write_phase {r['tier']}"]
+        tier = r["tier"].split("/")[0]
+        codec, write = f[f"codec {tier}"], f[f"write {tier}"]
+        phase = f[f"write_phase {tier}"]
         r["ns"] = {"main": main, "readahead": ahead, "writer": writer, "memcpy": f["memcpy"], "read": f["read"],
                    "codec": codec, "write": write, "write_phase": phase}
         print(

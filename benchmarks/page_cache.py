@@ -3,8 +3,10 @@
 A writer that records every step puts its chunks into the page cache; what a new page costs
 there is the machine's, not the recorder's. This script writes ``--gb`` GB in blocks of
 ``--block-mb`` MB (the size of one recorded row: 6.7 MB for the fast MLP's lossless row) into
-a new file, three times: into new pages (the file kept), into new pages again, and right
-after the previous two files were deleted (their pages free to recycle).
+a new file, four times: into new pages (the file kept), into new pages again, with the
+writeback and page dropping of ``Recorder(page_cache="drop")`` (``capture.writer._WriteBehind``,
+the one gradtrace piece used here), and right after the first two files were deleted (their
+pages free to recycle).
 It prints GB/s, the system CPU per GB and, for ``--params``, the equivalent in ns per
 parameter-step (one block per step): the figure to read beside the capture benchmark's
 writer CPU.
@@ -26,14 +28,25 @@ import time
 from pathlib import Path
 
 
-def write_file(path: Path, block: bytes, n: int) -> tuple[float, float]:
-    """(wall seconds, system + user CPU seconds) of n appends of ``block`` to a new file."""
+def write_file(path: Path, block: bytes, n: int, drop: bool = False) -> tuple[float, float]:
+    """(wall seconds, system + user CPU seconds) of n appends of ``block`` to a new file; with
+    ``drop``, each block handed to page_cache="drop"'s write-behind as a row's chunks are."""
+    behind = None
+    if drop:
+        from capture.writer import _WriteBehind
+
+        behind = _WriteBehind()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         c0, t0 = os.times(), time.perf_counter()
         for i in range(n):
             if os.pwrite(fd, block, i * len(block)) != len(block):
                 raise OSError(f"short write to {path}")
+            if behind is not None:
+                behind.add(fd, i * len(block), (i + 1) * len(block), path)
+                behind.row_done()
+        if behind is not None:
+            behind.close()
         c1, t1 = os.times(), time.perf_counter()
     finally:
         os.close(fd)
@@ -52,15 +65,16 @@ def main(argv=None) -> list[dict]:
     block = os.urandom(max(1, int(args.block_mb * 1e6)))
     n = max(1, int(args.gb * 1e9 / len(block)))
     rows = []
-    files = [root / f"pagecache-{i}.bin" for i in range(3)]
+    files = [root / f"pagecache-{i}.bin" for i in range(4)]
+    cases = ["new pages", "new pages again", "page_cache='drop'", "after deleting 1 and 2"]
     try:
         os.sync()
-        for i, (path, what) in enumerate(zip(files, ["new pages", "new pages again", "after deleting 1 and 2"])):
-            if i == 2:  # the pages of the two files before are freed now: this one may recycle them
+        for i, (path, what) in enumerate(zip(files, cases)):
+            if i == 3:  # the pages of the first two files are freed now: this one may recycle them
                 for f in files[:2]:
                     f.unlink()
                 os.sync()
-            wall, cpu = write_file(path, block, n)
+            wall, cpu = write_file(path, block, n, drop=i == 2)
             nbytes = n * len(block)
             rows.append({"case": what, "gb_s": nbytes / wall / 1e9, "cpu_s_per_gb": cpu / (nbytes / 1e9),
                          "ns_per_param_step": cpu / n / args.params * 1e9})

@@ -59,9 +59,12 @@ def test_two_run_tiny_agrees_with_gradtrace(tmp_path):
 
 def test_capture_overhead_tiny_two_tiers(tmp_path):
     rows = capture_overhead.main(["--hw", "8", "--batch", "4", "--steps", "2", "--repeats", "2",
-                                  "--tiers", "lossless", "sketch:1024", "--writer-threads", "2", "--dir", str(tmp_path)])
-    assert [r["tier"] for r in rows] == ["lossless", "sketch:1024"]
-    assert rows[1]["mb"] < rows[0]["mb"]
+                                  "--tiers", "lossless", "sketch:1024", "--writer-threads", "2", "--page-cache", "keep",
+                                  "drop", "--dir", str(tmp_path)])
+    assert [r["tier"] for r in rows] == ["lossless", "lossless/drop", "sketch:1024", "sketch:1024/drop"]
+    assert rows[2]["mb"] < rows[0]["mb"]
+    assert rows[1]["mb"] == pytest.approx(rows[0]["mb"], rel=0.01)  # the same store, kept or dropped
+    assert rows[1]["ns"]["codec"] == rows[0]["ns"]["codec"]  # one floor per tier
 
 
 def test_tiers_tiny_with_baselines(tmp_path):
@@ -98,6 +101,6 @@ def test_transformer_benchmark_model_shapes():
 
 def test_page_cache_floor_tiny(tmp_path):
     rows = page_cache.main(["--gb", "0.004", "--block-mb", "1", "--params", "1000", "--dir", str(tmp_path)])
-    assert [r["case"] for r in rows] == ["new pages", "new pages again", "after deleting 1 and 2"]
+    assert [r["case"] for r in rows] == ["new pages", "new pages again", "page_cache='drop'", "after deleting 1 and 2"]
     assert all(r["gb_s"] > 0 and r["ns_per_param_step"] >= 0 for r in rows)
     assert not list(tmp_path.iterdir())  # every file it wrote is removed
