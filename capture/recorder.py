@@ -917,24 +917,31 @@ class Recorder:
 
     def _lrs_differ_on_device(self, lrs: list):
         """Whether the param groups' lrs differ from group 0's, compared as the host comparison
-        ``lr != lrs[0]`` would (in the tensor's dtype) but where the CUDA ones live: True when
-        two plain numbers already differ, else a device bool tensor (None: nothing to
-        compare on the device). A comparison on the host would read them with a sync."""
+        ``lr != lrs[0]`` would (the same dtype promotion) but where the CUDA ones live: True
+        when two host values (numbers, CPU tensors) already differ, else a device bool tensor
+        (None: nothing to compare on the device). A comparison on the host would read them
+        with a sync. A CPU tensor stays a 0-dim CPU tensor, which a CUDA op takes as a scalar
+        operand and promotes as the host does (float32 on the device against float64 on the
+        host compares in float64; a Python number takes the tensor's dtype)."""
         dev = next(x.device for x in lrs if isinstance(x, torch.Tensor) and x.device.type == "cuda")
 
-        def here(x):  # a CUDA tensor on dev (an async copy between GPUs); a CPU one as a number
+        def here(x):  # a CUDA tensor on dev (an async copy between GPUs); a CPU one stays there
             if isinstance(x, torch.Tensor):
-                return x.detach().reshape(()).to(dev) if x.device.type == "cuda" else float(x)
+                x = x.detach().reshape(())
+                return x.to(dev) if x.device.type == "cuda" else x
             return x
+
+        def on_cuda(x) -> bool:
+            return isinstance(x, torch.Tensor) and x.device.type == "cuda"
 
         first = here(lrs[0])
         on_device = []
         for x in map(here, lrs[1:]):
-            if isinstance(first, torch.Tensor):
+            if on_cuda(first):
                 on_device.append(torch.ne(first, x))
-            elif isinstance(x, torch.Tensor):
-                on_device.append(torch.ne(x, first))
-            elif x != first:
+            elif on_cuda(x):
+                on_device.append(torch.ne(x, first))  # ne is symmetric: the CUDA tensor first
+            elif bool(x != first):  # two host values: compared now, as the host path does
                 return True
         return torch.stack(on_device).any() if on_device else None
 

@@ -124,6 +124,27 @@ def test_cuda_tensor_lrs_of_param_groups_are_compared_on_the_device(tmp_path):
     np.testing.assert_array_equal(ds.lr.values[:4], float(torch.tensor(0.1)))
 
 
+@pytest.mark.cuda
+def test_cuda_lr_comparison_promotes_as_the_host_does():
+    """Mixes of CUDA tensors, CPU tensors and numbers: the device comparison (a CPU 0-dim tensor
+    as a scalar operand of a CUDA op) answers what ``lr != lrs[0]`` answers on the host."""
+    dev = torch.device("cuda")
+    f32, f64 = torch.float32, torch.float64
+    mixes = [
+        [torch.tensor(0.1, device=dev), torch.tensor(0.1, dtype=f64)],  # 0.1f != 0.1 in float64
+        [0.1, torch.tensor(0.1), torch.tensor(0.1, device=dev)],  # a number takes float32
+        [torch.tensor(0.1, dtype=f64), torch.tensor(0.1, device=dev, dtype=f32)],
+        [torch.tensor(0.1, device=dev), 0.1, torch.tensor(0.1)],
+        [torch.tensor(0.5, device=dev, dtype=f64), torch.tensor(0.5, device=dev, dtype=f32), 0.5],
+    ]
+    for lrs in mixes:
+        on_host = [x.cpu() if isinstance(x, torch.Tensor) else x for x in lrs]
+        host = any(bool(x != on_host[0]) for x in on_host[1:])
+        got = Recorder._lrs_differ_on_device(None, lrs)
+        assert (got is True) or (got is not None and got.device.type == "cuda")
+        assert bool(got) == host, lrs
+
+
 def test_missing_grads_are_zeros_and_flagged(tmp_path):
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
