@@ -35,7 +35,8 @@ update), one read of gradient and weights (the per-tensor float64 scalars), the 
 (the writer's own encoders, rounding and sketch kernels included) and the page-cache write
 of its bytes into fresh files.
 ``--page-cache keep drop`` records every tier both ways (``Recorder(page_cache=...)``; rows
-``TIER`` and ``TIER/drop``); the write floors are the page cache's (kept pages) either way.
+``TIER/keep`` and ``TIER/drop``; ``auto``, the default, gives plain ``TIER`` rows); the write
+floors are the page cache's (kept pages) in every case.
 ``--writer-threads N`` is passed to ``Recorder(writer_threads=N)``; ``--threads N`` sets the
 training's torch threads (on a CPU host the writer thread competes with them for cores).
 
@@ -361,7 +362,7 @@ def bench(name: str, hw: int, batch: int, steps: int, repeats: int, tiers: list[
                 kw = {"param_chunk": param_chunk} if param_chunk else {}
                 tier, _, page_cache = phase.partition("/")  # "lossless/drop": Recorder(page_cache="drop")
                 rec = Recorder(model, path, opt, tiers=tier, overwrite=True, expected_steps=steps,
-                               writer_threads=writer_threads, lag_band=lag_band, page_cache=page_cache or "keep",
+                               writer_threads=writer_threads, lag_band=lag_band, page_cache=page_cache or "auto",
                                **kw)
                 times[phase] = run_phase(model, opt, batches, steps, step, rec, device)
                 s = rec.summary()
@@ -421,9 +422,9 @@ def main(argv=None) -> list[dict]:
                          "--tier is an alias")
     ap.add_argument("--writer-threads", type=int, default=1, help="Recorder(writer_threads=N) (default 1)")
     ap.add_argument("--lag-band", type=int, default=0, help="Recorder(lag_band=L) (default 0)")
-    ap.add_argument("--page-cache", nargs="+", default=["keep"], choices=["keep", "drop"],
-                    help="Recorder(page_cache=...) (default keep); both: every tier with each, rows "
-                         "'TIER' and 'TIER/drop'")
+    ap.add_argument("--page-cache", nargs="+", default=["auto"], choices=["auto", "keep", "drop"],
+                    help="Recorder(page_cache=...) (default auto, the Recorder's); several: every tier "
+                         "with each, rows 'TIER' (auto), 'TIER/keep', 'TIER/drop'")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for the training (default: torch's own, = cores); on a "
                          "small CPU host, cores - 1 leaves the writer thread a core")
@@ -451,7 +452,7 @@ def main(argv=None) -> list[dict]:
             for hw in args.hw or default_hw:
                 default_batch = [{"mlp": 256, "transformer": 8}.get(model, 64 if args.quick or hw > 8 else 256)]
                 for batch in args.batch or default_batch:
-                    tiers = [t if pc == "keep" else f"{t}/drop" for t in args.tiers for pc in args.page_cache]
+                    tiers = [t if pc == "auto" else f"{t}/{pc}" for t in args.tiers for pc in args.page_cache]
                     rows += bench(model, hw, batch, steps, repeats, tiers, device, root,
                                   args.param_chunk, args.writer_threads, args.lag_band)
                     print(f"done: {rows[-1]['model']} batch {batch}", file=sys.stderr, flush=True)

@@ -393,12 +393,14 @@ class Recorder:
             never.
         storage_options: fsspec options for a URL ``path`` (``endpoint_url``, ``key``,
             ``secret``, ``anon``...), as ``analysis.open_run`` takes them.
-        page_cache: ``"keep"`` (default): the store's chunks stay in the page cache like any
-            file written; ``"drop"``: each row's chunks are handed to the disk at once and
+        page_cache: ``"auto"`` (default): the first GiB of the store's chunks (at most 1/16
+            of the machine's memory) stays in the page cache like any file written, and from
+            there on as ``"drop"``: each row's chunks are handed to the disk at once and
             dropped from the page cache once written, so a long run keeps a bounded window
             (about 64 MB beside the last row) instead of filling memory with the store and
-            evicting other files' pages (README, "Long runs and the page cache"). A local
-            store only; the commits and ``durable`` are unchanged.
+            evicting other files' pages (README, "Long runs and the page cache"); ``"keep"``:
+            every chunk stays in the page cache. A local store only; the commits and
+            ``durable`` are unchanged.
 
     One writer per store: the recorder holds the store's lock file until ``close`` (a dead
     process releases it); a second writer gets ``gradtrace_format.format.StoreLockedError``.
@@ -452,7 +454,7 @@ class Recorder:
         durable: bool = False,
         sharded: bool | None = None,
         storage_options: dict | None = None,
-        page_cache: str = "keep",
+        page_cache: str = "auto",
     ):
         if resume and overwrite:
             raise ValueError("Recorder: resume=True and overwrite=True contradict each other; pick one")
@@ -467,8 +469,8 @@ class Recorder:
                              "clip_grad_norm_), 'after_clip', or None when the loop does not clip")
         if grad_recorded is not None:
             settings = {**(settings or {}), "grad_recorded": grad_recorded}
-        if page_cache not in ("keep", "drop"):
-            raise ValueError(f"Recorder: page_cache={page_cache!r}: use 'keep' (the default) or 'drop'")
+        if page_cache not in ("auto", "keep", "drop"):
+            raise ValueError(f"Recorder: page_cache={page_cache!r}: use 'auto' (the default), 'keep' or 'drop'")
         local, url = split_location(path)
         self.path = local if url is None else url  # a Path, or the URL of a remote store
         self.model = _unwrap(model)

@@ -224,9 +224,10 @@ class ShardedRecorder:
         storage_options: fsspec options for a URL ``path`` (``endpoint_url``, ``key``,
             ``secret``...), the same on every rank.
 
-    ``writer_threads``, ``commit_interval`` and ``grads_by_reference`` are accepted and have no
-    effect here: one writer thread per rank, every row committed as soon as all ranks wrote it,
-    gradients always copied (flattened) on the training thread.
+    ``writer_threads``, ``commit_interval``, ``grads_by_reference`` and ``page_cache`` ("auto",
+    "keep") are accepted and have no effect here: one writer thread per rank, every row
+    committed as soon as all ranks wrote it, gradients always copied (flattened) on the
+    training thread, chunk files left to the page cache.
     """
 
     def __init__(self, model, path, optimizer=None, *, schedule=every_step, tiers="lossless", resume=False,
@@ -234,11 +235,13 @@ class ShardedRecorder:
                  param_chunk=fmt.DEFAULT_PARAM_CHUNK, durable=False, grad_recorded=None, process_group=None,
                  scaler=None, weight_schedule=None, on_full="block", lag_band=0, parent=None,
                  queue_size=2, writer_threads=1, commit_interval=1.0, grads_by_reference="auto",
-                 storage_options=None, page_cache="keep"):
+                 storage_options=None, page_cache="auto"):
         from capture.recorder import _run_settings, _trainable, _unwrap, parse_tiers
 
         unsupported = {"scaler": scaler is not None and scaler.is_enabled(), "on_full='skip'": on_full != "block",
-                       "parent": parent is not None, "page_cache='drop'": page_cache != "keep"}
+                       "parent": parent is not None, "page_cache='drop'": page_cache == "drop"}
+        if page_cache not in ("auto", "keep", "drop"):
+            raise ValueError(f"Recorder: page_cache={page_cache!r}: use 'auto' (the default), 'keep' or 'drop'")
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise ValueError(f"Recorder(sharded): {', '.join(bad)} not supported for sharded models yet; "

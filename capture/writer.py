@@ -576,7 +576,18 @@ _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 #: last row's) before the writer waits for the oldest and drops it from the page cache.
 WRITE_BEHIND = 64 << 20
 
-PAGE_CACHE_MODES = ("keep", "drop")
+
+def _keep_first() -> int:
+    """page_cache="auto": bytes of a store's chunks kept in the page cache before it drops
+    behind: 1 GiB, or 1/16 of the machine's memory where that is less."""
+    try:
+        mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        mem = 16 << 30
+    return int(min(1 << 30, mem // 16))
+
+
+PAGE_CACHE_MODES = ("auto", "keep", "drop")
 
 
 def _errno() -> int:
@@ -598,6 +609,10 @@ class _WriteBehind:
     is never read back from the disk. A range holds its own descriptor (``os.dup``), so shard
     files close as before.
 
+    ``keep_first`` (``page_cache="auto"``): the first bytes a writer appends stay in the page
+    cache as with ``"keep"`` (a short run is read back from memory); only what comes after
+    them is written back and dropped.
+
     Not durability: commits are as with ``page_cache="keep"`` (``durable`` fsyncs). A write
     error the kernel reports while waiting (EIO, ENOSPC...) is raised as :class:`OSError`
     naming the file, where the page cache would have kept it quiet; a file system that cannot
@@ -606,8 +621,10 @@ class _WriteBehind:
 
     _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.EOPNOTSUPP, errno.EBADF}
 
-    def __init__(self, lag: int | None = None):
+    def __init__(self, lag: int | None = None, keep_first: int = 0):
         self.lag = WRITE_BEHIND if lag is None else int(lag)
+        self.keep_first = int(keep_first)
+        self.kept = 0  # bytes let through to the page cache (keep_first)
         self.on = _SYNC_FILE_RANGE is not None
         self.pending: collections.deque = collections.deque()  # (fd, lo, hi, path), oldest first
         self.bytes = 0
@@ -616,6 +633,10 @@ class _WriteBehind:
 
     def add(self, fd: int, lo: int, hi: int, path: Path) -> None:
         """Start the writeback of bytes [lo, hi) of ``fd``, appended by the current row."""
+        if self.kept < self.keep_first:
+            take = min(hi - lo, self.keep_first - self.kept)
+            self.kept += take
+            lo += take
         if not self.on or hi <= lo:
             return
         own = os.dup(fd)
@@ -1217,12 +1238,13 @@ class StoreWriter:
             created every few steps instead of one per chunk and step. False: one file per
             chunk. A resumed store keeps the layout it was created with.
         storage_options: fsspec options for a URL (``endpoint_url``, ``key``, ``secret``...).
-        page_cache: ``"keep"`` (default) leaves the chunks written in the page cache, as any
-            file write does; ``"drop"`` hands each row's chunk bytes to the disk's writeback at
-            once and drops them from the page cache once written (:class:`_WriteBehind`), so a
-            long run holds a bounded window of the store in memory instead of filling the page
-            cache (and evicting a data set's pages) with it. Local stores with shard files; on
-            a URL it has nothing to do.
+        page_cache: ``"drop"`` hands each row's chunk bytes to the disk's writeback at once and
+            drops them from the page cache once written (:class:`_WriteBehind`), so a long run
+            holds a bounded window of the store in memory instead of filling the page cache
+            (and evicting a data set's pages) with it; ``"keep"`` leaves every chunk written in
+            the page cache, as any file write does; ``"auto"`` (default) keeps the first GiB
+            (at most 1/16 of the machine's memory, :func:`_keep_first`) and drops behind after
+            it. Local stores with shard files; on a URL it has nothing to do.
 
     One writer at a time: the writer holds an exclusive ``fcntl.flock`` on the store's lock
     file (:data:`LOCK_NAME`) from creation or resume until :meth:`close` / :meth:`abort` (the
@@ -1254,10 +1276,10 @@ class StoreWriter:
         durable: bool = False,
         shard_files: bool = True,
         storage_options: dict | None = None,
-        page_cache: str = "keep",
+        page_cache: str = "auto",
     ):
         if page_cache not in PAGE_CACHE_MODES:
-            raise ValueError(f"page_cache={page_cache!r}: use 'keep' (the default) or 'drop'")
+            raise ValueError(f"page_cache={page_cache!r}: use 'auto' (the default), 'keep' or 'drop'")
         self.sink = _sink.open_sink(path, storage_options)  # None: a local directory
         self.path = _sink.split_location(path)[0] if self.sink is None else self.sink.url
         # shard files are appended to: local directories only (an object cannot be appended to)
@@ -1274,7 +1296,10 @@ class StoreWriter:
         self.lag_band = int(lag_band)
         self.durable = bool(durable)
         # page_cache="drop": local stores only (a URL's objects never sit in this page cache)
-        self._behind = _WriteBehind() if page_cache == "drop" and self.sink is None else None
+        self._behind = (
+            _WriteBehind(keep_first=_keep_first() if page_cache == "auto" else 0)
+            if page_cache != "keep" and self.sink is None else None
+        )
         self._lock_fd: weakref.finalize | None = None
         if int(threads) < 1:
             raise ValueError(f"threads={threads} must be >= 1")

@@ -59,7 +59,7 @@ def test_two_run_tiny_agrees_with_gradtrace(tmp_path):
 
 def test_capture_overhead_tiny_two_tiers(tmp_path):
     rows = capture_overhead.main(["--hw", "8", "--batch", "4", "--steps", "2", "--repeats", "2",
-                                  "--tiers", "lossless", "sketch:1024", "--writer-threads", "2", "--page-cache", "keep",
+                                  "--tiers", "lossless", "sketch:1024", "--writer-threads", "2", "--page-cache", "auto",
                                   "drop", "--dir", str(tmp_path)])
     assert [r["tier"] for r in rows] == ["lossless", "lossless/drop", "sketch:1024", "sketch:1024/drop"]
     assert rows[2]["mb"] < rows[0]["mb"]

@@ -167,11 +167,11 @@ def test_drop_survives_a_rewind_and_a_resume(tmp_path, monkeypatch):
 def test_recorder_page_cache(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
-    with pytest.raises(ValueError, match=r"page_cache='lru': use 'keep' \(the default\) or 'drop'"):
+    with pytest.raises(ValueError, match=r"page_cache='lru': use 'auto' \(the default\), 'keep' or 'drop'"):
         Recorder(model, tmp_path / "bad.zarr", page_cache="lru")
     assert not (tmp_path / "bad.zarr").exists()
     stores = {}
-    for mode in ("keep", "drop"):
+    for mode in ("keep", "drop", "auto"):
         torch.manual_seed(1)
         net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -185,6 +185,7 @@ def test_recorder_page_cache(tmp_path):
                 rec.record(step, loss=loss)
                 opt.step()
     _assert_same_store(stores["keep"], stores["drop"])
+    _assert_same_store(stores["keep"], stores["auto"])
 
 
 def test_sharded_recording_refuses_drop_in_one_line(tmp_path):
@@ -194,3 +195,30 @@ def test_sharded_recording_refuses_drop_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"Recorder\(sharded\): page_cache='drop' not supported for sharded models"):
         ShardedRecorder(model, tmp_path / "s.zarr", page_cache="drop")
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_auto_keeps_the_first_bytes_in_the_page_cache_and_drops_behind_after_them(tmp_path, monkeypatch):
+    if _fs_type(tmp_path) in ("tmpfs", "ramfs", "overlay", "?"):
+        pytest.skip(f"{tmp_path} is on {_fs_type(tmp_path)}: its pages are its storage")
+    monkeypatch.setattr(cw, "WRITE_BEHIND", 0)
+    monkeypatch.setattr(cw, "_keep_first", lambda: 4 << 20)
+    sw = _write(tmp_path / "a.zarr", "auto", rows=12)
+    behind = sw._behind
+    assert behind.keep_first == 4 << 20 and behind.kept == 4 << 20
+    assert behind.dropped > 0
+    assert all(lo >= 0 for _, lo, _, _ in behind.pending)
+    sw.close()
+    cached, total = _resident(tmp_path / "a.zarr")
+    kept_pages = (4 << 20) // mmap.PAGESIZE
+    assert kept_pages - 64 <= cached < total // 2, (cached, total)  # about the first 4 MB, not the rest
+    assert 1 << 20 <= cw._keep_first() <= 1 << 30  # 1 GiB, or 1/16 of the memory
+
+
+def test_sharded_recording_takes_auto_and_keep_and_refuses_others(tmp_path):
+    from capture.sharded import ShardedRecorder
+
+    with pytest.raises(ValueError, match=r"page_cache='lru': use 'auto'"):
+        ShardedRecorder(nn.Linear(4, 2), tmp_path / "s.zarr", page_cache="lru")
+    for mode in ("auto", "keep"):  # accepted: then it stops at the missing process group
+        with pytest.raises(ValueError, match="torch.distributed is not initialized"):
+            ShardedRecorder(nn.Linear(4, 2), tmp_path / "s.zarr", page_cache=mode)
