@@ -28,6 +28,14 @@ import time
 from pathlib import Path
 
 
+class _Appended:
+    """What ``_WriteBehind.hand`` reads of a shard file: its descriptor, path, bytes appended
+    (``end``), bytes already handed over (``marked``) and its write-behind descriptor."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path, self.end, self.marked, self.wb = fd, path, 0, 0, None
+
+
 def write_file(path: Path, block: bytes, n: int, drop: bool = False) -> tuple[float, float]:
     """(wall seconds, system + user CPU seconds) of n appends of ``block`` to a new file; with
     ``drop``, each block handed to page_cache="drop"'s write-behind as a row's chunks are."""
@@ -37,19 +45,23 @@ def write_file(path: Path, block: bytes, n: int, drop: bool = False) -> tuple[fl
 
         behind = _WriteBehind()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    f = _Appended(fd, path)
     try:
         c0, t0 = os.times(), time.perf_counter()
         for i in range(n):
             if os.pwrite(fd, block, i * len(block)) != len(block):
                 raise OSError(f"short write to {path}")
+            f.end += len(block)
             if behind is not None:
-                behind.add(fd, i * len(block), (i + 1) * len(block), path)
+                behind.hand(f, complete=i == n - 1)
                 behind.row_done()
         if behind is not None:
             behind.close()
         c1, t1 = os.times(), time.perf_counter()
     finally:
         os.close(fd)
+        if f.wb is not None:
+            f.wb.release()
     return t1 - t0, (c1.system - c0.system) + (c1.user - c0.user)
 
 

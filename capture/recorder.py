@@ -394,13 +394,15 @@ class Recorder:
         storage_options: fsspec options for a URL ``path`` (``endpoint_url``, ``key``,
             ``secret``, ``anon``...), as ``analysis.open_run`` takes them.
         page_cache: ``"auto"`` (default): the first GiB of the store's chunks (at most 1/16
-            of the machine's memory) stays in the page cache like any file written, and from
-            there on as ``"drop"``: each row's chunks are handed to the disk at once and
-            dropped from the page cache once written, so a long run keeps a bounded window
-            (about 64 MB beside the last row) instead of filling memory with the store and
-            evicting other files' pages (README, "Long runs and the page cache"); ``"keep"``:
-            every chunk stays in the page cache. A local store only; the commits and
-            ``durable`` are unchanged.
+            of the memory the process may use) stays in the page cache like any file
+            written, and from there on as ``"drop"``: each row's chunks are handed to the
+            disk at once and dropped from the page cache once written, so a long run keeps a
+            bounded window (about 64 MB beside the last row, and less than 1 MB of each shard
+            file being appended to) instead of filling memory with the store and evicting
+            other files' pages (README, "Long runs and the page cache"); ``"keep"``: every
+            chunk stays in the page cache. A local store only; the stored bytes and commits
+            are unchanged, but for a write error the kernel reports: raised, and no row
+            committed after it.
 
     One writer per store: the recorder holds the store's lock file until ``close`` (a dead
     process releases it); a second writer gets ``gradtrace_format.format.StoreLockedError``.
@@ -927,10 +929,15 @@ class Recorder:
         host compares in float64; a Python number takes the tensor's dtype)."""
         dev = next(x.device for x in lrs if isinstance(x, torch.Tensor) and x.device.type == "cuda")
 
-        def here(x):  # a CUDA tensor on dev (an async copy between GPUs); a CPU one stays there
+        def here(x):
+            """A tensor of its own shape (the shape takes part in dtype promotion): a CUDA one
+            on dev (an async copy between GPUs), a 0-dim CPU one as it is (a CUDA op's scalar
+            operand), any other CPU one copied to dev (from pageable memory: staged at once,
+            no device sync)."""
             if isinstance(x, torch.Tensor):
-                x = x.detach().reshape(())
-                return x.to(dev) if x.device.type == "cuda" else x
+                x = x.detach()
+                if x.device.type == "cuda" or x.dim() > 0:
+                    return x.to(dev, non_blocking=True)
             return x
 
         def on_cuda(x) -> bool:
@@ -945,7 +952,7 @@ class Recorder:
                 on_device.append(torch.ne(x, first))  # ne is symmetric: the CUDA tensor first
             elif bool(x != first):  # two host values: compared now, as the host path does
                 return True
-        return torch.stack(on_device).any() if on_device else None
+        return torch.cat([t.reshape(-1) for t in on_device]).any() if on_device else None
 
     def _snapshot(self, v: torch.Tensor) -> tuple:
         """``(float64 copy of the one-element CUDA tensor v, v's side stream)``: the copy is made

@@ -575,16 +575,40 @@ _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 #: page_cache="drop": bytes of appended chunks whose writeback may be under way (beside the
 #: last row's) before the writer waits for the oldest and drops it from the page cache.
 WRITE_BEHIND = 64 << 20
+#: page_cache="drop": a shard file's appended bytes are handed over in ranges of at least this
+#: much (whole pages), so that small rows do not cost a range (and its system calls) each.
+MIN_RANGE = 1 << 20
+#: page_cache="drop": ranges in flight beyond which the oldest are waited for, whatever their bytes.
+MAX_RANGES = 1024
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def _keep_first() -> int:
-    """page_cache="auto": bytes of a store's chunks kept in the page cache before it drops
-    behind: 1 GiB, or 1/16 of the machine's memory where that is less."""
+#: files holding this process's cgroup memory limit (v2, v1); "max" or absent: no limit
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def _memory_limit() -> int:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit if lower."""
     try:
         mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         mem = 16 << 30
-    return int(min(1 << 30, mem // 16))
+    for limit in _CGROUP_LIMITS:
+        try:
+            with open(limit) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            mem = min(mem, int(text))
+    return int(mem)
+
+
+def _keep_first() -> int:
+    """page_cache="auto": bytes of a store's chunks kept in the page cache before it drops
+    behind: 1 GiB, or 1/16 of the memory this process may use (:func:`_memory_limit`) where
+    that is less."""
+    return int(min(1 << 30, _memory_limit() // 16))
 
 
 PAGE_CACHE_MODES = ("auto", "keep", "drop")
@@ -596,18 +620,41 @@ def _errno() -> int:
     return ctypes.get_errno()
 
 
+class _Handle:
+    """A shard file's second descriptor for the write-behind, shared by its ranges in flight.
+
+    Opened anew rather than ``os.dup``-ed: the kernel reports a write-back error once per open
+    file description, so the one it reports to this descriptor is still reported to the
+    writer's own at its ``fsync`` (``durable``). Closed when the shard file is closed and no
+    range holds it."""
+
+    __slots__ = ("fd", "refs")
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.refs = 1  # the shard file's own
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.refs == 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class _WriteBehind:
     """``page_cache="drop"``: keep a store's chunk bytes out of the page cache as they are written.
 
-    After each row, the byte ranges its chunks were appended to are handed to the kernel's
-    writeback (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: starts it, does not wait). Once more
-    than :data:`WRITE_BEHIND` bytes beside the newest row's are in flight, the oldest ranges are
-    waited for and dropped (``posix_fadvise(POSIX_FADV_DONTNEED)``: clean pages only, so nothing
-    that is not on the disk leaves memory). The page cache then holds a bounded window of the
-    store instead of everything written, and the pages it frees are the ones the next rows
-    reuse. Only whole pages inside a range are dropped, so a page that the next append shares
-    is never read back from the disk. A range holds its own descriptor (``os.dup``), so shard
-    files close as before.
+    After each row, what its chunks appended to each shard file is handed to the kernel's
+    writeback (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: starts it, does not wait), in
+    ranges of whole pages of at least :data:`MIN_RANGE` bytes (the page a row ends in goes
+    with a later range, so it is written back once and never dropped while the next append
+    fills it; what is left of a shard file goes when the file is complete). Once more than
+    :data:`WRITE_BEHIND` bytes beside the newest row's (or :data:`MAX_RANGES` ranges) are in
+    flight, the oldest ranges are waited for and dropped (``posix_fadvise(
+    POSIX_FADV_DONTNEED)``: clean pages only, so nothing that is not on the disk leaves
+    memory). The page cache then holds the window in flight and less than ``MIN_RANGE`` plus
+    a page of each open shard file, not everything written, and the pages it frees are the
+    ones the next rows reuse. Each shard file has one extra descriptor (:class:`_Handle`).
 
     ``keep_first`` (``page_cache="auto"``): the first bytes a writer appends stay in the page
     cache as with ``"keep"`` (a short run is read back from memory); only what comes after
@@ -615,78 +662,99 @@ class _WriteBehind:
 
     Not durability: commits are as with ``page_cache="keep"`` (``durable`` fsyncs). A write
     error the kernel reports while waiting (EIO, ENOSPC...) is raised as :class:`OSError`
-    naming the file, where the page cache would have kept it quiet; a file system that cannot
-    (EINVAL, ENOSYS, ESPIPE, EOPNOTSUPP) turns this off for the writer.
+    naming the file, where the page cache would have kept it quiet, and kept in
+    :attr:`failed`: the writer then commits no further row (:meth:`StoreWriter.commit`). A
+    file system that cannot (EINVAL, ENOSYS, ESPIPE, EOPNOTSUPP) turns this off for the
+    writer; a transient ENOMEM or EAGAIN leaves that range in the page cache.
     """
 
-    _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.EOPNOTSUPP, errno.EBADF}
+    _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.EOPNOTSUPP}
+    _TRANSIENT = {errno.ENOMEM, errno.EAGAIN, errno.EINTR}
 
     def __init__(self, lag: int | None = None, keep_first: int = 0):
         self.lag = WRITE_BEHIND if lag is None else int(lag)
         self.keep_first = int(keep_first)
         self.kept = 0  # bytes let through to the page cache (keep_first)
         self.on = _SYNC_FILE_RANGE is not None
-        self.pending: collections.deque = collections.deque()  # (fd, lo, hi, path), oldest first
+        self.failed: OSError | None = None
+        self.pending: collections.deque = collections.deque()  # (handle, lo, hi, path), oldest first
         self.bytes = 0
         self.row_bytes = 0  # of the newest row: never waited for at its own row
         self.dropped = 0  # bytes dropped so far (tests, benchmarks)
 
-    def add(self, fd: int, lo: int, hi: int, path: Path) -> None:
-        """Start the writeback of bytes [lo, hi) of ``fd``, appended by the current row."""
+    def hand(self, f: "_ShardFile", complete: bool = False) -> None:
+        """Start the writeback of what was appended to shard file ``f`` since its last range:
+        whole pages, once there are at least MIN_RANGE bytes of them, or everything when the
+        file is ``complete`` (no row will append to it again)."""
+        lo = f.marked
+        hi = f.end if complete else f.end // _PAGE * _PAGE
+        if hi - lo < (1 if complete else MIN_RANGE):
+            return
+        f.marked = hi
         if self.kept < self.keep_first:
             take = min(hi - lo, self.keep_first - self.kept)
             self.kept += take
             lo += take
-        if not self.on or hi <= lo:
+        if not self.on or hi <= lo or f.fd is None:
             return
-        own = os.dup(fd)
-        if _SYNC_FILE_RANGE(own, lo, hi - lo, _SFR_WRITE) != 0:
-            err = _errno()
-            os.close(own)
-            self._failed(err, path)
+        if f.wb is None:
+            try:
+                f.wb = _Handle(f.path)
+            except OSError:
+                return  # this file stays in the page cache
+        if _SYNC_FILE_RANGE(f.wb.fd, lo, hi - lo, _SFR_WRITE) != 0:
+            self._failed(_errno(), f.path)
             return
-        self.pending.append((own, lo, hi, path))
+        f.wb.refs += 1
+        self.pending.append((f.wb, lo, hi, f.path))
         self.bytes += hi - lo
         self.row_bytes += hi - lo
 
     def row_done(self) -> None:
-        """After a row's ranges are added: wait for and drop the oldest beyond the window."""
+        """After a row's ranges are handed over: wait for and drop the oldest beyond the window."""
         newest, self.row_bytes = self.row_bytes, 0
-        while self.pending and self.bytes - newest > self.lag:
-            self._drop(wait=True)
+        while self.pending and (self.bytes - newest > self.lag or len(self.pending) > MAX_RANGES):
+            self._drop()
 
-    def _drop(self, wait: bool) -> None:
-        fd, lo, hi, path = self.pending.popleft()
+    def _drop(self) -> None:
+        handle, lo, hi, path = self.pending.popleft()
         self.bytes -= hi - lo
         try:
-            if wait and _SYNC_FILE_RANGE(fd, lo, hi - lo, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER) != 0:
+            if _SYNC_FILE_RANGE(handle.fd, lo, hi - lo, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER) != 0:
                 self._failed(_errno(), path)
                 return
-            os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            try:
+                os.posix_fadvise(handle.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                return  # advice only: these pages stay in the page cache
             self.dropped += hi - lo
         finally:
-            os.close(fd)
+            handle.release()
 
     def _failed(self, err: int, path: Path) -> None:
-        if err in self._UNSUPPORTED:
-            self.on = False  # this file system does not: the page cache keeps the store's pages
-            self.close()
+        if err in self._TRANSIENT:
             return
         self.close()
-        raise OSError(err, f"writing {path} back to the disk failed: {os.strerror(err)}; the rows since the last "
-                      "commit are not on the disk (check the disk and its free space, then resume)")
+        if err in self._UNSUPPORTED:
+            self.on = False  # this file system does not: the page cache keeps the store's pages
+            return
+        self.on = False
+        self.failed = OSError(
+            err, f"writing {path} back to the disk failed: {os.strerror(err)}; no further row is committed, and "
+                 "without durable=True rows committed before it may not be on the disk either (check the disk "
+                 "and its free space; gradtrace verify tells which steps read whole, then resume)")
+        raise self.failed
 
-    def close(self, drop: bool = True) -> None:
+    def close(self) -> None:
         """Drop what is clean of the ranges still in flight (no wait) and release them."""
         while self.pending:
-            fd, lo, hi, _ = self.pending.popleft()
+            handle, lo, hi, _ = self.pending.popleft()
             try:
-                if drop:
-                    os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(handle.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
             except OSError:
                 pass
             finally:
-                os.close(fd)
+                handle.release()
         self.bytes = self.row_bytes = 0
 
 
@@ -747,6 +815,7 @@ class _ShardFile:
             self.end = int(min(size, max(self.index_bytes, int(ends.max()) if ends.size else 0)))
             self.alloc = size
         self.marked = self.end  # appends before this were handed to page_cache="drop" (_WriteBehind)
+        self.wb: _Handle | None = None  # its descriptor for the write-behind, made at its first range
 
     def _pwrite(self, data, offset: int) -> None:
         if os.pwrite(self.fd, data, offset) != len(data):
@@ -793,6 +862,9 @@ class _ShardFile:
                     os.ftruncate(fd, self.end)  # the blocks allocated ahead and not used
             finally:
                 os.close(fd)
+                if self.wb is not None:
+                    wb, self.wb = self.wb, None
+                    wb.release()  # closed now, or when the last range in flight is dropped
 
 
 class _ArrayWriter:
@@ -1036,10 +1108,11 @@ class _ArrayWriter:
         now, so that a wide model's rows (tens of files each) do not pile up open file
         descriptors while commits are batched; the directory is fsynced at the next sync."""
         if behind is not None and self.shard is not None:
+            one_row = self.shard[0] == 1  # closed below: complete
             for f in list(self._shards.values()):
-                if f.fd is not None and f.end > f.marked:
-                    behind.add(f.fd, f.marked, f.end, f.path)
-                    f.marked = f.end
+                behind.hand(f, complete=one_row)
+            for f in self._done_shards:  # complete: their row blocks are behind the writer
+                behind.hand(f, complete=True)
         if self.shard is None or self.shard[0] != 1 or not self._shards:
             return
         with self._shard_lock:
@@ -1243,8 +1316,8 @@ class StoreWriter:
             holds a bounded window of the store in memory instead of filling the page cache
             (and evicting a data set's pages) with it; ``"keep"`` leaves every chunk written in
             the page cache, as any file write does; ``"auto"`` (default) keeps the first GiB
-            (at most 1/16 of the machine's memory, :func:`_keep_first`) and drops behind after
-            it. Local stores with shard files; on a URL it has nothing to do.
+            (at most 1/16 of the memory the process may use, :func:`_keep_first`) and drops
+            behind after it. Local stores with shard files; on a URL it has nothing to do.
 
     One writer at a time: the writer holds an exclusive ``fcntl.flock`` on the store's lock
     file (:data:`LOCK_NAME`) from creation or resume until :meth:`close` / :meth:`abort` (the
@@ -1859,6 +1932,9 @@ class StoreWriter:
         n = self._n - 1 if exclude_last else self._n
         if self.header.n_steps >= n:
             return
+        behind = getattr(self, "_behind", None)
+        if behind is not None and behind.failed is not None:
+            raise behind.failed  # a row written before n may not be on the disk
         for name in self._scalar_names:  # per-step rows and their block crc, before the marker
             self._w[name].flush_rows()
         if self.durable:  # the rows' chunks are on disk before the marker says so

@@ -102,25 +102,43 @@ def test_drop_keeps_a_window_of_write_behind_bytes_in_flight(tmp_path, monkeypat
     newest = sum(hi - lo for _, lo, hi, _ in list(behind.pending)[-4:])
     assert behind.bytes <= (3 << 20) + newest
     assert behind.bytes == sum(hi - lo for _, lo, hi, _ in behind.pending)
-    fds = [fd for fd, *_ in behind.pending]
+    handles = {h for h, *_ in behind.pending}
+    assert len(handles) <= 4  # one descriptor per shard file, shared by its ranges
     sw.close()
-    for fd in fds:  # each range's own descriptor is released
-        with pytest.raises(OSError):
-            os.fstat(fd)
+    assert all(h.fd == -1 and h.refs == 0 for h in handles)  # every one released
 
 
 def test_a_write_error_the_kernel_reports_is_raised_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(cw, "WRITE_BEHIND", 0)
     real = cw._SYNC_FILE_RANGE
 
+    waits = []
+
     def failing(fd, off, n, flags):
-        return -1 if flags & cw._SFR_WAIT_AFTER else real(fd, off, n, flags)
+        if flags & cw._SFR_WAIT_AFTER:
+            waits.append(off)
+            if len(waits) > 4:  # the disk fails a while after row 0's commit
+                return -1
+        return real(fd, off, n, flags)
 
     monkeypatch.setattr(cw, "_SYNC_FILE_RANGE", failing)
     monkeypatch.setattr(cw, "_errno", lambda: errno.EIO)
-    with pytest.raises(OSError, match=r"writing .*(grad|weight).* back to the disk failed: .*Input/output error") as info:
-        _write(tmp_path / "e.zarr", "drop", rows=4)
+    rng = np.random.default_rng(0)
+    d = 300_000
+    tensors = fmt.tensor_table([("a", (d // 3,)), ("b", (d - d // 3,))])
+    sw = StoreWriter(tmp_path / "e.zarr", tensors, {"grad": "lossless", "weight": "rounded:7"}, page_cache="drop")
+    sw.append(0, rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32), loss=1.0, lr=0.1)
+    with pytest.raises(OSError, match=r"writing .*(grad|weight).* back to the disk failed: .*Input/output error; "
+                                      r"no further row is committed") as info:
+        for s in range(1, 6):  # batched commits, as the Recorder's: rows written, not yet committed
+            sw.append(s, rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32),
+                      loss=1.0, lr=0.1, commit=False)
     assert info.value.errno == errno.EIO
+    assert sw.n_written > 2 and sw.header.n_steps == 1
+    with pytest.raises(OSError, match="back to the disk failed"):
+        sw.commit()  # the rows whose write-back failed are never committed
+    sw.abort()  # what the Recorder does after a writer error: keeps what was committed
+    assert fmt.read_header(tmp_path / "e.zarr").n_steps == 1
 
 
 def test_a_file_system_that_cannot_turns_it_off_and_the_store_is_whole(tmp_path, monkeypatch):
@@ -222,3 +240,49 @@ def test_sharded_recording_takes_auto_and_keep_and_refuses_others(tmp_path):
     for mode in ("auto", "keep"):  # accepted: then it stops at the missing process group
         with pytest.raises(ValueError, match="torch.distributed is not initialized"):
             ShardedRecorder(nn.Linear(4, 2), tmp_path / "s.zarr", page_cache=mode)
+
+
+def test_small_rows_over_a_long_run_hold_few_descriptors_and_few_pages(tmp_path, monkeypatch):
+    """Rows of a few KB: appends are handed over in ranges of at least MIN_RANGE whole pages,
+    one descriptor per shard file, so descriptors and cached pages stay bounded whatever the
+    number of rows (a page two rows share is handed over once, with the later range)."""
+    if _fs_type(tmp_path) in ("tmpfs", "ramfs", "overlay", "?"):
+        pytest.skip(f"{tmp_path} is on {_fs_type(tmp_path)}: its pages are its storage")
+    monkeypatch.setattr(cw, "WRITE_BEHIND", 4 << 20)  # 50 rows' bytes in flight
+    monkeypatch.setattr(cw, "MIN_RANGE", 64 << 10)
+    def store_fds() -> int:  # this process's descriptors of files in the store
+        n = 0
+        for fd in Path("/proc/self/fd").iterdir():
+            try:
+                n += os.readlink(fd).startswith(str(tmp_path / "s.zarr"))
+            except OSError:
+                pass
+        return n
+
+    d = 20_000
+    rng = np.random.default_rng(0)
+    tensors = fmt.tensor_table([("a", (d,))])
+    sw = StoreWriter(tmp_path / "s.zarr", tensors, {"grad": "lossless", "weight": "lossless"}, page_cache="drop")
+    most = 0
+    for s in range(600):
+        sw.append(s, rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32),
+                  loss=1.0, lr=0.1, commit=s % 16 == 15)
+        most = max(most, store_fds())
+    behind = sw._behind
+    assert behind.dropped > 0 and len(behind.pending) <= 4 << 20 >> 16
+    sw.close()
+    assert store_fds() == 0  # every descriptor released
+    assert most <= 30, most  # the store's own files, and one more per open shard file
+    cached, total = _resident(tmp_path / "s.zarr")
+    # the window in flight (a 1000 pages) and less than MIN_RANGE of each open shard file
+    assert total > 20_000 and cached < total // 10, (cached, total)
+
+
+def test_auto_keeps_at_most_a_sixteenth_of_a_cgroups_memory(tmp_path, monkeypatch):
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(cw, "_CGROUP_LIMITS", (str(tmp_path / "absent"), str(limit)))
+    limit.write_text("max\n")  # no limit: the machine's memory
+    assert cw._memory_limit() == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limit.write_text(f"{4 << 30}\n")  # a 4 GiB container
+    assert cw._memory_limit() == 4 << 30
+    assert cw._keep_first() == 256 << 20

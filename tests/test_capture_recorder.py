@@ -136,6 +136,10 @@ def test_cuda_lr_comparison_promotes_as_the_host_does():
         [torch.tensor(0.1, dtype=f64), torch.tensor(0.1, device=dev, dtype=f32)],
         [torch.tensor(0.1, device=dev), 0.1, torch.tensor(0.1)],
         [torch.tensor(0.5, device=dev, dtype=f64), torch.tensor(0.5, device=dev, dtype=f32), 0.5],
+        # a tensor with a dimension outranks a 0-dim one in promotion: float32 here, equal
+        [torch.tensor([0.1], device=dev), torch.tensor(0.1, dtype=f64)],
+        [torch.tensor(0.1, device=dev), torch.tensor([0.1], dtype=f64)],  # float64 here: differ
+        [torch.tensor([0.1], device=dev), torch.tensor([0.1]), 0.1],
     ]
     for lrs in mixes:
         on_host = [x.cpu() if isinstance(x, torch.Tensor) else x for x in lrs]
