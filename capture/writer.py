@@ -535,41 +535,27 @@ _ENTRY = struct.Struct("<QQ")
 PREALLOC = 4 << 20
 
 
-def _libc_fallocate():
-    """Linux's ``fallocate(fd, mode, offset, len)`` (not glibc's ``posix_fallocate``, which
-    writes zeros block by block where the file system has no fallocate), or None."""
+def _linux_libc(name: str, *argtypes: str):
+    """The C library's function ``name`` with ``argtypes`` (ctypes type names) returning an int,
+    errno kept for ``ctypes.get_errno``; None off Linux or where the library lacks it."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         import ctypes
 
-        fn = ctypes.CDLL(None, use_errno=True).fallocate64
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.argtypes = [getattr(ctypes, t) for t in argtypes]
     fn.restype = ctypes.c_int
     return fn
 
 
-_FALLOCATE = _libc_fallocate()
-
-
-def _libc_sync_file_range():
-    """Linux's ``sync_file_range(fd, offset, nbytes, flags)`` (not in Python's os module), or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _libc_sync_file_range()
+# Linux's fallocate(fd, mode, offset, len) (not glibc's posix_fallocate, which writes zeros
+# block by block where the file system has no fallocate), and sync_file_range(fd, offset,
+# nbytes, flags) (not in Python's os module)
+_FALLOCATE = _linux_libc("fallocate64", "c_int", "c_int", "c_int64", "c_int64")
+_SYNC_FILE_RANGE = _linux_libc("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 
 #: page_cache="drop": bytes of appended chunks whose writeback may be under way (beside the
