@@ -59,7 +59,7 @@ from gradtrace_format.format import (
 )
 from capture.schedules import Schedule, every_step, parse_schedule, schedule_to_json
 from capture.sink import split_location, store_name
-from capture.writer import SplitRow, StoreWriter
+from capture.writer import SplitRow, StoreWriter, check_page_cache
 
 __all__ = ["Recorder", "RecorderWriteError", "restore_weights", "model_table", "parse_tiers"]
 
@@ -471,8 +471,7 @@ class Recorder:
                              "clip_grad_norm_), 'after_clip', or None when the loop does not clip")
         if grad_recorded is not None:
             settings = {**(settings or {}), "grad_recorded": grad_recorded}
-        if page_cache not in ("auto", "keep", "drop"):
-            raise ValueError(f"Recorder: page_cache={page_cache!r}: use 'auto' (the default), 'keep' or 'drop'")
+        check_page_cache(page_cache, "Recorder: ")
         local, url = split_location(path)
         self.path = local if url is None else url  # a Path, or the URL of a remote store
         self.model = _unwrap(model)
@@ -924,9 +923,10 @@ class Recorder:
         ``lr != lrs[0]`` would (the same dtype promotion) but where the CUDA ones live: True
         when two host values (numbers, CPU tensors) already differ, else a device bool tensor
         (None: nothing to compare on the device). A comparison on the host would read them
-        with a sync. A CPU tensor stays a 0-dim CPU tensor, which a CUDA op takes as a scalar
-        operand and promotes as the host does (float32 on the device against float64 on the
-        host compares in float64; a Python number takes the tensor's dtype)."""
+        with a sync. Every tensor keeps its shape (a tensor with a dimension outranks a 0-dim
+        one in promotion); a 0-dim CPU tensor stays on the host, a scalar operand a CUDA op
+        promotes as the host does (float32 on the device against float64 on the host compares
+        in float64; a Python number takes the tensor's dtype)."""
         dev = next(x.device for x in lrs if isinstance(x, torch.Tensor) and x.device.type == "cuda")
 
         def here(x):
@@ -1091,6 +1091,10 @@ class Recorder:
                     "move the whole model to CUDA devices (parameters on several GPUs are fine)"
                 )
             groups.setdefault(p.device, []).append(i)
+        return self._spans(groups)
+
+    def _spans(self, groups: dict) -> dict:
+        """device -> tensor indices, to device -> (indices, first offset, end offset)."""
         out = {}
         for dev, idx in groups.items():
             lo = self.tensors[idx[0]].offset

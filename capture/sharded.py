@@ -66,7 +66,7 @@ from gradtrace_format.format import (FLAG_FINAL, FLAG_MISSING_GRAD, FLAG_NO_WEIG
                              StoreMismatchError)
 from capture import sink as _sink
 from capture.schedules import every_step, parse_schedule, schedule_to_json
-from capture.writer import StoreWriter, _ArrayWriter, tensor_scalars
+from capture.writer import StoreWriter, _ArrayWriter, check_page_cache, tensor_scalars
 
 __all__ = ["ShardedRecorder", "has_dtensors", "local_shards"]
 
@@ -240,8 +240,7 @@ class ShardedRecorder:
 
         unsupported = {"scaler": scaler is not None and scaler.is_enabled(), "on_full='skip'": on_full != "block",
                        "parent": parent is not None, "page_cache='drop'": page_cache == "drop"}
-        if page_cache not in ("auto", "keep", "drop"):
-            raise ValueError(f"Recorder: page_cache={page_cache!r}: use 'auto' (the default), 'keep' or 'drop'")
+        check_page_cache(page_cache, "Recorder: ")
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise ValueError(f"Recorder(sharded): {', '.join(bad)} not supported for sharded models yet; "

@@ -600,6 +600,12 @@ def _keep_first() -> int:
 PAGE_CACHE_MODES = ("auto", "keep", "drop")
 
 
+def check_page_cache(page_cache, who: str = "") -> None:
+    """Refuse a ``page_cache`` that is not one of :data:`PAGE_CACHE_MODES`, in one line."""
+    if page_cache not in PAGE_CACHE_MODES:
+        raise ValueError(f"{who}page_cache={page_cache!r}: use 'auto' (the default), 'keep' or 'drop'")
+
+
 def _errno() -> int:
     import ctypes
 
@@ -657,8 +663,8 @@ class _WriteBehind:
     _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.EOPNOTSUPP}
     _TRANSIENT = {errno.ENOMEM, errno.EAGAIN, errno.EINTR}
 
-    def __init__(self, lag: int | None = None, keep_first: int = 0):
-        self.lag = WRITE_BEHIND if lag is None else int(lag)
+    def __init__(self, keep_first: int = 0):
+        self.lag = WRITE_BEHIND
         self.keep_first = int(keep_first)
         self.kept = 0  # bytes let through to the page cache (keep_first)
         self.on = _SYNC_FILE_RANGE is not None
@@ -721,10 +727,9 @@ class _WriteBehind:
         if err in self._TRANSIENT:
             return
         self.close()
-        if err in self._UNSUPPORTED:
-            self.on = False  # this file system does not: the page cache keeps the store's pages
-            return
         self.on = False
+        if err in self._UNSUPPORTED:
+            return  # this file system does not: the page cache keeps the store's pages
         self.failed = OSError(
             err, f"writing {path} back to the disk failed: {os.strerror(err)}; no further row is committed, and "
                  "without durable=True rows committed before it may not be on the disk either (check the disk "
@@ -1337,8 +1342,7 @@ class StoreWriter:
         storage_options: dict | None = None,
         page_cache: str = "auto",
     ):
-        if page_cache not in PAGE_CACHE_MODES:
-            raise ValueError(f"page_cache={page_cache!r}: use 'auto' (the default), 'keep' or 'drop'")
+        check_page_cache(page_cache)
         self.sink = _sink.open_sink(path, storage_options)  # None: a local directory
         self.path = _sink.split_location(path)[0] if self.sink is None else self.sink.url
         # shard files are appended to: local directories only (an object cannot be appended to)

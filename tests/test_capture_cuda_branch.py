@@ -339,13 +339,7 @@ class _CudaRecorder(Recorder):
 
     @functools.cached_property
     def _device_groups(self) -> dict:
-        groups = self._groups_given or {torch.device("cpu"): list(range(len(self._params)))}
-        out = {}
-        for dev, idx in groups.items():
-            lo = self.tensors[idx[0]].offset
-            hi = max(self.tensors[i].offset + self.tensors[i].size for i in idx)
-            out[dev] = (idx, lo, hi)
-        return out
+        return self._spans(self._groups_given or {torch.device("cpu"): list(range(len(self._params)))})
 
     @functools.cached_property
     def _encoder(self):
